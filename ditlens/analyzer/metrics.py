@@ -291,7 +291,9 @@ def v1_loss(
 ) -> Tensor:
     """DiTFastAttn's plan-search loss: mean of clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10).
 
-    The mean runs over ``dims`` (all dims by default, giving a 0-d tensor).
+    The mean runs over ``dims`` (all dims by default, giving a 0-d tensor). As printed in
+    the paper; note the ratio never exceeds 2 (|O - O'| <= 2 max(|O|, |O'|)), so the clip
+    only documents the intended bound.
     """
     if o.shape != o_compressed.shape:
         raise DitlensError(f"v1_loss inputs differ in shape: {tuple(o.shape)} vs {tuple(o_compressed.shape)}")
