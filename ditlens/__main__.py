@@ -1,0 +1,5 @@
+import sys
+
+from ditlens.cli import main
+
+sys.exit(main())

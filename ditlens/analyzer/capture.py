@@ -1,0 +1,216 @@
+"""Capture hooks: see every attention product of a transformer without changing its output.
+
+Two kinds of diffusers ``ModelHook`` cooperate:
+
+* :class:`ForwardTrackerHook` on the transformer reads each forward's batch, token grid and
+  timestep, advances the step index and says which batch rows are ``cond`` and ``uncond``.
+* :class:`AttentionCaptureHook` on every attention module runs the module's own forward under
+  an :class:`AttentionInterceptor` (a ``TorchFunctionMode``) that sees each
+  ``torch.nn.functional.scaled_dot_product_attention`` call, lets it run unchanged, and keeps
+  its q, k, v and output. The adapter turns those calls into canonical per-group tensors.
+
+The observer (:class:`CaptureObserver`) receives ``(layer index, step, branch rows, tensors)``
+and does the work (statistics, raw copies). Interception runs the very same SDPA call the
+model would have made, so the output is bit-identical with and without hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ditlens.analyzer import hooks
+from ditlens.analyzer.adapters import AttentionLayer, ForwardInfo, GroupedTensors, ModelAdapter, SDPACall
+from ditlens.errors import DitlensError
+
+TRACKER_HOOK = "ditlens.forward_tracker"
+CAPTURE_HOOK = "ditlens.attention_capture"
+BRANCHES = ("cond", "uncond")
+
+# handler(func, q, k, v, args, kwargs) -> attention output
+AttentionHandler = Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor, tuple, dict], torch.Tensor]
+
+
+def sdpa_qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of an SDPA call, whether passed by position or by name."""
+    names = ("query", "key", "value")
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+    return values[0], values[1], values[2]
+
+
+class AttentionInterceptor(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` calls made inside a ``with`` block to a handler."""
+
+    def __init__(self, handler: AttentionHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = sdpa_qkv(args, kwargs)
+            return self.handler(func, q, k, v, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """The forward in flight: its step, its grid and which batch rows hold which branch."""
+
+    step: int
+    info: ForwardInfo
+    rows: dict[str, int]  # branch name -> batch row
+
+
+class CaptureObserver(Protocol):
+    def on_layer(self, layer_index: int, context: ForwardContext, tensors: GroupedTensors) -> None: ...
+
+    def on_forward_end(self, context: ForwardContext) -> None: ...
+
+
+@dataclass
+class StepTracker:
+    """Turns the sequence of transformer forwards of one pipeline call into (step, branch rows)."""
+
+    cfg_layout: str
+    max_steps: int
+    step: int = -1
+    last_timestep: float | None = None
+    calls_at_step: int = 0
+    timesteps: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.step, self.last_timestep, self.calls_at_step = -1, None, 0
+        self.timesteps = []
+
+    def advance(self, info: ForwardInfo) -> ForwardContext:
+        if self.last_timestep is None or info.timestep != self.last_timestep:
+            self.step += 1
+            self.calls_at_step = 0
+            self.last_timestep = info.timestep
+            self.timesteps.append(info.timestep)
+        else:
+            self.calls_at_step += 1
+        if self.step >= self.max_steps:
+            raise DitlensError(
+                f"the pipeline ran more than {self.max_steps} denoising steps; pass the step count it really uses (--steps)"
+            )
+        return ForwardContext(self.step, info, self._rows(info.batch))
+
+    def _rows(self, batch: int) -> dict[str, int]:
+        layout = self.cfg_layout
+        if layout in ("batched_cond_first", "batched_uncond_first") and batch == 2:
+            return {"cond": 0, "uncond": 1} if layout == "batched_cond_first" else {"uncond": 0, "cond": 1}
+        if batch != 1:
+            raise DitlensError(
+                f"transformer saw batch {batch} under CFG layout {layout!r}; ditlens profiles one image per prompt "
+                "(num_images_per_prompt=1)"
+            )
+        if layout == "separate_cond_first":
+            if self.calls_at_step > 1:
+                raise DitlensError("more than two transformer calls at one step: not a cond/uncond pair")
+            return {BRANCHES[self.calls_at_step]: 0}
+        return {"cond": 0}
+
+
+class ForwardTrackerHook(ModelHook):
+    """On the transformer: sets the forward context that attention hooks read."""
+
+    def __init__(self, adapter: ModelAdapter, tracker: StepTracker, observer: CaptureObserver) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.tracker = tracker
+        self.observer = observer
+        self.context: ForwardContext | None = None
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        info = self.adapter.forward_info(module, args, kwargs)
+        self.context = self.tracker.advance(info)
+        try:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            context, self.context = self.context, None
+        self.observer.on_forward_end(context)
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.tracker.reset()
+        self.context = None
+        return module
+
+
+class AttentionCaptureHook(ModelHook):
+    """On one attention module: records its SDPA calls and hands them to the observer."""
+
+    def __init__(self, layer: AttentionLayer, index: int, adapter: ModelAdapter, tracker_hook: ForwardTrackerHook,
+                 observer: CaptureObserver) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self.adapter = adapter
+        self.tracker_hook = tracker_hook
+        self.observer = observer
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        context = self.tracker_hook.context
+        if context is None:  # called outside a transformer forward (e.g. a user's own call)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        calls: list[SDPACall] = []
+
+        def record(func, q, k, v, call_args, call_kwargs):
+            out = func(*call_args, **call_kwargs)
+            calls.append(SDPACall(q, k, v, out))
+            return out
+
+        with AttentionInterceptor(record):
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        with torch.no_grad():
+            grouped = self.adapter.group(self.layer, calls, context.info)
+            self.observer.on_layer(self.index, context, grouped)
+        return output
+
+
+@dataclass
+class CaptureHandle:
+    """What :func:`apply_capture` attached; :meth:`remove` takes it all off again."""
+
+    transformer: nn.Module
+    layers: list[AttentionLayer]
+    tracker: StepTracker
+    modules: list[nn.Module]
+
+    def remove(self) -> None:
+        for module in self.modules:
+            hooks.detach(module, CAPTURE_HOOK)
+        hooks.detach(self.transformer, TRACKER_HOOK)
+
+    def __enter__(self) -> "CaptureHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def apply_capture(transformer: nn.Module, adapter: ModelAdapter, observer: CaptureObserver, *, cfg_layout: str,
+                  max_steps: int, layers: Sequence[AttentionLayer] | None = None) -> CaptureHandle:
+    """Attach the tracker and one capture hook per attention layer. Use as a context manager."""
+    layers = list(layers if layers is not None else adapter.attention_layers(transformer))
+    if hooks.has_hook(transformer, TRACKER_HOOK):
+        raise DitlensError("this transformer already carries ditlens capture hooks; remove them first")
+    tracker = StepTracker(cfg_layout=cfg_layout, max_steps=max_steps)
+    tracker_hook = ForwardTrackerHook(adapter, tracker, observer)
+    modules = [transformer.get_submodule(layer.name) for layer in layers]
+    try:
+        hooks.attach(transformer, tracker_hook, TRACKER_HOOK)
+        for index, (layer, module) in enumerate(zip(layers, modules)):
+            hooks.attach(module, AttentionCaptureHook(layer, index, adapter, tracker_hook, observer), CAPTURE_HOOK)
+    except Exception:
+        CaptureHandle(transformer, layers, tracker, modules).remove()
+        raise
+    return CaptureHandle(transformer, layers, tracker, modules)

@@ -1,0 +1,267 @@
+"""``ditlens profile``: run a pipeline over prompts with capture hooks and write a trace.
+
+Each prompt is one pipeline call (one image, seed ``seed + prompt index`` so that a resumed
+run reproduces an uninterrupted one). Statistics stream on the device; after each prompt they
+go to the trace and the file is flushed, so a killed run keeps every finished prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ditlens.analyzer.adapters import AdapterRegistry, AttentionLayer, ModelAdapter, default_registry
+from ditlens.analyzer.capture import BRANCHES, apply_capture
+from ditlens.analyzer.stats import PromptStatistics, RawCapture
+from ditlens.errors import DitlensError
+from ditlens.traces.format import RawSelection, StatKey, TokenInfo, TraceHeader, all_stat_keys
+
+
+@dataclass
+class RawRequest:
+    """Which raw tensors to store (DESIGN §3): a subset, never everything by default."""
+
+    tensors: tuple[str, ...] = ("q", "k", "v", "o")
+    layers: Sequence[int] | None = None  # None: all
+    steps: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    token_stride: int = 1
+    max_bytes: int = 1 << 30
+
+
+@dataclass
+class ProfileConfig:
+    steps: int = 20
+    guidance: float | None = None  # None: the pipeline's default
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    raw: RawRequest | None = None
+    resume: bool = False
+    overwrite: bool = False
+    stat_keys: Sequence[StatKey] | None = None  # None: all of DESIGN §3
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
+
+
+@dataclass
+class ProfileResult:
+    path: Path
+    n_prompts: int
+    n_new: int
+    seconds: float
+    seconds_per_prompt: list[float]
+
+
+def _resolve_indices(selected: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
+    if selected is None:
+        return tuple(range(size))
+    bad = [i for i in selected if not 0 <= i < size]
+    if bad:
+        raise DitlensError(f"--raw-{what} {bad} out of range: the model has {size} {what} (0..{size - 1})")
+    return tuple(sorted(set(int(i) for i in selected)))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@dataclass
+class PromptRecord:
+    """What one prompt produced, on the host."""
+
+    stats: dict[StatKey, np.ndarray]
+    raw: dict[str, np.ndarray] | None
+    raw_selection: RawSelection | None
+    timesteps: list[float]
+    branches: list[str]
+    grid: tuple[int, int, int]
+    n_text: int
+
+
+class Profiler:
+    """Runs prompts through a pipeline under capture hooks (the engine behind :func:`profile`)."""
+
+    def __init__(self, pipeline: Any, config: ProfileConfig, *, registry: AdapterRegistry | None = None,
+                 model_id: str = "") -> None:
+        self.pipeline = pipeline
+        self.config = config
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is None:
+            raise DitlensError(f"{type(pipeline).__name__} has no .transformer; ditlens profiles diffusers DiT pipelines")
+        self.transformer = transformer
+        self.adapter: ModelAdapter = (registry or default_registry()).find(transformer)
+        self.layers: list[AttentionLayer] = self.adapter.attention_layers(transformer)
+        if not self.layers:
+            raise DitlensError(f"no attention modules found in {type(transformer).__name__}")
+        self.n_heads, self.head_dim = self.adapter.heads(transformer)
+        self.cfg_layout = self.adapter.pipeline_cfg_layout(pipeline)
+        self.model_id = model_id or str(getattr(transformer.config, "_name_or_path", "") or type(transformer).__name__)
+        self.stat_keys = list(config.stat_keys or all_stat_keys())
+        self.raw_tokens: int | None = None  # fixed by the first prompt
+
+    def _raw_capture(self) -> RawCapture | None:
+        request = self.config.raw
+        if request is None:
+            return None
+        if request.token_stride < 1:
+            raise DitlensError(f"--token-stride must be >= 1, got {request.token_stride}")
+        bad = [t for t in request.tensors if t not in ("q", "k", "v", "o")]
+        if bad or not request.tensors:
+            raise DitlensError(f"--raw takes a comma-separated subset of q,k,v,o; got {','.join(request.tensors)}")
+        return RawCapture(
+            tuple(request.tensors),
+            _resolve_indices(request.steps, self.config.steps, "steps"),
+            _resolve_indices(request.layers, len(self.layers), "layers"),
+            _resolve_indices(request.heads, self.n_heads, "heads"),
+            self.head_dim, request.token_stride, self.raw_tokens,
+        )
+
+    def run_prompt(self, index: int, prompt: str) -> PromptRecord:
+        cfg = self.config
+        raw = self._raw_capture()
+        stats = PromptStatistics(self.stat_keys, cfg.steps, len(self.layers), self.n_heads, raw=raw)
+        device = torch.device(getattr(self.pipeline, "_execution_device", None) or self.transformer.device)
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device.type).manual_seed(cfg.seed + index)
+        kwargs = self.adapter.call_kwargs(self.pipeline, prompt, cfg.steps, cfg.guidance, cfg.height, cfg.width, generator)
+        kwargs.update(cfg.call_kwargs)
+        handle = apply_capture(self.transformer, self.adapter, stats, cfg_layout=self.cfg_layout, max_steps=cfg.steps,
+                               layers=self.layers)
+        try:
+            with torch.inference_mode():
+                self.pipeline(**kwargs)
+        finally:
+            handle.remove()
+        ran = handle.tracker.step + 1
+        if ran != cfg.steps:
+            raise DitlensError(f"the pipeline ran {ran} denoising steps, not --steps {cfg.steps}; pass the count it really runs")
+        branches = [b for b in BRANCHES if b in stats.branches_seen]
+        selection, raw_data = raw.finish(branches) if raw is not None else (None, None)
+        if selection is not None:
+            self.raw_tokens = raw.n_image + raw.n_text if self.raw_tokens is None else self.raw_tokens
+        return PromptRecord(stats.finish(branches), raw_data, selection, self._timesteps(handle.tracker.timesteps),
+                            branches, stats.grid, stats.n_text)
+
+    def _timesteps(self, seen: list[float]) -> list[float]:
+        """The scheduler's timestep values where it exposes them, else what the transformer saw."""
+        scheduler_steps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if scheduler_steps is not None and len(scheduler_steps) == len(seen):
+            return [float(t) for t in scheduler_steps]
+        return [float(t) for t in seen]
+
+    def header(self, prompts: list[str], record: PromptRecord) -> TraceHeader:
+        cfg = self.config
+        joint = any(layer.kind == "joint" for layer in self.layers)
+        n_image = record.grid[0] * record.grid[1] * record.grid[2]
+        guidance = cfg.guidance if cfg.guidance is not None else float("nan")
+        return TraceHeader(
+            model_id=self.model_id, family=self.adapter.family,
+            transformer_class=type(self.transformer).__name__, pipeline_class=type(self.pipeline).__name__,
+            steps=cfg.steps, guidance_scale=float(guidance), height=int(cfg.height or 0), width=int(cfg.width or 0),
+            seed=cfg.seed, cfg_layout=self.cfg_layout if "uncond" in record.branches else "none",
+            prompts=list(prompts), layers=[layer.name for layer in self.layers], branches=list(record.branches),
+            n_heads=self.n_heads, head_dim=self.head_dim,
+            tokens=TokenInfo(n_image=n_image, n_text=record.n_text,
+                             text_position=self.adapter.text_position if joint else "none", grid=tuple(record.grid)),
+            extra={"layer_kinds": ",".join(layer.kind for layer in self.layers)},
+        )
+
+
+def _check_resume(existing: TraceHeader, profiler: Profiler, prompts: list[str]) -> None:
+    """Refuse to resume a trace of another model or run, naming the field (before any compute)."""
+    cfg = profiler.config
+    checks = {
+        "model_id": (existing.model_id, profiler.model_id),
+        "family": (existing.family, profiler.adapter.family),
+        "steps": (existing.steps, cfg.steps),
+        "seed": (existing.seed, cfg.seed),
+        "layers": (list(existing.layers), [layer.name for layer in profiler.layers]),
+    }
+    for field_name, (old, new) in checks.items():
+        if old != new:
+            raise DitlensError(f"cannot resume: the trace has {field_name}={old!r} but this run has {new!r}")
+    done = list(existing.prompts[:len(existing.prompts)])
+    for i, (old, new) in enumerate(zip(done, prompts)):
+        if old != new:
+            raise DitlensError(f"cannot resume: prompt {i} in the trace is {old!r} but this run has {new!r}")
+
+
+def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: ProfileConfig | None = None, *,
+            registry: AdapterRegistry | None = None, model_id: str = "", progress: bool = True,
+            log: Callable[[str], None] = print) -> ProfileResult:
+    """Profile ``pipeline`` on ``prompts`` into the trace ``out`` (DESIGN §3).
+
+    Args:
+        pipeline: a diffusers pipeline whose ``.transformer`` an adapter recognises.
+        prompts: text prompts, or class labels (ints or names) for class-conditional models.
+        out: trace path; refused if it exists unless ``config.overwrite`` or ``config.resume``.
+        config: steps, guidance, size, seed, raw selection, resume.
+        registry: adapters to choose from (default: built-ins and installed plug-ins).
+    """
+    from tqdm.auto import tqdm
+
+    from ditlens.traces.reader import Trace
+    from ditlens.traces.writer import TraceWriter
+
+    config = config or ProfileConfig()
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise DitlensError("no prompts given: pass --prompt (repeatable) or --prompts-file")
+    out = Path(out)
+    profiler = Profiler(pipeline, config, registry=registry, model_id=model_id)
+    resuming = config.resume and out.exists()
+    start = 0
+    if resuming:
+        with Trace.open(out) as existing:
+            start = existing.n_done
+            _check_resume(existing.header, profiler, prompts)
+            if existing.has("/raw/index/token"):
+                profiler.raw_tokens = int(existing.tokens.n_image + existing.tokens.n_text)
+        log(f"resuming {out}: {start} of {len(prompts)} prompts already done")
+    elif out.exists() and not config.overwrite:
+        raise DitlensError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    if config.raw is not None and config.height and config.width:
+        grid = profiler.adapter.grid_for_size(profiler.transformer, config.height, config.width)
+        estimate = RawSelection(tuple(config.raw.tensors), _resolve_indices(config.raw.steps, config.steps, "steps"),
+                                _resolve_indices(config.raw.layers, len(profiler.layers), "layers"),
+                                _resolve_indices(config.raw.heads, profiler.n_heads, "heads"),
+                                tuple(range(0, grid[0] * grid[1] * grid[2], config.raw.token_stride)), profiler.head_dim)
+        log(f"raw capture estimate (image tokens only): {_human(estimate.nbytes(len(prompts), 2))} "
+            f"for {len(prompts)} prompts (cap {_human(config.raw.max_bytes)})")
+
+    writer = None
+    per_prompt: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=start, desc="profile", unit="prompt", disable=not progress)
+    try:
+        for index in range(start, len(prompts)):
+            t_prompt = time.perf_counter()
+            record = profiler.run_prompt(index, prompts[index])
+            if writer is None:
+                if record.raw_selection is not None:
+                    need = record.raw_selection.nbytes(len(prompts), len(record.branches))
+                    log(f"raw capture: {_human(need)} for {len(prompts)} prompts")
+                    if need > config.raw.max_bytes:
+                        raise DitlensError(
+                            f"raw capture needs {_human(need)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
+                            "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
+                header = profiler.header(prompts, record)
+                writer = (TraceWriter.resume(out, header) if resuming else
+                          TraceWriter.create(out, header, profiler.stat_keys, record.raw_selection,
+                                             overwrite=config.overwrite))
+            writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), record.stats, record.raw)
+            per_prompt.append(time.perf_counter() - t_prompt)
+            bar.update(1)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return ProfileResult(out, len(prompts), len(per_prompt), time.perf_counter() - t0, per_prompt)

@@ -1,0 +1,228 @@
+"""Streaming redundancy statistics, computed on the model's device while it runs.
+
+:class:`PromptStatistics` is the capture observer for one prompt. For every attention layer
+and forward it compares each tensor with the same layer's tensor one step earlier (``step``)
+and, at each step, cond with uncond (``cfg``), for image and text tokens, and writes the
+per-head values into device arrays. It keeps only one step of history per (layer, branch),
+so memory does not grow with the number of steps; results leave the device once per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ditlens.analyzer.adapters import GroupedTensors
+from ditlens.analyzer.capture import BRANCHES, ForwardContext
+from ditlens.analyzer.metrics import pairwise_stats
+from ditlens.traces.format import RawSelection, StatKey
+
+GroupTensor = torch.Tensor | list[torch.Tensor]
+
+
+class RawCapture:
+    """Copies a selected subset of raw tensors to host memory (float16).
+
+    Token indices run over image tokens first, then text tokens (canonical order); with a
+    stride s every s-th index is kept. The token axis is fixed by the first prompt
+    (:meth:`finish` returns the selection); later prompts are cut or NaN-padded to it.
+    """
+
+    def __init__(self, tensors: tuple[str, ...], steps: tuple[int, ...], layers: tuple[int, ...],
+                 heads: tuple[int, ...], head_dim: int, token_stride: int, n_tokens: int | None = None) -> None:
+        self.tensors, self.steps, self.layers, self.heads = tensors, steps, layers, heads
+        self.head_dim, self.stride, self.n_tokens = head_dim, token_stride, n_tokens
+        self._step_pos = {s: i for i, s in enumerate(steps)}
+        self._layer_pos = {l: i for i, l in enumerate(layers)}
+        self._heads = torch.as_tensor(heads)
+        self.n_image = 0
+        self.n_text = 0
+        # (tensor, branch, step slot, layer slot) -> (image part, text part), each [heads, tokens, head_dim]
+        self._parts: dict[tuple[str, str, int, int], tuple[np.ndarray | None, np.ndarray | None]] = {}
+
+    def observe(self, layer: int, context: ForwardContext, tensors: GroupedTensors) -> None:
+        if context.step not in self._step_pos or layer not in self._layer_pos:
+            return
+        grid = context.info.grid
+        self.n_image = grid[0] * grid[1] * grid[2]
+        text_start = (-self.n_image) % self.stride  # first text token whose global index is on the stride
+        slot = (self._step_pos[context.step], self._layer_pos[layer])
+        for name in self.tensors:
+            for branch, row in context.rows.items():
+                image = _row(tensors.image.get(name), row)
+                text = _row(tensors.text.get(name), row)
+                if text is not None:
+                    self.n_text = max(self.n_text, text.shape[1])
+                self._parts[(name, branch) + slot] = (
+                    None if image is None else _host(image[self._heads.to(image.device), ::self.stride]),
+                    None if text is None else _host(text[self._heads.to(text.device), text_start::self.stride]),
+                )
+
+    def finish(self, branches: list[str]) -> tuple[RawSelection, dict[str, np.ndarray]]:
+        n_tokens = self.n_tokens if self.n_tokens is not None else self.n_image + self.n_text
+        selection = RawSelection(self.tensors, self.steps, self.layers, self.heads,
+                                 tuple(range(0, n_tokens, self.stride)), self.head_dim)
+        n_sel = len(selection.tokens)
+        n_img_sel = len(range(0, self.n_image, self.stride))
+        shape = (len(branches), len(self.steps), len(self.layers), len(self.heads), n_sel, self.head_dim)
+        data = {t: np.full(shape, np.nan, dtype=np.float16) for t in self.tensors}
+        for (name, branch, s, l), (image, text) in self._parts.items():
+            if branch not in branches:
+                continue
+            target = data[name][branches.index(branch), s, l]
+            if image is not None:
+                target[:, :min(n_img_sel, n_sel)] = image[:, :n_sel]
+            if text is not None:
+                room = max(0, n_sel - n_img_sel)
+                take = min(room, text.shape[1])
+                target[:, n_img_sel:n_img_sel + take] = text[:, :take]
+        self._parts.clear()
+        return selection, data
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.float16).cpu().numpy()
+
+
+def _row(x: GroupTensor | None, row: int) -> torch.Tensor | None:
+    """One sample's [heads, tokens, head_dim] from a batched tensor or a per-sample list."""
+    if x is None:
+        return None
+    return x[row][0] if isinstance(x, list) else x[row]
+
+
+class PromptStatistics:
+    """Capture observer accumulating every statistic of one prompt on the device.
+
+    Results live in one device tensor per (group, comparison) of shape
+    [tensor, metric, (branch,) step, layer, head]; each layer's comparisons are stacked into a
+    single batched metric call and a single indexed write, which keeps kernel launches few.
+    """
+
+    def __init__(self, stat_keys: list[StatKey], n_steps: int, n_layers: int, n_heads: int,
+                 raw: RawCapture | None = None) -> None:
+        self.keys = list(stat_keys)
+        self.n_steps, self.n_layers, self.n_heads = n_steps, n_layers, n_heads
+        self.raw = raw
+        self.grid: tuple[int, int, int] | None = None
+        self.branches_seen: set[str] = set()
+        self.n_text = 0
+        self._previous: dict[tuple[int, str], GroupedTensors] = {}
+        self._pending_cond: dict[int, tuple[int, GroupedTensors]] = {}
+        # (group, comparison) -> (tensor names, metric names) asked for
+        self._plan: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        for g, t, c, m in self.keys:
+            names, metrics = self._plan.setdefault((g, c), ([], []))
+            if t not in names:
+                names.append(t)
+            if m not in metrics:
+                metrics.append(m)
+        self._results: dict[tuple[str, str], torch.Tensor] = {}
+
+    # -- CaptureObserver ----------------------------------------------------------------------
+    def on_layer(self, layer: int, context: ForwardContext, tensors: GroupedTensors) -> None:
+        self.grid = context.info.grid
+        self.branches_seen.update(context.rows)
+        for text in tensors.text.values():
+            self.n_text = max(self.n_text, max(t.shape[2] for t in text) if isinstance(text, list) else text.shape[2])
+        step_pairs: list[tuple[int, GroupedTensors, int, GroupedTensors, int]] = []
+        for branch, row in context.rows.items():
+            previous = self._previous.get((layer, branch))
+            if previous is not None:
+                step_pairs.append((BRANCHES.index(branch), tensors, row, previous, 0))
+            self._previous[(layer, branch)] = _select_row(tensors, row)
+        self._compare("step", step_pairs, context.step, layer)
+
+        cfg_pair = None
+        if "cond" in context.rows and "uncond" in context.rows:
+            cfg_pair = (0, tensors, context.rows["cond"], tensors, context.rows["uncond"])
+        elif set(context.rows) == {"cond"}:
+            self._pending_cond[layer] = (context.step, _select_row(tensors, context.rows["cond"]))
+        elif set(context.rows) == {"uncond"}:
+            step, cond = self._pending_cond.pop(layer, (None, None))
+            if step == context.step:
+                cfg_pair = (0, cond, 0, tensors, context.rows["uncond"])
+        if cfg_pair is not None:
+            self._compare("cfg", [cfg_pair], context.step, layer)
+        if self.raw is not None:
+            self.raw.observe(layer, context, tensors)
+
+    def on_forward_end(self, context: ForwardContext) -> None:
+        pass
+
+    # -- work ----------------------------------------------------------------------------------
+    def _compare(self, comparison: str, pairs: list[tuple[int, GroupedTensors, int, GroupedTensors, int]],
+                 step: int, layer: int) -> None:
+        """Each pair is (branch slot, X source, X row, Y source, Y row); X is the current/cond tensor."""
+        if not pairs:
+            return
+        for group in ("image", "text"):
+            plan = self._plan.get((group, comparison))
+            if plan is None:
+                continue
+            names, metrics = plan
+            xs, ys, slots = [], [], []
+            for slot, x_src, x_row, y_src, y_row in pairs:
+                for t_index, name in enumerate(names):
+                    x = _row((x_src.image if group == "image" else x_src.text).get(name), x_row)
+                    y = _row((y_src.image if group == "image" else y_src.text).get(name), y_row)
+                    if x is None or y is None or x.shape != y.shape or x.numel() == 0:
+                        continue
+                    xs.append(x)
+                    ys.append(y)
+                    slots.append((t_index, slot))
+            # Tensors of one group share a shape except in cross attention (q vs k): batch per shape.
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, x in enumerate(xs):
+                by_shape.setdefault(tuple(x.shape), []).append(i)
+            for members in by_shape.values():
+                x = torch.stack([xs[i] for i in members])
+                y = torch.stack([ys[i] for i in members])
+                values = pairwise_stats(x, y, metrics, self.grid if group == "image" else None)
+                block = torch.stack([values[m].float() for m in metrics], dim=1)  # [items, metrics, heads]
+                out = self._result(group, comparison, len(names), len(metrics), x.device)
+                t_idx = torch.tensor([slots[i][0] for i in members], device=x.device)
+                if comparison == "step":
+                    b_idx = torch.tensor([slots[i][1] for i in members], device=x.device)
+                    out[t_idx, :, b_idx, step, layer] = block
+                else:
+                    out[t_idx, :, step, layer] = block
+
+    def _result(self, group: str, comparison: str, n_names: int, n_metrics: int, device: torch.device) -> torch.Tensor:
+        key = (group, comparison)
+        if key not in self._results:
+            shape = (n_names, n_metrics) + ((len(BRANCHES),) if comparison == "step" else ()) + (
+                self.n_steps, self.n_layers, self.n_heads)
+            self._results[key] = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return self._results[key]
+
+    def finish(self, branches: list[str]) -> dict[StatKey, np.ndarray]:
+        """Host arrays of every key for the trace's branches; frees the history."""
+        host = {key: value.cpu().numpy() for key, value in self._results.items()}
+        out: dict[StatKey, np.ndarray] = {}
+        rows = [BRANCHES.index(b) for b in branches]
+        for key in self.keys:
+            group, name, comparison, metric = key
+            names, metrics = self._plan[(group, comparison)]
+            block = host.get((group, comparison))
+            if block is None:
+                shape = (self.n_steps, self.n_layers, self.n_heads)
+                out[key] = np.full(((len(rows),) + shape) if comparison == "step" else shape, np.nan, np.float32)
+                continue
+            array = block[names.index(name), metrics.index(metric)]
+            out[key] = np.ascontiguousarray(array[rows] if comparison == "step" else array)
+        self._previous.clear()
+        self._pending_cond.clear()
+        self._results.clear()
+        return out
+
+
+def _select_row(tensors: GroupedTensors, row: int) -> GroupedTensors:
+    """A one-sample view (no copy) kept as history: [1, heads, tokens, head_dim]."""
+    def pick(x: GroupTensor) -> GroupTensor:
+        return [x[row]] if isinstance(x, list) else x[row:row + 1]
+
+    return GroupedTensors(image={k: pick(v) for k, v in tensors.image.items()},
+                          text={k: pick(v) for k, v in tensors.text.items()})

@@ -1,0 +1,198 @@
+"""The ``ditlens`` command line. Each verb is a thin layer over the Python API of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ditlens.errors import DitlensError
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """``"0,2,5-7"`` -> [0, 2, 5, 6, 7]; None stays None (all)."""
+    if text is None or text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise DitlensError(f"cannot read index list {text!r}: write it like 0,2,5-7") from None
+    return out
+
+
+def _call_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise DitlensError(f"--call-arg {text!r}: write KEY=VALUE (VALUE as JSON, or a plain string)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.exists():
+            raise DitlensError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
+    from ditlens.models import load_pipeline, parse_dtype
+
+    prompts = _prompts(args)
+    if not prompts:
+        prompts = _default_prompts(args.model)
+    raw = None
+    if args.raw:
+        raw = RawRequest(tensors=tuple(t.strip() for t in args.raw.split(",") if t.strip()),
+                         layers=_int_list(args.raw_layers), steps=_int_list(args.raw_steps),
+                         heads=_int_list(args.raw_heads), token_stride=args.token_stride,
+                         max_bytes=int(args.max_raw_bytes))
+    config = ProfileConfig(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                           seed=args.seed, raw=raw, resume=args.resume, overwrite=args.overwrite,
+                           call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
+    registry = default_registry(args.adapter or [])
+    pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    result = profile(pipe, prompts, args.out, config, registry=registry, model_id=args.model)
+    print(f"wrote {result.path} ({result.n_prompts} prompts, {result.n_new} new, {result.seconds:.1f} s)")
+    return 0
+
+
+def _default_prompts(model: str) -> list[str]:
+    from ditlens.models import embedded_models
+
+    if model in embedded_models():
+        from ditlens import zoo
+
+        return list(zoo.default_prompts(model))
+    raise DitlensError("no prompts given: pass --prompt (repeatable) or --prompts-file")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ditlens.traces.reader import Trace
+
+    with Trace.open(args.trace) as trace:
+        h = trace.header
+        print(f"trace      {args.trace} ({trace.file_size / 1e6:.2f} MB, format {trace.attrs.get('format_version')})")
+        print(f"model      {h.model_id} [{h.family}] {h.transformer_class} / {h.pipeline_class}")
+        print(f"run        {h.steps} steps, guidance {h.guidance_scale}, {h.height}x{h.width}, seed {h.seed}, "
+              f"cfg {h.cfg_layout}")
+        t = h.tokens
+        print(f"tokens     {t.n_image} image (grid {t.grid[0]}x{t.grid[1]}x{t.grid[2]}), {t.n_text} text "
+              f"({t.text_position})")
+        print(f"layers     {len(h.layers)} attention layers x {h.n_heads} heads x {h.head_dim} channels")
+        print(f"prompts    {trace.n_done} of {len(h.prompts)} done; branches {', '.join(h.branches)}")
+        print(f"stats      {len(trace.stat_keys())} maps" + ("; raw tensors stored" if trace.has("/raw") else ""))
+        for extra in ("/maps", "/influence", "/locality"):
+            if trace.has(extra):
+                print(f"derived    {extra}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ditlens.analyzer.maps import analyze
+
+    report = analyze(args.trace, top=args.top, store=not args.no_store)
+    print(report.render())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ditlens.analyzer.maps import compare
+
+    print(compare(args.trace_a, args.trace_b).render())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ditlens import __version__
+
+    parser = argparse.ArgumentParser(prog="ditlens", description="Profile, map and remove attention redundancy in DiTs.")
+    parser.add_argument("--version", action="version", version=f"ditlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="run prompts through a pipeline and record redundancy statistics")
+    p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
+    p.add_argument("--out", required=True, help="trace file to write (.h5)")
+    p.add_argument("--prompt", action="append", help="a prompt (text, or a class label); repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--raw", help="store raw tensors: comma-separated subset of q,k,v,o")
+    p.add_argument("--raw-layers", help="layer indices, e.g. 0,3,5-7 (default all)")
+    p.add_argument("--raw-steps", help="step indices (default all)")
+    p.add_argument("--raw-heads", help="head indices (default all)")
+    p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token of raw tensors")
+    p.add_argument("--max-raw-bytes", type=float, default=2**30, help="refuse raw captures larger than this")
+    p.add_argument("--resume", action="store_true", help="continue a partial trace")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace")
+    p.add_argument("--call-arg", action="append", help="extra pipeline argument KEY=VALUE (JSON value)")
+    p.add_argument("--adapter", action="append", help="extra model adapter, package.module:Class")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("analyze", help="aggregate a trace's maps and print the most and least redundant parts")
+    p.add_argument("trace")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--no-store", action="store_true", help="do not write the aggregated maps into the trace")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("info", help="describe a trace")
+    p.add_argument("trace")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compare", help="rank-correlate the redundancy maps of two traces of one model")
+    p.add_argument("trace_a")
+    p.add_argument("trace_b")
+    p.set_defaults(func=cmd_compare)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Verbs owned by other subpackages register themselves here (compress, dashboards, demo)."""
+    out = []
+    for module_name in ("ditlens.compress.cli", "ditlens.dashboards.cli", "ditlens.demo"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ImportError as err:
+            if err.name and err.name.startswith("ditlens"):
+                continue
+            raise
+        out.append(module.register)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DitlensError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished prompts are in the trace; rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

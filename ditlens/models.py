@@ -1,0 +1,54 @@
+"""Load a pipeline from an embedded model name, a local folder or a hub id (offline-safe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditlens.errors import DitlensError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise DitlensError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def embedded_models() -> tuple[str, ...]:
+    try:
+        from ditlens import zoo
+    except ImportError:
+        return ()
+    return tuple(getattr(zoo, "MODELS", ()))
+
+
+def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """``spec``: an embedded model (``tiny-dit``), a folder written by ``save_pretrained``, or a hub id.
+
+    Hub ids load through diffusers' own ``from_pretrained`` (from the local cache when offline)."""
+    if spec in embedded_models():
+        from ditlens import zoo
+
+        return zoo.load_pipeline(spec, device=device, dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    path = Path(spec)
+    if path.exists() and not (path / "model_index.json").exists():
+        raise DitlensError(
+            f"{spec} is a folder without model_index.json: ditlens needs a whole diffusers pipeline "
+            "(save it with pipe.save_pretrained)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+    except OSError as err:
+        known = ", ".join(embedded_models()) or "none installed"
+        raise DitlensError(
+            f"could not load model {spec!r} ({str(err).splitlines()[0]}); give a local pipeline folder, a hub id in the "
+            f"local cache, or an embedded model ({known})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
