@@ -204,8 +204,11 @@ def ssim(
     over the whole head and s = :func:`ssim_window_size`; the result is the mean over
     channels and frames. Y is the reference (its range sets C1, C2).
 
-    On CUDA the filtering runs as fp32 matmuls, so with TF32 matmuls enabled globally
-    (``torch.backends.cuda.matmul.allow_tf32``) it is only ~1e-3 accurate.
+    The separable Gaussian filter runs as two small matmuls per chunk (the border
+    reflection folded into the matrices); temporaries peak at about 12 float32 copies of a
+    chunk of at most ``chunk_elements`` input elements. Agreement with scikit-image in
+    float64 is ~1e-15, in float32 ~1e-7; with TF32 matmuls enabled globally
+    (``torch.backends.cuda.matmul.allow_tf32``) ~1e-4 (3e-5 measured on an H100).
     """
     _check_pair(x, y)
     frames, height, width = _check_grid(x.shape[-2], grid)
