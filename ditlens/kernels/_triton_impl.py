@@ -1,0 +1,339 @@
+"""Triton kernels for head-wise block-sparse attention (forward only).
+
+This module is loaded twice by :mod:`ditlens.kernels.triton_backend`: once compiled for the GPU
+and once under ``TRITON_INTERPRET=1`` for CPU tensors (``triton.jit`` decides at decoration
+time), so it holds nothing but ``@triton.jit`` functions.
+
+Layout: q, k, v, out, cache and residual are ``[B, H, L, D]`` with a unit stride on ``D``;
+batch and head strides are runtime arguments, token strides compile-time constants (so the
+compiler knows the rows are 16-byte aligned; ``D = 72`` rows are 144 bytes apart).
+
+Head dimension ``D`` is covered by two column tiles ``D0`` (a power of two) and ``D1``
+(16 or more, masked past ``D``), so ``D = 72`` costs 64 + 16 columns instead of 128.
+
+Per program (one query block of ``BLOCK_M`` rows of one (batch, head)), the keys to visit
+are at most two token intervals, computed analytically from the head's mode and window:
+segment A holds the text keys (or all keys for a full head), segment B the image keys
+(the band ``[q - w, q + w]`` clipped to the image run, or all image keys when an arrow
+head's block contains text queries). Each segment is walked in ``BLOCK_N`` steps from its
+start and split into masked head blocks, an unmasked run of blocks that every row of the
+query block attends entirely, and masked tail blocks: element masks only on edge blocks.
+"""
+
+import triton
+import triton.language as tl
+
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": a row whose first blocks are all masked stays NaN-free
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr):
+    # The CPU interpreter multiplies bfloat16 bit patterns as integers: upcast there.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _load_tile(base, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
+    ptrs = base + offs_rows[:, None] * STRIDE + offs_cols[None, :]
+    if ROW_MASK:
+        if COL_MASK:
+            tile = tl.load(ptrs, mask=(offs_rows[:, None] < row_hi) & (offs_cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=offs_rows[:, None] < row_hi, other=0.0)
+    else:
+        if COL_MASK:
+            tile = tl.load(ptrs, mask=offs_cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, tile, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                COL_MASK: tl.constexpr):
+    ptrs = base + offs_rows[:, None] * STRIDE + offs_cols[None, :]
+    if COL_MASK:
+        tl.store(ptrs, tile, mask=(offs_rows[:, None] < row_hi) & (offs_cols[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, tile, mask=offs_rows[:, None] < row_hi)
+
+
+@triton.jit
+def _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi):
+    """Element mask of one head (see patterns.py): full=0, window=1, arrow=2, skip=3."""
+    q_img = (offs_m >= img_lo) & (offs_m < img_hi)
+    k_img = (offs_n >= img_lo) & (offs_n < img_hi)
+    diff = offs_m[:, None] - offs_n[None, :]
+    band = q_img[:, None] & k_img[None, :] & (diff <= win) & (diff >= -win)
+    both_text = (~q_img)[:, None] & (~k_img)[None, :]
+    mixed = q_img[:, None] ^ k_img[None, :]
+    is_full = mode == 0
+    keep_text = mode != 3
+    keep_mixed = (mode == 0) | (mode == 2)
+    return band | is_full | (both_text & keep_text) | (mixed & keep_mixed)
+
+
+@triton.jit
+def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m, offs_d0, offs_d1, seg_hi,
+                  mode, win, img_lo, img_hi, qk_scale,
+                  HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(k_base, offs_n, offs_d0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+    qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
+    if HAS_D1:
+        k1 = _load_tile(k_base, offs_n, offs_d1, seg_hi, SK, HEAD_DIM, MASKED, D0 + D1 > HEAD_DIM)
+        qk = _mm(q1, tl.trans(k1), qk, UPCAST)
+    if MASKED:
+        allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
+        qk = tl.where(allowed, qk * qk_scale, NEG_BIG)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_new[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(q0.dtype)
+    v0 = _load_tile(v_base, offs_n, offs_d0, seg_hi, SV, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+    acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
+    if HAS_D1:
+        v1 = _load_tile(v_base, offs_n, offs_d1, seg_hi, SV, HEAD_DIM, MASKED, D0 + D1 > HEAD_DIM)
+        acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0, offs_d1,
+                    seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale,
+                    HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked."""
+    n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
+    j_first = tl.minimum(j_first, n_blocks)
+    j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
+    for j in range(0, j_first):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
+                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST)
+    for j in range(j_first, j_end):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
+                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST)
+    for j in range(j_end, n_blocks):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
+                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexpr):
+    """Key intervals of one query block: A (text keys, or all keys for full heads), B (image keys).
+
+    Returns (a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi): each segment and its
+    sub-interval that every valid query row of the block attends entirely.
+    """
+    m_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    is_full = mode == 0
+    is_arrow = mode == 2
+    has_txt_q = (m0 < t_hi) & (m_last >= t_lo)
+    qi_lo = tl.maximum(m0, img_lo)
+    qi_hi = tl.minimum(m_last, img_hi - 1)
+    has_img_q = qi_lo <= qi_hi
+    band_lo = tl.maximum(img_lo, qi_lo - win)
+    band_hi = tl.minimum(img_hi, qi_hi + win + 1)
+    core_lo = tl.maximum(img_lo, qi_hi - win)
+    core_hi = tl.minimum(img_hi, qi_lo + win + 1)
+    # segment A
+    need_t = is_arrow | has_txt_q
+    a_lo = tl.where(is_full, 0, tl.where(need_t, t_lo, 0))
+    a_hi = tl.where(is_full, L, tl.where(need_t, t_hi, 0))
+    a_full_ok = is_full | is_arrow | (~has_img_q)
+    af_lo = tl.where(a_full_ok, a_lo, 0)
+    af_hi = tl.where(a_full_ok, a_hi, 0)
+    # segment B
+    arrow_txt = is_arrow & has_txt_q
+    b_on = (~is_full) & (arrow_txt | has_img_q)
+    b_lo = tl.where(b_on, tl.where(arrow_txt, img_lo, band_lo), 0)
+    b_hi = tl.where(b_on, tl.where(arrow_txt, img_hi, band_hi), 0)
+    b_full_ok = b_on & ~(has_txt_q & ~is_arrow)
+    bf_lo = tl.where(b_full_ok, tl.where(has_img_q, core_lo, img_lo), 0)
+    bf_hi = tl.where(b_full_ok, tl.where(has_img_q, core_hi, img_hi), 0)
+    return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi
+
+
+@triton.jit
+def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                        stride_ob, stride_oh, stride_cb, stride_ch, stride_rb, stride_rh,
+                        B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, qk_scale,
+                        HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                        SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                        HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr):
+    """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
+    then query block; skip heads (mode 3) copy their rows from the cache C."""
+    pid = tl.program_id(0)
+    per_rank = B * n_mblocks
+    rank = pid // per_rank
+    rem = pid - rank * per_rank
+    b = rem // n_mblocks
+    mb = rem - b * n_mblocks
+    h = tl.load(ORDER + rank)
+    mode = tl.load(MODE + h)
+    win = tl.load(WIN + h)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1)
+    o_base = O + b64 * stride_ob + h64 * stride_oh
+    if mode == 3:
+        c_base = C + b64 * stride_cb + h64 * stride_ch
+        c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
+        _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+        if HAS_D1:
+            c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+            _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+    else:
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        k_base = K + b64 * stride_kb + h64 * stride_kh
+        v_base = V + b64 * stride_vb + h64 * stride_vh
+        q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+        if HAS_D1:
+            q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+        else:
+            q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                       t_lo, t_hi, BLOCK_M)
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0,
+                                               offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win, img_lo, img_hi,
+                                               qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0,
+                                               offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win, img_lo, img_hi,
+                                               qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+        inv_l = 1.0 / l_i
+        out0 = acc0 * inv_l[:, None]
+        if HAS_RESIDUAL:
+            r_base = R + b64 * stride_rb + h64 * stride_rh
+            out0 += _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
+        _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+        if HAS_D1:
+            out1 = acc1 * inv_l[:, None]
+            if HAS_RESIDUAL:
+                r_base1 = R + b64 * stride_rb + h64 * stride_rh
+                out1 += _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True,
+                                   D0 + D1 > HEAD_DIM).to(tl.float32)
+            _store_tile(o_base, out1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+
+
+@triton.jit
+def _online_update(acc0, acc1, m_i, l_i, qk, v0, v1, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax step with already scaled (log2 domain) and masked scores qk."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v0.dtype)
+    acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
+    if HAS_D1:
+        acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
+                     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                     stride_ob, stride_oh, stride_rb, stride_rh,
+                     H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, qk_scale,
+                     HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                     SO: tl.constexpr, SR: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                     HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
+    """WA-RS refresh step in one pass: full output O and residual R = O - W, where W is the
+    windowed (window/arrow, per head) output. Scores of each key block are computed once and
+    feed both online softmaxes; blocks outside the windowed pattern update only O."""
+    pid = tl.program_id(0)
+    mb = pid % n_mblocks
+    bh = pid // n_mblocks
+    b = bh // H
+    h = bh - b * H
+    mode = tl.load(MODE + h)
+    win = tl.load(WIN + h)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+    if HAS_D1:
+        q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+    else:
+        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wacc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    wacc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    wm_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    wl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                   t_lo, t_hi, BLOCK_M)
+    n_blocks = (L + BLOCK_N - 1) // BLOCK_N
+    for j in range(0, n_blocks):
+        start_n = j * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k0 = _load_tile(k_base, offs_n, offs_d0, L, SK, HEAD_DIM, True, D0 > HEAD_DIM)
+        qk = _mm(q0, tl.trans(k0), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+        v0 = _load_tile(v_base, offs_n, offs_d0, L, SV, HEAD_DIM, True, D0 > HEAD_DIM)
+        if HAS_D1:
+            k1 = _load_tile(k_base, offs_n, offs_d1, L, SK, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+            qk = _mm(q1, tl.trans(k1), qk, UPCAST)
+            v1 = _load_tile(v_base, offs_n, offs_d1, L, SV, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+        else:
+            v1 = tl.zeros([BLOCK_N, D1], dtype=v0.dtype)
+        qk = qk * qk_scale
+        key_ok = (offs_n < L)[None, :]
+        acc0, acc1, m_i, l_i = _online_update(acc0, acc1, m_i, l_i, tl.where(key_ok, qk, NEG_BIG), v0, v1,
+                                              HAS_D1, UPCAST)
+        end_n = start_n + BLOCK_N
+        in_a = (start_n < a_hi) & (end_n > a_lo)
+        in_b = (start_n < b_hi) & (end_n > b_lo)
+        if in_a | in_b:
+            allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
+            wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG),
+                                                      v0, v1, HAS_D1, UPCAST)
+    o_base = O + b64 * stride_ob + h64 * stride_oh
+    r_base = R + b64 * stride_rb + h64 * stride_rh
+    inv_l = 1.0 / l_i
+    inv_wl = 1.0 / wl_i
+    full0 = acc0 * inv_l[:, None]
+    _store_tile(o_base, full0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+    _store_tile(r_base, (full0 - wacc0 * inv_wl[:, None]).to(R.dtype.element_ty), offs_m, offs_d0, L, SR,
+                HEAD_DIM, D0 > HEAD_DIM)
+    if HAS_D1:
+        full1 = acc1 * inv_l[:, None]
+        _store_tile(o_base, full1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        _store_tile(r_base, (full1 - wacc1 * inv_wl[:, None]).to(R.dtype.element_ty), offs_m, offs_d1, L, SR,
+                    HEAD_DIM, D0 + D1 > HEAD_DIM)
