@@ -1,0 +1,31 @@
+"""Compression plans, the runtime that applies them, exact FLOPs accounting, validation, export.
+
+Deployment needs only this subpackage (no h5py, dash or plotly)::
+
+    from ditlens.compress import Plan, apply_plan, remove_plan
+    plan = Plan.load("plan.json")            # checked against schema v1
+    handle = apply_plan(pipe, plan)          # checked against the model; run checked on first forward
+    images = pipe(...).images
+    print(handle.flops.core_fraction, handle.peak_cache_bytes())
+    handle.remove()                          # the pipeline is exactly as before
+"""
+
+from ditlens.compress.flops import FlopsReport, plan_flops, projection_flops
+from ditlens.compress.methods import HeadMethod, attended_pairs, parse_method
+from ditlens.compress.plan import (
+    FlopsSummary,
+    ModelFingerprint,
+    Plan,
+    Provenance,
+    RunSpec,
+    config_hash,
+    load_schema,
+    model_fingerprint,
+)
+from ditlens.compress.runtime import PlanHandle, apply_plan, remove_plan
+
+__all__ = [
+    "FlopsReport", "FlopsSummary", "HeadMethod", "ModelFingerprint", "Plan", "PlanHandle", "Provenance", "RunSpec",
+    "apply_plan", "attended_pairs", "config_hash", "load_schema", "model_fingerprint", "parse_method", "plan_flops",
+    "projection_flops", "remove_plan",
+]

@@ -1,0 +1,563 @@
+"""Apply a plan to a running diffusers pipeline, and take it off again.
+
+Two kinds of diffusers ``ModelHook`` (attached with :mod:`ditlens.analyzer.hooks`, so they
+compose with diffusers' own hooks and leave nothing behind):
+
+* :class:`StepHook` on the transformer reads each forward's batch, grid and timestep, advances
+  the step, says which batch rows are cond / uncond (or which forward is which branch with
+  separate-forward CFG), checks the run against the plan, and resets every cache when a new
+  pipeline call starts (the scheduler's ``timesteps`` tensor is replaced by ``set_timesteps``).
+* :class:`LayerHook` on every attention module runs the module under an
+  :class:`~ditlens.analyzer.capture.AttentionInterceptor` that replaces each
+  ``scaled_dot_product_attention`` call by the plan's method, in the call's own layout
+  ([batch', heads, tokens, head_dim], frames or grid positions folded into batch'). A
+  whole-layer AST returns the module output of the latest step the module ran, without running
+  the module.
+
+Exactly what is cached, per layer, per attention call of the layer's forward and per CFG branch
+(one entry for batched CFG, one per branch with separate forwards):
+
+* the attention output [batch', H, L, D] of the heads a later per-head AST reuses (the output
+  the head produced, whatever the method, at the latest step it was computed);
+* the WA-RS residual R = O - W [batch', H, L, D] of heads refreshed at a ``full`` step;
+* the module output of the latest step, when the next step skips the module;
+* with separate-forward CFG, the cond forward's attention output of ASC heads for the uncond
+  forward of the same step.
+
+Nothing is kept that no later step reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ditlens.compress.flops import FlopsCounter
+from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask
+from ditlens.compress.plan import Plan
+from ditlens.compress.schedule import LayerStep, build_schedule
+from ditlens.errors import DitlensError, PlanMismatchError
+
+STEP_HOOK = "ditlens.compress.step"
+LAYER_HOOK = "ditlens.compress.layer"
+BACKENDS = ("auto", "dense", "flex", "kernels")
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class ForwardState:
+    """The forward in flight."""
+
+    step: int
+    grid: tuple[int, int, int]
+    branch_key: str  # "all" (batched or no CFG), "cond" or "uncond" (separate forwards)
+    batched_cfg: bool
+    cond_first: bool
+
+
+@dataclass
+class RuntimeState:
+    """Caches and step tracking of one pipeline call (cleared when the next call starts)."""
+
+    step: int = -1
+    last_timestep: float | None = None
+    calls_at_step: int = 0
+    timesteps_ref: Any = None
+    module_out: dict[tuple[int, str], Any] = field(default_factory=dict)
+    head_out: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
+    residual: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
+    asc_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+    def clear(self) -> None:
+        self.step, self.last_timestep, self.calls_at_step = -1, None, 0
+        self.module_out.clear()
+        self.head_out.clear()
+        self.residual.clear()
+        self.asc_out.clear()
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for store in (self.head_out, self.residual, self.asc_out):
+            total += sum(t.numel() * t.element_size() for t in store.values())
+        for out in self.module_out.values():
+            total += sum(t.numel() * t.element_size() for t in _tensors(out))
+        return total
+
+    def note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes())
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+class PlanRuntime:
+    """Everything one applied plan needs at run time."""
+
+    def __init__(self, plan: Plan, adapter: Any, transformer: nn.Module, scheduler: Any, pipe: Any,
+                 backend: str = "auto", count_flops: bool = True) -> None:
+        if backend not in BACKENDS:
+            raise DitlensError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.plan = plan
+        self.adapter = adapter
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.pipe = pipe
+        self.backend = backend
+        self.count_flops = count_flops
+        self.schedule = build_schedule(plan)
+        self.state = RuntimeState()
+        self.flops = FlopsCounter()
+        self.forward: ForwardState | None = None
+        self.attention_seconds = 0.0
+
+    # -- steps ---------------------------------------------------------------------------------
+    def begin_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
+        info = self.adapter.forward_info(transformer, args, kwargs)
+        st, plan = self.state, self.plan
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is not None and timesteps is not st.timesteps_ref:
+            st.clear()  # the pipeline called set_timesteps: a new call
+            st.timesteps_ref = timesteps
+            if isinstance(timesteps, (torch.Tensor, list, tuple)) and len(timesteps) != plan.steps:
+                raise PlanMismatchError(
+                    f"plan was made for {plan.steps} steps but the pipeline runs {len(timesteps)} (run.steps); "
+                    f"call it with num_inference_steps={plan.steps} or make a plan for {len(timesteps)} steps")
+        layout = plan.run.cfg_layout
+        if st.last_timestep is None or info.timestep != st.last_timestep:
+            if st.step >= 0 and layout == "separate_cond_first" and st.calls_at_step == 0:
+                raise PlanMismatchError(
+                    "plan was made for separate cond/uncond forwards (run.cfg_layout 'separate_cond_first') but step "
+                    f"{st.step} ran one transformer forward; run with CFG on or use a plan made without CFG")
+            if st.step + 1 >= plan.steps:
+                st.clear()  # the previous call finished: a new one starts
+            st.step += 1
+            st.calls_at_step = 0
+            st.last_timestep = info.timestep
+        else:
+            st.calls_at_step += 1
+        if st.step == 0 and st.calls_at_step == 0:
+            self.flops.reset()
+            st.asc_out.clear()
+        step = st.step
+        if plan.run.timesteps is not None and abs(plan.run.timesteps[step] - info.timestep) > 1e-3 * max(1.0, abs(info.timestep)):
+            raise PlanMismatchError(
+                f"step {step} runs timestep {info.timestep:g} but the plan was made for {plan.run.timesteps[step]:g} "
+                "(run.timesteps): another scheduler setting, step count or resolution")
+        grid = plan.model.tokens.grid
+        if grid is not None and tuple(info.grid) != tuple(grid):
+            raise PlanMismatchError(
+                f"plan was made for a token grid of {grid[0]}x{grid[1]}x{grid[2]} (frames x rows x cols, "
+                f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]} "
+                "(run.height/width); call it at the plan's resolution or make a plan for this one")
+        self.forward = self._branches(info, step, layout)
+
+    def _branches(self, info: Any, step: int, layout: str) -> ForwardState:
+        st = self.state
+        cfg_now = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if layout in ("batched_cond_first", "batched_uncond_first"):
+            if info.batch % 2 or cfg_now is False:
+                raise PlanMismatchError(
+                    f"plan was made for batched CFG (run.cfg_layout {layout!r}) but the transformer saw batch {info.batch} "
+                    "without CFG; run with guidance_scale > 1 or make a plan without CFG")
+            if st.calls_at_step > 0:
+                raise PlanMismatchError(f"plan expects one batched forward per step (run.cfg_layout {layout!r}) but step "
+                                        f"{step} ran several")
+            return ForwardState(step, info.grid, "all", True, layout == "batched_cond_first")
+        if layout == "separate_cond_first":
+            if st.calls_at_step > 1:
+                raise PlanMismatchError(f"step {step} ran more than two transformer forwards; not a cond/uncond pair")
+            return ForwardState(step, info.grid, ("cond", "uncond")[st.calls_at_step], False, True)
+        if st.calls_at_step > 0 or cfg_now is True:
+            raise PlanMismatchError(
+                "plan was made without CFG (run.cfg_layout 'none') but the pipeline runs CFG; "
+                "run with guidance_scale <= 1 or make a plan for this CFG layout")
+        return ForwardState(step, info.grid, "all", False, True)
+
+    def end_forward(self) -> None:
+        self.forward = None
+
+    # -- layers --------------------------------------------------------------------------------
+    def run_layer(self, index: int, module: nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        fwd = self.forward
+        if fwd is None:
+            return original(*args, **kwargs)
+        action = self.schedule[fwd.step][index]
+        key = (index, fwd.branch_key)
+        if action.skip_module:
+            if key not in self.state.module_out:
+                raise DitlensError(f"layer {self.plan.model.layers[index].name}: no cached module output at step "
+                                   f"{fwd.step} (was the pipeline call interrupted?)")
+            if self.count_flops:  # what the skipped module would have cost
+                self.flops.core_full += self.flops.last_core_full.get(key, 0)
+                self.flops.projections_full += self.flops.last_projection.get(key, 0)
+            return self.state.module_out[key]
+        from ditlens.analyzer.capture import AttentionInterceptor
+
+        calls = [0]
+        core_full_before, proj_before = self.flops.core_full, self.flops.projections
+
+        def handler(func, q, k, v, call_args, call_kwargs):
+            call = calls[0]
+            calls[0] += 1
+            return self.attend(index, call, action, func, call_args, call_kwargs)
+
+        with AttentionInterceptor(handler):
+            out = original(*args, **kwargs)
+        if self.count_flops:
+            self.flops.last_projection[key] = self.flops.projections - proj_before
+            self.flops.projections_full += self.flops.projections - proj_before
+            self.flops.last_core_full[key] = self.flops.core_full - core_full_before
+        if action.store_module:
+            self.state.module_out[key] = out
+            self.state.note_peak()
+        return out
+
+    def call_layout(self, index: int, q: torch.Tensor, k: torch.Tensor) -> CallLayout:
+        layer = self.plan.model.layers[index]
+        frames, rows, cols = self.forward.grid  # type: ignore[union-attr]
+        lq, lk = q.shape[-2], k.shape[-2]
+        if layer.kind == "cross":
+            return CallLayout(lq, lk, 0, False, (1, rows, cols), cross=True)
+        if layer.kind == "joint":
+            n_image = frames * rows * cols
+            if lq < n_image or lq != lk:
+                raise DitlensError(f"layer {layer.name}: joint attention over {lq} tokens but the grid has {n_image} image tokens")
+            return CallLayout(lq, lk, lq - n_image, layer.text_position == "first", (frames, rows, cols))
+        if layer.kind == "temporal":
+            return CallLayout(lq, lk, 0, False, None)
+        if lq == frames * rows * cols:
+            return CallLayout(lq, lk, 0, False, (frames, rows, cols))
+        if lq == rows * cols:
+            return CallLayout(lq, lk, 0, False, (1, rows, cols))
+        return CallLayout(lq, lk, 0, False, None)
+
+    def attend(self, index: int, call: int, action: LayerStep, func: Callable, call_args: tuple,
+               call_kwargs: dict) -> torch.Tensor:
+        """One attention product under the plan's per-head methods."""
+        fwd = self.forward
+        assert fwd is not None
+        params = _sdpa_params(call_args, call_kwargs)
+        q, k, v = params.pop("query"), params.pop("key"), params.pop("value")
+        B, H, Lq, _ = q.shape
+        d = q.shape[-1]
+        layout = self.call_layout(index, q, k)
+        full_flops = 4 * d * Lq * k.shape[-2]
+        if self.count_flops:
+            self.flops.core_full += full_flops * H * B
+        if action.plain:
+            if self.count_flops:
+                self.flops.core += full_flops * H * B
+            return func(*call_args, **call_kwargs)
+        if params.get("is_causal"):
+            raise DitlensError(f"layer {self.plan.model.layers[index].name} runs causal attention; ditlens plans assume "
+                               "non-causal attention")
+        if params.get("enable_gqa") and k.shape[1] != H:
+            raise DitlensError("grouped-query attention is not supported by the compression runtime")
+        st = self.state
+        key = (index, fwd.branch_key, call)
+        rows_all = slice(0, B)
+        if fwd.batched_cfg:
+            half = B // 2
+            first, second = slice(0, half), slice(half, B)
+            cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
+        else:
+            cond_rows = uncond_rows = rows_all
+        out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+        groups: dict[tuple[str, str, int, bool], list[int]] = {}
+        ast_heads: list[int] = []
+        for h, method in enumerate(action.heads):
+            if not method.computes:
+                ast_heads.append(h)
+            else:
+                groups.setdefault((method.base, method.mask_kind, method.window, method.asc), []).append(h)
+        for (base, kind, w, asc), heads in groups.items():
+            idx = torch.tensor(heads, device=q.device)
+            if asc and fwd.branch_key == "uncond":  # separate forwards: copy the cond forward's output
+                cached = st.asc_out.get((index, call))
+                if cached is None:
+                    raise DitlensError(f"layer {self.plan.model.layers[index].name}: ASC at step {fwd.step} found no cond "
+                                       "output (the uncond forward ran first?)")
+                out[:, idx] = cached[:, idx]
+                continue
+            if asc and fwd.batched_cfg and B % 2:
+                raise DitlensError(
+                    f"layer {self.plan.model.layers[index].name}: ASC needs the cond and uncond rows in one attention call, "
+                    f"but this layer attends one sample per call (batch {B}); remove +asc for this layer")
+            rows = cond_rows if asc and fwd.batched_cfg else rows_all
+            o = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx, kind, w, layout)
+            if self.count_flops:
+                self.flops.core += 4 * d * _pairs(kind, w, layout) * len(heads) * o.shape[0]
+            if base == "wars":
+                o = o + st.residual[key][rows][:, idx]
+            out[rows, idx] = o
+            if asc and fwd.batched_cfg:
+                out[uncond_rows, idx] = o
+        if ast_heads:
+            idx = torch.tensor(ast_heads, device=q.device)
+            cached = st.head_out.get(key)
+            if cached is None:
+                raise DitlensError(f"layer {self.plan.model.layers[index].name}: AST at step {fwd.step} found no cached "
+                                   "output (was the pipeline call interrupted?)")
+            out[:, idx] = cached[:, idx]
+        for h, wars in action.refresh:
+            idx = torch.tensor([h], device=q.device)
+            w_out = self._masked(func, q[:, idx], k[:, idx], v[:, idx], params, rows_all, idx, wars.mask_kind, wars.window, layout)
+            if self.count_flops:
+                self.flops.core += 4 * d * _pairs(wars.mask_kind, wars.window, layout) * B
+            if key not in st.residual:
+                st.residual[key] = torch.zeros_like(out)
+            st.residual[key][:, idx] = out[:, idx] - w_out
+        if action.store_heads:
+            idx = torch.tensor(action.store_heads, device=q.device)
+            if key not in st.head_out:
+                st.head_out[key] = torch.zeros_like(out)
+            st.head_out[key][:, idx] = out[:, idx]
+        if fwd.branch_key == "cond" and action.uses_asc:
+            st.asc_out[(index, call)] = out
+        st.note_peak()
+        return out
+
+    def _masked(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, rows: slice,
+                heads: torch.Tensor, kind: str, w: int, layout: CallLayout) -> torch.Tensor:
+        """Attention of a subset of rows/heads under one mask, combined with the model's own mask."""
+        extra = dict(params)
+        model_mask = extra.pop("attn_mask", None)
+        if model_mask is not None and model_mask.dim() == 4:
+            if model_mask.shape[0] not in (1,):
+                model_mask = model_mask[rows]
+            if model_mask.shape[1] not in (1,):
+                model_mask = model_mask[:, heads]
+        if kind == "full":
+            return func(q, k, v, attn_mask=model_mask, **extra)
+        if model_mask is None and self._use_fast(q):
+            fast = _fast_attention(q, k, v, kind, w, layout, extra.get("scale"), self.backend)
+            if fast is not None:
+                return fast
+        mask = dense_mask(kind, w, layout, str(q.device))
+        if model_mask is not None:
+            mask = model_mask & mask if model_mask.dtype == torch.bool else model_mask.masked_fill(~mask, float("-inf"))
+        return func(q, k, v, attn_mask=mask, **extra)
+
+    def _use_fast(self, q: torch.Tensor) -> bool:
+        if self.backend == "dense":
+            return False
+        if self.backend in ("flex", "kernels"):
+            return True
+        return q.is_cuda
+
+    def reset(self) -> None:
+        self.state.clear()
+        self.flops.reset()
+
+
+def _pairs(kind: str, w: int, layout: CallLayout) -> int:
+    return layout.q_len * layout.k_len if kind == "full" else attended_pairs(HeadMethod(kind, w), layout)
+
+
+def _sdpa_params(args: tuple, kwargs: dict) -> dict[str, Any]:
+    params = dict(zip(_SDPA_PARAMS, args))
+    params.update(kwargs)
+    return params
+
+
+def _fast_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float | None, backend: str):
+    """ditlens.kernels when it is there (window/arrow), else FlexAttention; None: use the dense path."""
+    if backend in ("auto", "kernels") and kind in ("window", "arrow") and scale is None:
+        try:
+            from ditlens.kernels import headwise_attention  # type: ignore[attr-defined]
+        except ImportError:
+            headwise_attention = None
+        if headwise_attention is not None:
+            n_heads = q.shape[1]
+            return headwise_attention(q, k, v, modes=[kind] * n_heads, windows=[w] * n_heads, n_text=layout.n_text,
+                                      text_first=layout.text_first)
+        if backend == "kernels":
+            raise DitlensError("backend 'kernels' asked for but ditlens.kernels.headwise_attention is not available")
+    return _flex_attention(q, k, v, kind, w, layout, scale)
+
+
+def _flex_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float | None):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    from ditlens.compress.methods import method_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return method_mask(kind, w, q_idx, kv_idx, layout)
+
+    block = create_block_mask(mask_mod, None, None, layout.q_len, layout.k_len, device=str(q.device))
+    return flex_attention(q, k, v, block_mask=block, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks and the handle
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _hook_classes() -> tuple[type, type]:
+    """ModelHook subclasses, built on first use so importing ditlens.compress does not import diffusers."""
+    from diffusers.hooks import ModelHook as base
+
+    class StepHook(base):  # type: ignore[misc, valid-type]
+        """On the transformer: step tracking, branch rows, run checks."""
+
+        def __init__(self, runtime: PlanRuntime, handle: "PlanHandle") -> None:
+            super().__init__()
+            self.runtime = runtime
+            self.handle = handle
+
+        def new_forward(self, module, *args, **kwargs):
+            self.runtime.begin_forward(module, args, kwargs)
+            try:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                self.runtime.end_forward()
+
+        def reset_state(self, module):
+            self.runtime.reset()
+            return module
+
+    class LayerHook(base):  # type: ignore[misc, valid-type]
+        """On one attention module: the plan's methods for that layer."""
+
+        def __init__(self, runtime: PlanRuntime, index: int) -> None:
+            super().__init__()
+            self.runtime = runtime
+            self.index = index
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.runtime.run_layer(self.index, module, self.fn_ref.original_forward, args, kwargs)
+
+    return StepHook, LayerHook
+
+
+@dataclass
+class PlanHandle:
+    """An applied plan. ``remove()`` (or ``remove_plan(pipe)``) takes everything off again."""
+
+    plan: Plan
+    runtime: PlanRuntime
+    transformer: nn.Module
+    modules: list[nn.Module]
+    linear_hooks: list[Any]
+    removed: bool = False
+
+    @property
+    def flops(self):
+        """FLOPs executed by the latest pipeline call (:class:`~ditlens.compress.flops.FlopsReport`)."""
+        return self.runtime.flops.report()
+
+    def cache_bytes(self) -> int:
+        """Bytes the caches hold now."""
+        return self.runtime.state.cache_bytes()
+
+    def peak_cache_bytes(self) -> int:
+        """Largest cache size seen since the plan was applied."""
+        return self.runtime.state.peak_bytes
+
+    def reset(self) -> None:
+        """Drop every cache (done automatically when a new pipeline call starts)."""
+        self.runtime.reset()
+
+    def remove(self) -> None:
+        from ditlens.analyzer import hooks
+
+        if self.removed:
+            return
+        for module in self.modules:
+            hooks.detach(module, LAYER_HOOK)
+        hooks.detach(self.transformer, STEP_HOOK)
+        for h in self.linear_hooks:
+            h.remove()
+        self.linear_hooks.clear()
+        self.runtime.reset()
+        self.removed = True
+
+    def __enter__(self) -> "PlanHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: str = "auto",
+               count_flops: bool = True) -> PlanHandle:
+    """Apply ``plan`` (a :class:`Plan` or a path to its JSON) to ``pipe`` (a diffusers pipeline).
+
+    The plan is checked against the pipeline's transformer and scheduler first (refused with a
+    :class:`PlanMismatchError` naming the field); resolution, step count and CFG layout are
+    checked on the first forward. Returns a handle; ``handle.remove()`` or
+    :func:`remove_plan` restore the pipeline exactly.
+    """
+    from ditlens.analyzer import hooks
+    from ditlens.analyzer.adapters import default_registry
+
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise DitlensError(f"{type(pipe).__name__} has no .transformer; apply_plan needs a diffusers DiT pipeline")
+    if hooks.has_hook(transformer, STEP_HOOK):
+        raise DitlensError("a ditlens plan is already applied to this pipeline; remove it first (remove_plan(pipe))")
+    adapter = (registry or default_registry()).find(transformer)
+    plan.check_model(transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
+    plan.check_structure()
+    runtime = PlanRuntime(plan, adapter, transformer, getattr(pipe, "scheduler", None), pipe, backend, count_flops)
+    modules = [transformer.get_submodule(layer.name) for layer in plan.model.layers]
+    step_cls, layer_cls = _hook_classes()
+    handle = PlanHandle(plan, runtime, transformer, modules, [])
+    try:
+        hooks.attach(transformer, step_cls(runtime, handle), STEP_HOOK)
+        for index, module in enumerate(modules):
+            hooks.attach(module, layer_cls(runtime, index), LAYER_HOOK)
+        if count_flops:
+            for module in modules:
+                for sub in module.modules():
+                    if isinstance(sub, nn.Linear):
+                        handle.linear_hooks.append(sub.register_forward_hook(_linear_counter(runtime)))
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def _linear_counter(runtime: PlanRuntime):
+    def hook(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        if runtime.forward is not None:
+            tokens = inputs[0].numel() // module.in_features
+            runtime.flops.projections += 2 * module.in_features * module.out_features * tokens
+
+    return hook
+
+
+def remove_plan(pipe: Any) -> bool:
+    """Remove the plan applied to ``pipe``; False when none was applied."""
+    from ditlens.analyzer import hooks
+
+    transformer = getattr(pipe, "transformer", None)
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(STEP_HOOK) if registry is not None else None
+    if hook is None:
+        return False
+    hook.handle.remove()
+    return True
+
+
+def signature_has(func: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False

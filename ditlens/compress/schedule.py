@@ -1,0 +1,70 @@
+"""What the runtime does at each (step, layer): the plan resolved into concrete actions.
+
+Derived once from a plan, shared by the runtime and the static FLOPs count so both agree on
+what runs: which heads compute with which mask, which outputs must be kept for a later AST,
+and at which ``full`` steps a WA-RS residual R = O - W must be computed (only when a later
+WA-RS step uses it, with the window that step uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ditlens.compress.methods import FULL, HeadMethod
+
+if TYPE_CHECKING:
+    from ditlens.compress.plan import Plan
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """The action of one layer at one step."""
+
+    skip_module: bool  # whole-layer AST: return the module output cached at the latest step it ran
+    heads: tuple[HeadMethod, ...]
+    store_module: bool  # keep the module output: the next step skips the module
+    store_heads: tuple[int, ...]  # heads whose attention output a later per-head AST reuses
+    refresh: tuple[tuple[int, HeadMethod], ...]  # (head, wars method) whose residual this full step computes
+
+    @property
+    def plain(self) -> bool:
+        """Every head full, nothing to keep: the original attention call runs untouched."""
+        return all(m == FULL for m in self.heads) and not self.store_heads and not self.refresh
+
+    @property
+    def uses_asc(self) -> bool:
+        return any(m.asc for m in self.heads)
+
+
+def build_schedule(plan: "Plan") -> list[list[LayerStep]]:
+    steps, n_layers, n_heads = plan.steps, plan.n_layers, plan.model.heads
+    table = [[plan.head_methods(s, i) for i in range(n_layers)] for s in range(steps)]
+    skip = [[plan.skips_module(s, i) for i in range(n_layers)] for s in range(steps)]
+    out: list[list[LayerStep]] = [[None] * n_layers for _ in range(steps)]  # type: ignore[list-item]
+    for i in range(n_layers):
+        for s in range(steps):
+            heads = table[s][i]
+            if skip[s][i]:
+                out[s][i] = LayerStep(True, heads, False, (), ())
+                continue
+            store_module = s + 1 < steps and skip[s + 1][i]
+            # the next step at which the attention core runs again
+            nxt = next((t for t in range(s + 1, steps) if not skip[t][i]), None)
+            store_heads = tuple(h for h in range(n_heads)
+                                if heads[h].computes and nxt is not None and table[nxt][i][h].base == "ast")
+            refresh = []
+            for h in range(n_heads):
+                if heads[h] != FULL:
+                    continue
+                for t in range(s + 1, steps):
+                    if skip[t][i]:
+                        continue
+                    later = table[t][i][h]
+                    if later == FULL:
+                        break
+                    if later.base == "wars":
+                        refresh.append((h, later))
+                        break
+            out[s][i] = LayerStep(False, heads, store_module, store_heads, tuple(refresh))
+    return out
