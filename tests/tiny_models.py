@@ -81,34 +81,35 @@ class TinyDims:
 DIMS: dict[str, TinyDims] = {
     # 8x8 latent, patch 2 -> 4x4 tokens; class-conditioned, no text.
     "dit": TinyDims(heads=2, head_dim=16, layers=2, latent_channels=4, latent_height=8, latent_width=8, patch=2),
-    # 12x12 latent -> 6x6 tokens; T5 text of 7 tokens through cross-attention.
+    # 12x16 latent -> 6x8 tokens (non-square on purpose); T5 text of 7 tokens through cross-attention.
     "pixart": TinyDims(
-        heads=4, head_dim=8, layers=2, latent_channels=4, latent_height=12, latent_width=12, patch=2,
+        heads=4, head_dim=8, layers=2, latent_channels=4, latent_height=12, latent_width=16, patch=2,
         text_len=7, text_dim=24,
     ),
-    # 10x10 latent -> 5x5 tokens; text = 6 CLIP tokens + 5 T5 tokens = 11.
+    # 10x8 latent -> 5x4 tokens (taller than wide); text = 6 CLIP tokens + 5 T5 tokens = 11.
     "sd3": TinyDims(
-        heads=3, head_dim=16, layers=2, latent_channels=4, latent_height=10, latent_width=10, patch=2,
+        heads=3, head_dim=16, layers=2, latent_channels=4, latent_height=10, latent_width=8, patch=2,
         text_len=6 + 5, text_dim=40,
     ),
-    # 12x12 latent packed 2x2 -> 6x6 tokens; 9 T5 tokens.
+    # 12x16 latent packed 2x2 -> 6x8 tokens; 9 T5 tokens.
     "flux": TinyDims(
-        heads=2, head_dim=24, layers=1, latent_channels=4, latent_height=12, latent_width=12, patch=2,
+        heads=2, head_dim=24, layers=1, latent_channels=4, latent_height=12, latent_width=16, patch=2,
         text_len=9, text_dim=32,
     ),
-    # 5 pixel frames -> 2 latent frames; 8x8 latent -> 4x4 tokens per frame; VAE is 4x spatial.
+    # 9 pixel frames -> 3 latent frames (decoded back to 9, like 49 -> 13 -> 49); 8x12 latent -> 4x6 tokens
+    # per frame; the VAE is 4x spatial.
     "cogvideox": TinyDims(
-        heads=3, head_dim=16, layers=2, latent_channels=4, latent_height=8, latent_width=8, patch=2,
-        latent_frames=2, pixel_frames=5, text_len=6, text_dim=32, vae_scale=4,
+        heads=3, head_dim=16, layers=2, latent_channels=4, latent_height=8, latent_width=12, patch=2,
+        latent_frames=3, pixel_frames=9, text_len=6, text_dim=32, vae_scale=4,
     ),
     # 3 frames (2D VAE per frame) of 8x8 latent -> 4x4 tokens per frame; T5 text of 10 tokens.
     "latte": TinyDims(
         heads=2, head_dim=12, layers=2, latent_channels=4, latent_height=8, latent_width=8, patch=2,
         latent_frames=3, pixel_frames=3, text_len=10, text_dim=16,
     ),
-    # 7 pixel frames -> 2 latent frames (the pipeline hard-codes 6x temporal, 8x spatial); 6x6 latent -> 3x3.
+    # 7 pixel frames -> 2 latent frames (the pipeline hard-codes 6x temporal, 8x spatial); 6x8 latent -> 3x4.
     "mochi": TinyDims(
-        heads=4, head_dim=8, layers=2, latent_channels=12, latent_height=6, latent_width=6, patch=2,
+        heads=4, head_dim=8, layers=2, latent_channels=12, latent_height=6, latent_width=8, patch=2,
         latent_frames=2, pixel_frames=7, text_len=8, text_dim=32, vae_scale=8,
     ),
 }
@@ -136,7 +137,7 @@ class TinyModel:
     transformer: torch.nn.Module
     make_inputs: Callable[[int, torch.Generator], dict]
     expected: dict
-    dims: TinyDims = field(repr=False, default=None)  # type: ignore[assignment]
+    dims: TinyDims | None = field(repr=False, default=None)
 
     def expected_sdpa_calls(self, batch: int) -> list[tuple[int, int, int, int, int]]:
         """(batch, heads, q_len, k_len, head_dim) of every scaled_dot_product_attention call of one
