@@ -173,7 +173,9 @@ def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexp
     return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi
 
 
-@triton.jit
+# Sequence geometry is not specialised on (one compile serves every length); strides are,
+# so the compiler still sees 16-byte aligned rows.
+@triton.jit(do_not_specialize=["B", "L", "img_lo", "img_hi", "t_lo", "t_hi", "n_mblocks"])
 def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                         stride_ob, stride_oh, stride_cb, stride_ch, stride_rb, stride_rh,
@@ -257,7 +259,7 @@ def _online_update(acc0, acc1, m_i, l_i, qk, v0, v1, HAS_D1: tl.constexpr, UPCAS
     return acc0, acc1, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L", "img_lo", "img_hi", "t_lo", "t_hi", "n_mblocks"])
 def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                      stride_ob, stride_oh, stride_rb, stride_rh,

@@ -194,6 +194,13 @@ def headwise_mask_mod(plan: HeadPlan, layout: TokenLayout, device: torch.device 
     codes = torch.tensor(plan.mode_codes, dtype=torch.int32, device=device)
     wins = torch.tensor(plan.windows, dtype=torch.int32, device=device)
     bounds = torch.tensor([layout.image_start, layout.image_end], dtype=torch.int32, device=device)
+    return headwise_mask_mod_from_tensors(codes, wins, bounds)
+
+
+def headwise_mask_mod_from_tensors(codes: torch.Tensor, wins: torch.Tensor, bounds: torch.Tensor) -> MaskMod:
+    """:func:`headwise_mask_mod` over given tensors: mode codes ``[H]``, windows ``[H]`` and
+    ``bounds = [image_start, image_end]`` (int32). Updating them in place changes the pattern
+    without a new function, hence without recompiling FlexAttention."""
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         code = codes[h]

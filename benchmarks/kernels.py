@@ -1,0 +1,511 @@
+"""Head-wise attention kernels vs SDPA and FlexAttention at DiT shapes (one run, one device).
+
+Times (median of ``triton.testing.do_bench``, bf16, forward):
+  * SDPA (default backend, and each explicit backend that accepts the shape),
+  * FlexAttention (``torch.compile``d) with block masks built from ditlens' own pattern
+    functions (the same masks the Triton kernel runs),
+  * xformers' memory-efficient attention where it imports,
+  * ditlens' Triton kernel,
+at 0/25/50/75/90 % sparsity (window for image-only models, arrow for joint attention; ``w``
+chosen so the kept image-image pairs are ``1 - s`` of the dense count) and a mixed plan
+(1/3 full, 1/3 arrow/window at 75 %, 1/3 skip). Before timing, a short sweep picks the tile
+config per head dim. Writes ``kernels.md`` (table + command + device), ``kernels.json`` and
+``kernels.png`` into ``--out``.
+
+Usage (repo root): ``python benchmarks/kernels.py --out DIR [--quick] [--jobs N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+import multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ditlens.kernels import (  # noqa: E402
+    KernelConfig,
+    TokenLayout,
+    attended_pairs,
+    band_pairs,
+    window_for_sparsity,
+)
+from ditlens.kernels.patterns import headwise_mask_mod_from_tensors, make_head_plan, MODE_CODE  # noqa: E402
+from ditlens.kernels.triton_backend import headwise_triton, split_head_dim, warsr_triton  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads: int
+    n_image: int
+    n_text: int
+    text_first: bool
+    head_dim: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_image + self.n_text
+
+    @property
+    def sparse_mode(self) -> str:
+        return "arrow" if self.n_text else "window"
+
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.seq_len, self.n_text, self.text_first)
+
+
+SHAPES = [  # the 2K shapes first: they carry the must-show targets
+    Shape("PixArt-2K", 2, 16, 16384, 0, False, 72),
+    Shape("FLUX-2K", 1, 24, 16384, 512, True, 128),
+    Shape("PixArt-1K", 2, 16, 4096, 0, False, 72),
+    Shape("FLUX-1K", 1, 24, 4096, 512, True, 128),
+    Shape("SD3-1K", 2, 24, 4096, 333, False, 64),
+    Shape("DiT-512", 2, 16, 1024, 0, False, 72),
+]
+SPARSITIES = [0.0, 0.25, 0.5, 0.75, 0.9]
+TUNE_CONFIGS = [
+    KernelConfig(128, 64, 4, 3),
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(128, 128, 8, 2),
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(128, 32, 4, 4),
+]
+TUNE_SHAPE_FOR_DIM = {72: "PixArt-2K", 64: "SD3-1K", 128: "FLUX-2K"}
+WARSR_SHAPES = ["PixArt-1K", "FLUX-1K"]
+
+
+@dataclass
+class Plan:
+    label: str
+    modes: list[str]
+    windows: list[int]
+    sparsity: float | None = None  # image-image sparsity for uniform plans
+
+
+def make_plans(shape: Shape) -> list[Plan]:
+    H = shape.heads
+    plans = []
+    for s in SPARSITIES:
+        if s == 0.0:
+            plans.append(Plan("dense 0%", ["full"] * H, [0] * H, 0.0))
+        else:
+            w = window_for_sparsity(shape.n_image, s)
+            plans.append(Plan(f"{shape.sparse_mode} {int(s * 100)}%", [shape.sparse_mode] * H, [w] * H, s))
+    w75 = window_for_sparsity(shape.n_image, 0.75)
+    modes = [("full", shape.sparse_mode, "skip")[h % 3] for h in range(H)]
+    plans.append(Plan("mixed 1/3 full, 1/3 75%, 1/3 skip", modes, [w75 if m != "full" else 0 for m in modes]))
+    return plans
+
+
+def make_inputs(shape: Shape, device: str = "cuda", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    size = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
+    return tuple(torch.randn(size, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4))
+
+
+class FlexRunner:
+    """Compiled FlexAttention for one shape; one mask_mod whose per-head tensors are updated in place."""
+
+    def __init__(self, shape: Shape, device: str = "cuda") -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.shape = shape
+        self.create_block_mask = create_block_mask
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        H = shape.heads
+        self.codes = torch.zeros(H, dtype=torch.int32, device=device)
+        self.wins = torch.zeros(H, dtype=torch.int32, device=device)
+        lay = shape.layout()
+        self.bounds = torch.tensor([lay.image_start, lay.image_end], dtype=torch.int32, device=device)
+        self.mask_mod = headwise_mask_mod_from_tensors(self.codes, self.wins, self.bounds)
+        self.device = device
+
+    def set_plan(self, plan: Plan):
+        self.codes.copy_(torch.tensor([MODE_CODE[m] for m in plan.modes], dtype=torch.int32))
+        self.wins.copy_(torch.tensor(plan.windows, dtype=torch.int32))
+        L = self.shape.seq_len
+        return self.create_block_mask(self.mask_mod, B=None, H=self.shape.heads, Q_LEN=L, KV_LEN=L,
+                                      device=self.device, BLOCK_SIZE=128, _compile=True)
+
+    def run(self, q, k, v, block_mask, skip_idx, cached):
+        out = self.flex(q, k, v, block_mask=block_mask)
+        if skip_idx:
+            out[:, skip_idx] = cached[:, skip_idx]
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# parallel warm-up (compiles land in the on-disk Triton / Inductor caches)
+# ------------------------------------------------------------------------------------------
+
+def _warm_task(task: tuple) -> str:
+    kind, shape_name, cfg = task
+    shape = next(s for s in SHAPES if s.name == shape_name)
+    t0 = time.time()
+    q, k, v, cached = make_inputs(shape)
+    lay = shape.layout()
+    plans = make_plans(shape)
+    if kind == "flex":
+        runner = FlexRunner(shape)
+        for plan in (plans[0], plans[3], plans[-1]):
+            bm = runner.set_plan(plan)
+            runner.run(q, k, v, bm, [h for h, m in enumerate(plan.modes) if m == "skip"], cached)
+    else:
+        plan = plans[3]
+        hp = make_head_plan(plan.modes, plan.windows, shape.heads, shape.seq_len)
+        scale = shape.head_dim ** -0.5
+        if kind == "headwise":
+            headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg)
+        elif kind == "warsr":
+            warsr_triton(q, k, v, hp, lay, scale, config=cfg)
+        elif kind == "apply":
+            headwise_triton(q, k, v, hp, lay, scale, residual=cached, config=cfg)
+    torch.cuda.synchronize()
+    return f"{kind} {shape_name} {cfg} {time.time() - t0:.1f}s"
+
+
+def warm_up(jobs: int, tune: bool) -> None:
+    tasks: list[tuple] = [("flex", s.name, None) for s in SHAPES]
+    configs = TUNE_CONFIGS if tune else [TUNE_CONFIGS[0]]
+    for dim, shape_name in TUNE_SHAPE_FOR_DIM.items():
+        for cfg in configs:
+            tasks.append(("headwise", shape_name, cfg))
+    for shape_name in WARSR_SHAPES:  # the WA-RS measurements (same compiles serve other lengths)
+        for cfg in configs:
+            tasks += [("warsr", shape_name, cfg), ("apply", shape_name, cfg)]
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_warm_task, t) for t in tasks]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="compile (parallel)"):
+            try:
+                print("  warm:", fut.result(), flush=True)
+            except Exception as exc:  # a failing config is reported by the timing phase too
+                print("  warm failed:", repr(exc)[:300], flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def sdpa_backends_times(q, k, v) -> dict[str, float]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, float] = {"default": bench(lambda: F.scaled_dot_product_attention(q, k, v))}
+    for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel([be]):
+                out[name] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        except Exception as exc:  # backend refuses this shape
+            out[name] = float("nan")
+            print(f"  sdpa {name}: {type(exc).__name__}", flush=True)
+    return out
+
+
+def xformers_time(q, k, v) -> float | None:
+    try:
+        import xformers.ops as xops  # type: ignore
+    except Exception:
+        return None
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return bench(lambda: xops.memory_efficient_attention(qt, kt, vt))
+
+
+def tune(shapes_by_name: dict[str, Shape]) -> tuple[dict[int, KernelConfig], list[dict]]:
+    chosen: dict[int, KernelConfig] = {}
+    rows = []
+    for dim, shape_name in TUNE_SHAPE_FOR_DIM.items():
+        shape = shapes_by_name[shape_name]
+        q, k, v, cached = make_inputs(shape)
+        lay = shape.layout()
+        plans = make_plans(shape)
+        best = None
+        for cfg in TUNE_CONFIGS:
+            times = []
+            try:
+                for plan in (plans[0], plans[3]):
+                    hp = make_head_plan(plan.modes, plan.windows, shape.heads, shape.seq_len)
+                    times.append(bench(lambda: headwise_triton(q, k, v, hp, lay, shape.head_dim ** -0.5,
+                                                               cached=cached, config=cfg)))
+            except Exception as exc:
+                print(f"  tune {shape_name} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            rows.append({"head_dim": dim, "shape": shape_name, "config": asdict(cfg),
+                         "dense_ms": times[0], "sparse75_ms": times[1]})
+            print(f"  tune D={dim} {cfg}: dense {times[0]:.3f} ms, 75% {times[1]:.3f} ms", flush=True)
+            score = times[0] + times[1]
+            if best is None or score < best[0]:
+                best = (score, cfg)
+        if best is not None:
+            chosen[dim] = best[1]
+        del q, k, v, cached
+        torch.cuda.empty_cache()
+    return chosen, rows
+
+
+@dataclass
+class Row:
+    shape: str
+    plan: str
+    density: float            # attended pairs / L^2 (all heads)
+    ideal_speedup: float      # 1 / density
+    sdpa_ms: float
+    flex_ms: float
+    ditlens_ms: float
+    err_vs_flex: float
+    extra: dict = field(default_factory=dict)
+
+
+def run_shape(shape: Shape, cfg: KernelConfig) -> tuple[list[Row], dict]:
+    q, k, v, cached = make_inputs(shape)
+    lay = shape.layout()
+    scale = shape.head_dim ** -0.5
+    L = shape.seq_len
+    info: dict = {"sdpa": sdpa_backends_times(q, k, v)}
+    info["xformers_ms"] = xformers_time(q, k, v)
+    sdpa_ms = info["sdpa"]["default"]
+    runner = FlexRunner(shape)
+    rows = []
+    dense_pairs = shape.heads * L * L
+    for plan in make_plans(shape):
+        hp = make_head_plan(plan.modes, plan.windows, shape.heads, L)
+        skip_idx = [h for h, m in enumerate(plan.modes) if m == "skip"]
+        pairs = sum(attended_pairs(plan.modes, plan.windows, L, n_text=shape.n_text, text_first=shape.text_first))
+        density = pairs / dense_pairs
+        block_mask = runner.set_plan(plan)
+        flex_out = runner.run(q, k, v, block_mask, skip_idx, cached)
+        ours = headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg)
+        err = rel_err(ours, flex_out)
+        flex_ms = bench(lambda: runner.run(q, k, v, block_mask, skip_idx, cached))
+        ours_ms = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg))
+        row = Row(shape.name, plan.label, density, 1.0 / density, sdpa_ms, flex_ms, ours_ms, err)
+        if plan.sparsity:
+            row.extra["window"] = plan.windows[0]
+            row.extra["image_density"] = band_pairs(shape.n_image, plan.windows[0]) / shape.n_image ** 2
+        rows.append(row)
+        print(f"  {shape.name:10s} {plan.label:34s} density {density:.3f}  sdpa {sdpa_ms:.3f}  flex {flex_ms:.3f}"
+              f"  ditlens {ours_ms:.3f} ms  x{sdpa_ms / ours_ms:.2f} (ideal x{1 / density:.2f})  err {err:.1e}",
+              flush=True)
+    # mixed plan: ideal = dense ditlens time scaled by the attended-pair fraction; and the
+    # time of its parts (1/3 of the dense run + 1/3 of the 75 % run)
+    dense_ours = rows[0].ditlens_ms
+    mixed = rows[-1]
+    mixed.extra["ideal_ms_pairs"] = dense_ours * mixed.density
+    mixed.extra["ideal_ms_parts"] = dense_ours / 3 + rows[3].ditlens_ms / 3
+    del q, k, v, cached
+    torch.cuda.empty_cache()
+    return rows, info
+
+
+def run_warsr(shape: Shape, cfg: KernelConfig) -> dict:
+    """WA-RS refresh (one pass) vs full + windowed separately; apply (W + R fused) vs windowed alone."""
+    q, k, v, cached = make_inputs(shape)
+    lay = shape.layout()
+    scale = shape.head_dim ** -0.5
+    H, L = shape.heads, shape.seq_len
+    w = window_for_sparsity(shape.n_image, 0.5)
+    wplan = make_head_plan(shape.sparse_mode, w, H, L)
+    fplan = make_head_plan("full", 0, H, L)
+    full_out = headwise_triton(q, k, v, fplan, lay, scale, config=cfg)
+    win_out = headwise_triton(q, k, v, wplan, lay, scale, config=cfg)
+    o, r = warsr_triton(q, k, v, wplan, lay, scale, config=cfg)
+    applied = headwise_triton(q, k, v, wplan, lay, scale, residual=r, config=cfg)
+    res = {
+        "shape": shape.name, "window": w,
+        "refresh_ms": bench(lambda: warsr_triton(q, k, v, wplan, lay, scale, config=cfg)),
+        "full_plus_window_ms": bench(lambda: headwise_triton(q, k, v, fplan, lay, scale, config=cfg))
+        + bench(lambda: headwise_triton(q, k, v, wplan, lay, scale, config=cfg)),
+        "apply_ms": bench(lambda: headwise_triton(q, k, v, wplan, lay, scale, residual=r, config=cfg)),
+        "window_only_ms": bench(lambda: headwise_triton(q, k, v, wplan, lay, scale, config=cfg)),
+        "err_full": rel_err(o, full_out),
+        "err_residual": ((r.float() - (full_out.float() - win_out.float())).norm() / full_out.float().norm()).item(),
+        "err_apply": rel_err(applied, full_out),
+    }
+    print("  WA-RS", json.dumps(res), flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tune_rows: list[dict],
+                 rows: list[Row], infos: dict, warsr: list[dict]) -> None:
+    lines = [
+        "## Kernels: head-wise attention (ditlens Triton vs SDPA vs FlexAttention)",
+        "",
+        f"Command: `{header['command']}`  ",
+        f"Device: {header['device']}; torch {header['torch']}, triton {header['triton']}, "
+        f"CUDA {header['cuda']}; {header['date']}.  ",
+        "bf16 forward, median of `triton.testing.do_bench` (warmup 25 ms, rep 100 ms). "
+        "Sparsity s: window (image-only) or arrow (joint) with w chosen so the kept image-image pairs "
+        "are (1 - s) of the dense count; *density* counts every attended pair (text rows/columns "
+        "included) over L^2, and *ideal x* = 1 / density. FlexAttention is `torch.compile`d and uses "
+        "block masks (128 x 128) built from the same pattern functions; the skip heads of the mixed "
+        "plan are copied from a cache in both. *err* = ||ditlens - flex|| / ||flex||.",
+        "",
+        "| shape | plan | density | SDPA ms | Flex ms | ditlens ms | x SDPA | ideal x | x Flex | err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.shape} | {r.plan} | {r.density:.3f} | {r.sdpa_ms:.3f} | {r.flex_ms:.3f} | {r.ditlens_ms:.3f} | "
+            f"{r.sdpa_ms / r.ditlens_ms:.2f} | {r.ideal_speedup:.2f} | {r.flex_ms / r.ditlens_ms:.2f} | "
+            f"{r.err_vs_flex:.1e} |"
+        )
+    lines += ["", "Mixed plan vs its ideal time (dense ditlens time x attended-pair fraction; and the sum of "
+              "its parts, 1/3 dense + 1/3 of the 75 % run):", "",
+              "| shape | mixed ms | ideal (pairs) ms | ratio | ideal (parts) ms | ratio |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "ideal_ms_pairs" in r.extra:
+            ip, ipart = r.extra["ideal_ms_pairs"], r.extra["ideal_ms_parts"]
+            lines.append(f"| {r.shape} | {r.ditlens_ms:.3f} | {ip:.3f} | {r.ditlens_ms / ip:.2f} | "
+                         f"{ipart:.3f} | {r.ditlens_ms / ipart:.2f} |")
+    lines += ["", "SDPA backends (dense, ms; nan = refused the shape) and xformers:", "",
+              "| shape | default | flash | cudnn | efficient | xformers |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, info in infos.items():
+        s = info["sdpa"]
+        xf = info.get("xformers_ms")
+        lines.append(f"| {name} | {s['default']:.3f} | {s['flash']:.3f} | {s['cudnn']:.3f} | {s['efficient']:.3f} | "
+                     f"{'not importable' if xf is None else f'{xf:.3f}'} |")
+    if warsr:
+        lines += ["", "WA-RS at 50 % sparsity: refresh (O and R = O - W in one pass) vs full + windowed run "
+                  "separately; apply (W + R fused in the epilogue) vs windowed alone:", "",
+                  "| shape | refresh ms | full + window ms | apply ms | window ms | err O | err R | err W+R |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for w in warsr:
+            lines.append(f"| {w['shape']} | {w['refresh_ms']:.3f} | {w['full_plus_window_ms']:.3f} | "
+                         f"{w['apply_ms']:.3f} | {w['window_only_ms']:.3f} | {w['err_full']:.1e} | "
+                         f"{w['err_residual']:.1e} | {w['err_apply']:.1e} |")
+    lines += ["", "Tile configs (BLOCK_M, BLOCK_N, warps, stages) chosen per head dim by dense + 75 % time: " +
+              ", ".join(f"D={d}: {c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for d, c in chosen.items()),
+              ""]
+    if tune_rows:
+        lines += ["| D | tuned on | config | dense ms | 75 % ms |", "| --- | --- | --- | ---: | ---: |"]
+        for t in tune_rows:
+            c = t["config"]
+            lines.append(f"| {t['head_dim']} | {t['shape']} | {c['block_m']}x{c['block_n']}/{c['num_warps']}w/"
+                         f"{c['num_stages']}s | {t['dense_ms']:.3f} | {t['sparse75_ms']:.3f} |")
+    with open(os.path.join(out_dir, "kernels.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "kernels.json"), "w") as fh:
+        json.dump({"header": header, "chosen": {d: asdict(c) for d, c in chosen.items()}, "tune": tune_rows,
+                   "rows": [asdict(r) for r in rows], "infos": infos, "warsr": warsr}, fh, indent=1)
+    plot(out_dir, rows)
+
+
+def plot(out_dir: str, rows: list[Row]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    names = list(dict.fromkeys(r.shape for r in rows))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharey=False)
+    for ax, name in zip(axes.flat, names):
+        rs = [r for r in rows if r.shape == name and not r.plan.startswith("mixed")]
+        xs = [100 * (1 - r.extra.get("image_density", 1.0)) for r in rs]
+        ax.plot(xs, [r.sdpa_ms / r.ditlens_ms for r in rs], "o-", label="ditlens (Triton)")
+        ax.plot(xs, [r.sdpa_ms / r.flex_ms for r in rs], "s--", label="FlexAttention")
+        ax.plot(xs, [r.ideal_speedup for r in rs], "k:", label="ideal (1 / density)")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_title(name)
+        ax.set_xlabel("image-image sparsity (%)")
+        ax.set_ylabel("speedup over SDPA")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/bench_kernels", help="output folder")
+    ap.add_argument("--jobs", type=int, default=12, help="parallel compile workers (0 = no warm-up pool)")
+    ap.add_argument("--no-tune", action="store_true", help="skip the tile sweep, use the built-in defaults")
+    ap.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
+    ap.add_argument("--wait-file", default="", help="before timing, wait (up to 240 s) until this file exists")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    header = {
+        "command": "python " + " ".join(sys.argv),
+        "device": f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+    }
+    print(json.dumps(header), flush=True)
+    t0 = time.time()
+    if args.jobs > 0:
+        warm_up(args.jobs, tune=not args.no_tune)
+    print(f"warm-up done in {time.time() - t0:.0f}s", flush=True)
+    if args.wait_file:  # e.g. GPU tests running beside the compile phase: keep them out of the timings
+        deadline = time.time() + 240
+        while not os.path.exists(args.wait_file) and time.time() < deadline:
+            time.sleep(0.5)
+    shapes_by_name = {s.name: s for s in SHAPES}
+    if args.no_tune:
+        from ditlens.kernels.triton_backend import default_config
+
+        chosen = {d: default_config(d, False) for d in TUNE_SHAPE_FOR_DIM}
+        tune_rows: list[dict] = []
+    else:
+        chosen, tune_rows = tune(shapes_by_name)
+    print("chosen configs:", {d: asdict(c) for d, c in chosen.items()}, flush=True)
+    rows: list[Row] = []
+    infos: dict = {}
+    warsr: list[dict] = []
+    for name in tqdm(args.shapes, desc="shapes"):
+        shape = shapes_by_name[name]
+        cfg = chosen.get(shape.head_dim, KernelConfig())
+        try:
+            r, info = run_shape(shape, cfg)
+            rows += r
+            infos[name] = info
+        except Exception as exc:
+            print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+        write_report(args.out, header, chosen, tune_rows, rows, infos, warsr)
+    for name in WARSR_SHAPES:
+        if name in args.shapes:
+            shape = shapes_by_name[name]
+            try:
+                warsr.append(run_warsr(shape, chosen.get(shape.head_dim, KernelConfig())))
+            except Exception as exc:
+                print(f"  WA-RS {name} failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+    write_report(args.out, header, chosen, tune_rows, rows, infos, warsr)
+    print(open(os.path.join(args.out, "kernels.md")).read())
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
