@@ -111,7 +111,7 @@ def plan_flops(plan: "Plan", projection_flops_per_row: list[int] | None = None) 
                 per_row = head_core_flops(method, seq.layout, d) * seq.count
                 core += per_row * (1 if method.asc and rows == 2 else rows)
             for _, wars in action.refresh:  # the refresh step also runs the window to get R = O - W
-                core += head_core_flops(wars, seq.layout, d) * seq.count * rows
+                core += head_core_flops(wars, seq.layout, d) * seq.count * (1 if wars.asc and rows == 2 else rows)
     if projection_flops_per_row is None:
         return FlopsReport(core, core_full)
     return FlopsReport(core, core_full, proj, proj_full)

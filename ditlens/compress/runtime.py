@@ -311,13 +311,17 @@ class PlanRuntime:
                                    "output (was the pipeline call interrupted?)")
             out[:, idx] = cached[:, idx]
         for h, wars in action.refresh:
+            if wars.asc and fwd.branch_key == "uncond":
+                continue  # every step using this residual copies the cond branch
             idx = torch.tensor([h], device=q.device)
-            w_out = self._masked(func, q[:, idx], k[:, idx], v[:, idx], params, rows_all, idx, wars.mask_kind, wars.window, layout)
+            rows = cond_rows if wars.asc and fwd.batched_cfg else rows_all
+            w_out = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx,
+                                 wars.mask_kind, wars.window, layout)
             if self.count_flops:
-                self.flops.core += 4 * d * _pairs(wars.mask_kind, wars.window, layout) * B
+                self.flops.core += 4 * d * _pairs(wars.mask_kind, wars.window, layout) * w_out.shape[0]
             if key not in st.residual:
                 st.residual[key] = torch.zeros_like(out)
-            st.residual[key][:, idx] = out[:, idx] - w_out
+            st.residual[key][rows, idx] = out[rows][:, idx] - w_out
         if action.store_heads:
             idx = torch.tensor(action.store_heads, device=q.device)
             if key not in st.head_out:

@@ -25,7 +25,8 @@ class LayerStep:
     heads: tuple[HeadMethod, ...]
     store_module: bool  # keep the module output: the next step skips the module
     store_heads: tuple[int, ...]  # heads whose attention output a later per-head AST reuses
-    refresh: tuple[tuple[int, HeadMethod], ...]  # (head, wars method) whose residual this full step computes
+    # (head, wars(w)[+asc]) whose residual R = O - W this full step computes; +asc: cond rows only
+    refresh: tuple[tuple[int, HeadMethod], ...]
 
     @property
     def plain(self) -> bool:
@@ -57,6 +58,7 @@ def build_schedule(plan: "Plan") -> list[list[LayerStep]]:
             for h in range(n_heads):
                 if heads[h] != FULL:
                     continue
+                users = []  # the WA-RS steps that will read this step's residual
                 for t in range(s + 1, steps):
                     if skip[t][i]:
                         continue
@@ -64,7 +66,9 @@ def build_schedule(plan: "Plan") -> list[list[LayerStep]]:
                     if later == FULL:
                         break
                     if later.base == "wars":
-                        refresh.append((h, later))
-                        break
+                        users.append(later)
+                if users:
+                    # the uncond rows' residual is needed only if some user step does not copy cond (ASC)
+                    refresh.append((h, HeadMethod("wars", users[0].window, all(u.asc for u in users))))
             out[s][i] = LayerStep(False, heads, store_module, store_heads, tuple(refresh))
     return out

@@ -1,0 +1,412 @@
+"""ditlens.compress: methods against float64 references, plans, refusals, apply/remove, FLOPs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditlens.compress import Plan, apply_plan, parse_method, plan_flops, projection_flops, remove_plan
+from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask
+from ditlens.compress.plan import LayerInfo, ModelFingerprint, RunSpec, TokenInfo
+from ditlens.compress.runtime import ForwardState, PlanRuntime
+from ditlens.errors import PlanMismatchError
+
+from tiny_models import DIMS, FAMILIES, build_tiny, build_tiny_pipeline, pipeline_call_kwargs
+
+# --------------------------------------------------------------------------------------------
+# Independent references (numpy float64, explicit loops)
+# --------------------------------------------------------------------------------------------
+
+
+def ref_mask(kind: str, w: int, L: int, n_text: int, text_first: bool, grid: tuple[int, int, int] | None) -> np.ndarray:
+    start = n_text if text_first else 0
+    image = set(range(start, start + L - n_text))
+    cols = grid[2] if grid else L
+    rows = grid[1] if grid else 1
+    mask = np.zeros((L, L), dtype=bool)
+    for i in range(L):
+        for j in range(L):
+            qi, kj = i in image, j in image
+            if kind == "full":
+                mask[i, j] = True
+            elif not qi or not kj:
+                mask[i, j] = (not qi and not kj) or kind == "arrow"
+            else:
+                a, b = i - start, j - start
+                if kind in ("window", "arrow"):
+                    mask[i, j] = abs(a - b) <= w
+                else:  # window2d: same rule in every frame pair
+                    a, b = a % (rows * cols), b % (rows * cols)
+                    mask[i, j] = abs(a // cols - b // cols) <= w and abs(a % cols - b % cols) <= w
+    return mask
+
+
+def ref_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    scores = q @ k.T / np.sqrt(q.shape[-1])
+    scores = np.where(mask, scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    return (weights / weights.sum(axis=-1, keepdims=True)) @ v
+
+
+def make_plan(kind: str, heads: int, head_dim: int, methods: list, cfg_layout: str, grid, n_text=0,
+              text_position="none") -> Plan:
+    layer = LayerInfo("layer0", kind, text_position)
+    n_image = grid[0] * grid[1] * grid[2]
+    model = ModelFingerprint("test", "TestTransformer", "0" * 32, (layer,), heads, head_dim,
+                             TokenInfo(n_image, n_text, text_position, grid))
+    run = RunSpec(len(methods), "TestScheduler", 3.0, None, None, None, cfg_layout)
+    plan = Plan(model, run, [[m] for m in methods])
+    plan.check_structure()
+    return plan
+
+
+def run_and_reference(plan: Plan, seed: int = 0):
+    """Drive the runtime's attention over every step with random q, k, v; return runtime outputs,
+    float64 reference outputs and brute-force executed / full pair counts."""
+    model, layout_name = plan.model, plan.run.cfg_layout
+    H, D = model.heads, model.head_dim
+    grid, n_text = model.tokens.grid, model.tokens.n_text
+    L = grid[0] * grid[1] * grid[2] + n_text
+    text_first = model.layers[0].text_position == "first"
+    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend="dense")
+    gen = torch.Generator().manual_seed(seed)
+    separate = layout_name == "separate_cond_first"
+    batched = layout_name.startswith("batched")
+    cond_row = 0 if layout_name in ("batched_cond_first", "separate_cond_first", "none") else 1
+    branches = ["cond", "uncond"] if (batched or separate) else ["cond"]
+    masks: dict = {}
+
+    def mask_of(kind, w):
+        if (kind, w) not in masks:
+            masks[(kind, w)] = ref_mask(kind, w, L, n_text, text_first, grid)
+        return masks[(kind, w)]
+
+    last: dict = {}      # (branch, head) -> latest computed output
+    source: dict = {}    # (branch, head) -> q, k, v of the latest pure-full step
+    residual: dict = {}  # (branch, head, refresh step) -> R
+    executed = full_pairs = 0
+    got, want = [], []
+    for s in range(plan.steps):
+        methods = plan.head_methods(s, 0)
+        n_rows = len(branches)
+        q, k, v = (torch.randn(n_rows, H, L, D, generator=gen) for _ in range(3))
+        rows = {b: (cond_row if b == "cond" else 1 - cond_row) if batched else i for i, b in enumerate(branches)}
+        outs: dict = {}
+        for b in ["cond", "uncond"] if n_rows == 2 else ["cond"]:
+            r = rows[b]
+            for h, m in enumerate(methods):
+                qq, kk, vv = (x[r, h].double().numpy() for x in (q, k, v))
+                full_pairs += L * L
+                if m.base == "ast":
+                    o = last[(b, h)]
+                elif m.asc and b == "uncond":
+                    o = outs[("cond", h)]
+                else:
+                    kind = "window" if m.base == "wars" else m.base
+                    mask = mask_of(kind, m.window)
+                    executed += int(mask.sum())
+                    o = ref_attention(qq, kk, vv, mask)
+                    if m.base == "wars":
+                        src_step, (sq, sk, sv) = source[(b, h)]
+                        rkey = (b, h, src_step)
+                        if rkey not in residual:
+                            wmask = mask_of("window", m.window)
+                            executed += int(wmask.sum())  # the refresh step runs the window once
+                            residual[rkey] = ref_attention(sq, sk, sv, mask_of("full", 0)) - ref_attention(sq, sk, sv, wmask)
+                        o = o + residual[rkey]
+                    if m == HeadMethod("full"):
+                        source[(b, h)] = (s, (qq, kk, vv))
+                if m.base != "ast":
+                    last[(b, h)] = o
+                outs[(b, h)] = o
+        # the runtime, the same step
+        step_out = torch.empty(n_rows, H, L, D, dtype=torch.float64)
+        if separate:
+            for i, b in enumerate(branches):
+                runtime.forward = ForwardState(s, grid, b, False, True)
+                o = runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention,
+                                   (q[i:i + 1], k[i:i + 1], v[i:i + 1]), {})
+                step_out[i] = o[0].double()
+        else:
+            runtime.forward = ForwardState(s, grid, "all", batched, cond_row == 0)
+            step_out[:] = runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention, (q, k, v), {}).double()
+        expected = torch.empty_like(step_out)
+        for (b, h), o in outs.items():
+            expected[rows[b], h] = torch.from_numpy(o)
+        got.append(step_out)
+        want.append(expected)
+    return got, want, runtime, executed, full_pairs
+
+
+MIXED = [
+    ["full", "full", "full", "full"],
+    ["wars(2)", "ast", "window(1)", "window2d(1)"],
+    ["wars(2)+asc", "ast", "full", "asc"],
+    ["full", "window(3)+asc", "ast", "wars(0)"],
+    ["wars(1)+asc", "arrow(2)", "wars(3)", "ast"],
+]
+
+
+@pytest.mark.parametrize("cfg_layout", ["batched_cond_first", "batched_uncond_first", "separate_cond_first"])
+def test_headwise_mix_matches_float64_reference(cfg_layout):
+    plan = make_plan("self", 4, 8, MIXED, cfg_layout, (1, 4, 4))
+    got, want, runtime, executed, full_pairs = run_and_reference(plan)
+    for s, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"step {s}")
+    # FLOPs: what ran equals the brute-force count of attended pairs, and the static count agrees
+    d = plan.model.head_dim
+    assert runtime.flops.core == 4 * d * executed
+    assert runtime.flops.core_full == 4 * d * full_pairs
+    assert plan_flops(plan).core_fraction == pytest.approx(executed / full_pairs, rel=0, abs=1e-15)
+
+
+@pytest.mark.parametrize("text_position", ["first", "last"])
+def test_joint_layer_methods_match_reference(text_position):
+    methods = [
+        ["full", "full", "full"],
+        ["arrow(2)", "window(1)+asc", "wars(3)"],
+        ["ast", "window2d(1)", "wars(3)+asc"],
+        ["arrow(0)+asc", "ast", "full"],
+    ]
+    plan = make_plan("joint", 3, 8, methods, "batched_uncond_first", (2, 2, 3), n_text=5, text_position=text_position)
+    got, want, runtime, executed, full_pairs = run_and_reference(plan, seed=3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    assert runtime.flops.core == 4 * 8 * executed
+    assert plan_flops(plan).core_fraction == pytest.approx(executed / full_pairs, abs=1e-15)
+
+
+def test_no_cfg_plan_matches_reference():
+    methods = [["full", "full"], ["wars(1)", "ast"], ["window(2)", "ast"], ["wars(1)", "full"]]
+    plan = make_plan("self", 2, 4, methods, "none", (1, 3, 3))
+    got, want, *_ = run_and_reference(plan, seed=5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,w", [("window", 0), ("window", 3), ("arrow", 2), ("window2d", 1), ("window2d", 0)])
+@pytest.mark.parametrize("n_text,text_first", [(0, False), (4, True), (4, False)])
+def test_masks_and_pair_counts_brute_force(kind, w, n_text, text_first):
+    grid = (2, 3, 4)
+    L = 24 + n_text
+    layout = CallLayout(L, L, n_text, text_first, grid)
+    mask = dense_mask(kind, w, layout).numpy()
+    ref = ref_mask(kind, w, L, n_text, text_first, grid)
+    np.testing.assert_array_equal(mask, ref)
+    assert attended_pairs(HeadMethod(kind, w), layout) == int(ref.sum())
+
+
+def test_method_strings_round_trip_and_refuse_garbage():
+    for text in ["full", "asc", "ast", "window(8)", "arrow(3)+asc", "wars(16)+asc", "window2d(2)"]:
+        assert parse_method(text).to_str() == text
+    for bad in ["window", "ast+asc", "full(3)", "blur(2)", "wars(-1)"]:
+        with pytest.raises(Exception):
+            parse_method(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan structure refusals and JSON
+# --------------------------------------------------------------------------------------------
+
+
+def test_structure_refusals_name_the_problem():
+    with pytest.raises(PlanMismatchError, match=r"methods\[1\]\[0\].*WA-RS.*no"):
+        make_plan("self", 2, 4, [["asc", "full"], ["wars(2)", "full"]], "batched_cond_first", (1, 2, 2))
+    with pytest.raises(PlanMismatchError, match=r"ASC.*cfg_layout is 'none'"):
+        make_plan("self", 2, 4, [["full", "full"], ["asc", "full"]], "none", (1, 2, 2))
+    with pytest.raises(PlanMismatchError, match=r"methods\[0\]\[0\].*AST at step 0"):
+        make_plan("self", 2, 4, [["ast", "full"]], "none", (1, 2, 2))
+    with pytest.raises(PlanMismatchError, match="not defined on cross"):
+        make_plan("cross", 2, 4, [["window(2)", "full"]], "none", (1, 2, 2))
+    with pytest.raises(PlanMismatchError, match="one window per refresh"):
+        make_plan("self", 1, 4, [["full"], ["wars(1)"], ["wars(2)"]], "none", (1, 2, 2))
+
+
+def test_json_round_trip_and_schema_errors(tmp_path):
+    plan = make_plan("self", 4, 8, MIXED, "batched_cond_first", (1, 4, 4))
+    path = plan.save(tmp_path / "p.json")
+    again = Plan.load(path)
+    assert again.to_dict() == plan.to_dict()
+    data = json.loads(path.read_text())
+    data["methods"][1][0][0] = "wndow(2)"
+    with pytest.raises(PlanMismatchError, match=r"methods\.1\.0"):
+        Plan.from_dict(data)
+    data = json.loads(path.read_text())
+    data["schema_version"] = 2
+    with pytest.raises(PlanMismatchError, match="upgrade ditlens"):
+        Plan.from_dict(data)
+    (tmp_path / "bin.json").write_bytes(b"\x80\x04\x95pickle")
+    with pytest.raises(PlanMismatchError, match="pickle"):
+        Plan.load(tmp_path / "bin.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Real tiny pipelines
+# --------------------------------------------------------------------------------------------
+
+
+def _no_ditlens_left(pipe) -> None:
+    t = pipe.transformer
+    for name, module in t.named_modules():
+        assert not hasattr(module, "_diffusers_hook"), name
+        assert "forward" not in module.__dict__, name
+        assert not module._forward_hooks, name
+        assert not module._forward_pre_hooks, name
+
+
+def _uniform(pipe, family, steps, method="full", **kw):
+    d = DIMS[family]
+    return Plan.uniform(pipe, steps, method, height=d.height, width=d.width, guidance=3.0, grid=d.grid,
+                        n_text=d.text_len, **kw)
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    return build_tiny_pipeline("dit")
+
+
+def test_all_full_plan_is_bit_identical_and_removal_restores(dit_pipe):
+    kw = lambda: pipeline_call_kwargs("dit", "class3", 2, 3.0, 0)
+    before = dit_pipe(**kw()).images
+    plan = _uniform(dit_pipe, "dit", 2)
+    handle = apply_plan(dit_pipe, plan)
+    with_plan = dit_pipe(**kw()).images
+    assert handle.flops.core_fraction == 1.0
+    handle.remove()
+    after = dit_pipe(**kw()).images
+    np.testing.assert_array_equal(with_plan, before)
+    np.testing.assert_array_equal(after, before)
+    _no_ditlens_left(dit_pipe)
+    # a compressing plan changes the images, and removal still restores them exactly
+    handle = apply_plan(dit_pipe, _uniform(dit_pipe, "dit", 2, "window(1)"))
+    assert np.abs(dit_pipe(**kw()).images - before).max() > 0
+    assert remove_plan(dit_pipe) is True and remove_plan(dit_pipe) is False
+    np.testing.assert_array_equal(dit_pipe(**kw()).images, before)
+    _no_ditlens_left(dit_pipe)
+
+
+def test_caches_reset_between_calls_and_memory_reported(dit_pipe):
+    kw = lambda: pipeline_call_kwargs("dit", "class5", 3, 3.0, 1)
+    with apply_plan(dit_pipe, _uniform(dit_pipe, "dit", 3, "wars(2)+asc", at_steps=[1, 2])) as handle:
+        first = dit_pipe(**kw()).images
+        assert handle.peak_cache_bytes() > 0
+        second = dit_pipe(**kw()).images  # a stale residual from the first call would change this
+        np.testing.assert_array_equal(first, second)
+    _no_ditlens_left(dit_pipe)
+
+
+def test_run_mismatches_are_refused(dit_pipe):
+    plan = _uniform(dit_pipe, "dit", 3)
+    with apply_plan(dit_pipe, plan):
+        with pytest.raises(PlanMismatchError, match=r"3 steps.*runs 2.*run\.steps"):
+            dit_pipe(**pipeline_call_kwargs("dit", "class1", 2, 3.0, 0))
+        with pytest.raises(PlanMismatchError, match=r"run\.cfg_layout"):
+            dit_pipe(**pipeline_call_kwargs("dit", "class1", 3, 1.0, 0))
+    d = DIMS["dit"]
+    other = Plan.uniform(dit_pipe, 3, height=d.height, width=d.width, guidance=3.0, grid=(1, 2, 2))
+    with apply_plan(dit_pipe, other):
+        with pytest.raises(PlanMismatchError, match=r"run\.height/width"):
+            dit_pipe(**pipeline_call_kwargs("dit", "class1", 3, 3.0, 0))
+    tampered = _uniform(dit_pipe, "dit", 3)
+    tampered.model = ModelFingerprint(**{**tampered.model.__dict__, "config_hash": "f" * 32})
+    with pytest.raises(PlanMismatchError, match="config_hash"):
+        apply_plan(dit_pipe, tampered)
+    _no_ditlens_left(dit_pipe)
+
+
+def test_plan_for_another_model_is_refused(dit_pipe):
+    sd3 = build_tiny_pipeline("sd3")
+    plan = _uniform(sd3, "sd3", 2)
+    with pytest.raises(PlanMismatchError, match=r"family 'sd3'.*'dit'"):
+        apply_plan(dit_pipe, plan)
+    with pytest.raises(PlanMismatchError, match="ASC.*'none'"):
+        _uniform(sd3, "sd3", 2, "asc", cfg_layout="none")
+
+
+def _run_steps(transformer, inputs_per_step, apply=None):
+    """Call the transformer once per step; return per-step outputs and per-step attention-module outputs."""
+    layer_out: dict = {}
+    names = [n for n, _ in transformer.named_modules() if n.endswith(("attn", "attn1", "attn2"))]
+    hooks = []
+    for name in names:
+        module = transformer.get_submodule(name)
+
+        def grab(mod, args, out, name=name):
+            first = out[0] if isinstance(out, tuple) else out
+            layer_out.setdefault(name, []).append(first.detach().clone())
+
+        hooks.append(module.register_forward_hook(grab))
+    outs = []
+    try:
+        for inputs in inputs_per_step:
+            with torch.no_grad():
+                outs.append(transformer(**inputs, return_dict=False)[0].clone())
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs, layer_out
+
+
+def test_ast_at_one_layer_and_step_changes_exactly_that():
+    tiny = build_tiny("sd3")
+    t = tiny.transformer
+    gen = torch.Generator().manual_seed(0)
+    base_inputs = tiny.make_inputs(1, gen)
+    steps = [dict(base_inputs, hidden_states=torch.randn_like(base_inputs["hidden_states"]),
+                  timestep=torch.tensor([900.0 - 300 * s])) for s in range(3)]
+    fake_pipe = SimpleNamespace(transformer=t, scheduler=None)
+    plan = Plan.uniform(fake_pipe, 3, "full", cfg_layout="none", grid=DIMS["sd3"].grid, n_text=DIMS["sd3"].text_len)
+    layer = plan.model.layers[1].name  # transformer_blocks.0.attn2 (image self attention)
+    plan.set(2, 1, "ast")
+    base, base_layers = _run_steps(t, steps)
+    with apply_plan(fake_pipe, plan):
+        got, got_layers = _run_steps(t, steps)
+    for s in (0, 1):
+        torch.testing.assert_close(got[s], base[s], rtol=0, atol=0)
+    assert not torch.equal(got[2], base[2])
+    # the layer's module output at step 2 is exactly its step-1 output; the earlier layer is untouched
+    torch.testing.assert_close(got_layers[layer][2], base_layers[layer][1], rtol=0, atol=0)
+    first = plan.model.layers[0].name
+    torch.testing.assert_close(got_layers[first][2], base_layers[first][2], rtol=0, atol=0)
+    _no_ditlens_left(SimpleNamespace(transformer=t))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projection_flops_static_equals_measured(family):
+    tiny = build_tiny(family)
+    t = tiny.transformer
+    fake_pipe = SimpleNamespace(transformer=t, scheduler=None)
+    d = DIMS[family]
+    n_text = tiny.expected.get("n_text", d.text_len)
+    plan = Plan.uniform(fake_pipe, 1, "full", cfg_layout="none", grid=d.grid, n_text=n_text)
+    with apply_plan(fake_pipe, plan) as handle:
+        with torch.no_grad():
+            t(**tiny.make_inputs(1, torch.Generator().manual_seed(0)), return_dict=False)
+        measured = handle.flops
+    static = projection_flops(t, list(plan.model.layers), d.grid, n_text)
+    assert measured.projections == sum(static)
+    assert measured.core == measured.core_full > 0
+
+
+def test_import_without_h5py_dash_plotly():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('h5py', 'dash', 'plotly'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ditlens.compress\n"
+        "from ditlens.compress import Plan, apply_plan\n"
+        "assert not any(m.split('.')[0] in ('h5py', 'dash', 'plotly') for m in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
