@@ -1,0 +1,1 @@
+"""Training and evaluation scripts of the embedded models (run as ``python -m training.<script>``)."""
