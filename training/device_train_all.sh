@@ -29,13 +29,13 @@ stage() {  # stage NAME TAR_PATHS... -- COMMAND...
 }
 
 stage classifier ditlens/zoo/weights/classifier training/records/classifier.json -- \
-  python3 -m training.train_classifier --max-seconds "${CLF_SECONDS:-30}" ${CLF_ARGS:-}
+  python3 -m training.train_classifier --max-seconds "${CLF_SECONDS:-40}" ${CLF_ARGS:-}
 stage tiny-dit ditlens/zoo/weights/tiny-dit training/records/tiny-dit.json -- \
-  python3 -m training.train_tiny_dit --max-seconds "${DIT_SECONDS:-170}" ${DIT_ARGS:-}
+  python3 -m training.train_tiny_dit --max-seconds "${DIT_SECONDS:-150}" ${DIT_ARGS:-}
 stage tiny-mmdit ditlens/zoo/weights/tiny-mmdit training/records/tiny-mmdit.json -- \
-  python3 -m training.train_tiny_mmdit --max-seconds "${MMDIT_SECONDS:-220}" ${MMDIT_ARGS:-}
+  python3 -m training.train_tiny_mmdit --max-seconds "${MMDIT_SECONDS:-210}" ${MMDIT_ARGS:-}
 mkdir -p "$out/eval"
 stage evaluation -- \
-  timeout "${EVAL_TIMEOUT:-100}" python3 -m training.evaluate_zoo --device "${EVAL_DEVICE:-cuda}" --out "$out/eval/zoo_metrics.json" \
+  timeout "${EVAL_TIMEOUT:-80}" python3 -m training.evaluate_zoo --device "${EVAL_DEVICE:-cuda}" --out "$out/eval/zoo_metrics.json" \
   --grid-dir "$out/eval" ${EVAL_ARGS:-}
 echo "total $SECONDS s" | tee -a "$log"

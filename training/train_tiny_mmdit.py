@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(step, args.lr, args.warmup)
         with autocast_for(device):
-            hidden, pooled = text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device))
+            hidden, pooled = text_encoder(tokens.input_ids.to(device, non_blocking=True),
+                                          tokens.attention_mask.to(device, non_blocking=True))
             predicted = transformer(
                 hidden_states=noisy,
                 timestep=sigma * 1000.0,
