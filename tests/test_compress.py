@@ -410,3 +410,23 @@ def test_import_without_h5py_dash_plotly():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_validate_and_export(dit_pipe, tmp_path):
+    from ditlens.compress.export import export_plan
+    from ditlens.compress.validate import to_images, validate
+
+    call = lambda prompt, seed: pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
+    plan = _uniform(dit_pipe, "dit", 2, "window(2)")
+    report = validate(dit_pipe, plan, ["class1", "class2"], call, out_dir=tmp_path / "v")
+    full = to_images(dit_pipe(**call("class2", 1)))
+    with apply_plan(dit_pipe, plan):
+        comp = to_images(dit_pipe(**call("class2", 1)))
+    assert report.psnr[1] == pytest.approx(10 * np.log10(1 / np.mean((full - comp) ** 2)))
+    assert 0 < report.flops["attention_core_fraction"] < 1
+    assert report.flops["attention_core_fraction"] == pytest.approx(plan_flops(plan).core_fraction)
+    for name in ("validate.json", "validate.md", "grid.png"):
+        assert (tmp_path / "v" / name).is_file()
+    written = export_plan(plan, tmp_path / "deploy")
+    assert Plan.load(written[0]).to_dict() == plan.to_dict()
+    _no_ditlens_left(dit_pipe)

@@ -1,0 +1,71 @@
+"""``ditlens validate`` and ``ditlens export`` (registered by ditlens.cli)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ditlens.analyzer.adapters import default_registry
+    from ditlens.compress.plan import Plan
+    from ditlens.compress.validate import validate
+    from ditlens.errors import DitlensError
+    from ditlens.models import load_pipeline, parse_dtype
+
+    plan = Plan.load(args.plan)
+    pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    adapter = default_registry().find(pipe.transformer)
+    prompts = list(args.prompt or [])
+    if not prompts:
+        try:
+            from ditlens import zoo
+
+            prompts = list(zoo.default_prompts(args.model))[: args.num_prompts]
+        except Exception:
+            raise DitlensError("no prompts given: pass --prompt (repeatable)") from None
+    height, width = plan.run.height, plan.run.width
+
+    def call(prompt: str, seed: int) -> dict[str, Any]:
+        import torch
+
+        kw = adapter.call_kwargs(pipe, prompt, plan.run.steps, plan.run.guidance, height, width,
+                                 torch.Generator(device="cpu").manual_seed(seed))
+        kw["output_type"] = "np"
+        return kw
+
+    labels = None
+    if adapter.pipeline_kind == "class" and hasattr(pipe, "get_label_ids"):
+        labels = [int(pipe.get_label_ids([p])[0]) for p in prompts]
+    report = validate(pipe, plan, prompts, call, seed=args.seed, model_name=args.model, plan_name=args.plan,
+                      out_dir=args.out, classifier_labels=labels)
+    print(report.markdown())
+    print(f"wrote {args.out}/validate.json, validate.md, grid.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ditlens.compress.export import export_plan
+
+    for path in export_plan(args.plan, args.out, deploy=not args.json_only):
+        print(f"wrote {path}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("validate", help="run prompts with and without a plan; quality, FLOPs, latency, memory")
+    p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--prompt", action="append", help="a prompt (text or class label); repeatable")
+    p.add_argument("--num-prompts", type=int, default=8, help="default prompts of an embedded model to use")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--out", default="validate_out", help="folder for validate.json, validate.md, grid.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", help="write a plan's canonical JSON and a deployment bundle")
+    p.add_argument("plan", help="plan JSON")
+    p.add_argument("--out", required=True, help="folder for the bundle (or a .json path with --json-only)")
+    p.add_argument("--json-only", action="store_true", help="write only the canonical JSON")
+    p.set_defaults(func=cmd_export)

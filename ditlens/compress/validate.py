@@ -1,0 +1,209 @@
+"""Validate a plan: the same prompts and seeds with and without it.
+
+Reports PSNR and SSIM of the final images (scikit-image's definitions, data range 1), for the
+embedded models class accuracy and classifier-FID (when :mod:`ditlens.zoo` is available), the
+FLOPs fractions measured from the masks executed, attention and end-to-end wall time, peak
+memory, and writes a JSON report, a Markdown report and a side-by-side PNG grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ditlens.compress.plan import FlopsSummary, Plan
+from ditlens.compress.runtime import apply_plan
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    plan: str
+    prompts: list[str]
+    psnr: list[float]
+    ssim: list[float]
+    flops: dict[str, Any]
+    seconds_full: float
+    seconds_plan: float
+    attention_seconds_full: float
+    attention_seconds_plan: float
+    peak_memory_full: int | None
+    peak_memory_plan: int | None
+    peak_cache_bytes: int
+    classifier: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["psnr_mean"] = float(np.mean(self.psnr))
+        out["ssim_mean"] = float(np.mean(self.ssim))
+        return out
+
+    def markdown(self) -> str:
+        d = self.as_dict()
+        lines = [f"# ditlens validate: {self.model}", "", f"plan `{self.plan}`, {len(self.prompts)} prompts", "",
+                 "| metric | value |", "| --- | --- |",
+                 f"| PSNR (dB, mean) | {d['psnr_mean']:.2f} |", f"| SSIM (mean) | {d['ssim_mean']:.4f} |",
+                 f"| attention-core FLOPs fraction | {self.flops['attention_core_fraction']:.4f} |",
+                 f"| attention-module FLOPs fraction | {self.flops['attention_module_fraction']:.4f} |",
+                 f"| end-to-end s (full / plan) | {self.seconds_full:.3f} / {self.seconds_plan:.3f} |",
+                 f"| attention s (full / plan) | {self.attention_seconds_full:.3f} / {self.attention_seconds_plan:.3f} |",
+                 f"| peak memory bytes (full / plan) | {self.peak_memory_full} / {self.peak_memory_plan} |",
+                 f"| peak cache bytes | {self.peak_cache_bytes} |"]
+        for key, value in self.classifier.items():
+            lines.append(f"| {key} | {value} |")
+        return "\n".join(lines) + "\n"
+
+
+def to_images(output: Any) -> np.ndarray:
+    """A pipeline's images (or video frames) as float [N, H, W, C] in [0, 1]."""
+    images = getattr(output, "images", None)
+    if images is None:
+        images = getattr(output, "frames", None)
+    if images is None:
+        images = output[0]
+    arr = np.asarray(images, dtype=np.float64)
+    if arr.ndim == 5:  # [N, F, H, W, C] video: frames side by side in the batch
+        arr = arr.reshape(-1, *arr.shape[2:])
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return np.clip(arr, 0.0, 1.0)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    side = min(a.shape[0], a.shape[1])
+    win = min(7, side if side % 2 else side - 1)
+    return float(structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win))
+
+
+class _AttentionTimer:
+    """Wall time spent inside attention modules (synchronised on CUDA)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.seconds = 0.0
+        self.handles = []
+        for m in modules:
+            self.handles.append(m.register_forward_pre_hook(self._start))
+            self.handles.append(m.register_forward_hook(self._stop))
+        self._t0 = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _start(self, *args: Any) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *args: Any) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run(pipe: Any, call: Callable[[str, int], dict], prompts: Sequence[str], seed: int, modules) -> tuple[list, float, float, int | None]:
+    timer = _AttentionTimer(modules)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        images = [to_images(pipe(**call(p, seed + i))) for i, p in enumerate(prompts)]
+    finally:
+        timer.remove()
+    seconds = time.perf_counter() - start
+    return images, seconds, timer.seconds, (torch.cuda.max_memory_allocated() if cuda else None)
+
+
+def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str, int], dict], *, seed: int = 0,
+             model_name: str = "", plan_name: str = "", out_dir: str | Path | None = None,
+             classifier_labels: Sequence[int] | None = None) -> ValidationReport:
+    """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``."""
+    modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
+    full, t_full, a_full, m_full = _run(pipe, call, prompts, seed, modules)
+    handle = apply_plan(pipe, plan)
+    try:
+        flops_total = None
+        compressed = []
+        t_plan = a_plan = 0.0
+        m_plan = None
+        reports = []
+        for i, p in enumerate(prompts):
+            imgs, t, a, m = _run(pipe, call, [p], seed + i, modules)
+            compressed += imgs
+            t_plan += t
+            a_plan += a
+            m_plan = m if m_plan is None or (m is not None and m > m_plan) else m_plan
+            reports.append(handle.flops)
+        core = sum(r.core for r in reports)
+        core_full = sum(r.core_full for r in reports)
+        proj = sum(r.projections for r in reports)
+        proj_full = sum(r.projections_full for r in reports)
+        flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
+                       "attention_module_fraction": (core + proj) / (core_full + proj_full) if core_full + proj_full else 1.0,
+                       "attention_core_flops": core, "attention_core_flops_full": core_full,
+                       "projection_flops": proj, "projection_flops_full": proj_full}
+        peak_cache = handle.peak_cache_bytes()
+    finally:
+        handle.remove()
+    plan.flops = FlopsSummary(flops_total["attention_core_fraction"], flops_total["attention_module_fraction"], "measured")
+    ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
+    ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
+    report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, t_full, t_plan, a_full, a_plan,
+                              m_full, m_plan, peak_cache, _classifier_metrics(full, compressed, classifier_labels))
+    if out_dir is not None:
+        write_report(report, full, compressed, out_dir)
+    return report
+
+
+def _classifier_metrics(full: list, compressed: list, labels: Sequence[int] | None) -> dict[str, Any]:
+    """Class accuracy and classifier-FID with the embedded Fashion-MNIST classifier, when ditlens.zoo ships it."""
+    if labels is None:
+        return {}
+    try:
+        from ditlens.zoo import load_classifier
+
+        classifier = load_classifier()
+    except Exception:  # zoo or its weights not installed: skip these metrics
+        return {}
+    a = np.concatenate(full)
+    b = np.concatenate(compressed)
+    labels_arr = np.asarray(labels)
+    out = {"accuracy_full": float((classifier.predict(a) == labels_arr).mean()),
+           "accuracy_plan": float((classifier.predict(b) == labels_arr).mean())}
+    if len(a) >= 2:
+        from ditlens.zoo.classifier import feature_statistics, frechet_distance
+
+        fa, fb = classifier.features(a), classifier.features(b)
+        out["classifier_fid_plan_vs_full"] = float(frechet_distance(*feature_statistics(fa), *feature_statistics(fb)))
+    return out
+
+
+def write_report(report: ValidationReport, full: list, compressed: list, out_dir: str | Path) -> list[Path]:
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validate.json").write_text(json.dumps(report.as_dict(), indent=1), encoding="utf-8")
+    (out / "validate.md").write_text(report.markdown(), encoding="utf-8")
+    rows = [np.concatenate([a[0], b[0], np.clip(np.abs(a[0] - b[0]) * 4, 0, 1)], axis=1) for a, b in zip(full, compressed)]
+    grid = np.concatenate(rows, axis=0)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(out / "grid.png")
+    return [out / "validate.json", out / "validate.md", out / "grid.png"]
