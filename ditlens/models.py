@@ -45,7 +45,7 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
             "(save it with pipe.save_pretrained)")
     try:
         pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         known = ", ".join(embedded_models()) or "none installed"
         raise DitlensError(
             f"could not load model {spec!r} ({str(err).splitlines()[0]}); give a local pipeline folder, a hub id in the "

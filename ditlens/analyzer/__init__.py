@@ -18,13 +18,24 @@ from ditlens.analyzer.adapters import (
     load_adapter,
 )
 from ditlens.analyzer.capture import AttentionInterceptor, CaptureHandle, apply_capture
-from ditlens.analyzer.profile import ProfileConfig, ProfileResult, RawRequest, profile
 
 __all__ = [
     "AdapterRegistry", "AttentionInterceptor", "AttentionLayer", "CaptureHandle", "ForwardInfo", "GroupedTensors",
     "ModelAdapter", "ProfileConfig", "ProfileResult", "RawRequest", "SDPACall", "analyze", "apply_capture", "compare",
     "default_registry", "load_adapter", "profile",
 ]
+
+
+def __getattr__(name: str):
+    # Profiling writes traces (h5py); load it on first use so that the deployment path
+    # (ditlens.compress -> adapters, capture) never imports h5py.
+    if name in ("ProfileConfig", "ProfileResult", "RawRequest", "profile"):
+        import importlib
+
+        profile_module = importlib.import_module("ditlens.analyzer.profiler")
+
+        return getattr(profile_module, name)
+    raise AttributeError(f"module 'ditlens.analyzer' has no attribute {name!r}")
 
 
 def analyze(*args, **kwargs):

@@ -183,14 +183,20 @@ class ModelAdapter:
             raise DitlensError(f"{self.family}: cannot read the token grid from hidden_states of shape {shape}")
         return ForwardInfo(batch=shape[0], grid=grid, timestep=_first_float(timestep))
 
-    def grid_for_size(self, transformer: nn.Module, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
-        """Token grid for an output size, before running (used for size estimates)."""
-        pt, p = self.patch_size(transformer)
-        scale = self.vae_scale(transformer)
-        return (max(1, frames // pt), height // scale // p, width // scale // p)
+    def grid_for_size(self, transformer: nn.Module, height: int, width: int, frames: int = 1,
+                      pipeline: Any = None) -> tuple[int, int, int]:
+        """Token grid for an output size, before running (size estimates, plan checks)."""
+        pt, _ = self.patch_size(transformer)
+        per_token = self.pixels_per_token(transformer, pipeline)
+        return (max(1, frames // pt), height // per_token, width // per_token)
 
     def vae_scale(self, transformer: nn.Module) -> int:
         return 8
+
+    def pixels_per_token(self, transformer: nn.Module, pipeline: Any) -> int:
+        """Output pixels along one side of a token: VAE factor times patch size."""
+        vae = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
+        return int(vae or self.vae_scale(transformer)) * self.patch_size(transformer)[1]
 
     # -- token layout -------------------------------------------------------------------------
     def group(self, layer: AttentionLayer, calls: Sequence[SDPACall], info: ForwardInfo) -> GroupedTensors:
@@ -365,8 +371,8 @@ class FluxAdapter(ModelAdapter):
             rows, cols = 1, hidden.shape[1]
         return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=_first_float(timestep))
 
-    def grid_for_size(self, transformer, height, width, frames=1):
-        return (1, height // 16, width // 16)  # 8x VAE, then 2x2 packing
+    def pixels_per_token(self, transformer, pipeline):
+        return 2 * int(getattr(pipeline, "vae_scale_factor", None) or 8)  # latents are packed 2x2
 
 
 class CogVideoXAdapter(ModelAdapter):
@@ -385,10 +391,11 @@ class CogVideoXAdapter(ModelAdapter):
         b, f, _, h, w = hidden.shape
         return ForwardInfo(batch=b, grid=(max(1, f // pt), h // p, w // p), timestep=_first_float(timestep))
 
-    def grid_for_size(self, transformer, height, width, frames=1):
-        pt, p = self.patch_size(transformer)
-        latent_frames = (frames - 1) // 4 + 1
-        return (max(1, latent_frames // pt), height // 8 // p, width // 8 // p)
+    def grid_for_size(self, transformer, height, width, frames=1, pipeline=None):
+        pt, _ = self.patch_size(transformer)
+        temporal = int(getattr(pipeline, "vae_scale_factor_temporal", None) or 4)
+        per_token = self.pixels_per_token(transformer, pipeline)
+        return (max(1, ((frames - 1) // temporal + 1) // pt), height // per_token, width // per_token)
 
 
 class LatteAdapter(ModelAdapter):
@@ -420,9 +427,10 @@ class MochiAdapter(ModelAdapter):
     def layer_kind(self, name, module):
         return "joint"
 
-    def grid_for_size(self, transformer, height, width, frames=1):
-        pt, p = self.patch_size(transformer)
-        return ((frames - 1) // 6 + 1, height // 8 // p, width // 8 // p)
+    def grid_for_size(self, transformer, height, width, frames=1, pipeline=None):
+        temporal = int(getattr(pipeline, "vae_temporal_scale_factor", None) or 6)
+        per_token = self.pixels_per_token(transformer, pipeline)
+        return ((frames - 1) // temporal + 1, height // per_token, width // per_token)
 
 
 BUILTIN_ADAPTERS: tuple[type[ModelAdapter], ...] = (

@@ -38,7 +38,6 @@ class RawCapture:
         self._layer_pos = {l: i for i, l in enumerate(layers)}
         self._heads = torch.as_tensor(heads)
         self.n_image = 0
-        self.n_text = 0
         # (tensor, branch, step slot, layer slot) -> (image part, text part), each [heads, tokens, head_dim]
         self._parts: dict[tuple[str, str, int, int], tuple[np.ndarray | None, np.ndarray | None]] = {}
 
@@ -53,15 +52,14 @@ class RawCapture:
             for branch, row in context.rows.items():
                 image = _row(tensors.image.get(name), row)
                 text = _row(tensors.text.get(name), row)
-                if text is not None:
-                    self.n_text = max(self.n_text, text.shape[1])
                 self._parts[(name, branch) + slot] = (
                     None if image is None else _host(image[self._heads.to(image.device), ::self.stride]),
                     None if text is None else _host(text[self._heads.to(text.device), text_start::self.stride]),
                 )
 
-    def finish(self, branches: list[str]) -> tuple[RawSelection, dict[str, np.ndarray]]:
-        n_tokens = self.n_tokens if self.n_tokens is not None else self.n_image + self.n_text
+    def finish(self, branches: list[str], n_text: int) -> tuple[RawSelection, dict[str, np.ndarray]]:
+        """``n_text``: the model's text tokens (seen by any layer, not only the selected ones)."""
+        n_tokens = self.n_tokens if self.n_tokens is not None else self.n_image + n_text
         selection = RawSelection(self.tensors, self.steps, self.layers, self.heads,
                                  tuple(range(0, n_tokens, self.stride)), self.head_dim)
         n_sel = len(selection.tokens)

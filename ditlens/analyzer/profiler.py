@@ -7,6 +7,7 @@ go to the trace and the file is flushed, so a killed run keeps every finished pr
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class Profiler:
         self.model_id = model_id or str(getattr(transformer.config, "_name_or_path", "") or type(transformer).__name__)
         self.stat_keys = list(config.stat_keys or all_stat_keys())
         self.raw_tokens: int | None = None  # fixed by the first prompt
+        self.last_call: dict[str, Any] = {}
 
     def _raw_capture(self) -> RawCapture | None:
         request = self.config.raw
@@ -133,6 +135,7 @@ class Profiler:
         generator = torch.Generator(device="cpu" if device.type == "mps" else device.type).manual_seed(cfg.seed + index)
         kwargs = self.adapter.call_kwargs(self.pipeline, prompt, cfg.steps, cfg.guidance, cfg.height, cfg.width, generator)
         kwargs.update(cfg.call_kwargs)
+        self.last_call = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
         handle = apply_capture(self.transformer, self.adapter, stats, cfg_layout=self.cfg_layout, max_steps=cfg.steps,
                                layers=self.layers)
         try:
@@ -144,9 +147,9 @@ class Profiler:
         if ran != cfg.steps:
             raise DitlensError(f"the pipeline ran {ran} denoising steps, not --steps {cfg.steps}; pass the count it really runs")
         branches = [b for b in BRANCHES if b in stats.branches_seen]
-        selection, raw_data = raw.finish(branches) if raw is not None else (None, None)
-        if selection is not None:
-            self.raw_tokens = raw.n_image + raw.n_text if self.raw_tokens is None else self.raw_tokens
+        selection, raw_data = raw.finish(branches, stats.n_text) if raw is not None else (None, None)
+        if selection is not None and self.raw_tokens is None:
+            self.raw_tokens = raw.n_image + stats.n_text
         return PromptRecord(stats.finish(branches), raw_data, selection, self._timesteps(handle.tracker.timesteps),
                             branches, stats.grid, stats.n_text)
 
@@ -157,21 +160,36 @@ class Profiler:
             return [float(t) for t in scheduler_steps]
         return [float(t) for t in seen]
 
+    def _effective(self, name: str, given: float | None) -> float:
+        """The value a pipeline argument really had: given, passed through, or its default."""
+        if name in self.last_call:
+            return float(self.last_call[name])
+        if given is not None:
+            return float(given)
+        default = inspect.signature(self.pipeline.__call__).parameters.get(name)
+        if default is not None and isinstance(default.default, (int, float)):
+            return float(default.default)
+        return 1.0
+
     def header(self, prompts: list[str], record: PromptRecord) -> TraceHeader:
         cfg = self.config
         joint = any(layer.kind == "joint" for layer in self.layers)
         n_image = record.grid[0] * record.grid[1] * record.grid[2]
-        guidance = cfg.guidance if cfg.guidance is not None else float("nan")
+        guidance = self._effective("guidance_scale", cfg.guidance)
+        per_token = self.adapter.pixels_per_token(self.transformer, self.pipeline)
+        height = int(cfg.height or record.grid[1] * per_token)
+        width = int(cfg.width or record.grid[2] * per_token)
         return TraceHeader(
             model_id=self.model_id, family=self.adapter.family,
             transformer_class=type(self.transformer).__name__, pipeline_class=type(self.pipeline).__name__,
-            steps=cfg.steps, guidance_scale=float(guidance), height=int(cfg.height or 0), width=int(cfg.width or 0),
+            steps=cfg.steps, guidance_scale=float(guidance), height=height, width=width,
             seed=cfg.seed, cfg_layout=self.cfg_layout if "uncond" in record.branches else "none",
             prompts=list(prompts), layers=[layer.name for layer in self.layers], branches=list(record.branches),
             n_heads=self.n_heads, head_dim=self.head_dim,
             tokens=TokenInfo(n_image=n_image, n_text=record.n_text,
                              text_position=self.adapter.text_position if joint else "none", grid=tuple(record.grid)),
-            extra={"layer_kinds": ",".join(layer.kind for layer in self.layers)},
+            extra={"layer_kinds": ",".join(layer.kind for layer in self.layers),
+                   **{f"call.{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},
         )
 
 
@@ -229,7 +247,7 @@ def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: Prof
     elif out.exists() and not config.overwrite:
         raise DitlensError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
     if config.raw is not None and config.height and config.width:
-        grid = profiler.adapter.grid_for_size(profiler.transformer, config.height, config.width)
+        grid = profiler.adapter.grid_for_size(profiler.transformer, config.height, config.width, pipeline=pipeline)
         estimate = RawSelection(tuple(config.raw.tensors), _resolve_indices(config.raw.steps, config.steps, "steps"),
                                 _resolve_indices(config.raw.layers, len(profiler.layers), "layers"),
                                 _resolve_indices(config.raw.heads, profiler.n_heads, "heads"),
@@ -254,10 +272,12 @@ def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: Prof
                             f"raw capture needs {_human(need)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
                             "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
                 header = profiler.header(prompts, record)
+                # Without CFG there is no cond/uncond comparison to store.
+                keys = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in record.branches]
                 writer = (TraceWriter.resume(out, header) if resuming else
-                          TraceWriter.create(out, header, profiler.stat_keys, record.raw_selection,
-                                             overwrite=config.overwrite))
-            writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), record.stats, record.raw)
+                          TraceWriter.create(out, header, keys, record.raw_selection, overwrite=config.overwrite))
+            stats = {k: v for k, v in record.stats.items() if k in keys}
+            writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), stats, record.raw)
             per_prompt.append(time.perf_counter() - t_prompt)
             bar.update(1)
     finally:

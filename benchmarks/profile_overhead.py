@@ -1,0 +1,102 @@
+"""Profiling overhead and trace size: wall time of ``ditlens profile`` (statistics, no raw capture)
+divided by plain generation of the same prompts, and trace bytes per prompt.
+
+    python benchmarks/profile_overhead.py --model tiny-dit                      # CPU, embedded model
+    python benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda # H100, 1024², 20 steps, 4 prompts
+
+Targets (issue 2): <= 1.3x plain generation and <= 100 MB per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(model: str, device: str):
+    if model == "pixart-sigma-xl":
+        from random_pipelines import pixart_sigma_xl
+
+        pipe = pixart_sigma_xl(device=device)
+        return pipe, ["a photo of a cat", "a red bus in the rain", "mountains at dawn", "a bowl of soup"], \
+            {"height": 1024, "width": 1024, "guidance": 4.5}
+    from ditlens.models import load_pipeline
+
+    pipe = load_pipeline(model, device=device)
+    from ditlens import zoo
+
+    return pipe, list(zoo.default_prompts(model))[:4], {"guidance": None}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tiny-dit")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None, help="append the result row to this Markdown file")
+    args = parser.parse_args()
+
+    from ditlens.analyzer import ProfileConfig, profile
+    from ditlens.analyzer.profiler import Profiler
+
+    pipe, prompts, size = build(args.model, args.device)
+    config = ProfileConfig(steps=args.steps, guidance=size["guidance"], height=size.get("height"),
+                           width=size.get("width"), overwrite=True)
+    profiler = Profiler(pipe, config)
+    adapter = profiler.adapter
+
+    def plain() -> float:
+        sync(args.device)
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator(device=torch.device(args.device).type).manual_seed(i)
+            kwargs = adapter.call_kwargs(pipe, prompt, args.steps, config.guidance, config.height, config.width, gen)
+            with torch.inference_mode():
+                pipe(**kwargs)
+        sync(args.device)
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "bench.h5"
+
+        def profiled() -> float:
+            sync(args.device)
+            t0 = time.perf_counter()
+            profile(pipe, prompts, trace, config, progress=False, log=lambda s: None)
+            sync(args.device)
+            return time.perf_counter() - t0
+
+        plain()  # warm-up (kernels, allocator)
+        profiled()
+        plain_times, profile_times = [], []
+        for _ in range(args.repeats):
+            plain_times.append(plain())
+            profile_times.append(profiled())
+        size_per_prompt = trace.stat().st_size / len(prompts)
+
+    t_plain, t_prof = min(plain_times), min(profile_times)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)"
+    row = (f"| {args.model} | {device_name} | {len(prompts)} | {args.steps} | {t_plain:.2f} s | {t_prof:.2f} s | "
+           f"{t_prof / t_plain:.2f}x | {size_per_prompt / 1e6:.2f} MB |")
+    header = ("| model | device | prompts | steps | plain generation | profile (stats) | overhead | trace per prompt |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(header)
+    print(row)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(row + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Profiling: adapters, capture hooks, statistics and the trace, on tiny pipelines of all seven families.
+
+References are independent of ditlens: numpy formulas and scikit-image over the raw tensors
+captured in the same run, pipelines run without hooks, and the tiny models' hand-derived sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_models import FAMILIES, build_tiny, build_tiny_pipeline, pipeline_call_kwargs
+
+from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
+from ditlens.errors import DitlensError, UnknownModelError
+
+STEPS = 3
+PROMPTS = {"dit": ["3", "7"]}
+
+
+def prompts_for(family: str) -> list[str]:
+    # Same words, other order: equal text lengths, so raw text tokens are never cut (Latte and
+    # Mochi drop padding, and the raw token axis is fixed by the first prompt).
+    return PROMPTS.get(family, ["a red cat", "a cat red"])
+
+
+def run_config(family: str, guidance: float = 3.0, **overrides) -> ProfileConfig:
+    """A ProfileConfig that reproduces tiny_models.pipeline_call_kwargs through ditlens's own call path."""
+    kwargs = pipeline_call_kwargs(family, "x", STEPS, guidance, 0)
+    for key in ("num_inference_steps", "generator", "prompt", "class_labels", "guidance_scale"):
+        kwargs.pop(key, None)
+    extra = {"guidance_scale": kwargs.pop("guidance_scale", None)} if family == "flux" else {}
+    if family == "flux":
+        from tiny_models import FLUX_DISTILLED_GUIDANCE
+
+        extra = {"guidance_scale": FLUX_DISTILLED_GUIDANCE}
+    config = ProfileConfig(steps=STEPS, guidance=None if family == "flux" else guidance,
+                           call_kwargs={**kwargs, **extra}, **overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            pipe = build_tiny_pipeline(family)
+            pipe.set_progress_bar_config(disable=True)
+            cache[family] = pipe
+        return cache[family]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------
+# numpy references (DESIGN §4), written directly from the formulas
+# --------------------------------------------------------------------------------------------
+
+def np_l1(x, y):
+    return np.abs(x - y).mean()
+
+
+def np_rel_l1(x, y):
+    return np.abs(x - y).mean() / np.abs(y).mean()
+
+
+def np_cosine(x, y):
+    return (x * y).sum() / (np.linalg.norm(x) * np.linalg.norm(y))
+
+
+def np_ssim(x, y, grid):
+    from skimage.metrics import structural_similarity
+
+    f, h, w = grid
+    r = y.max() - y.min()
+    side = min(h, w)
+    s = min(11, side if side % 2 else side - 1)
+    x = x.reshape(f, h, w, -1)
+    y = y.reshape(f, h, w, -1)
+    vals = [structural_similarity(x[i, :, :, c], y[i, :, :, c], gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=r, win_size=s)
+            for i in range(f) for c in range(x.shape[-1])]
+    return float(np.mean(vals))
+
+
+NP_METRICS = {"l1": np_l1, "rel_l1": np_rel_l1, "cosine": np_cosine}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_equal_numpy_formulas_on_raw_tensors(family, pipelines, tmp_path):
+    from ditlens.traces.reader import Trace
+
+    pipe = pipelines(family)
+    out = tmp_path / "t.h5"
+    profile(pipe, prompts_for(family), out, run_config(family, raw=RawRequest()), progress=False, log=lambda s: None)
+    with Trace.open(out) as trace:
+        tokens = trace.tokens
+        n_img = tokens.n_image
+        raw = {t: trace.raw(t).data.astype(np.float64) for t in "qkvo"}  # prompt,branch,step,layer,head,token,ch
+        assert trace.n_done == 2
+        branches = list(trace.branches)
+        assert branches == ["cond", "uncond"]
+        checked = 0
+        for key in trace.stat_keys():
+            group, tensor, comparison, metric = key
+            stat = trace.stat(*key).data
+            r = raw[tensor]
+            sl = slice(0, n_img) if group == "image" else slice(n_img, None)
+            for p in range(2):
+                for s in range(STEPS):
+                    for l in range(len(trace.layers)):
+                        for h in range(trace.header.n_heads):
+                            if comparison == "step":
+                                pairs = [(b, r[p, b, s, l, h, sl], r[p, b, s - 1, l, h, sl] if s else None, stat[p, b, s, l, h])
+                                         for b in range(len(branches))]
+                            else:
+                                pairs = [(None, r[p, 0, s, l, h, sl], r[p, 1, s, l, h, sl], stat[p, s, l, h])]
+                            for _, x, y, value in pairs:
+                                # Tokens a sample lacks (Mochi drops text padding per sample) are NaN in raw.
+                                if y is not None:
+                                    x = x[np.isfinite(x).all(axis=-1)]
+                                    y = y[np.isfinite(y).all(axis=-1)]
+                                if y is None or x.shape != y.shape or not x.size:
+                                    assert np.isnan(value), (key, p, s, l, h)
+                                    continue
+                                if metric == "ssim":
+                                    ref = np_ssim(x, y, tokens.grid)
+                                    tol = 2e-2
+                                else:
+                                    ref = NP_METRICS[metric](x, y)
+                                    tol = 1e-2
+                                # raw tensors are float16: compare at float16 precision
+                                assert value == pytest.approx(ref, rel=tol, abs=tol * 0.1 + 2e-3), (key, p, s, l, h)
+                                checked += 1
+        assert checked > 100
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cond_branch_matches_cfg_free_run(family, pipelines, tmp_path):
+    """The rows labelled cond under CFG hold what a run without CFG computes at step 0 (same seed)."""
+    from ditlens.traces.reader import Trace
+
+    pipe = pipelines(family)
+    prompt = prompts_for(family)[:1]
+    with_cfg, without = tmp_path / "cfg.h5", tmp_path / "nocfg.h5"
+    raw = RawRequest(tensors=("q", "o"), steps=[0])
+    profile(pipe, prompt, with_cfg, run_config(family, 3.0, raw=raw), progress=False, log=lambda s: None)
+    profile(pipe, prompt, without, run_config(family, 1.0, raw=raw), progress=False, log=lambda s: None)
+    with Trace.open(with_cfg) as a, Trace.open(without) as b:
+        assert list(a.branches) == ["cond", "uncond"]
+        assert list(b.branches) == ["cond"]
+        assert a.header.cfg_layout != "none" and b.header.cfg_layout == "none"
+        qa, qb = a.raw("q").data, b.raw("q").data
+        # Layer 0 sees the same latents and the cond conditioning in both runs.
+        np.testing.assert_allclose(qa[0, 0, 0, 0], qb[0, 0, 0, 0], rtol=2e-3, atol=2e-3)
+        assert not np.allclose(qa[0, 1, 0, -1], qb[0, 0, 0, -1], rtol=1e-3, atol=1e-3) or family == "dit"
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
+def test_identical_cond_and_uncond_give_cfg_cosine_one(family, tmp_path):
+    """Transformer-level: a batch of two identical samples has cfg cosine 1 and l1 0; different ones not."""
+    from ditlens.analyzer.capture import apply_capture
+    from ditlens.analyzer.stats import PromptStatistics
+    from ditlens.traces.format import all_stat_keys
+
+    tiny = build_tiny(family)
+    adapter = default_registry().find(tiny.transformer)
+    layers = adapter.attention_layers(tiny.transformer)
+    heads, _ = adapter.heads(tiny.transformer)
+    keys = [k for k in all_stat_keys() if k[2] == "cfg" and k[3] in ("l1", "cosine") and k[0] == "image"]
+    for identical in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        inputs = tiny.make_inputs(2, gen)
+        if identical:
+            inputs = {k: (torch.cat([v[:1], v[:1]]) if torch.is_tensor(v) and v.ndim and v.shape[0] == 2 else v)
+                      for k, v in inputs.items()}
+        stats = PromptStatistics(keys, 1, len(layers), heads)
+        layout = "batched_uncond_first" if family != "flux" else "batched_cond_first"
+        with apply_capture(tiny.transformer, adapter, stats, cfg_layout=layout, max_steps=1, layers=layers):
+            with torch.no_grad():
+                tiny.transformer(**inputs)
+        out = stats.finish(["cond", "uncond"])
+        l1, cos = out[("image", "o", "cfg", "l1")], out[("image", "o", "cfg", "cosine")]
+        if identical:
+            assert np.all(l1 == 0) and np.allclose(cos, 1, atol=1e-6)
+        else:
+            assert np.all(l1 > 0) and np.all(cos < 1 - 1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_leave_output_bit_identical_and_nothing_behind(family, pipelines, tmp_path):
+    from ditlens.analyzer.capture import CAPTURE_HOOK, TRACKER_HOOK
+
+    pipe = pipelines(family)
+
+    def images():
+        kwargs = pipeline_call_kwargs(family, prompts_for(family)[0], STEPS, 3.0, 0)
+        with torch.inference_mode():
+            return torch.as_tensor(np.asarray(pipe(**kwargs)[0]))
+
+    reference = images()
+    # Snapshot after a plain call: pipelines may add diffusers' own state on first use (FLUX's cache_context).
+    modules_before = {name: (set(m.__dict__), dict(m._forward_hooks), dict(m._forward_pre_hooks))
+                      for name, m in pipe.transformer.named_modules()}
+    had_registry = {name for name, m in pipe.transformer.named_modules() if hasattr(m, "_diffusers_hook")}
+    from ditlens.analyzer.capture import apply_capture
+    from ditlens.analyzer.stats import PromptStatistics
+    from ditlens.traces.format import all_stat_keys
+
+    adapter = default_registry().find(pipe.transformer)
+    layers = adapter.attention_layers(pipe.transformer)
+    heads, _ = adapter.heads(pipe.transformer)
+    stats = PromptStatistics(all_stat_keys(), STEPS, len(layers), heads)
+    with apply_capture(pipe.transformer, adapter, stats, cfg_layout=adapter.pipeline_cfg_layout(pipe),
+                       max_steps=STEPS, layers=layers):
+        hooked = images()
+    assert torch.equal(reference, hooked), "hooks changed the model output"
+    assert np.isfinite(stats.finish(["cond", "uncond"])[("image", "o", "step", "l1")][:, 1:]).all()
+    after = {name: (set(m.__dict__), dict(m._forward_hooks), dict(m._forward_pre_hooks))
+             for name, m in pipe.transformer.named_modules()}
+    assert after == modules_before
+    for name, module in pipe.transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        assert (registry is None) == (name not in had_registry)
+        assert registry is None or not any(n.startswith("ditlens") for n in registry.hooks)
+    assert torch.equal(images(), reference)
+    assert TRACKER_HOOK and CAPTURE_HOOK
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_layout_matches_hand_derived_sizes(family):
+    tiny = build_tiny(family)
+    adapter = default_registry().find(tiny.transformer)
+    assert adapter.family == family
+    heads, head_dim = adapter.heads(tiny.transformer)
+    assert (heads, head_dim) == (tiny.expected["n_heads"], tiny.expected["head_dim"])
+    assert len(adapter.attention_layers(tiny.transformer)) == tiny.expected["n_attention_modules"]
+    inputs = tiny.make_inputs(1, torch.Generator().manual_seed(0))
+    info = adapter.forward_info(tiny.transformer, (), inputs)
+    assert tuple(info.grid) == tuple(tiny.expected["grid"])
+    assert adapter.cfg_layout == tiny.expected["cfg_layout"] or family == "flux"
+    joint = [layer for layer in adapter.attention_layers(tiny.transformer) if layer.kind == "joint"]
+    if tiny.expected["text_position"] in ("first", "last"):
+        assert joint and all(layer.text_position == tiny.expected["text_position"] for layer in joint)
+
+
+def test_unknown_model_names_families_and_register_api():
+    class Pipe:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(UnknownModelError) as err:
+        profile(Pipe(), ["x"], "never.h5", progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "Linear" in message
+    for family in FAMILIES:
+        assert family in message
+    assert "register" in message
+
+
+def test_register_adapter_claims_a_new_class(tmp_path):
+    """A user adapter makes an unknown class profilable (here: a renamed DiT)."""
+    from diffusers import DiTTransformer2DModel
+
+    from ditlens.analyzer import ModelAdapter
+    from ditlens.analyzer.adapters import DiTAdapter
+
+    class MyDiT(DiTTransformer2DModel):
+        pass
+
+    class MyAdapter(DiTAdapter):
+        family = "mydit"
+        transformer_classes = ("MyDiT",)
+
+    pipe = build_tiny_pipeline("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.transformer.config
+    mine = MyDiT.from_config(config)
+    mine.load_state_dict(pipe.transformer.state_dict())
+    pipe.transformer = mine
+    registry = default_registry()
+    with pytest.raises(UnknownModelError):
+        registry.find(torch.nn.Linear(1, 1))
+    registry.register(MyAdapter())
+    assert isinstance(registry.find(mine), ModelAdapter) and registry.find(mine).family == "mydit"
+    profile(pipe, ["3"], tmp_path / "m.h5", run_config("dit"), registry=registry, progress=False, log=lambda s: None)
+
+
+def test_memory_does_not_grow_with_steps(pipelines):
+    """History is one step per (layer, branch) whatever the number of steps."""
+    from ditlens.analyzer.profiler import Profiler
+
+    pipe = pipelines("dit")
+    sizes = []
+    for steps in (2, 6):
+        config = run_config("dit")
+        config.steps = steps
+        profiler = Profiler(pipe, config)
+        import ditlens.analyzer.stats as stats_module
+
+        seen = []
+        original = stats_module.PromptStatistics.finish
+
+        def spy(self, branches, _orig=original):
+            seen.append(len(self._previous))
+            return _orig(self, branches)
+
+        stats_module.PromptStatistics.finish = spy
+        try:
+            profiler.run_prompt(0, "3")
+        finally:
+            stats_module.PromptStatistics.finish = original
+        sizes.append(seen[0])
+    assert sizes[0] == sizes[1] == 2 * 2  # layers x branches
+
+
+# --------------------------------------------------------------------------------------------
+# Crash safety and resume
+# --------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import ditlens.traces.writer as writer
+    from test_profile import run_config
+    from tiny_models import build_tiny_pipeline
+    from ditlens.analyzer import profile
+    original = writer.TraceWriter.write_prompt
+    def write_then_die(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == 0:
+            os._exit(17)   # killed: no cleanup, no close
+    writer.TraceWriter.write_prompt = write_then_die
+    pipe = build_tiny_pipeline("dit")
+    profile(pipe, ["1", "2", "3"], {out!r}, run_config("dit"), progress=False, log=lambda s: None)
+""")
+
+
+def test_killed_profile_keeps_finished_prompts_and_resume_completes_it(pipelines, tmp_path):
+    from ditlens.traces.reader import Trace
+
+    out = tmp_path / "killed.h5"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    with Trace.open(out) as trace:
+        assert trace.n_done == 1
+        assert trace.stat("image", "o", "step", "l1").data.shape[0] == 1
+
+    pipe = pipelines("dit")
+    config = run_config("dit")
+    config.resume = True
+    result = profile(pipe, ["1", "2", "3"], out, config, progress=False, log=lambda s: None)
+    assert result.n_new == 2
+    full = tmp_path / "full.h5"
+    profile(pipe, ["1", "2", "3"], full, run_config("dit"), progress=False, log=lambda s: None)
+    with Trace.open(out) as resumed, Trace.open(full) as reference:
+        assert resumed.n_done == reference.n_done == 3
+        for key in reference.stat_keys():
+            np.testing.assert_array_equal(resumed.stat(*key).data, reference.stat(*key).data)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear line, nothing recorded lost
+# --------------------------------------------------------------------------------------------
+
+def test_existing_trace_is_not_overwritten(pipelines, tmp_path):
+    out = tmp_path / "t.h5"
+    profile(pipelines("dit"), ["1"], out, run_config("dit"), progress=False, log=lambda s: None)
+    before = out.read_bytes()
+    with pytest.raises(DitlensError, match="--resume"):
+        profile(pipelines("dit"), ["1"], out, run_config("dit"), progress=False, log=lambda s: None)
+    assert out.read_bytes() == before
+
+
+def test_resume_with_other_steps_names_the_field(pipelines, tmp_path):
+    out = tmp_path / "t.h5"
+    profile(pipelines("dit"), ["1", "2"], out, run_config("dit"), progress=False, log=lambda s: None)
+    config = run_config("dit")
+    config.steps, config.resume = 4, True
+    with pytest.raises(DitlensError, match="steps"):
+        profile(pipelines("dit"), ["1", "2", "3"], out, config, progress=False, log=lambda s: None)
+
+
+def test_raw_byte_cap_refuses_before_writing(pipelines, tmp_path):
+    out = tmp_path / "t.h5"
+    config = run_config("dit", raw=RawRequest(max_bytes=1000))
+    with pytest.raises(DitlensError, match="max-raw-bytes"):
+        profile(pipelines("dit"), ["1", "2"], out, config, progress=False, log=lambda s: None)
+    assert not out.exists()
+
+
+def test_raw_selection_out_of_range(pipelines, tmp_path):
+    config = run_config("dit", raw=RawRequest(layers=[0, 99]))
+    with pytest.raises(DitlensError, match="out of range"):
+        profile(pipelines("dit"), ["1"], tmp_path / "t.h5", config, progress=False, log=lambda s: None)
+
+
+def test_raw_selection_stride_and_subset(pipelines, tmp_path):
+    from ditlens.traces.reader import Trace
+
+    out = tmp_path / "t.h5"
+    config = run_config("sd3", raw=RawRequest(tensors=("k",), layers=[1], steps=[0, 2], heads=[2], token_stride=3))
+    profile(pipelines("sd3"), ["a cat"], out, config, progress=False, log=lambda s: None)
+    with Trace.open(out) as trace:
+        raw = trace.raw("k")
+        n_tokens = trace.tokens.n_image + trace.tokens.n_text
+        assert raw.data.shape == (1, 2, 2, 1, 1, len(range(0, n_tokens, 3)), trace.header.head_dim)
+        assert list(raw.coords["token"]) == list(range(0, n_tokens, 3))
+        assert list(trace.array("/raw/index/step").data) == [0, 2]
+        assert list(trace.array("/raw/index/layer").data) == [1]
+        assert list(raw.coords["step"]) == list(trace.timesteps[[0, 2]])
+        assert not trace.has("/raw/q")
+        # Layer 1 is SD3.5's image-only attention: image tokens stored, text tokens absent (NaN).
+        n_img = len(range(0, trace.tokens.n_image, 3))
+        assert np.isfinite(raw.data[..., :n_img, :]).all() and np.isnan(raw.data[..., n_img:, :]).all()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from ditlens.cli import main
+
+    bad = tmp_path / "not_a_trace.h5"
+    bad.write_bytes(b"hello")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert main(["profile", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o.h5"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+def test_analyze_and_compare(pipelines, tmp_path):
+    from ditlens.analyzer import analyze, compare
+    from ditlens.traces.reader import Trace
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    profile(pipelines("pixart"), ["a cat", "a dog", "a red box"], a, run_config("pixart"), progress=False,
+            log=lambda s: None)
+    config = run_config("pixart")
+    config.steps = 5
+    profile(pipelines("pixart"), ["a cat", "a dog"], b, config, progress=False, log=lambda s: None)
+    report = analyze(a)
+    text = report.render()
+    assert "most redundant" in text and "coefficient of variation" in text
+    with Trace.open(a) as trace:
+        stat = trace.stat("image", "k", "step", "l1").data
+        mean = trace.array("/maps/mean/image/k/step/l1").data
+        cv = trace.array("/maps/cv/image/k/step/l1").data
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(mean, np.nanmean(stat, axis=0), rtol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(cv, np.nanstd(stat, axis=0) / np.nanmean(stat, axis=0), rtol=1e-5,
+                                       equal_nan=True)
+        expected_cv = float(np.nanmean(cv))
+    assert report.cv_table["step/l1"]["k"] == pytest.approx(expected_cv, rel=1e-6)
+    comparison = compare(a, b)
+    assert comparison.steps == (3, 5)
+    assert comparison.rows and all(-1 <= rho <= 1 for _, rho, _ in comparison.rows)
+    same = compare(a, a)
+    assert all(rho == pytest.approx(1.0) for _, rho, _ in same.rows)
