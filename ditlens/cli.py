@@ -63,6 +63,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          max_bytes=int(args.max_raw_bytes))
     config = ProfileConfig(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                            seed=args.seed, raw=raw, resume=args.resume, overwrite=args.overwrite,
+                           influence=args.influence, influence_candidates=args.influence_candidates,
                            call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
     registry = default_registry(args.adapter or [])
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-heads", help="head indices (default all)")
     p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token of raw tensors")
     p.add_argument("--max-raw-bytes", type=float, default=2**30, help="refuse raw captures larger than this")
+    p.add_argument("--influence", action="store_true",
+                   help="also record each head's influence (RSE) under compression candidates, for offline search")
+    p.add_argument("--influence-candidates", default=None,
+                   help="comma-separated candidates, e.g. ast,asc,arrow(64),window(16) (default: cache, CFG share, "
+                        "bands at 50/75/90%% sparsity)")
     p.add_argument("--resume", action="store_true", help="continue a partial trace")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace")
     p.add_argument("--call-arg", action="append", help="extra pipeline argument KEY=VALUE (JSON value)")

@@ -465,3 +465,70 @@ def test_analyze_and_compare(pipelines, tmp_path):
     assert comparison.rows and all(-1 <= rho <= 1 for _, rho, _ in comparison.rows)
     same = compare(a, a)
     assert all(rho == pytest.approx(1.0) for _, rho, _ in same.rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Influence of compression candidates (offline search input)
+# --------------------------------------------------------------------------------------------
+
+def _dense_band_attention(q, k, v, n_img, w, text_first_seq: bool):
+    """float64 reference on canonical tokens (image then text): image-image pairs |i-j| <= w,
+    every pair with a text query or key kept (arrow; with no text tokens it is the window)."""
+    n = q.shape[1]
+    i = np.arange(n)
+    img = i < n_img
+    band = (np.abs(i[:, None] - i[None, :]) <= w) & img[:, None] & img[None, :]
+    keep = band | ~img[:, None] | ~img[None, :]
+    scores = np.einsum("hqd,hkd->hqk", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(keep[None], scores, -np.inf)
+    scores -= scores.max(-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqk,hkd->hqd", p, v)
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
+def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path):
+    from ditlens.traces.reader import Trace
+
+    out = tmp_path / "i.h5"
+    config = run_config(family, raw=RawRequest(), influence=True)
+    profile(pipelines(family), prompts_for(family)[:1], out, config, progress=False, log=lambda s: None)
+    with Trace.open(out) as trace:
+        labels = trace.attrs["influence_candidates"].split(",")
+        influence = trace.array("/influence/rse")
+        assert influence.axes == ("prompt", "branch", "step", "layer", "head", "candidate")
+        data = influence.data[0]
+        raw = {t: trace.raw(t).data[0].astype(np.float64) for t in "qkvo"}  # branch,step,layer,head,token,ch
+        n_img = trace.tokens.n_image
+        kinds = trace.attrs["layer_kinds"].split(",")
+        checked = 0
+        for b, branch in enumerate(trace.branches):
+            for s in range(STEPS):
+                for l in range(len(trace.layers)):
+                    rows = np.isfinite(raw["o"][b, s, l]).all(axis=(0, 2))  # tokens this layer has
+                    o = raw["o"][b, s, l][:, rows]
+                    denominator = ((o - o.mean()) ** 2).sum()
+                    for c, label in enumerate(labels):
+                        value = data[b, s, l, :, c]
+                        if label == "ast":
+                            if s == 0:
+                                assert np.isnan(value).all()
+                                continue
+                            other = raw["o"][b, s - 1, l][:, rows]
+                        elif label == "asc":
+                            if branch == "cond":
+                                assert np.isnan(value).all()
+                                continue
+                            other = raw["o"][trace.branches.index("cond"), s, l][:, rows]
+                        else:
+                            if kinds[l] not in ("self", "joint"):
+                                assert np.isnan(value).all()
+                                continue
+                            w = int(label[label.index("(") + 1:-1])
+                            other = _dense_band_attention(*(raw[t][b, s, l][:, rows] for t in "qkv"), n_img, w, False)
+                        expected = ((other - o) ** 2).sum(axis=(1, 2)) / denominator
+                        np.testing.assert_allclose(value, expected, rtol=3e-2, atol=2e-4)
+                        checked += 1
+        assert checked >= 3 * len(labels)
+        assert any(l.startswith(("window", "arrow")) for l in labels) and "ast" in labels and "asc" in labels

@@ -74,6 +74,21 @@ class CaptureObserver(Protocol):
     def on_forward_end(self, context: ForwardContext) -> None: ...
 
 
+class ObserverGroup:
+    """Several observers fed from one capture (statistics, influence, ...)."""
+
+    def __init__(self, *observers: CaptureObserver) -> None:
+        self.observers = [o for o in observers if o is not None]
+
+    def on_layer(self, layer_index: int, context: ForwardContext, tensors: GroupedTensors) -> None:
+        for observer in self.observers:
+            observer.on_layer(layer_index, context, tensors)
+
+    def on_forward_end(self, context: ForwardContext) -> None:
+        for observer in self.observers:
+            observer.on_forward_end(context)
+
+
 @dataclass
 class StepTracker:
     """Turns the sequence of transformer forwards of one pipeline call into (step, branch rows)."""

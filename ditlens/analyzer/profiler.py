@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from ditlens.analyzer.adapters import AdapterRegistry, AttentionLayer, ModelAdapter, default_registry
-from ditlens.analyzer.capture import BRANCHES, apply_capture
+from ditlens.analyzer.capture import BRANCHES, ObserverGroup, apply_capture
+from ditlens.analyzer.influence import (INFLUENCE_AXES, INFLUENCE_PATH, Candidate, InfluenceRecorder,
+                                        default_candidates, parse_candidates)
 from ditlens.analyzer.stats import PromptStatistics, RawCapture
 from ditlens.errors import DitlensError
-from ditlens.traces.format import RawSelection, StatKey, TokenInfo, TraceHeader, all_stat_keys
+from ditlens.traces.format import PromptArray, RawSelection, StatKey, TokenInfo, TraceHeader, all_stat_keys
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ProfileConfig:
     resume: bool = False
     overwrite: bool = False
     stat_keys: Sequence[StatKey] | None = None  # None: all of DESIGN §3
+    influence: bool = False  # record per-head influence of compression candidates (/influence)
+    influence_candidates: str | None = None  # e.g. "ast,asc,arrow(64)"; None: defaults for the model
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
 
 
@@ -86,6 +90,7 @@ class PromptRecord:
     branches: list[str]
     grid: tuple[int, int, int]
     n_text: int
+    influence: np.ndarray | None = None
 
 
 class Profiler:
@@ -109,6 +114,7 @@ class Profiler:
         self.stat_keys = list(config.stat_keys or all_stat_keys())
         self.raw_tokens: int | None = None  # fixed by the first prompt
         self.last_call: dict[str, Any] = {}
+        self._candidates: list[Candidate] | None = None
 
     def _raw_capture(self) -> RawCapture | None:
         request = self.config.raw
@@ -131,12 +137,15 @@ class Profiler:
         cfg = self.config
         raw = self._raw_capture()
         stats = PromptStatistics(self.stat_keys, cfg.steps, len(self.layers), self.n_heads, raw=raw)
+        influence = None
+        if cfg.influence:
+            influence = InfluenceRecorder(self.layers, self.influence_candidates(), cfg.steps, self.n_heads)
         device = torch.device(getattr(self.pipeline, "_execution_device", None) or self.transformer.device)
         generator = torch.Generator(device="cpu" if device.type == "mps" else device.type).manual_seed(cfg.seed + index)
         kwargs = self.adapter.call_kwargs(self.pipeline, prompt, cfg.steps, cfg.guidance, cfg.height, cfg.width, generator)
         kwargs.update(cfg.call_kwargs)
         self.last_call = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
-        handle = apply_capture(self.transformer, self.adapter, stats, cfg_layout=self.cfg_layout, max_steps=cfg.steps,
+        handle = apply_capture(self.transformer, self.adapter, ObserverGroup(stats, influence), cfg_layout=self.cfg_layout, max_steps=cfg.steps,
                                layers=self.layers)
         try:
             with torch.inference_mode():
@@ -150,8 +159,21 @@ class Profiler:
         selection, raw_data = raw.finish(branches, stats.n_text) if raw is not None else (None, None)
         if selection is not None and self.raw_tokens is None:
             self.raw_tokens = raw.n_image + stats.n_text
+        if influence is not None and self._candidates is None:
+            self._candidates = influence.candidates
         return PromptRecord(stats.finish(branches), raw_data, selection, self._timesteps(handle.tracker.timesteps),
-                            branches, stats.grid, stats.n_text)
+                            branches, stats.grid, stats.n_text,
+                            influence.finish(branches) if influence is not None else None)
+
+    def influence_candidates(self) -> list[Candidate] | Callable[[int], list[Candidate]]:
+        """The candidates of ``--influence``: as given, else the defaults for the model's image
+        token count (resolved at the first layer of the first prompt, then fixed)."""
+        if self._candidates is not None:
+            return self._candidates
+        if self.config.influence_candidates:
+            return parse_candidates(self.config.influence_candidates)
+        joint = any(layer.kind == "joint" for layer in self.layers)
+        return lambda n_image: default_candidates(n_image, joint, self.cfg_layout != "none")
 
     def _timesteps(self, seen: list[float]) -> list[float]:
         """The scheduler's timestep values where it exposes them, else what the transformer saw."""
@@ -189,6 +211,7 @@ class Profiler:
             tokens=TokenInfo(n_image=n_image, n_text=record.n_text,
                              text_position=self.adapter.text_position if joint else "none", grid=tuple(record.grid)),
             extra={"layer_kinds": ",".join(layer.kind for layer in self.layers),
+                   **({"influence_candidates": ",".join(c.label for c in self._candidates)} if self._candidates else {}),
                    **{f"call.{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},
         )
 
@@ -274,10 +297,15 @@ def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: Prof
                 header = profiler.header(prompts, record)
                 # Without CFG there is no cond/uncond comparison to store.
                 keys = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in record.branches]
+                arrays = []
+                if record.influence is not None:
+                    arrays.append(PromptArray(INFLUENCE_PATH, INFLUENCE_AXES, record.influence.shape))
                 writer = (TraceWriter.resume(out, header) if resuming else
-                          TraceWriter.create(out, header, keys, record.raw_selection, overwrite=config.overwrite))
+                          TraceWriter.create(out, header, keys, record.raw_selection, overwrite=config.overwrite,
+                                             prompt_arrays=arrays))
             stats = {k: v for k, v in record.stats.items() if k in keys}
-            writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), stats, record.raw)
+            extra_arrays = {INFLUENCE_PATH: record.influence} if record.influence is not None else None
+            writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), stats, record.raw, extra_arrays)
             per_prompt.append(time.perf_counter() - t_prompt)
             bar.update(1)
     finally:

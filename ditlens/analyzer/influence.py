@@ -1,0 +1,200 @@
+"""Per-head influence of compression candidates, recorded on the uncompressed trajectory.
+
+For every attention layer, step, branch and head, and for each candidate method m, the
+influence is the head's share of the layer's relative squared error (DESIGN §4, V2):
+
+    I(h, m) = Σ_{tokens, channels of head h} (O'_h - O_h)² / Σ_{all heads, tokens, channels} (O - mean O)²
+
+where O is the layer's attention output (per head, before the output projection; image and
+text tokens) and O' the output with only head h compressed by m. Because the numerator only
+involves head h, influences add up over heads: Σ_h I(h, m_h) is the RSE of the whole layer
+under a head-wise plan, which is the constraint DiTFastAttnV2's integer program uses.
+
+Candidates (method strings of the compression runtime):
+
+- ``window(w)`` / ``arrow(w)``: the head attends the band |i - j| <= w over image tokens
+  (``arrow`` for joint attention: text rows and columns kept). Computed from the layer's own
+  q, k, v through :func:`ditlens.kernels.headwise_attention`. Self and joint layers only.
+- ``ast``: the output of the previous step is reused (NaN at step 0).
+- ``asc``: the uncond branch reuses the cond output of the same step (NaN on the cond branch).
+
+Stored in the trace at ``/influence/rse`` with axes (prompt, branch, step, layer, head,
+candidate); the candidate labels are in the root attribute ``influence_candidates``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ditlens.analyzer.adapters import AttentionLayer, GroupedTensors
+from ditlens.analyzer.capture import BRANCHES, ForwardContext
+
+INFLUENCE_PATH = "/influence/rse"
+INFLUENCE_AXES = ("branch", "step", "layer", "head", "candidate")
+DEFAULT_SPARSITIES = (0.5, 0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str  # "window", "arrow", "ast" or "asc"
+    window: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}({self.window})" if self.method in ("window", "arrow") else self.method
+
+
+def parse_candidates(spec: str) -> list[Candidate]:
+    """``"ast,asc,arrow(64),window(16)"`` -> candidates."""
+    from ditlens.errors import DitlensError
+
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part in ("ast", "asc"):
+            out.append(Candidate(part))
+            continue
+        name, _, rest = part.partition("(")
+        if name not in ("window", "arrow") or not rest.endswith(")") or not rest[:-1].isdigit():
+            raise DitlensError(f"influence candidate {part!r}: use ast, asc, window(W) or arrow(W) with W in tokens")
+        out.append(Candidate(name, int(rest[:-1])))
+    return out
+
+
+def default_candidates(n_image: int, joint: bool, has_cfg: bool) -> list[Candidate]:
+    """Output cache, CFG share, and the band at 50/75/90 % image-pair sparsity."""
+    from ditlens.kernels import window_for_sparsity
+
+    method = "arrow" if joint else "window"
+    widths = sorted({window_for_sparsity(n_image, s) for s in DEFAULT_SPARSITIES}, reverse=True)
+    out = [Candidate("ast")] + ([Candidate("asc")] if has_cfg else [])
+    return out + [Candidate(method, w) for w in widths]
+
+
+def _sequence(tensors: GroupedTensors, name: str, layer: AttentionLayer, frames: int) -> torch.Tensor | None:
+    """The layer's tensor in its attention sequence order [batch, heads, L, D], or None where
+    the canonical layout is not one attention sequence (frames folded into the batch, as in
+    Latte's spatial layers; per-sample text lengths, as in Mochi)."""
+    image = tensors.image.get(name)
+    text = tensors.text.get(name)
+    if image is None or isinstance(text, list):
+        return None
+    if layer.kind == "self":
+        return image if frames == 1 else None
+    if layer.kind == "joint" and text is not None:
+        return torch.cat([text, image], dim=2) if layer.text_position == "first" else torch.cat([image, text], dim=2)
+    return None
+
+
+def _output(tensors: GroupedTensors) -> torch.Tensor | None:
+    """All output tokens of a layer [batch, heads, N, D] (image then text), or None."""
+    image, text = tensors.image.get("o"), tensors.text.get("o")
+    if image is None or isinstance(text, list):
+        return image
+    return image if text is None else torch.cat([image, text], dim=2)
+
+
+class InfluenceRecorder:
+    """Capture observer computing I(h, m) for every candidate (see module docstring)."""
+
+    def __init__(self, layers: list[AttentionLayer], candidates: list[Candidate] | Callable[[int], list[Candidate]],
+                 n_steps: int, n_heads: int) -> None:
+        """``candidates`` may be a function of the image token count, resolved at the first layer."""
+        self.layers = layers
+        self._candidates = candidates
+        self.n_steps, self.n_heads = n_steps, n_heads
+        self._result: torch.Tensor | None = None
+        self._previous: dict[tuple[int, str], torch.Tensor] = {}
+        self._pending_cond: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def _store(self, branch: str, step: int, layer: int, c: int, values: torch.Tensor) -> None:
+        if self._result is None:
+            shape = (len(BRANCHES), self.n_steps, len(self.layers), self.n_heads, len(self.candidates))
+            self._result = torch.full(shape, float("nan"), dtype=torch.float32, device=values.device)
+        self._result[BRANCHES.index(branch), step, layer, :, c] = values.float()
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        if callable(self._candidates):
+            raise RuntimeError("candidates are chosen at the first attention layer")
+        return self._candidates
+
+    def on_layer(self, layer_index: int, context: ForwardContext, tensors: GroupedTensors) -> None:
+        if callable(self._candidates):
+            grid = context.info.grid
+            self._candidates = self._candidates(grid[0] * grid[1] * grid[2])
+        layer = self.layers[layer_index]
+        out = _output(tensors)
+        if out is None:
+            return
+        rows = context.rows
+        order = sorted(rows, key=rows.get)
+        index = torch.tensor([rows[b] for b in order], device=out.device)
+        o = out.float()[index]  # [branches here, H, N, D]
+        centred = o - o.mean(dim=(1, 2, 3), keepdim=True)
+        denominator = centred.pow(2).sum(dim=(1, 2, 3))  # [branches]
+
+        def share(candidate_out: torch.Tensor, which: slice | list[int]) -> torch.Tensor:
+            err = (candidate_out.float() - o[which]).pow(2).sum(dim=(2, 3))  # [b, H]
+            return err / denominator[which, None]
+
+        windowed = [c for c in self.candidates if c.method in ("window", "arrow")]
+        if windowed:
+            q, k, v = (_sequence(tensors, n, layer, context.info.grid[0]) for n in ("q", "k", "v"))
+            if q is not None and k is not None and v is not None:
+                self._windowed(layer, layer_index, context, order, index, q, k, v, o, share)
+        for c_index, candidate in enumerate(self.candidates):
+            if candidate.method == "ast":
+                for i, branch in enumerate(order):
+                    previous = self._previous.get((layer_index, branch))
+                    if previous is not None:
+                        self._store(branch, context.step, layer_index, c_index, share(previous[None], [i])[0])
+            elif candidate.method == "asc":
+                self._asc(layer_index, context, order, o, share, c_index)
+        for i, branch in enumerate(order):
+            self._previous[(layer_index, branch)] = o[i]
+
+    def _windowed(self, layer, layer_index, context, order, index, q, k, v, o, share) -> None:
+        from ditlens.kernels import headwise_attention
+
+        n_text = 0 if layer.kind == "self" else q.shape[2] - context.info.grid[0] * context.info.grid[1] * context.info.grid[2]
+        # Canonical output order is image then text; the sequence may put text first.
+        text_first = layer.text_position == "first"
+        for c_index, candidate in enumerate(self.candidates):
+            if candidate.method not in ("window", "arrow"):
+                continue
+            mode = candidate.method if layer.kind == "joint" else "window"
+            seq = headwise_attention(q[index], k[index], v[index], modes=mode, windows=candidate.window,
+                                     n_text=n_text, text_first=text_first)
+            if n_text and text_first:
+                seq = torch.cat([seq[:, :, n_text:], seq[:, :, :n_text]], dim=2)
+            values = share(seq, slice(None))
+            for i, branch in enumerate(order):
+                self._store(branch, context.step, layer_index, c_index, values[i])
+
+    def _asc(self, layer_index, context, order, o, share, c_index) -> None:
+        if "cond" in order and "uncond" in order:
+            cond = o[order.index("cond")]
+            self._store("uncond", context.step, layer_index, c_index, share(cond[None], [order.index("uncond")])[0])
+        elif order == ["cond"]:
+            self._pending_cond[layer_index] = (context.step, o[0])
+        elif order == ["uncond"]:
+            step, cond = self._pending_cond.pop(layer_index, (None, None))
+            if step == context.step:
+                self._store("uncond", context.step, layer_index, c_index, share(cond[None], [0])[0])
+
+    def on_forward_end(self, context: ForwardContext) -> None:
+        pass
+
+    def finish(self, branches: list[str]) -> np.ndarray:
+        shape = (len(branches), self.n_steps, len(self.layers), self.n_heads, len(self.candidates))
+        self._previous.clear()
+        self._pending_cond.clear()
+        if self._result is None:
+            return np.full(shape, np.nan, np.float32)
+        out = self._result.cpu().numpy()[[BRANCHES.index(b) for b in branches]]
+        self._result = None
+        return np.ascontiguousarray(out)
