@@ -460,6 +460,11 @@ def test_kill_while_changing_structure_keeps_the_old_file(tmp_path: Path, point:
     assert_prompts_intact(path, expected)
     with Trace.open(path) as trace:
         assert not trace.has("/maps/x")
+    assert list(tmp_path.glob(".trace.h5.*.tmp"))  # the killed process's half-done copy
+    with TraceWriter.resume(path, make_header()) as writer:  # the next writer clears it away
+        write_prompts(writer, range(writer.n_done, N_PROMPTS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.h5"]
+    assert_prompts_intact(path, N_PROMPTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -640,6 +645,13 @@ def test_second_writer_is_refused_and_live_reader_follows(tmp_path: Path) -> Non
             write_prompts(writer, [1])
             assert live.refresh() == 2
             np.testing.assert_array_equal(live.stat(*KEYS[5]).data[1], prompt_data(1)[0][KEYS[5]])
+        # A derived array in the middle of a run goes through a staged copy, then writing goes on.
+        writer.write_array("/maps/partial", np.arange(4.0), ("head",))
+        write_prompts(writer, [2, 3])
+    assert_prompts_intact(path, N_PROMPTS)
+    with Trace.open(path) as trace:
+        np.testing.assert_array_equal(trace.array("/maps/partial").data, np.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.h5"]
 
 
 def test_open_for_append_writes_derived_arrays_atomically(tmp_path: Path) -> None:

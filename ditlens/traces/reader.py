@@ -286,8 +286,8 @@ class Trace:
         self.path = path
         self._file = handle
         self.live = live  # opened in SWMR read mode: a writer is (or was) active
-        self.format_version = check_format(handle, path)
         try:
+            self.format_version = check_format(handle, path)
             self.attrs: dict[str, object] = {k: python_value(v) for k, v in handle.attrs.items()}
             meta = handle["meta"]
             planned = read_strings(meta["prompts"])
@@ -345,11 +345,11 @@ class Trace:
 
     def refresh(self) -> int:
         """Re-read how many prompts are done (for a trace being written); returns n_done."""
-        if self.live:
+        if self.live:  # SWMR readers must ask for the writer's latest metadata
             self._n_done_ds.refresh()
             self._timesteps_ds.refresh()
-            self.n_done = self._read_n_done()
-            self.timesteps = np.asarray(self._timesteps_ds[()], dtype=np.float64)
+        self.n_done = self._read_n_done()
+        self.timesteps = np.asarray(self._timesteps_ds[()], dtype=np.float64)
         return self.n_done
 
     # -- labels -------------------------------------------------------------------------
@@ -387,7 +387,7 @@ class Trace:
         """One statistic over the finished prompts."""
         key = (group, tensor, comparison, metric)
         if not is_stat_key(key):
-            raise DitlensError(f"{'/'.join(key)} is not a ditlens statistic (see ditlens.traces.all_stat_keys())")
+            raise DitlensError(f"{'/'.join(map(str, key))} is not a ditlens statistic (see ditlens.traces.all_stat_keys())")
         path = stat_path(key)  # type: ignore[arg-type]
         if path not in self._file:
             raise DitlensError(
@@ -396,7 +396,8 @@ class Trace:
         return self.array(path)
 
     def has(self, path: str) -> bool:
-        return path in self._file and isinstance(self._file[path], h5py.Dataset)
+        """True when the file holds a dataset or group at ``path``."""
+        return path in self._file
 
     def datasets(self) -> list[str]:
         """Paths of every dataset in the file."""
@@ -411,7 +412,7 @@ class Trace:
     def array(self, path: str) -> LabelledArray:
         """Any dataset, labelled by its ``axes`` attribute. Arrays with a leading prompt axis
         are cut to the finished prompts."""
-        if not self.has(path):
+        if not (self.has(path) and isinstance(self._file[path], h5py.Dataset)):
             raise DitlensError(f"{self.path} has no dataset {path}")
         dataset = self._file[path]
         if "axes" not in dataset.attrs:
@@ -421,8 +422,9 @@ class Trace:
             raise TraceFormatError(
                 f"{self.path}: dataset {path} has {dataset.ndim} dimensions but axes {axes}: the file is corrupt"
             )
-        if path.strip("/").split("/")[0] == "raw" and path.strip("/").split("/")[-1] in self.raw_tensors():
-            return self.raw(path.strip("/").split("/")[-1])
+        parts = path.strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "raw" and parts[1] in self.raw_tensors():
+            return self.raw(parts[1])  # labelled from /raw/index
         cut = axes[:1] == ("prompt",) and dataset.shape[0] == len(self.header.prompts)
         selection = np.s_[: self.n_done] if cut else ()
         data = self._read(dataset, path, selection)
@@ -494,6 +496,8 @@ class Trace:
         try:
             if self.live:
                 dataset.refresh()
+            if h5py.check_string_dtype(dataset.dtype) is not None:
+                return np.asarray(dataset.asstr()[selection], dtype=str)
             return np.asarray(dataset[selection])
         except (OSError, RuntimeError, ValueError) as error:
             raise TraceFormatError(

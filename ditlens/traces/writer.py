@@ -22,6 +22,7 @@ How a trace stays readable whatever happens to the writing process:
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -167,6 +168,12 @@ def _fsync_dir(path: Path) -> None:
 def _temp_path(path: Path, purpose: str) -> Path:
     """Hidden sibling of ``path`` (same filesystem, so the final rename is atomic)."""
     return path.parent / f".{path.name}.{purpose}-{os.getpid()}.tmp"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporaries a killed ditlens process left beside ``path`` (safe: we hold the lock)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _to_numpy(value: Any, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -448,6 +455,7 @@ class TraceWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(target)
         lock.acquire()
+        _remove_stale_temps(target)
         temp = _temp_path(target, "new")
         try:
             _build_file(temp, header, keys, raw, arrays, created=_now())
@@ -460,27 +468,34 @@ class TraceWriter:
             if isinstance(error, OSError):
                 raise _io_error(error, f"creating {target}", "nothing was written; free space and run again") from None
             raise
-        return cls(target, header, keys, raw, arrays, n_done=0, timesteps=None, lock=lock)
+        writer = cls(target, header, keys, raw, arrays, n_done=0, timesteps=None, lock=lock)
+        writer._open_now()
+        return writer
 
     @classmethod
     def resume(cls, path: str | os.PathLike, header: TraceHeader) -> TraceWriter:
         """Continue a trace written by an earlier (possibly killed) run with the same settings.
         ``header.prompts`` must start with the prompts already done; it may plan more (or
-        other not-yet-done) prompts than the trace did."""
+        other not-yet-done) prompts than the trace did. The trace keeps its own ``extra``
+        attributes (root attributes cannot change while prompts are being added)."""
         target = Path(path)
         header.validate()
         lock = _WriterLock(target)
         lock.acquire()
         try:
-            return cls._attach(target, header, lock)
+            writer = cls._attach(target, header, lock)
         except BaseException:
             lock.release()
             raise
+        if not writer.complete:
+            writer._open_now()
+        return writer
 
     @classmethod
     def _attach(cls, target: Path, wanted: TraceHeader | None, lock: _WriterLock) -> TraceWriter:
         """Open an existing trace for writing (we hold its lock). A file left by a killed
         writer, or one whose prompt list changes, is first rebuilt into a clean copy."""
+        _remove_stale_temps(target)
         with Trace.open(target) as trace:
             recorded = trace.header
             if wanted is not None:
@@ -714,6 +729,11 @@ class TraceWriter:
                     os.fsencode(self.path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=_swmr_fapl()
                 )
             except OSError as error:
+                if "unable to lock" in str(error).lower():
+                    raise DitlensError(
+                        f"{self.path} is open in another program (a dashboard or another reader): "
+                        "close it, then run again (with --resume to continue the trace)"
+                    ) from None
                 if "open for write" in str(error):
                     raise DitlensError(
                         f"{self.path} is open for writing elsewhere ({_first_line(error)}): close that program first"
@@ -726,6 +746,14 @@ class TraceWriter:
                 path: self._file[path]
                 for path in ["/meta/timesteps", "/meta/n_done", *_prompt_axis_paths(self.stat_keys, self.raw, self.prompt_arrays)]
             }
+
+    def _open_now(self) -> None:
+        """Open for writing prompts at once, so a blocked file fails before any model runs."""
+        try:
+            self._ensure_swmr()
+        except BaseException:
+            self._abandon()
+            raise
 
     def _begin_staging(self) -> None:
         """Switch to a staged copy of the trace that structure changes can go to."""
