@@ -50,6 +50,7 @@ class LabelledArray:
 
     def __post_init__(self) -> None:
         self.axes = tuple(self.axes)
+        self.coords = dict(self.coords)  # never add to the caller's dict
         if self.data.ndim != len(self.axes):
             raise ValueError(f"data has {self.data.ndim} dimensions but {len(self.axes)} axes {self.axes}")
         for axis, size in zip(self.axes, self.data.shape):

