@@ -1,0 +1,507 @@
+"""The search engine: runs a pipeline over calibration prompts and lets a controller decide
+every (step, layer) on the running, progressively compressed trajectory.
+
+How it avoids recomputation (generic over diffusers transformers, no per-family code):
+
+* The pipeline is called once with all calibration prompts; a hook on the transformer takes each
+  step's batched forward, cuts it into **micro-batches** of prompts (cond and uncond rows of a
+  prompt stay together, in the pipeline's CFG order) and hands the step to the controller. The
+  transformer's activation memory is that of one micro-batch.
+* Every transformer block (the ``ModuleList`` child holding an attention layer) caches its output
+  per micro-batch once all of its attention layers are decided at this step. A later pass returns
+  those cached outputs instead of running the blocks, so deciding layer i runs only the block of
+  layer i (and, for V1's trials, the blocks after it).
+* A pass may stop right after a layer's attention (``_Stop``): V2 needs nothing after it.
+* Attention products are executed here from the call's own q, k, v (intercepted SDPA): the
+  controller's per-head methods, or every candidate at once for V2's influences.
+
+Method semantics and caches follow the compression runtime (DESIGN §5): output cache (``ast``)
+= the head's output at the latest step it was computed; WA-RS = window + residual of the latest
+pure ``full`` step (one window per refresh); ``+asc`` = uncond rows copy the cond rows. A layer's
+caches are written only when its methods are decided (trials and undecided layers read them),
+and a decided layer may run several times in one step with the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditlens.compress.methods import FULL, CallLayout, HeadMethod, dense_mask
+from ditlens.errors import DitlensError
+
+STEP_HOOK = "ditlens.search.step"
+BLOCK_HOOK = "ditlens.search.block"
+LAYER_HOOK = "ditlens.search.layer"
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _Stop(Exception):
+    """Raised inside a forward once the pass has what it needs."""
+
+
+@dataclass
+class EngineConfig:
+    steps: int = 20
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    micro_batch: int = 4
+    reuse_blocks: bool = True  # False: every pass runs the whole transformer (naive baseline)
+    residual_widths: tuple[int, ...] = ()  # WA-RS windows whose residuals are refreshed at full steps
+    progress: bool = True
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
+
+
+@dataclass
+class PassConfig:
+    """What one forward of one micro-batch does."""
+
+    trial: dict[int, tuple[HeadMethod, ...]] = field(default_factory=dict)  # no cache writes
+    observe: int | None = None  # layer whose candidates are measured (runs full, then stops)
+    skip_before: int = 0  # block position: cached blocks before it return their cache
+
+
+@dataclass
+class MicroBatch:
+    index: int
+    prompts: tuple[int, ...]  # prompt index of every batch row of the micro-batch
+    branches: tuple[str, ...]  # branch of every batch row
+    rows: torch.Tensor  # rows of the pipeline's batch
+    args: tuple
+    kwargs: dict
+
+
+def _sdpa_params(args: tuple, kwargs: dict) -> dict[str, Any]:
+    params = dict(zip(_SDPA_PARAMS, args))
+    params.update(kwargs)
+    return params
+
+
+def _slice_batch(obj: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Rows of every tensor whose first dimension is the batch (dicts, lists and tuples recursed)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, rows, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
+        return type(obj)(_slice_batch(v, rows, batch) for v in obj)
+    return obj
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
+
+
+def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [tensor] + list(output[1:])
+    return type(output)(sample=tensor)
+
+
+@dataclass
+class HeadState:
+    """Decision history of one (layer, head) across steps (shared by all micro-batches)."""
+
+    refreshed: bool = False  # a pure full step happened (WA-RS has a residual)
+    wars_window: int | None = None  # window used since the last refresh
+
+
+class SearchEngine:
+    """Drives one pipeline call over the calibration prompts; see the module docstring."""
+
+    def __init__(self, pipe: Any, prompts: Sequence[str], config: EngineConfig, registry: Any = None) -> None:
+        from ditlens.analyzer.adapters import default_registry
+
+        if not prompts:
+            raise DitlensError("plan search needs at least one calibration prompt")
+        self.pipe = pipe
+        self.prompts = list(prompts)
+        self.config = config
+        self.transformer: nn.Module = pipe.transformer
+        self.adapter = (registry or default_registry()).find(self.transformer)
+        self.layers = self.adapter.attention_layers(self.transformer)
+        self.heads, self.head_dim = self.adapter.heads(self.transformer)
+        self.block_of: list[str] = [self._block_name(l.name) for l in self.layers]
+        self.blocks: list[str] = list(dict.fromkeys(self.block_of))  # execution order (layers are)
+        self.block_pos = {b: i for i, b in enumerate(self.blocks)}
+        self.layers_of_block: dict[str, list[int]] = {b: [] for b in self.blocks}
+        for i, b in enumerate(self.block_of):
+            self.layers_of_block[b].append(i)
+        # run state
+        self.step = -1
+        self.timesteps: list[float] = []
+        self.grid: tuple[int, int, int] | None = None
+        self.n_text = 0
+        self.cfg_rows = 1
+        self.cfg_layout = "none"
+        self.micro_batches: list[MicroBatch] = []
+        self.mb: MicroBatch | None = None
+        self.pass_cfg = PassConfig()
+        self.decided: dict[int, tuple[HeadMethod, ...]] = {}
+        self.block_cache: dict[tuple[int, str], Any] = {}
+        self.head_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.residual: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self.head_state = [[HeadState() for _ in range(self.heads)] for _ in self.layers]
+        self.observer: Callable[..., None] | None = None
+        self.controller: Any = None
+        self._original_forward: Callable | None = None
+        self.forward_passes = 0
+        self.block_runs = 0
+
+    # -- structure -----------------------------------------------------------------------------
+    def _block_name(self, layer_name: str) -> str:
+        """The child of a ``ModuleList`` that holds the attention module (its transformer block)."""
+        parts = layer_name.split(".")
+        for n in range(len(parts) - 1):
+            if isinstance(self.transformer.get_submodule(".".join(parts[: n + 1])), nn.ModuleList):
+                name = ".".join(parts[: n + 2])
+                if name != layer_name:
+                    return name
+        return layer_name  # the attention module is its own block
+
+    # -- running -------------------------------------------------------------------------------
+    def call_kwargs(self) -> dict[str, Any]:
+        from ditlens.analyzer.adapters import _class_label
+
+        cfg = self.config
+        kwargs = self.adapter.call_kwargs(self.pipe, self.prompts[0], cfg.steps, cfg.guidance, cfg.height, cfg.width,
+                                          torch.Generator(device="cpu").manual_seed(cfg.seed))
+        if "class_labels" in kwargs:
+            kwargs["class_labels"] = [_class_label(self.pipe, p) for p in self.prompts]
+        else:
+            kwargs["prompt"] = list(self.prompts)
+        extra = {k: v for k, v in cfg.call_kwargs.items() if k not in ("prompt", "class_labels", "generator")}
+        kwargs.update(extra)
+        return kwargs
+
+    def run(self, controller: Any) -> Any:
+        """Run the pipeline with ``controller.run_step(engine, step)`` deciding every step."""
+        from ditlens.analyzer import hooks
+
+        step_hook, block_hook, layer_hook = _hook_classes()
+        self.controller = controller
+        attached: list[tuple[nn.Module, str]] = []
+        try:
+            hooks.attach(self.transformer, step_hook(self), STEP_HOOK)
+            attached.append((self.transformer, STEP_HOOK))
+            for b in self.blocks:
+                module = self.transformer.get_submodule(b)
+                if b in [l.name for l in self.layers]:
+                    continue  # an attention module that is its own block: never cached
+                hooks.attach(module, block_hook(self, b), BLOCK_HOOK)
+                attached.append((module, BLOCK_HOOK))
+            for i, layer in enumerate(self.layers):
+                module = self.transformer.get_submodule(layer.name)
+                hooks.attach(module, layer_hook(self, i), LAYER_HOOK)
+                attached.append((module, LAYER_HOOK))
+            with torch.no_grad():
+                return self.pipe(**self.call_kwargs())
+        finally:
+            for module, name in reversed(attached):
+                hooks.detach(module, name)
+            self.head_cache.clear()
+            self.residual.clear()
+            self.block_cache.clear()
+
+    def on_transformer_forward(self, original: Callable, args: tuple, kwargs: dict) -> Any:
+        info = self.adapter.forward_info(self.transformer, args, kwargs)
+        if self.timesteps and info.timestep == self.timesteps[-1]:
+            raise DitlensError("plan search supports one transformer forward per step (batched CFG or no CFG); "
+                               "this pipeline runs separate cond/uncond forwards")
+        self.step += 1
+        if self.step >= self.config.steps:
+            raise DitlensError(f"the pipeline ran more than {self.config.steps} steps; pass the step count it uses")
+        self.timesteps.append(info.timestep)
+        self.grid = tuple(info.grid)
+        P = len(self.prompts)
+        if info.batch not in (P, 2 * P):
+            raise DitlensError(f"transformer saw batch {info.batch} for {P} calibration prompts; use one image per prompt")
+        self.cfg_rows = info.batch // P
+        pipe_layout = self.adapter.pipeline_cfg_layout(self.pipe)
+        if self.cfg_rows == 2:
+            if pipe_layout not in ("batched_cond_first", "batched_uncond_first"):
+                raise DitlensError(f"pipeline CFG layout {pipe_layout!r} is not batched; plan search needs batched CFG")
+            self.cfg_layout = pipe_layout
+        else:
+            self.cfg_layout = "none"
+        self._original_forward = original
+        self.micro_batches = self._split(args, kwargs, info.batch)
+        self.block_cache.clear()
+        self.decided = {}
+        outputs = self.controller.run_step(self, self.step)
+        merged = torch.empty((info.batch,) + tuple(first_tensor(outputs[0]).shape[1:]),
+                             dtype=first_tensor(outputs[0]).dtype, device=first_tensor(outputs[0]).device)
+        for mb, out in zip(self.micro_batches, outputs):
+            merged[mb.rows.to(merged.device)] = first_tensor(out)
+        return _replace_first(outputs[0], merged)
+
+    def _split(self, args: tuple, kwargs: dict, batch: int) -> list[MicroBatch]:
+        P, size = len(self.prompts), max(1, self.config.micro_batch)
+        first = "cond" if self.cfg_layout in ("batched_cond_first", "none") else "uncond"
+        second = "uncond" if first == "cond" else "cond"
+        out = []
+        for index, start in enumerate(range(0, P, size)):
+            prompts = list(range(start, min(P, start + size)))
+            rows = list(prompts)
+            branches = [first] * len(prompts)
+            if self.cfg_rows == 2:
+                rows += [P + p for p in prompts]
+                branches += [second] * len(prompts)
+                prompts = prompts + prompts
+            idx = torch.tensor(rows, dtype=torch.long)
+            out.append(MicroBatch(index, tuple(prompts), tuple(branches), idx, _slice_batch(args, idx, batch),
+                                  _slice_batch(kwargs, idx, batch)))
+        return out
+
+    def forward(self, mb: MicroBatch, cfg: PassConfig | None = None) -> Any:
+        """One transformer forward of micro-batch ``mb`` under ``cfg``; None when the pass stopped early."""
+        self.mb, self.pass_cfg = mb, cfg or PassConfig()
+        if not self.config.reuse_blocks:
+            self.pass_cfg.skip_before = 0
+        self.forward_passes += 1
+        try:
+            return self._original_forward(*mb.args, **mb.kwargs)
+        except _Stop:
+            return None
+        finally:
+            self.mb, self.pass_cfg = None, PassConfig()
+
+    def decide(self, layer: int, methods: Sequence[HeadMethod]) -> None:
+        """Fix the methods of ``layer`` at this step (its caches are written from now on)."""
+        methods = tuple(methods)
+        self.decided[layer] = methods
+        for h, m in enumerate(methods):
+            state = self.head_state[layer][h]
+            if m.base == "full" and not m.asc:
+                state.refreshed, state.wars_window = True, None
+            elif m.base == "wars":
+                state.wars_window = m.window
+
+    def wars_allowed(self, layer: int, head: int, window: int) -> bool:
+        state = self.head_state[layer][head]
+        return state.refreshed and state.wars_window in (None, window)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_block(self, name: str, original: Callable, args: tuple, kwargs: dict) -> Any:
+        mb = self.mb
+        if mb is None:
+            return original(*args, **kwargs)
+        key = (mb.index, name)
+        if self.block_pos[name] < self.pass_cfg.skip_before and key in self.block_cache:
+            return self.block_cache[key]
+        self.block_runs += 1
+        out = original(*args, **kwargs)
+        if self.config.reuse_blocks and all(i in self.decided for i in self.layers_of_block[name]):
+            self.block_cache[key] = out
+        return out
+
+    def on_layer(self, index: int, original: Callable, args: tuple, kwargs: dict) -> Any:
+        from ditlens.analyzer.capture import AttentionInterceptor
+
+        mb, cfg = self.mb, self.pass_cfg
+        if mb is None:
+            return original(*args, **kwargs)
+        if index in cfg.trial:
+            methods, commit = cfg.trial[index], False
+        elif index in self.decided:
+            methods, commit = self.decided[index], True
+        else:
+            methods, commit = None, False
+        observe = cfg.observe == index
+        calls = [0]
+
+        def handler(func, q, k, v, call_args, call_kwargs):
+            call = calls[0]
+            calls[0] += 1
+            if observe:
+                out = func(*call_args, **call_kwargs)
+                self.observer(index, call, func, call_args, call_kwargs, out)  # type: ignore[misc]
+                return out
+            if methods is None:
+                return func(*call_args, **call_kwargs)
+            return self.execute(index, call, methods, commit, func, call_args, call_kwargs)
+
+        with AttentionInterceptor(handler):
+            out = original(*args, **kwargs)
+        if observe:
+            raise _Stop()
+        return out
+
+    # -- attention -----------------------------------------------------------------------------
+    def call_layout(self, index: int, q: torch.Tensor, k: torch.Tensor) -> CallLayout:
+        layer = self.layers[index]
+        frames, rows, cols = self.grid  # type: ignore[misc]
+        lq, lk = q.shape[-2], k.shape[-2]
+        if layer.kind == "cross":
+            self.n_text = lk
+            return CallLayout(lq, lk, 0, False, (1, rows, cols), cross=True)
+        if layer.kind == "joint":
+            n_image = frames * rows * cols
+            self.n_text = lq - n_image
+            return CallLayout(lq, lk, lq - n_image, layer.text_position == "first", (frames, rows, cols))
+        if layer.kind == "temporal":
+            return CallLayout(lq, lk, 0, False, None)
+        if lq == frames * rows * cols:
+            return CallLayout(lq, lk, 0, False, (frames, rows, cols))
+        if lq == rows * cols:
+            return CallLayout(lq, lk, 0, False, (1, rows, cols))
+        return CallLayout(lq, lk, 0, False, None)
+
+    def masked(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
+               kind: str, w: int, layout: CallLayout) -> torch.Tensor:
+        """Attention of every head of q/k/v under one mask, combined with the model's own mask."""
+        extra = {k_: v_ for k_, v_ in params.items() if k_ not in ("query", "key", "value")}
+        model_mask = extra.pop("attn_mask", None)
+        if kind == "full":
+            return func(q, k, v, attn_mask=model_mask, **extra)
+        mask = dense_mask(kind, w, layout, str(q.device))
+        if model_mask is not None:
+            mask = model_mask & mask if model_mask.dtype == torch.bool else model_mask.masked_fill(~mask, float("-inf"))
+        return func(q, k, v, attn_mask=mask, **extra)
+
+    def cfg_halves(self, batch: int) -> tuple[slice, slice] | None:
+        """(cond rows, uncond rows) of an attention call's batch, None without CFG."""
+        if self.cfg_rows != 2:
+            return None
+        half = batch // 2
+        first, second = slice(0, half), slice(half, batch)
+        return (first, second) if self.mb.branches[0] == "cond" else (second, first)  # type: ignore[union-attr]
+
+    def method_output(self, index: int, call: int, method: HeadMethod, func: Callable, params: dict,
+                      layout: CallLayout, full: torch.Tensor | None) -> torch.Tensor:
+        """Output of every head of one call under ``method`` [B', H, L, D] (NaN where impossible)."""
+        q, k, v = params["query"], params["key"], params["value"]
+        key = (index, call, self.mb.index)  # type: ignore[union-attr]
+        if method.base == "ast":
+            cached = self.head_cache.get(key)
+            return cached if cached is not None else torch.full_like(full if full is not None else q, float("nan"))
+        if method.mask_kind == "full":
+            out = full if full is not None else self.masked(func, q, k, v, params, "full", 0, layout)
+        else:
+            out = self.masked(func, q, k, v, params, method.mask_kind, method.window, layout)
+        if method.base == "wars":
+            residual = self.residual.get(key + (method.window,))
+            out = out + residual if residual is not None else torch.full_like(out, float("nan"))
+        if method.asc:
+            halves = self.cfg_halves(out.shape[0])
+            if halves is None or out.shape[0] % 2:
+                return torch.full_like(out, float("nan"))
+            out = out.clone()
+            out[halves[1]] = out[halves[0]]
+        return out
+
+    def execute(self, index: int, call: int, methods: tuple[HeadMethod, ...], commit: bool, func: Callable,
+                call_args: tuple, call_kwargs: dict) -> torch.Tensor:
+        params = _sdpa_params(call_args, call_kwargs)
+        q = params["query"]
+        layout = self.call_layout(index, q, params["key"])
+        needs_full = any(m.mask_kind == "full" and m.computes for m in methods) or (
+            commit and self.config.residual_widths and any(m.base == "full" and not m.asc for m in methods))
+        full = func(*call_args, **call_kwargs) if needs_full else None
+        out = None
+        groups: dict[HeadMethod, list[int]] = {}
+        for h, m in enumerate(methods):
+            groups.setdefault(m, []).append(h)
+        for method, heads in groups.items():
+            result = self.method_output(index, call, method, func, params, layout, full)
+            if out is None:
+                out = torch.empty_like(result)
+            idx = torch.tensor(heads, device=result.device)
+            out[:, idx] = result[:, idx]
+        assert out is not None
+        if commit:
+            key = (index, call, self.mb.index)  # type: ignore[union-attr]
+            computing = [h for h, m in enumerate(methods) if m.computes]
+            if computing:
+                idx = torch.tensor(computing, device=out.device)
+                cache = self.head_cache.get(key)
+                if cache is None:
+                    cache = self.head_cache[key] = torch.zeros_like(out)
+                cache[:, idx] = out[:, idx]
+            refresh = [h for h, m in enumerate(methods) if m.base == "full" and not m.asc]
+            if refresh and self.config.residual_widths and layout.k_len == layout.q_len and not layout.cross:
+                idx = torch.tensor(refresh, device=out.device)
+                for w in self.config.residual_widths:
+                    windowed = self.masked(func, params["query"], params["key"], params["value"], params, "window", w, layout)
+                    res = self.residual.get(key + (w,))
+                    if res is None:
+                        res = self.residual[key + (w,)] = torch.zeros_like(out)
+                    res[:, idx] = (full - windowed)[:, idx]  # type: ignore[operator]
+        return out
+
+    # -- influence -----------------------------------------------------------------------------
+    def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch row of the micro-batch: ([rows, H] Σ (O'_h - O_h)², [rows] Σ (O - mean O)²)."""
+        rows = len(self.mb.prompts)  # type: ignore[union-attr]
+        B, H = full.shape[:2]
+        if B % rows:
+            raise DitlensError(f"attention call batch {B} is not a multiple of the micro-batch's {rows} rows")
+        o = full.float().reshape(rows, B // rows, H, -1)
+        c = candidate.float().reshape(rows, B // rows, H, -1)
+        err = (c - o).pow(2).sum(dim=(1, 3))  # [rows, H]
+        centred = o - o.mean(dim=(1, 2, 3), keepdim=True)
+        spread = centred.pow(2).sum(dim=(1, 2, 3))
+        return err.double().cpu().numpy(), spread.double().cpu().numpy()
+
+    def progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.config.progress, leave=False)
+
+
+def _hook_classes():
+    from diffusers.hooks import ModelHook
+
+    class StepHook(ModelHook):
+        def __init__(self, engine: SearchEngine) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.engine.on_transformer_forward(self.fn_ref.original_forward, args, kwargs)
+
+    class BlockHook(ModelHook):
+        def __init__(self, engine: SearchEngine, name: str) -> None:
+            super().__init__()
+            self.engine, self.name = engine, name
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.engine.on_block(self.name, self.fn_ref.original_forward, args, kwargs)
+
+    class LayerHook(ModelHook):
+        def __init__(self, engine: SearchEngine, index: int) -> None:
+            super().__init__()
+            self.engine, self.index = engine, index
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.engine.on_layer(self.index, self.fn_ref.original_forward, args, kwargs)
+
+    return StepHook, BlockHook, LayerHook
+
+
+def layer_entry(methods: Sequence[HeadMethod]) -> str | list[str]:
+    """A plan entry: one string when every head agrees, else one string per head."""
+    texts = [m.to_str() for m in methods]
+    return texts[0] if len(set(texts)) == 1 else texts
+
+
+def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+
+
+__all__ = ["SearchEngine", "EngineConfig", "PassConfig", "MicroBatch", "layer_entry", "first_tensor", "FULL"]
