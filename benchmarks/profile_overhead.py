@@ -38,64 +38,74 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+VARIANTS = {
+    # name: (metrics, tensors) passed to select_stat_keys
+    "all statistics": (None, None),
+    "no ssim": ("l1,rel_l1,cosine", None),
+    "o only, l1": ("l1", "o"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny-dit")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=None, help="append the result row to this Markdown file")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--out", default=None, help="append the result rows to this Markdown file")
     args = parser.parse_args()
 
     from ditlens.analyzer import ProfileConfig, profile
-    from ditlens.analyzer.profiler import Profiler
+    from ditlens.analyzer.profiler import Profiler, select_stat_keys
 
     pipe, prompts, size = build(args.model, args.device)
-    config = ProfileConfig(steps=args.steps, guidance=size["guidance"], height=size.get("height"),
-                           width=size.get("width"), overwrite=True)
-    profiler = Profiler(pipe, config)
-    adapter = profiler.adapter
+    base = ProfileConfig(steps=args.steps, guidance=size["guidance"], height=size.get("height"),
+                         width=size.get("width"), overwrite=True)
+    adapter = Profiler(pipe, base).adapter
 
     def plain() -> float:
         sync(args.device)
         t0 = time.perf_counter()
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device=torch.device(args.device).type).manual_seed(i)
-            kwargs = adapter.call_kwargs(pipe, prompt, args.steps, config.guidance, config.height, config.width, gen)
+            kwargs = adapter.call_kwargs(pipe, prompt, args.steps, base.guidance, base.height, base.width, gen)
             with torch.inference_mode():
                 pipe(**kwargs)
         sync(args.device)
         return time.perf_counter() - t0
 
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"CPU ({torch.get_num_threads()} threads)")
+    rows = []
+    plain()  # warm-up (kernels, allocator)
+    t_plain = min(plain() for _ in range(args.repeats))
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "bench.h5"
+        for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            metrics, tensors = VARIANTS[name]
+            config = ProfileConfig(**{**base.__dict__, "stat_keys": select_stat_keys(metrics, tensors)})
 
-        def profiled() -> float:
-            sync(args.device)
-            t0 = time.perf_counter()
-            profile(pipe, prompts, trace, config, progress=False, log=lambda s: None)
-            sync(args.device)
-            return time.perf_counter() - t0
+            def profiled() -> float:
+                sync(args.device)
+                t0 = time.perf_counter()
+                profile(pipe, prompts, trace, config, progress=False, log=lambda s: None)
+                sync(args.device)
+                return time.perf_counter() - t0
 
-        plain()  # warm-up (kernels, allocator)
-        profiled()
-        plain_times, profile_times = [], []
-        for _ in range(args.repeats):
-            plain_times.append(plain())
-            profile_times.append(profiled())
-        size_per_prompt = trace.stat().st_size / len(prompts)
-
-    t_plain, t_prof = min(plain_times), min(profile_times)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)"
-    row = (f"| {args.model} | {device_name} | {len(prompts)} | {args.steps} | {t_plain:.2f} s | {t_prof:.2f} s | "
-           f"{t_prof / t_plain:.2f}x | {size_per_prompt / 1e6:.2f} MB |")
-    header = ("| model | device | prompts | steps | plain generation | profile (stats) | overhead | trace per prompt |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- |")
+            profiled()  # warm-up
+            t_prof = min(profiled() for _ in range(args.repeats))
+            size_per_prompt = trace.stat().st_size / len(prompts)
+            rows.append(f"| {args.model} | {device_name} | {name} | {len(prompts)} | {args.steps} | {t_plain:.2f} s | "
+                        f"{t_prof:.2f} s | {t_prof / t_plain:.2f}x | {size_per_prompt / 1e6:.2f} MB |")
+            print(rows[-1], flush=True)
+    header = ("| model | device | statistics | prompts | steps | plain generation | profile | overhead | "
+              "trace per prompt |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(header)
-    print(row)
+    print("\n".join(rows))
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
-            f.write(row + "\n")
+            f.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
+    from ditlens.analyzer.profiler import select_stat_keys
     from ditlens.models import load_pipeline, parse_dtype
 
     prompts = _prompts(args)
@@ -64,6 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     config = ProfileConfig(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                            seed=args.seed, raw=raw, resume=args.resume, overwrite=args.overwrite,
                            influence=args.influence, influence_candidates=args.influence_candidates,
+                           stat_keys=select_stat_keys(args.metrics, args.tensors),
                            call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
     registry = default_registry(args.adapter or [])
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-heads", help="head indices (default all)")
     p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token of raw tensors")
     p.add_argument("--max-raw-bytes", type=float, default=2**30, help="refuse raw captures larger than this")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated subset of l1,rel_l1,cosine,ssim to record (default: all; ssim costs most)")
+    p.add_argument("--tensors", default=None, help="comma-separated subset of q,k,v,o to record (default: all)")
     p.add_argument("--influence", action="store_true",
                    help="also record each head's influence (RSE) under compression candidates, for offline search")
     p.add_argument("--influence-candidates", default=None,

@@ -96,11 +96,48 @@ NP_METRICS = {"l1": np_l1, "rel_l1": np_rel_l1, "cosine": np_cosine}
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_equal_numpy_formulas_on_raw_tensors(family, pipelines, tmp_path):
-    from ditlens.traces.reader import Trace
+    out = tmp_path / "t.h5"
+    profile(pipelines(family), prompts_for(family), out, run_config(family, raw=RawRequest()), progress=False,
+            log=lambda s: None)
+    assert_stats_match_raw(out)
 
-    pipe = pipelines(family)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux", "cogvideox"])
+def test_gpu_statistics_and_bit_identical_output(family, tmp_path):
+    """On CUDA: hooks keep the output bit-identical and device statistics equal numpy on raw tensors."""
+    pipe = build_tiny_pipeline(family).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        kwargs = pipeline_call_kwargs(family, prompts_for(family)[0], STEPS, 3.0, 0)
+        kwargs["generator"] = torch.Generator("cuda").manual_seed(0)
+        with torch.inference_mode():
+            return torch.as_tensor(np.asarray(pipe(**kwargs)[0]))
+
+    from ditlens.analyzer.capture import apply_capture
+    from ditlens.analyzer.stats import PromptStatistics
+    from ditlens.traces.format import all_stat_keys
+
+    reference = images()
+    adapter = default_registry().find(pipe.transformer)
+    layers = adapter.attention_layers(pipe.transformer)
+    stats = PromptStatistics(all_stat_keys(), STEPS, len(layers), adapter.heads(pipe.transformer)[0])
+    with apply_capture(pipe.transformer, adapter, stats, cfg_layout=adapter.pipeline_cfg_layout(pipe),
+                       max_steps=STEPS, layers=layers):
+        assert torch.equal(images(), reference)
     out = tmp_path / "t.h5"
     profile(pipe, prompts_for(family), out, run_config(family, raw=RawRequest()), progress=False, log=lambda s: None)
+    assert_stats_match_raw(out)
+
+
+def assert_stats_match_raw(out: Path) -> None:
+    from ditlens.traces.reader import Trace
+
     with Trace.open(out) as trace:
         tokens = trace.tokens
         n_img = tokens.n_image

@@ -132,7 +132,8 @@ class InfluenceRecorder:
             return
         rows = context.rows
         order = sorted(rows, key=rows.get)
-        index = torch.tensor([rows[b] for b in order], device=out.device)
+        # Rows in branch order: a slice (no index tensor, so no host-device sync).
+        index = slice(None) if [rows[b] for b in order] == list(range(len(order))) else [rows[b] for b in order]
         o = out.float()[index]  # [branches here, H, N, D]
         centred = o - o.mean(dim=(1, 2, 3), keepdim=True)
         denominator = centred.pow(2).sum(dim=(1, 2, 3))  # [branches]

@@ -62,6 +62,22 @@ class ProfileResult:
     seconds_per_prompt: list[float]
 
 
+def select_stat_keys(metrics: str | Sequence[str] | None = None, tensors: str | Sequence[str] | None = None
+                     ) -> list[StatKey] | None:
+    """The statistics to record for a metric and tensor subset (None: everything)."""
+    if metrics is None and tensors is None:
+        return None
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else list(v)
+    keys = all_stat_keys()
+    wanted_m = set(split(metrics)) if metrics is not None else {k[3] for k in keys}
+    wanted_t = set(split(tensors)) if tensors is not None else {k[1] for k in keys}
+    bad = (wanted_m - {k[3] for k in keys}) | (wanted_t - {k[1] for k in keys})
+    if bad or not wanted_m or not wanted_t:
+        raise DitlensError(f"unknown or empty --metrics/--tensors {sorted(bad)}: metrics are l1,rel_l1,cosine,ssim; "
+                           "tensors q,k,v,o")
+    return [k for k in keys if k[3] in wanted_m and k[1] in wanted_t]
+
+
 def _resolve_indices(selected: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
     if selected is None:
         return tuple(range(size))

@@ -94,9 +94,9 @@ def _row(x: GroupTensor | None, row: int) -> torch.Tensor | None:
 class PromptStatistics:
     """Capture observer accumulating every statistic of one prompt on the device.
 
-    Results live in one device tensor per (group, comparison) of shape
-    [tensor, metric, (branch,) step, layer, head]; each layer's comparisons are stacked into a
-    single batched metric call and a single indexed write, which keeps kernel launches few.
+    Each layer's comparisons are stacked into one batched metric call per token group; the
+    small result blocks stay on the device and are scattered into host arrays once per prompt,
+    so the model never waits for the host.
     """
 
     def __init__(self, stat_keys: list[StatKey], n_steps: int, n_layers: int, n_heads: int,
@@ -117,7 +117,8 @@ class PromptStatistics:
                 names.append(t)
             if m not in metrics:
                 metrics.append(m)
-        self._results: dict[tuple[str, str], torch.Tensor] = {}
+        # (group, comparison, step, layer, [(tensor index, branch slot)], values [items, metrics, heads])
+        self._blocks: list[tuple[str, str, int, int, list[tuple[int, int]], torch.Tensor]] = []
 
     # -- CaptureObserver ----------------------------------------------------------------------
     def on_layer(self, layer: int, context: ForwardContext, tensors: GroupedTensors) -> None:
@@ -180,40 +181,39 @@ class PromptStatistics:
                 y = torch.stack([ys[i] for i in members])
                 values = pairwise_stats(x, y, metrics, self.grid if group == "image" else None)
                 block = torch.stack([values[m].float() for m in metrics], dim=1)  # [items, metrics, heads]
-                out = self._result(group, comparison, len(names), len(metrics), x.device)
-                t_idx = torch.tensor([slots[i][0] for i in members], device=x.device)
-                if comparison == "step":
-                    b_idx = torch.tensor([slots[i][1] for i in members], device=x.device)
-                    out[t_idx, :, b_idx, step, layer] = block
-                else:
-                    out[t_idx, :, step, layer] = block
-
-    def _result(self, group: str, comparison: str, n_names: int, n_metrics: int, device: torch.device) -> torch.Tensor:
-        key = (group, comparison)
-        if key not in self._results:
-            shape = (n_names, n_metrics) + ((len(BRANCHES),) if comparison == "step" else ()) + (
-                self.n_steps, self.n_layers, self.n_heads)
-            self._results[key] = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        return self._results[key]
+                # Scattered on the host once per prompt: no index tensors, no sync while the model runs.
+                self._blocks.append((group, comparison, step, layer, [slots[i] for i in members], block))
 
     def finish(self, branches: list[str]) -> dict[StatKey, np.ndarray]:
         """Host arrays of every key for the trace's branches; frees the history."""
-        host = {key: value.cpu().numpy() for key, value in self._results.items()}
+        shape = (self.n_steps, self.n_layers, self.n_heads)
+        full: dict[tuple[str, str], np.ndarray] = {}
+        for (group, comparison), (names, metrics) in self._plan.items():
+            lead = (len(names), len(metrics)) + ((len(BRANCHES),) if comparison == "step" else ())
+            full[(group, comparison)] = np.full(lead + shape, np.nan, np.float32)
+        if self._blocks:
+            host = torch.cat([blk.reshape(-1) for *_, blk in self._blocks]).cpu().numpy()  # one copy
+            offset = 0
+            for group, comparison, step, layer, slots, blk in self._blocks:
+                size = blk.numel()
+                values = host[offset:offset + size].reshape(blk.shape)
+                offset += size
+                target = full[(group, comparison)]
+                for (t_index, slot), row in zip(slots, values):
+                    if comparison == "step":
+                        target[t_index, :, slot, step, layer] = row
+                    else:
+                        target[t_index, :, step, layer] = row
         out: dict[StatKey, np.ndarray] = {}
         rows = [BRANCHES.index(b) for b in branches]
         for key in self.keys:
             group, name, comparison, metric = key
             names, metrics = self._plan[(group, comparison)]
-            block = host.get((group, comparison))
-            if block is None:
-                shape = (self.n_steps, self.n_layers, self.n_heads)
-                out[key] = np.full(((len(rows),) + shape) if comparison == "step" else shape, np.nan, np.float32)
-                continue
-            array = block[names.index(name), metrics.index(metric)]
+            array = full[(group, comparison)][names.index(name), metrics.index(metric)]
             out[key] = np.ascontiguousarray(array[rows] if comparison == "step" else array)
         self._previous.clear()
         self._pending_cond.clear()
-        self._results.clear()
+        self._blocks.clear()
         return out
 
 
