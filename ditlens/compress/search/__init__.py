@@ -3,8 +3,9 @@ trace), budget mode. Every search returns a :class:`~ditlens.compress.plan.Plan`
 
 from ditlens.compress.search.common import SearchResult, default_candidates, parse_candidate_list
 from ditlens.compress.search.engine import EngineConfig
+from ditlens.compress.search.greedy import GreedyConfig, search_greedy
 from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
 from ditlens.compress.search.milp import solve_layer
 
-__all__ = ["EngineConfig", "HeadwiseConfig", "SearchResult", "default_candidates", "parse_candidate_list",
+__all__ = ["EngineConfig", "GreedyConfig", "search_greedy", "HeadwiseConfig", "SearchResult", "default_candidates", "parse_candidate_list",
            "search_headwise", "solve_layer"]

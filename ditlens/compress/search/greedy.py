@@ -1,0 +1,138 @@
+"""DiTFastAttn (V1) greedy plan search, the paper's Algorithm 1.
+
+For every step t, with the plan so far applied to earlier steps: O = the transformer's output at
+step t with every layer uncompressed. Then for every layer i in order, the strategies
+``[AST, WA-RS+ASC, WA-RS, ASC]`` are tried most compressive first; the first whose loss
+L(O, O') on step t's transformer output is below ``(i + 1) / L · δ`` is kept (layers before i
+keep their choices at this step, layers after i run uncompressed), else the layer stays full.
+L is the A.2 mean relative absolute error (DESIGN §4, V1 loss), over all calibration prompts.
+
+Efficiency: trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``);
+``naive=True`` reruns the whole transformer for every trial instead (the speed reference).
+Strategies that cannot run are skipped: AST at step 0, WA-RS without an earlier full step of the
+layer (or with another window since it), ASC without CFG, windows on cross attention.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ditlens.compress.methods import FULL, HeadMethod
+from ditlens.compress.search.common import SearchResult, build_plan, provenance
+from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, first_tensor
+
+LOSS_CLIP = 10.0
+
+
+def strategy_list(window: int) -> list[HeadMethod]:
+    """Alg. 1's list, most compressive first: AST, WA-RS+ASC, WA-RS, ASC."""
+    return [HeadMethod("ast"), HeadMethod("wars", window, True), HeadMethod("wars", window), HeadMethod("full", 0, True)]
+
+
+def layer_threshold(i: int, n_layers: int, delta: float) -> float:
+    """(i + 1) / L · δ for the 0-based layer index i."""
+    return (i + 1) / n_layers * delta
+
+
+def v1_loss_sums(o: torch.Tensor, o_compressed: torch.Tensor) -> tuple[float, int]:
+    """(sum, count) of clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10) (summed over micro-batches)."""
+    o, c = o.double(), o_compressed.double()
+    ratio = ((o - c).abs() / (torch.maximum(o.abs(), c.abs()) + 1e-6)).clamp(0.0, LOSS_CLIP)
+    return float(ratio.sum()), ratio.numel()
+
+
+@dataclass
+class GreedyConfig:
+    delta: float = 0.05
+    window: int | None = None  # WA-RS half-width; None: 1/8 of the image tokens (V1's default)
+    naive: bool = False
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class GreedyController:
+    def __init__(self, config: GreedyConfig) -> None:
+        self.config = config
+        self.methods: list[list[Any]] = []
+        self.losses: np.ndarray | None = None
+        self.trials = 0
+        self.bar = None
+        self.window: int | None = config.window
+
+    def allowed(self, engine: SearchEngine, step: int, layer: int, method: HeadMethod) -> bool:
+        kind = engine.layers[layer].kind
+        if method.asc and engine.cfg_rows != 2:
+            return False
+        if method.base == "ast":
+            return step > 0
+        if method.base == "wars":
+            if kind == "cross":
+                return False
+            return all(engine.wars_allowed(layer, h, method.window) for h in range(engine.heads))
+        return True
+
+    def run_step(self, engine: SearchEngine, step: int) -> list[Any]:
+        L = len(engine.layers)
+        if self.bar is None:
+            grid = engine.grid
+            if self.window is None:
+                self.window = max(1, grid[0] * grid[1] * grid[2] // 8)
+            engine.config.residual_widths = (self.window,)
+            self.methods = [["full"] * L for _ in range(engine.config.steps)]
+            self.losses = np.full((engine.config.steps, L), np.nan)
+            self.bar = engine.progress(engine.config.steps * L, "V1 greedy search")
+        baseline = [first_tensor(engine.forward(mb, PassConfig())) for mb in engine.micro_batches]
+        for i in range(L):
+            chosen = FULL
+            for method in strategy_list(self.window):
+                if not self.allowed(engine, step, i, method):
+                    continue
+                total = count = 0
+                methods = (method,) * engine.heads
+                skip = engine.block_pos[engine.block_of[i]]
+                for mb, ref in zip(engine.micro_batches, baseline):
+                    out = first_tensor(engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip)))
+                    s, n = v1_loss_sums(ref, out)
+                    total, count = total + s, count + n
+                self.trials += 1
+                loss = total / count
+                if loss < layer_threshold(i, L, self.config.delta):
+                    chosen = method
+                    self.losses[step, i] = loss
+                    break
+            engine.decide(i, (chosen,) * engine.heads)
+            self.methods[step][i] = chosen.to_str()
+            self.bar.update(1)
+        return [engine.forward(mb, PassConfig(skip_before=len(engine.blocks))) for mb in engine.micro_batches]
+
+
+def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None = None, *,
+                  registry: Any = None) -> SearchResult:
+    """V1 greedy search (Alg. 1)."""
+    config = config or GreedyConfig()
+    engine_cfg = config.engine
+    if config.naive:
+        engine_cfg = EngineConfig(**{**engine_cfg.__dict__, "reuse_blocks": False})
+    engine = SearchEngine(pipe, prompts, engine_cfg, registry)
+    controller = GreedyController(config)
+    start = time.perf_counter()
+    try:
+        output = engine.run(controller)
+    finally:
+        if controller.bar is not None:
+            controller.bar.close()
+    seconds = time.perf_counter() - start
+    strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
+    notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
+             f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}")
+    prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, prompts, notes)
+    plan = build_plan(engine, controller.methods, prov)
+    return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
+                        engine.block_runs, output)
+
+
+__all__ = ["GreedyConfig", "search_greedy", "strategy_list", "layer_threshold", "v1_loss_sums"]
