@@ -134,3 +134,14 @@ def build_latency(kind: str, layers: list[LayerInfo], candidates: list[str], gri
     if kind == "measured":
         return measured_latency(layers, candidates, grid, n_text, heads, head_dim, cfg_rows, device)
     raise DitlensError(f"unknown latency model {kind!r}; use one of {', '.join(LATENCY_MODELS)}")
+
+
+def modelled_latency_fraction(plan, model: LatencyModel) -> float:
+    """Σ latency of every (step, layer, head) under the plan / the all-full latency, per ``model``."""
+    total = full = 0.0
+    for s in range(plan.steps):
+        for i in range(plan.n_layers):
+            for method in plan.head_methods(s, i):
+                total += model.method_cost(i, method)
+                full += float(model.full[i])
+    return total / full if full else 1.0

@@ -1,0 +1,68 @@
+"""One entry point for every search: :func:`search` (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ditlens.compress.search.common import SearchResult
+from ditlens.errors import DitlensError
+
+
+def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: float | None = None,
+           target_flops: float | None = None, target_latency: float | None = None, trace: str | None = None,
+           c: float | None = 1.5, candidates: Sequence[str] | str | None = None, latency: str = "flops",
+           steps: int = 20, guidance: float | None = None, height: int | None = None, width: int | None = None,
+           seed: int = 0, micro_batch: int = 4, window: int | None = None, naive: bool = False,
+           progress: bool = True, call_kwargs: dict | None = None, budget_iterations: int = 10) -> SearchResult:
+    """Search a plan with ``method`` v1 | v2 | trace, at threshold ``delta`` or for a budget
+    (``target_flops``: attention-core FLOPs fraction; ``target_latency``: modelled latency fraction)."""
+    from ditlens.compress.search.budget import search_for_budget
+    from ditlens.compress.search.engine import EngineConfig
+
+    if method not in ("v1", "v2", "trace"):
+        raise DitlensError(f"unknown search method {method!r}; use v1, v2 or trace")
+    if method == "trace" and not trace:
+        raise DitlensError("--method trace needs --trace T (a trace recorded with `ditlens profile --influence`)")
+    engine = EngineConfig(steps=steps, guidance=guidance, height=height, width=width, seed=seed,
+                          micro_batch=micro_batch, progress=progress, call_kwargs=dict(call_kwargs or {}))
+
+    def run(d: float) -> SearchResult:
+        if method == "v2":
+            from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
+
+            return search_headwise(pipe, prompts, HeadwiseConfig(d, c, candidates, latency, engine))
+        if method == "v1":
+            from ditlens.compress.search.greedy import GreedyConfig, search_greedy
+
+            return search_greedy(pipe, prompts, GreedyConfig(d, window, naive, engine))
+        from ditlens.compress.search.from_trace import search_from_trace
+
+        return search_from_trace(trace, pipe, delta=d, c=c, candidates=candidates, latency=latency)
+
+    if target_flops is None and target_latency is None:
+        return run(delta if delta is not None else (0.05 if method == "v1" else 0.1))
+    measure = None
+    target = target_flops
+    if target_latency is not None:
+        target = target_latency
+        measure = _latency_measure(pipe, latency)
+    outcome = search_for_budget(run, float(target), measure=measure, iterations=budget_iterations)
+    result = outcome.result
+    result.plan.provenance.notes += (f"; budget target={'flops' if target_latency is None else 'latency'} {target:g}, "
+                                     f"achieved {outcome.achieved:.4f}, δ tried {len(outcome.evaluations)}")
+    return result
+
+
+def _latency_measure(pipe: Any, kind: str):
+    from ditlens.compress.search.latency import build_latency, modelled_latency_fraction
+
+    def measure(result: SearchResult) -> float:
+        plan = result.plan
+        methods = sorted({m.to_str() for s in range(plan.steps) for i in range(plan.n_layers)
+                          for m in plan.head_methods(s, i)} - {"full"})
+        rows = 2 if plan.run.cfg_layout != "none" else 1
+        model = build_latency(kind, list(plan.model.layers), methods, plan.model.tokens.grid, plan.model.tokens.n_text or 0,
+                              plan.model.heads, plan.model.head_dim, rows)
+        return modelled_latency_fraction(plan, model)
+
+    return measure

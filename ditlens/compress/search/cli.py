@@ -1,0 +1,69 @@
+"""``ditlens search``: register with ``register_search(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from ditlens.errors import DitlensError
+
+    prompts = list(args.prompt or [])
+    if prompts:
+        return prompts
+    try:
+        from ditlens import zoo
+
+        return list(zoo.default_prompts(args.model))[: args.num_prompts]
+    except Exception:
+        raise DitlensError("no calibration prompts: pass --prompt (repeatable)") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ditlens.compress.search import api
+    from ditlens.models import load_pipeline, parse_dtype
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [] if args.method == "trace" else _prompts(args)
+    outcome = api.search(pipe, prompts, method=args.method, delta=args.delta, target_flops=args.target_flops,
+                         target_latency=args.target_latency, trace=args.trace, c=args.c, candidates=args.candidates,
+                         latency=args.latency, steps=args.steps, guidance=args.guidance, height=args.height,
+                         width=args.width, seed=args.seed, micro_batch=args.micro_batch, window=args.window,
+                         naive=args.naive)
+    outcome.plan.save(args.out)
+    flops = outcome.plan.flops
+    frac = "n/a" if flops is None else f"{flops.attention_core_fraction:.4f}"
+    print(f"{args.method} search: δ={outcome.plan.provenance.delta:g}, attention-core FLOPs fraction {frac}, "
+          f"{outcome.seconds:.1f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register_search(sub: Any) -> None:
+    p = sub.add_parser("search", help="search a compression plan (V1 greedy, V2 head-wise, or from a trace)")
+    p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
+    p.add_argument("--method", choices=("v1", "v2", "trace"), default="v2")
+    p.add_argument("--trace", help="trace with /influence/rse (for --method trace)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--delta", type=float, default=None, help="threshold δ (default 0.1 for v2/trace, 0.05 for v1)")
+    budget.add_argument("--target-flops", type=float, default=None, help="attention-core FLOPs fraction to reach")
+    budget.add_argument("--target-latency", type=float, default=None, help="modelled attention latency fraction to reach")
+    p.add_argument("--c", type=float, default=1.5, help="V2 head constraint coefficient")
+    p.add_argument("--candidates", default=None, help="V2 candidate methods, e.g. 'ast,arrow(16),arrow(32),asc,wars(16)'")
+    p.add_argument("--latency", choices=("flops", "measured"), default="flops", help="latency model of the program")
+    p.add_argument("--window", type=int, default=None, help="V1 WA-RS half-width (default: image tokens / 8)")
+    p.add_argument("--naive", action="store_true", help="V1: rerun the whole transformer per trial (reference)")
+    p.add_argument("--prompt", action="append", help="calibration prompt (repeatable)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=4, help="calibration prompts per forward")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="plan.json")
+    p.set_defaults(func=cmd_search)
