@@ -69,3 +69,4 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="folder for the bundle (or a .json path with --json-only)")
     p.add_argument("--json-only", action="store_true", help="write only the canonical JSON")
     p.set_defaults(func=cmd_export)
+    __import__("ditlens.compress.search.cli", fromlist=["register_search"]).register_search(sub)

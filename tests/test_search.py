@@ -1,0 +1,234 @@
+"""Plan search: MILP vs brute force, Alg. 1 order and thresholds, the V1 loss, determinism,
+search trajectories equal to runtime replays, from-trace equal to online V2, budget mode."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny_models import build_tiny_pipeline, pipeline_call_kwargs
+from ditlens.compress.runtime import apply_plan
+from ditlens.compress.search.common import aggregate_influence
+from ditlens.compress.search.engine import EngineConfig, SearchEngine
+from ditlens.compress.search.greedy import GreedyConfig, layer_threshold, search_greedy, strategy_list, v1_loss_sums
+from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
+from ditlens.compress.search.milp import objective_value, solve_layer, total_influence
+
+STEPS = 3
+
+
+# -- MILP --------------------------------------------------------------------------------------
+
+
+def brute_force(influence, cost, full, delta, c):
+    H, M = influence.shape
+    best = float(np.sum(full))
+    for assign in itertools.product(range(-1, M), repeat=H):
+        total_i, total_l, ok = 0.0, 0.0, True
+        for h, m in enumerate(assign):
+            if m < 0:
+                total_l += full[h]
+                continue
+            i = influence[h, m]
+            if not np.isfinite(i) or i > c / H * delta or cost[h, m] >= full[h]:
+                ok = False
+                break
+            total_i += i
+            total_l += cost[h, m]
+        if ok and total_i <= delta + 1e-12:
+            best = min(best, total_l)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_milp_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    H, M = rng.integers(2, 5), rng.integers(1, 4)
+    influence = rng.uniform(0, 0.5, (H, M))
+    influence[rng.uniform(size=(H, M)) < 0.15] = np.nan
+    cost = rng.uniform(0, 1.2, (H, M))
+    full = np.ones(H)
+    delta, c = rng.uniform(0.05, 1.0), rng.choice([1.0, 1.5, 2.0])
+    choice = solve_layer(influence, cost, full, delta, c)
+    assert objective_value(choice, cost, full) == pytest.approx(brute_force(influence, cost, full, delta, c), abs=1e-9)
+    assert total_influence(choice, influence) <= delta + 1e-9
+    for h, m in enumerate(choice):
+        if m >= 0:
+            assert influence[h, m] <= c / H * delta
+
+
+def test_head_constraint_spreads_budget():
+    # One head could take the whole budget for the biggest saving; c/H·δ forbids it.
+    influence = np.array([[0.9], [0.2], [0.2]])
+    cost = np.array([[0.0], [0.6], [0.6]])
+    full = np.ones(3)
+    assert list(solve_layer(influence, cost, full, 1.0, None)) == [0, -1, -1]
+    assert list(solve_layer(influence, cost, full, 1.0, 1.5)) == [-1, 0, 0]
+
+
+def test_aggregate_influence_asc_cond_counts_zero():
+    rse = np.full((2, 2, 1, 2), np.nan)
+    rse[:, 1, 0, 1] = [0.2, 0.4]  # asc: uncond only
+    rse[:, :, 0, 0] = 0.1  # ast
+    rse[0, 0, 0, 0] = np.nan  # missing output: infeasible
+    agg = aggregate_influence(rse, ["ast", "asc"], ["cond", "uncond"])
+    assert np.isnan(agg[0, 0])
+    assert agg[0, 1] == pytest.approx((0 + 0 + 0.2 + 0.4) / 4)
+
+
+# -- V1 ----------------------------------------------------------------------------------------
+
+
+def test_alg1_order_and_threshold():
+    assert [m.to_str() for m in strategy_list(4)] == ["ast", "wars(4)+asc", "wars(4)", "asc"]
+    assert [layer_threshold(i, 4, 0.2) for i in range(4)] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+
+
+def test_v1_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    o, c = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    s, n = v1_loss_sums(torch.tensor(o), torch.tensor(c))
+    ref = np.clip(np.abs(o - c) / (np.maximum(np.abs(o), np.abs(c)) + 1e-6), 0, 10).mean()
+    assert s / n == pytest.approx(ref, rel=1e-12)
+
+
+def _setup(family):
+    pipe = build_tiny_pipeline(family, 0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = pipeline_call_kwargs(family, "a cat", STEPS, 3.0, 0)
+    extra = {k: v for k, v in kw.items()
+             if k not in ("num_inference_steps", "generator", "class_labels", "prompt", "guidance_scale")}
+    prompts = ["1", "2", "3"] if family == "dit" else ["a cat", "a dog", "red car"]
+    return pipe, prompts, EngineConfig(steps=STEPS, guidance=3.0, micro_batch=2, call_kwargs=extra, progress=False)
+
+
+def _images(output):
+    return np.asarray(output.images if hasattr(output, "images") else output[0])
+
+
+def _replay(pipe, prompts, engine_cfg, plan):
+    with apply_plan(pipe, plan, backend="dense"):
+        return _images(pipe(**SearchEngine(pipe, prompts, engine_cfg).call_kwargs()))
+
+
+def test_v1_greedy_follows_alg1_against_brute_trials():
+    """Every layer's choice is the first feasible strategy with loss < threshold, where the loss is
+    recomputed here independently by running the model with apply_plan (full at later layers)."""
+    pipe, prompts, ecfg = _setup("dit")
+    delta = 0.4
+    result = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, engine=ecfg))
+    plan = result.plan
+    # search trajectory = runtime replay of the plan
+    np.testing.assert_allclose(_replay(pipe, prompts, ecfg, plan), _images(result.output), atol=1e-5)
+    assert plan.provenance.search == "v1-greedy" and plan.provenance.delta == delta
+    # step 0 cannot use AST; all choices come from the strategy list or full
+    allowed = {m.to_str() for m in strategy_list(2)} | {"full"}
+    assert all(m in allowed for row in plan.methods for m in row)
+    assert all(m != "ast" for m in plan.methods[0])
+    # accepted losses respect the layer-scaled threshold
+    L = plan.n_layers
+    for s in range(STEPS):
+        for i in range(L):
+            if plan.methods[s][i] != "full":
+                assert result.losses[s, i] < layer_threshold(i, L, delta)
+
+
+def test_v1_naive_equals_block_cached():
+    pipe, prompts, ecfg = _setup("pixart")
+    fast = search_greedy(pipe, prompts, GreedyConfig(delta=0.3, window=2, engine=ecfg))
+    naive = search_greedy(pipe, prompts, GreedyConfig(delta=0.3, window=2, naive=True, engine=ecfg))
+    assert fast.plan.methods == naive.plan.methods
+    assert fast.block_runs < naive.block_runs
+
+
+# -- V2 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,cands", [("dit", "ast,asc,window(3),wars(2)"), ("sd3", "ast,asc,arrow(3),wars(2)"),
+                                          ("pixart", "ast,asc,window(3)")])
+def test_v2_trajectory_equals_runtime_replay_and_is_deterministic(family, cands):
+    pipe, prompts, ecfg = _setup(family)
+    cfg = HeadwiseConfig(delta=0.6, candidates=cands, engine=ecfg)
+    a = search_headwise(pipe, prompts, cfg)
+    b = search_headwise(pipe, prompts, cfg)
+    assert a.plan.methods == b.plan.methods
+    np.testing.assert_array_equal(a.influence, b.influence)
+    np.testing.assert_allclose(_replay(pipe, prompts, ecfg, a.plan), _images(a.output), atol=1e-5)
+    assert a.plan.provenance.search == "v2-headwise" and a.plan.provenance.c == 1.5
+    assert a.plan.provenance.calibration_prompts == prompts
+    assert a.plan.flops is not None and a.plan.flops.attention_core_fraction < 1
+
+
+def test_v2_influence_against_dense_reference():
+    """Step 0, layer 0: the recorded window influence equals a float64 recomputation from captured q, k, v."""
+    from ditlens.analyzer.capture import AttentionInterceptor
+
+    pipe, prompts, ecfg = _setup("dit")
+    w = 1
+    result = search_headwise(pipe, prompts, HeadwiseConfig(delta=1e-9, candidates=f"window({w})", engine=ecfg))
+    layer = pipe.transformer.get_submodule(result.plan.model.layers[0].name)
+    seen = []
+
+    def grab(func, q, k, v, args, kwargs):
+        seen.append((q.double(), k.double(), v.double()))
+        return func(*args, **kwargs)
+
+    orig = layer.forward
+    def wrapped(*a, **k):
+        if seen:
+            return orig(*a, **k)
+        with AttentionInterceptor(grab):
+            return orig(*a, **k)
+    layer.forward = wrapped
+    try:
+        pipe(**SearchEngine(pipe, prompts, ecfg).call_kwargs())
+    finally:
+        del layer.forward
+    q, k, v = seen[0]
+    n = q.shape[2]
+    idx = torch.arange(n)
+    band = (idx[:, None] - idx[None, :]).abs() <= w
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    full = scores.softmax(-1) @ v
+    win = scores.masked_fill(~band, float("-inf")).softmax(-1) @ v
+    P = len(prompts)
+    rows = full.shape[0]
+    for r in range(rows):
+        centred = full[r] - full[r].mean()
+        ref = ((win[r] - full[r]) ** 2).sum(dim=(1, 2)) / (centred ** 2).sum()
+        prompt, branch = r % P, r // P  # DiT: cond first
+        np.testing.assert_allclose(result.influence[prompt, branch, 0, 0, :, 0], ref.numpy(), rtol=1e-4)
+
+
+def test_from_trace_equals_online(tmp_path):
+    from ditlens.analyzer.profiler import ProfileConfig, profile
+    from ditlens.compress.search.from_trace import INFLUENCE_AXES, INFLUENCE_PATH, search_from_trace
+    from ditlens.traces.writer import open_for_append
+
+    pipe, prompts, ecfg = _setup("sd3")
+    prompts = prompts[:2]
+    extra = {k: v for k, v in ecfg.call_kwargs.items() if k != "output_type"}
+    trace = tmp_path / "t.h5"
+    profile(pipe, prompts, trace, ProfileConfig(steps=STEPS, guidance=3.0, call_kwargs=extra, stat_keys=[]),
+            progress=False, log=lambda s: None)
+    online = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.5, candidates="ast,asc,arrow(3),wars(2)", engine=ecfg))
+    writer = open_for_append(trace)
+    writer.write_array(INFLUENCE_PATH, online.influence, INFLUENCE_AXES,
+                       coords={"candidate": online.candidates})
+    writer.close()
+    offline = search_from_trace(trace, pipe, delta=0.5)
+    assert offline.plan.methods == online.plan.methods
+    assert offline.plan.provenance.search == "v2-from-trace"
+
+
+def test_budget_mode_reaches_target():
+    from ditlens.compress.search.api import search
+
+    pipe, prompts, ecfg = _setup("dit")
+    result = search(pipe, prompts, method="v2", target_flops=0.6, candidates="ast,window(3),window(1)", steps=STEPS,
+                    guidance=3.0, micro_batch=2, progress=False, call_kwargs=ecfg.call_kwargs, budget_iterations=4)
+    assert result.plan.flops.attention_core_fraction <= 0.6
+    assert "budget target=flops 0.6" in result.plan.provenance.notes
