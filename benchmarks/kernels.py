@@ -186,6 +186,19 @@ def warm_up(jobs: int, tune: bool) -> None:
     for shape_name in WARSR_SHAPES:  # the WA-RS measurements (same compiles serve other lengths)
         for cfg in configs:
             tasks += [("warsr", shape_name, cfg), ("apply", shape_name, cfg)]
+    run_pool(tasks, jobs)
+
+
+def wait_for(path: str) -> None:
+    """E.g. GPU tests running beside the compile phase: keep them out of the timings (240 s at most)."""
+    if not path:
+        return
+    deadline = time.time() + 240
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def run_pool(tasks: list[tuple], jobs: int) -> None:
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = [pool.submit(_warm_task, t) for t in tasks]
@@ -279,7 +292,7 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def run_shape(shape: Shape, cfg: KernelConfig) -> tuple[list[Row], dict]:
+def run_shape(shape: Shape, cfg: KernelConfig, with_flex: bool = True) -> tuple[list[Row], dict]:
     q, k, v, cached = make_inputs(shape)
     lay = shape.layout()
     scale = shape.head_dim ** -0.5
@@ -287,7 +300,7 @@ def run_shape(shape: Shape, cfg: KernelConfig) -> tuple[list[Row], dict]:
     info: dict = {"sdpa": sdpa_backends_times(q, k, v)}
     info["xformers_ms"] = xformers_time(q, k, v)
     sdpa_ms = info["sdpa"]["default"]
-    runner = FlexRunner(shape)
+    runner = FlexRunner(shape) if with_flex else None
     rows = []
     dense_pairs = shape.heads * L * L
     for plan in make_plans(shape):
@@ -295,11 +308,14 @@ def run_shape(shape: Shape, cfg: KernelConfig) -> tuple[list[Row], dict]:
         skip_idx = [h for h, m in enumerate(plan.modes) if m == "skip"]
         pairs = sum(attended_pairs(plan.modes, plan.windows, L, n_text=shape.n_text, text_first=shape.text_first))
         density = pairs / dense_pairs
-        block_mask = runner.set_plan(plan)
-        flex_out = runner.run(q, k, v, block_mask, skip_idx, cached)
         ours = headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg)
-        err = rel_err(ours, flex_out)
-        flex_ms = bench(lambda: runner.run(q, k, v, block_mask, skip_idx, cached))
+        if runner is not None:
+            block_mask = runner.set_plan(plan)
+            flex_out = runner.run(q, k, v, block_mask, skip_idx, cached)
+            err = rel_err(ours, flex_out)
+            flex_ms = bench(lambda: runner.run(q, k, v, block_mask, skip_idx, cached))
+        else:
+            err, flex_ms = float("nan"), float("nan")
         ours_ms = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg))
         row = Row(shape.name, plan.label, density, 1.0 / density, sdpa_ms, flex_ms, ours_ms, err)
         if plan.sparsity:
@@ -444,12 +460,83 @@ def plot(out_dir: str, rows: list[Row]) -> None:
     fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
 
 
+CHECK_CONFIGS = [KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 128, 8, 3)]
+CHECK_SHAPES = ["DiT-512", "PixArt-1K", "FLUX-1K"]
+
+
+def _check_warm_tasks() -> list[tuple]:
+    from ditlens.kernels.triton_backend import default_config
+
+    tasks = [("headwise", name, cfg) for name in CHECK_SHAPES for cfg in CHECK_CONFIGS]
+    tasks += [("headwise", name, default_config(next(s for s in SHAPES if s.name == name).head_dim, False))
+              for name in ("PixArt-2K", "FLUX-2K", "SD3-1K")]
+    return tasks
+
+
+def run_check(out_dir: str, header: dict) -> None:
+    """Second-run checks with the final code: ditlens + SDPA at the 2K shapes (no Flex), tile
+    configs at short sequences, and strided ([B, L, H, D] views) vs contiguous inputs with a
+    dense-mask SDPA cross-check of the values."""
+    from ditlens.kernels.triton_backend import default_config
+    from ditlens.kernels.patterns import attention_mask
+
+    shapes_by_name = {s.name: s for s in SHAPES}
+    lines = ["## Kernels: second run (final code) checks", "", f"Command: `{header['command']}`  ",
+             f"Device: {header['device']}; torch {header['torch']}, triton {header['triton']}; {header['date']}.", "",
+             "### ditlens vs SDPA, default tile configs", "",
+             "| shape | plan | density | SDPA ms | ditlens ms | x SDPA | ideal x |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("PixArt-2K", "FLUX-2K", "SD3-1K"):
+        shape = shapes_by_name[name]
+        rows, _ = run_shape(shape, default_config(shape.head_dim, False), with_flex=False)
+        for r in rows:
+            lines.append(f"| {r.shape} | {r.plan} | {r.density:.3f} | {r.sdpa_ms:.3f} | {r.ditlens_ms:.3f} | "
+                         f"{r.sdpa_ms / r.ditlens_ms:.2f} | {r.ideal_speedup:.2f} |")
+        with open(os.path.join(out_dir, "kernels_check.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    lines += ["", "### tile configs at short sequences (ms)", "", "| shape | plan | " +
+              " | ".join(f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for c in CHECK_CONFIGS) + " |",
+              "| --- | --- |" + " ---: |" * len(CHECK_CONFIGS)]
+    for name in CHECK_SHAPES:
+        shape = shapes_by_name[name]
+        q, k, v, cached = make_inputs(shape)
+        lay = shape.layout()
+        for plan in [p for p in make_plans(shape) if p.sparsity in (0.0, 0.5, 0.75)]:
+            hp = make_head_plan(plan.modes, plan.windows, shape.heads, shape.seq_len)
+            ts = []
+            for cfg in CHECK_CONFIGS:
+                ts.append(bench(lambda: headwise_triton(q, k, v, hp, lay, shape.head_dim ** -0.5, config=cfg)))
+            lines.append(f"| {name} | {plan.label} | " + " | ".join(f"{t:.4f}" for t in ts) + " |")
+            print("  check", name, plan.label, ts, flush=True)
+    lines += ["", "### strided [B, L, H, D] views vs contiguous inputs (default config)", "",
+              "| shape | plan | contiguous ms | strided ms | err strided vs dense-mask SDPA |", "| --- | --- | ---: | ---: | ---: |"]
+    for name in ("DiT-512", "PixArt-1K"):
+        shape = shapes_by_name[name]
+        q, k, v, _ = make_inputs(shape)
+        qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        lay = shape.layout()
+        cfg = default_config(shape.head_dim, False)
+        for plan in [p for p in make_plans(shape) if p.sparsity in (0.0, 0.75)]:
+            hp = make_head_plan(plan.modes, plan.windows, shape.heads, shape.seq_len)
+            scale = shape.head_dim ** -0.5
+            t_c = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, config=cfg))
+            t_s = bench(lambda: headwise_triton(qs, ks, vs, hp, lay, scale, config=cfg))
+            mask = attention_mask(plan.modes, plan.windows, shape.seq_len, device="cuda")
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[None])
+            err = rel_err(headwise_triton(qs, ks, vs, hp, lay, scale, config=cfg), ref)
+            lines.append(f"| {name} | {plan.label} | {t_c:.4f} | {t_s:.4f} | {err:.1e} |")
+            print("  strided", name, plan.label, t_c, t_s, err, flush=True)
+    with open(os.path.join(out_dir, "kernels_check.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench_kernels", help="output folder")
     ap.add_argument("--jobs", type=int, default=12, help="parallel compile workers (0 = no warm-up pool)")
     ap.add_argument("--no-tune", action="store_true", help="skip the tile sweep, use the built-in defaults")
     ap.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
+    ap.add_argument("--check", action="store_true", help="second-run checks only (see run_check)")
     ap.add_argument("--wait-file", default="", help="before timing, wait (up to 240 s) until this file exists")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -466,13 +553,17 @@ def main() -> None:
     }
     print(json.dumps(header), flush=True)
     t0 = time.time()
+    if args.check:
+        if args.jobs > 0:
+            run_pool(_check_warm_tasks(), args.jobs)
+        wait_for(args.wait_file)
+        run_check(args.out, header)
+        print(f"total {time.time() - t0:.0f}s")
+        return
     if args.jobs > 0:
         warm_up(args.jobs, tune=not args.no_tune)
     print(f"warm-up done in {time.time() - t0:.0f}s", flush=True)
-    if args.wait_file:  # e.g. GPU tests running beside the compile phase: keep them out of the timings
-        deadline = time.time() + 240
-        while not os.path.exists(args.wait_file) and time.time() < deadline:
-            time.sleep(0.5)
+    wait_for(args.wait_file)
     shapes_by_name = {s.name: s for s in SHAPES}
     if args.no_tune:
         from ditlens.kernels.triton_backend import default_config

@@ -1,12 +1,13 @@
 """Triton kernels for head-wise block-sparse attention (forward only).
 
-This module is loaded twice by :mod:`ditlens.kernels.triton_backend`: once compiled for the GPU
-and once under ``TRITON_INTERPRET=1`` for CPU tensors (``triton.jit`` decides at decoration
-time), so it holds nothing but ``@triton.jit`` functions.
+Imported lazily by :mod:`ditlens.kernels.triton_backend`. Under ``TRITON_INTERPRET=1`` (set
+before triton is imported) the same kernels run on CPU tensors through Triton's interpreter.
 
-Layout: q, k, v, out, cache and residual are ``[B, H, L, D]`` with a unit stride on ``D``;
-batch and head strides are runtime arguments, token strides compile-time constants (so the
-compiler knows the rows are 16-byte aligned; ``D = 72`` rows are 144 bytes apart).
+Layout: q, k, v, out, cache and residual are ``[B, H, L, D]`` with a unit stride on ``D`` and
+every other stride a multiple of 8 elements (the host copies anything else); batch and head
+strides are runtime arguments hinted as multiples of 8, token strides compile-time constants,
+so every row starts 16-byte aligned and loads are 16 bytes wide (``D = 72`` rows are 144
+bytes apart; diffusers' ``[B, L, H, D]`` views have head stride ``D``).
 
 Head dimension ``D`` is covered by two column tiles ``D0`` (a power of two) and ``D1``
 (16 or more, masked past ``D``), so ``D = 72`` costs 64 + 16 columns instead of 128.
@@ -201,18 +202,18 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
-    o_base = O + b64 * stride_ob + h64 * stride_oh
+    o_base = O + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, 8)
     if mode == 3:
-        c_base = C + b64 * stride_cb + h64 * stride_ch
+        c_base = C + tl.multiple_of(b64 * stride_cb + h64 * stride_ch, 8)
         c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
         _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
             _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
     else:
-        q_base = Q + b64 * stride_qb + h64 * stride_qh
-        k_base = K + b64 * stride_kb + h64 * stride_kh
-        v_base = V + b64 * stride_vb + h64 * stride_vh
+        q_base = Q + tl.multiple_of(b64 * stride_qb + h64 * stride_qh, 8)
+        k_base = K + tl.multiple_of(b64 * stride_kb + h64 * stride_kh, 8)
+        v_base = V + tl.multiple_of(b64 * stride_vb + h64 * stride_vh, 8)
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
         if HAS_D1:
             q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
@@ -233,13 +234,13 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
-            r_base = R + b64 * stride_rb + h64 * stride_rh
+            r_base = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
             out0 += _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
         _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             out1 = acc1 * inv_l[:, None]
             if HAS_RESIDUAL:
-                r_base1 = R + b64 * stride_rb + h64 * stride_rh
+                r_base1 = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
                 out1 += _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True,
                                    D0 + D1 > HEAD_DIM).to(tl.float32)
             _store_tile(o_base, out1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
@@ -284,9 +285,9 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    q_base = Q + tl.multiple_of(b64 * stride_qb + h64 * stride_qh, 8)
+    k_base = K + tl.multiple_of(b64 * stride_kb + h64 * stride_kh, 8)
+    v_base = V + tl.multiple_of(b64 * stride_vb + h64 * stride_vh, 8)
     q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     if HAS_D1:
         q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
@@ -326,8 +327,8 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
             allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
             wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG),
                                                       v0, v1, HAS_D1, UPCAST)
-    o_base = O + b64 * stride_ob + h64 * stride_oh
-    r_base = R + b64 * stride_rb + h64 * stride_rh
+    o_base = O + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, 8)
+    r_base = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
     inv_l = 1.0 / l_i
     inv_wl = 1.0 / wl_i
     full0 = acc0 * inv_l[:, None]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +14,13 @@ from ditlens.kernels.reference import (
     windowed_plus_residual_reference,
 )
 from ditlens.kernels.torch_backends import flex_available, headwise_flex, headwise_sdpa
-from ditlens.kernels.triton_backend import check_triton_inputs, headwise_triton, triton_available, warsr_triton
+from ditlens.kernels.triton_backend import (
+    check_triton_inputs,
+    headwise_triton,
+    interpreting,
+    triton_available,
+    warsr_triton,
+)
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "flex", "sdpa", "reference")
 
@@ -28,7 +33,7 @@ def available_backends() -> list[str]:
     (compiled on CUDA, eager and slow elsewhere); ``"sdpa"`` and ``"reference"`` always work.
     """
     out = []
-    if triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_available() and (interpreting() or torch.cuda.is_available()):
         out.append("triton")
     if flex_available():
         out.append("flex")
@@ -46,8 +51,7 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise DitlensError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     if backend == "auto":
-        triton_ok = check_triton_inputs(q) is None
-        if triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if check_triton_inputs(q) is None:
             return "triton"
         if q.is_cuda and flex_available():
             return "flex"

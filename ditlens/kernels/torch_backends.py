@@ -50,8 +50,11 @@ def flex_block_mask(plan: HeadPlan, layout: TokenLayout, device: str) -> Any:
 
     mask_mod = headwise_mask_mod(plan, layout, device)
     L = layout.seq_len
-    return create_block_mask(mask_mod, B=None, H=plan.n_heads, Q_LEN=L, KV_LEN=L, device=device,
-                             BLOCK_SIZE=FLEX_BLOCK, _compile=torch.device(device).type == "cuda")
+    with warnings.catch_warnings():
+        # _compile=True keeps the [H, L, L] mask from being materialised; newer torch deprecates the flag
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return create_block_mask(mask_mod, B=None, H=plan.n_heads, Q_LEN=L, KV_LEN=L, device=device,
+                                 BLOCK_SIZE=FLEX_BLOCK, _compile=torch.device(device).type == "cuda")
 
 
 def _fill_skipped(out: torch.Tensor, plan: HeadPlan, cached: torch.Tensor | None) -> torch.Tensor:

@@ -6,14 +6,10 @@ interpreter (slow; for tests). Each call is one launch for all heads.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
-import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator
 
 import torch
 
@@ -34,11 +30,14 @@ class KernelConfig:
     num_stages: int = 3
 
 
-# Defaults per padded head-dim tile (D0 + D1) on CUDA; benchmarks/kernels.py --tune re-measures these.
+# Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweep of benchmarks/kernels.py
+# on an H100 (bf16; benchmarks/results/kernels.md): 128x64 with 4 warps for D <= 80,
+# 128x128 with 8 warps for D = 128.
 _GPU_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(128, 64, 4, 3),
     80: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 64, 4, 3),
+    96: KernelConfig(128, 64, 4, 3),
+    128: KernelConfig(128, 128, 8, 3),
 }
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 
@@ -74,37 +73,29 @@ def default_config(head_dim: int, interpret: bool) -> KernelConfig:
     return KernelConfig(64, 64, 4, 2)
 
 
-@contextlib.contextmanager
-def _interpret_env(interpret: bool) -> Iterator[None]:
-    """TRITON_INTERPRET set as asked while the block runs (the interpreter also reads it mid-call)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+@functools.lru_cache(maxsize=1)
+def kernel_module() -> ModuleType:
+    """The Triton kernels, imported on first use (so importing ditlens needs no triton)."""
+    return importlib.import_module("ditlens.kernels._triton_impl")
 
 
-@functools.lru_cache(maxsize=2)
-def kernel_module(interpret: bool) -> ModuleType:
-    """Load _triton_impl.py compiled (GPU) or interpreted (CPU).
+def interpreting() -> bool:
+    """Whether Triton runs in interpreter mode in this process.
 
-    ``triton.jit`` picks the interpreter when it decorates, from TRITON_INTERPRET, so the
-    module is executed once per flavour with that variable set accordingly.
+    ``triton.jit`` (triton's own library included) picks the interpreter when it decorates, from
+    ``TRITON_INTERPRET``, so the mode is fixed by the variable's value when triton was imported:
+    CPU tensors need it set then, CUDA tensors need it unset.
     """
-    name = f"ditlens.kernels._triton_impl_{'interpreted' if interpret else 'compiled'}"
-    path = os.path.join(os.path.dirname(__file__), "_triton_impl.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise DitlensError(f"cannot load the Triton kernels from {path}; reinstall ditlens")
-    module = importlib.util.module_from_spec(spec)
-    with _interpret_env(interpret):
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return _jit_modes() == (True, True)
+
+
+def _jit_modes() -> tuple[bool, bool]:
+    """(triton's own library interpreted?, our kernels interpreted?): both must agree to run."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return (isinstance(tl_standard.max, InterpretedFunction),
+            isinstance(kernel_module().headwise_fwd_kernel, InterpretedFunction))
 
 
 @dataclass(frozen=True)
@@ -135,18 +126,28 @@ def check_triton_inputs(q: torch.Tensor) -> str | None:
         return f"the Triton kernels take head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
     if not (q.is_cuda or q.device.type == "cpu"):
         return f"the Triton kernels run on CUDA (or the CPU interpreter), got {q.device}"
+    modes = _jit_modes()
+    if q.is_cuda and modes != (False, False):
+        return "TRITON_INTERPRET=1 was set when triton was imported, so nothing is compiled for the GPU"
+    if not q.is_cuda and modes != (True, True):
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
     return None
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """``t`` itself when the kernels can read it in place: unit stride on D, every other stride a
+    multiple of 8 elements and a 16-byte aligned start (the kernels assume 16-byte aligned rows);
+    otherwise a contiguous copy."""
+    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    return t if ok else t.contiguous()
 
 
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.stride(-1) != 1 or out.device != q.device:
-        raise DitlensError(f"out must be a tensor of q's shape {tuple(q.shape)} on {q.device} with unit stride on D")
+    if out.shape != q.shape or out.device != q.device or _unit_last(out) is not out:
+        raise DitlensError(f"out must be a tensor of q's shape {tuple(q.shape)} on {q.device} with unit stride on D "
+                           "and other strides multiples of 8 elements")
     return out
 
 
@@ -166,7 +167,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    mod = kernel_module(interpret)
+    mod = kernel_module()
     cfg = config or default_config(D, interpret)
     d0, d1 = split_head_dim(D)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -177,18 +178,16 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (H * B * n_mblocks,)
-    launch_env = _interpret_env(True) if interpret else contextlib.nullcontext()
-    with launch_env:
-        mod.headwise_fwd_kernel[grid](
-            q, k, v, out, cache, res, meta.mode, meta.window, meta.order,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), res.stride(0), res.stride(1),
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
-            HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
-            SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-            HAS_RESIDUAL=residual is not None, UPCAST=interpret,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    mod.headwise_fwd_kernel[grid](
+        q, k, v, out, cache, res, meta.mode, meta.window, meta.order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), res.stride(0), res.stride(1),
+        B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
+        HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
+        SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
+        HAS_RESIDUAL=residual is not None, UPCAST=interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out
 
 
@@ -201,7 +200,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    mod = kernel_module(interpret)
+    mod = kernel_module()
     cfg = config or default_config(D, interpret)
     d0, d1 = split_head_dim(D)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -211,17 +210,15 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (B * H * n_mblocks,)
-    launch_env = _interpret_env(True) if interpret else contextlib.nullcontext()
-    with launch_env:
-        mod.warsr_fwd_kernel[grid](
-            q, k, v, out, res, meta.mode, meta.window,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-            H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
-            HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    mod.warsr_fwd_kernel[grid](
+        q, k, v, out, res, meta.mode, meta.window,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+        H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
+        HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out, res
 
 
