@@ -40,9 +40,9 @@ def sync(device: str) -> None:
 
 VARIANTS = {
     # name: (metrics, tensors) passed to select_stat_keys
-    "all statistics": (None, None),
-    "no ssim": ("l1,rel_l1,cosine", None),
-    "o only, l1": ("l1", "o"),
+    "default": (None, None),  # l1, rel_l1, cosine of q, k, v, o; image and text; step and cfg
+    "all+ssim": ("all", None),
+    "o-l1": ("l1", "o"),
 }
 
 

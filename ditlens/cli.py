@@ -120,6 +120,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ditlens.traces.merge import merge_traces
+
+    out = merge_traces(args.shards, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ditlens import __version__
 
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token of raw tensors")
     p.add_argument("--max-raw-bytes", type=float, default=2**30, help="refuse raw captures larger than this")
     p.add_argument("--metrics", default=None,
-                   help="comma-separated subset of l1,rel_l1,cosine,ssim to record (default: all; ssim costs most)")
+                   help="comma-separated subset of l1,rel_l1,cosine,ssim, or 'all' (default: all but ssim, the costly one)")
     p.add_argument("--tensors", default=None, help="comma-separated subset of q,k,v,o to record (default: all)")
     p.add_argument("--influence", action="store_true",
                    help="also record each head's influence (RSE) under compression candidates, for offline search")
@@ -173,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace_a")
     p.add_argument("trace_b")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("merge", help="merge trace shards (same model and run, other prompts) into one trace")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
     for register in _extra_commands():
         register(sub)
     return parser

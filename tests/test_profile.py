@@ -20,6 +20,7 @@ from tiny_models import FAMILIES, build_tiny, build_tiny_pipeline, pipeline_call
 
 from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
 from ditlens.errors import DitlensError, UnknownModelError
+from ditlens.traces.format import all_stat_keys
 
 STEPS = 3
 PROMPTS = {"dit": ["3", "7"]}
@@ -97,8 +98,8 @@ NP_METRICS = {"l1": np_l1, "rel_l1": np_rel_l1, "cosine": np_cosine}
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_equal_numpy_formulas_on_raw_tensors(family, pipelines, tmp_path):
     out = tmp_path / "t.h5"
-    profile(pipelines(family), prompts_for(family), out, run_config(family, raw=RawRequest()), progress=False,
-            log=lambda s: None)
+    config = run_config(family, raw=RawRequest(), stat_keys=all_stat_keys())
+    profile(pipelines(family), prompts_for(family), out, config, progress=False, log=lambda s: None)
     assert_stats_match_raw(out)
 
 
@@ -131,7 +132,8 @@ def test_gpu_statistics_and_bit_identical_output(family, tmp_path):
                        max_steps=STEPS, layers=layers):
         assert torch.equal(images(), reference)
     out = tmp_path / "t.h5"
-    profile(pipe, prompts_for(family), out, run_config(family, raw=RawRequest()), progress=False, log=lambda s: None)
+    config = run_config(family, raw=RawRequest(), stat_keys=all_stat_keys())
+    profile(pipe, prompts_for(family), out, config, progress=False, log=lambda s: None)
     assert_stats_match_raw(out)
 
 
@@ -178,6 +180,7 @@ def assert_stats_match_raw(out: Path) -> None:
                                 assert value == pytest.approx(ref, rel=tol, abs=tol * 0.1 + 2e-3), (key, p, s, l, h)
                                 checked += 1
         assert checked > 100
+        assert {k[3] for k in trace.stat_keys()} == {"l1", "rel_l1", "cosine", "ssim"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

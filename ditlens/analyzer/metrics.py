@@ -257,10 +257,22 @@ def pairwise_stats(
     if "ssim" in wanted:
         _check_grid(x.shape[-2], grid)
 
+    computed: dict[str, Tensor] = {}
+    dims = (-2, -1)
+    if x.is_cuda and dtype == torch.float32 and wanted & {"l1", "rel_l1", "cosine"} and x.numel():
+        # One fused pass over the (bf16/fp16) inputs instead of several float32 passes.
+        from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
+
+        if pair_sums_available(x):
+            sums = pair_sums(x, y)
+            count = x.shape[-2] * x.shape[-1]
+            computed["l1"] = sums[..., 0] / count
+            computed["rel_l1"] = sums[..., 0] / sums[..., 1]
+            computed["cosine"] = _cosine_from_sums(sums[..., 2], sums[..., 3], sums[..., 4])
+            wanted = wanted - {"l1", "rel_l1", "cosine"}
+
     x = x.to(dtype)
     y = y.to(dtype)
-    dims = (-2, -1)
-    computed: dict[str, Tensor] = {}
     if wanted & {"l1", "rel_l1"}:
         mean_abs_diff = (x - y).abs().mean(dim=dims)
         computed["l1"] = mean_abs_diff

@@ -47,7 +47,7 @@ class ProfileConfig:
     raw: RawRequest | None = None
     resume: bool = False
     overwrite: bool = False
-    stat_keys: Sequence[StatKey] | None = None  # None: all of DESIGN §3
+    stat_keys: Sequence[StatKey] | None = None  # None: default_stat_keys() (all but ssim)
     influence: bool = False  # record per-head influence of compression candidates (/influence)
     influence_candidates: str | None = None  # e.g. "ast,asc,arrow(64)"; None: defaults for the model
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
@@ -62,14 +62,24 @@ class ProfileResult:
     seconds_per_prompt: list[float]
 
 
+def default_stat_keys() -> list[StatKey]:
+    """Every statistic of DESIGN §3 except SSIM: on the H100 SSIM costs more than the model's own
+    step (benchmarks/profile_overhead.py), so it is recorded only when asked (``--metrics all``)."""
+    return [k for k in all_stat_keys() if k[3] != "ssim"]
+
+
 def select_stat_keys(metrics: str | Sequence[str] | None = None, tensors: str | Sequence[str] | None = None
                      ) -> list[StatKey] | None:
-    """The statistics to record for a metric and tensor subset (None: everything)."""
+    """The statistics to record for a metric and tensor subset (None: the defaults; "all": every metric)."""
     if metrics is None and tensors is None:
         return None
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else list(v)
     keys = all_stat_keys()
-    wanted_m = set(split(metrics)) if metrics is not None else {k[3] for k in keys}
+    if metrics is None:
+        metrics = sorted({k[3] for k in default_stat_keys()})
+    elif metrics == "all":
+        metrics = sorted({k[3] for k in keys})
+    wanted_m = set(split(metrics))
     wanted_t = set(split(tensors)) if tensors is not None else {k[1] for k in keys}
     bad = (wanted_m - {k[3] for k in keys}) | (wanted_t - {k[1] for k in keys})
     if bad or not wanted_m or not wanted_t:
@@ -127,7 +137,7 @@ class Profiler:
         self.n_heads, self.head_dim = self.adapter.heads(transformer)
         self.cfg_layout = self.adapter.pipeline_cfg_layout(pipeline)
         self.model_id = model_id or str(getattr(transformer.config, "_name_or_path", "") or type(transformer).__name__)
-        self.stat_keys = list(config.stat_keys or all_stat_keys())
+        self.stat_keys = list(config.stat_keys or default_stat_keys())
         self.raw_tokens: int | None = None  # fixed by the first prompt
         self.last_call: dict[str, Any] = {}
         self._candidates: list[Candidate] | None = None

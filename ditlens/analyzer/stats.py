@@ -117,8 +117,8 @@ class PromptStatistics:
                 names.append(t)
             if m not in metrics:
                 metrics.append(m)
-        # (group, comparison, step, layer, [(tensor index, branch slot)], values [items, metrics, heads])
-        self._blocks: list[tuple[str, str, int, int, list[tuple[int, int]], torch.Tensor]] = []
+        # (group, step, layer, metric names, [(comparison, tensor index, branch slot)], values [items, metrics, heads])
+        self._blocks: list[tuple[str, int, int, list[str], list[tuple[str, int, int]], torch.Tensor]] = []
 
     # -- CaptureObserver ----------------------------------------------------------------------
     def on_layer(self, layer: int, context: ForwardContext, tensors: GroupedTensors) -> None:
@@ -126,25 +126,22 @@ class PromptStatistics:
         self.branches_seen.update(context.rows)
         for text in tensors.text.values():
             self.n_text = max(self.n_text, max(t.shape[2] for t in text) if isinstance(text, list) else text.shape[2])
-        step_pairs: list[tuple[int, GroupedTensors, int, GroupedTensors, int]] = []
+        # (comparison, branch slot, X source, X row, Y source, Y row); X is the current/cond tensor.
+        pairs: list[tuple[str, int, GroupedTensors, int, GroupedTensors, int]] = []
         for branch, row in context.rows.items():
             previous = self._previous.get((layer, branch))
             if previous is not None:
-                step_pairs.append((BRANCHES.index(branch), tensors, row, previous, 0))
+                pairs.append(("step", BRANCHES.index(branch), tensors, row, previous, 0))
             self._previous[(layer, branch)] = _select_row(tensors, row)
-        self._compare("step", step_pairs, context.step, layer)
-
-        cfg_pair = None
         if "cond" in context.rows and "uncond" in context.rows:
-            cfg_pair = (0, tensors, context.rows["cond"], tensors, context.rows["uncond"])
+            pairs.append(("cfg", 0, tensors, context.rows["cond"], tensors, context.rows["uncond"]))
         elif set(context.rows) == {"cond"}:
             self._pending_cond[layer] = (context.step, _select_row(tensors, context.rows["cond"]))
         elif set(context.rows) == {"uncond"}:
             step, cond = self._pending_cond.pop(layer, (None, None))
             if step == context.step:
-                cfg_pair = (0, cond, 0, tensors, context.rows["uncond"])
-        if cfg_pair is not None:
-            self._compare("cfg", [cfg_pair], context.step, layer)
+                pairs.append(("cfg", 0, cond, 0, tensors, context.rows["uncond"]))
+        self._compare(pairs, context.step, layer)
         if self.raw is not None:
             self.raw.observe(layer, context, tensors)
 
@@ -152,18 +149,18 @@ class PromptStatistics:
         pass
 
     # -- work ----------------------------------------------------------------------------------
-    def _compare(self, comparison: str, pairs: list[tuple[int, GroupedTensors, int, GroupedTensors, int]],
-                 step: int, layer: int) -> None:
-        """Each pair is (branch slot, X source, X row, Y source, Y row); X is the current/cond tensor."""
-        if not pairs:
-            return
+    def _compare(self, pairs: list[tuple[str, int, GroupedTensors, int, GroupedTensors, int]], step: int,
+                 layer: int) -> None:
+        """All comparisons of one layer and forward, batched per token group and tensor shape."""
         for group in ("image", "text"):
-            plan = self._plan.get((group, comparison))
-            if plan is None:
-                continue
-            names, metrics = plan
             xs, ys, slots = [], [], []
-            for slot, x_src, x_row, y_src, y_row in pairs:
+            metrics: list[str] = []
+            for comparison, slot, x_src, x_row, y_src, y_row in pairs:
+                plan = self._plan.get((group, comparison))
+                if plan is None:
+                    continue
+                names, wanted = plan
+                metrics += [m for m in wanted if m not in metrics]
                 for t_index, name in enumerate(names):
                     x = _row((x_src.image if group == "image" else x_src.text).get(name), x_row)
                     y = _row((y_src.image if group == "image" else y_src.text).get(name), y_row)
@@ -171,7 +168,7 @@ class PromptStatistics:
                         continue
                     xs.append(x)
                     ys.append(y)
-                    slots.append((t_index, slot))
+                    slots.append((comparison, t_index, slot))
             # Tensors of one group share a shape except in cross attention (q vs k): batch per shape.
             by_shape: dict[tuple[int, ...], list[int]] = {}
             for i, x in enumerate(xs):
@@ -182,7 +179,7 @@ class PromptStatistics:
                 values = pairwise_stats(x, y, metrics, self.grid if group == "image" else None)
                 block = torch.stack([values[m].float() for m in metrics], dim=1)  # [items, metrics, heads]
                 # Scattered on the host once per prompt: no index tensors, no sync while the model runs.
-                self._blocks.append((group, comparison, step, layer, [slots[i] for i in members], block))
+                self._blocks.append((group, step, layer, list(metrics), [slots[i] for i in members], block))
 
     def finish(self, branches: list[str]) -> dict[StatKey, np.ndarray]:
         """Host arrays of every key for the trace's branches; frees the history."""
@@ -194,12 +191,14 @@ class PromptStatistics:
         if self._blocks:
             host = torch.cat([blk.reshape(-1) for *_, blk in self._blocks]).cpu().numpy()  # one copy
             offset = 0
-            for group, comparison, step, layer, slots, blk in self._blocks:
+            for group, step, layer, metrics, slots, blk in self._blocks:
                 size = blk.numel()
                 values = host[offset:offset + size].reshape(blk.shape)
                 offset += size
-                target = full[(group, comparison)]
-                for (t_index, slot), row in zip(slots, values):
+                for (comparison, t_index, slot), row in zip(slots, values):
+                    wanted = self._plan[(group, comparison)][1]
+                    row = row[[metrics.index(m) for m in wanted]]
+                    target = full[(group, comparison)]
                     if comparison == "step":
                         target[t_index, :, slot, step, layer] = row
                     else:
