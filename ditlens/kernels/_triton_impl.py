@@ -5,7 +5,8 @@ before triton is imported) the same kernels run on CPU tensors through Triton's 
 
 Layout: q, k, v, out, cache and residual are ``[B, H, L, D]`` with a unit stride on ``D`` and
 every other stride a multiple of 8 elements (the host copies anything else); batch and head
-strides are runtime arguments hinted as multiples of 8, token strides compile-time constants,
+strides are runtime arguments (hinted as multiples of 8 where Triton's own divisibility-by-16
+specialisation cannot see it), token strides compile-time constants,
 so every row starts 16-byte aligned and loads are 16 bytes wide (``D = 72`` rows are 144
 bytes apart; diffusers' ``[B, L, H, D]`` views have head stride ``D``).
 
@@ -35,6 +36,16 @@ def _mm(a, b, acc, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def _head_base(ptr, b64, h64, stride_b, stride_h, HINT_ALIGN: tl.constexpr):
+    """Start of one (batch, head) slice. With HINT_ALIGN the host has checked that both strides are
+    multiples of 8 elements (16 bytes) although not of 16, which Triton cannot see by itself."""
+    off = b64 * stride_b + h64 * stride_h
+    if HINT_ALIGN:
+        off = tl.multiple_of(off, 8)
+    return ptr + off
 
 
 @triton.jit
@@ -184,7 +195,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                         SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                        HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr):
+                        HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                        HINT_ALIGN: tl.constexpr):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C."""
     pid = tl.program_id(0)
@@ -202,18 +214,18 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
-    o_base = O + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, 8)
+    o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
     if mode == 3:
-        c_base = C + tl.multiple_of(b64 * stride_cb + h64 * stride_ch, 8)
+        c_base = _head_base(C, b64, h64, stride_cb, stride_ch, HINT_ALIGN)
         c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
         _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
             _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
     else:
-        q_base = Q + tl.multiple_of(b64 * stride_qb + h64 * stride_qh, 8)
-        k_base = K + tl.multiple_of(b64 * stride_kb + h64 * stride_kh, 8)
-        v_base = V + tl.multiple_of(b64 * stride_vb + h64 * stride_vh, 8)
+        q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
+        k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
+        v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
         if HAS_D1:
             q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
@@ -234,13 +246,13 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
-            r_base = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
+            r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
             out0 += _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
         _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             out1 = acc1 * inv_l[:, None]
             if HAS_RESIDUAL:
-                r_base1 = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
+                r_base1 = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
                 out1 += _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True,
                                    D0 + D1 > HEAD_DIM).to(tl.float32)
             _store_tile(o_base, out1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
@@ -268,7 +280,7 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
                      HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                      SO: tl.constexpr, SR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                     HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
+                     HAS_D1: tl.constexpr, UPCAST: tl.constexpr, HINT_ALIGN: tl.constexpr):
     """WA-RS refresh step in one pass: full output O and residual R = O - W, where W is the
     windowed (window/arrow, per head) output. Scores of each key block are computed once and
     feed both online softmaxes; blocks outside the windowed pattern update only O."""
@@ -285,9 +297,9 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
-    q_base = Q + tl.multiple_of(b64 * stride_qb + h64 * stride_qh, 8)
-    k_base = K + tl.multiple_of(b64 * stride_kb + h64 * stride_kh, 8)
-    v_base = V + tl.multiple_of(b64 * stride_vb + h64 * stride_vh, 8)
+    q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
+    k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
+    v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
     q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     if HAS_D1:
         q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
@@ -327,8 +339,8 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
             allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
             wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG),
                                                       v0, v1, HAS_D1, UPCAST)
-    o_base = O + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, 8)
-    r_base = R + tl.multiple_of(b64 * stride_rb + h64 * stride_rh, 8)
+    o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
+    r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
     inv_l = 1.0 / l_i
     inv_wl = 1.0 / wl_i
     full0 = acc0 * inv_l[:, None]

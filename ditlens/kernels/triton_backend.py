@@ -89,6 +89,7 @@ def interpreting() -> bool:
     return _jit_modes() == (True, True)
 
 
+@functools.lru_cache(maxsize=1)
 def _jit_modes() -> tuple[bool, bool]:
     """(triton's own library interpreted?, our kernels interpreted?): both must agree to run."""
     import triton.language.standard as tl_standard
@@ -138,8 +139,14 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the kernels can read it in place: unit stride on D, every other stride a
     multiple of 8 elements and a 16-byte aligned start (the kernels assume 16-byte aligned rows);
     otherwise a contiguous copy."""
-    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    s = t.stride()
+    ok = s[3] == 1 and s[0] % 8 == 0 and s[1] % 8 == 0 and s[2] % 8 == 0 and t.data_ptr() % 16 == 0
     return t if ok else t.contiguous()
+
+
+def _needs_align_hint(*tensors: torch.Tensor) -> bool:
+    """True when a batch/head stride is a multiple of 8 but not of 16 (e.g. [B, L, H, 72] views)."""
+    return any(t.stride(0) % 16 or t.stride(1) % 16 for t in tensors)
 
 
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -185,7 +192,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
         HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
         SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-        HAS_RESIDUAL=residual is not None, UPCAST=interpret,
+        HAS_RESIDUAL=residual is not None, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(q, k, v, out, cache, res),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -217,6 +224,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
         H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
         HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
+        HINT_ALIGN=_needs_align_hint(q, k, v, out, res),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, res
