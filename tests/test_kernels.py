@@ -44,6 +44,7 @@ from ditlens.kernels.triton_backend import (  # noqa: E402
     interpreting,
     split_head_dim,
     warsr_triton,
+    warsr_two_pass_triton,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -219,6 +220,13 @@ def test_warsr_residual_and_fused_apply(device, text_first):
     assert _rel_err(full, ref_full) < _tol(dtype)
     # residual error measured against the size of the output it corrects
     assert ((res.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
+    # two-pass refresh (full launch, then R = O - W in the windowed kernel's epilogue)
+    full2 = torch.full_like(q, float("nan"))
+    res2 = torch.full_like(q, float("nan"))
+    warsr_two_pass_triton(q, k, v, plan, layout, D ** -0.5, config=cfg, out=full2, residual_out=res2)
+    assert not torch.isnan(full2).any() and not torch.isnan(res2).any()
+    assert _rel_err(full2, ref_full) < _tol(dtype)
+    assert ((res2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
     # apply step on the same inputs: W + R must give back O
     applied = torch.full_like(q, float("nan"))
     headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=cfg, out=applied)
@@ -226,10 +234,12 @@ def test_warsr_residual_and_fused_apply(device, text_first):
     assert _rel_err(applied, ref_full) < 2 * _tol(dtype)
     if not text_first:
         return
-    # public wrappers agree with the launches above
-    f2, r2 = warsr_attention(q, k, v, windows=windows, n_text=n_text, text_first=text_first, pattern=pattern,
-                             backend="triton")
-    assert _rel_err(f2, ref_full) < _tol(dtype)
+    # public wrappers (two-pass default and the one-pass kernel) agree with the reference
+    for fused in (False, True):
+        f2, r2 = warsr_attention(q, k, v, windows=windows, n_text=n_text, text_first=text_first, pattern=pattern,
+                                 backend="triton", fused=fused)
+        assert _rel_err(f2, ref_full) < _tol(dtype)
+        assert ((r2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
     a2 = windowed_plus_residual(q, k, v, r2, windows=windows, n_text=n_text, text_first=text_first,
                                 pattern=pattern, backend="triton")
     assert _rel_err(a2, ref_full) < 2 * _tol(dtype)

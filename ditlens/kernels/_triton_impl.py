@@ -196,9 +196,10 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                        HINT_ALIGN: tl.constexpr):
+                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
-    then query block; skip heads (mode 3) copy their rows from the cache C."""
+    then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
+    epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W)."""
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -247,14 +248,21 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
             r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-            out0 += _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
+            r0 = _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
+            if SUBTRACT:
+                out0 = r0 - out0
+            else:
+                out0 = out0 + r0
         _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             out1 = acc1 * inv_l[:, None]
             if HAS_RESIDUAL:
                 r_base1 = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-                out1 += _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True,
-                                   D0 + D1 > HEAD_DIM).to(tl.float32)
+                r1 = _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True, D0 + D1 > HEAD_DIM).to(tl.float32)
+                if SUBTRACT:
+                    out1 = r1 - out1
+                else:
+                    out1 = out1 + r1
             _store_tile(o_base, out1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
 
 

@@ -20,6 +20,7 @@ from ditlens.kernels.triton_backend import (
     interpreting,
     triton_available,
     warsr_triton,
+    warsr_two_pass_triton,
 )
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "flex", "sdpa", "reference")
@@ -135,8 +136,9 @@ def _windowed_plan(pattern: Sequence[str] | str, windows: Sequence[int] | int, H
 
 def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windows: Sequence[int] | int,
                     n_text: int = 0, text_first: bool = False, pattern: Sequence[str] | str = "window",
-                    scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """WA-RS refresh step: full attention and its residual over windowed attention in one pass.
+                    scale: float | None = None, backend: str = "auto",
+                    fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """WA-RS refresh step: full attention and its residual over windowed attention.
 
     Parameters:
         q, k, v: ``[batch, heads, seq_len, head_dim]`` as in :func:`headwise_attention`.
@@ -145,12 +147,16 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
         pattern: ``"window"`` or ``"arrow"`` per head (or one string): the windowed
             attention ``W`` whose residual is cached.
         scale, backend: As in :func:`headwise_attention`.
+        fused: Triton only. ``False`` (default): two launches, full attention then the windowed
+            kernel writing ``R = O - W`` in its epilogue. ``True``: one pass in which each score
+            block feeds both softmaxes (no second attention over the window); correct, but
+            measured 1.6-1.8x slower than the two launches on an H100 (benchmarks/results/kernels.md).
 
     Returns:
         ``(full_out, residual)``, both ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype:
-        ``full_out = O`` (ordinary attention) and ``residual = O - W`` (computed in float32
-        before the cast). The Triton backend computes each score block once and feeds both
-        softmaxes; the other backends run full and windowed attention separately.
+        ``full_out = O`` (ordinary attention) and ``residual = O - W`` (``W`` in float32 before
+        the cast; the two-pass form subtracts from ``O`` as stored in ``q``'s dtype). The other
+        backends run full and windowed attention separately.
     """
     _prepare(q, k, v, "full", 0, n_text, text_first, scale)
     _, H, L, _ = q.shape
@@ -159,7 +165,9 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(q, backend)
     if chosen == "triton":
-        return warsr_triton(q, k, v, plan, layout, scale_f)
+        if fused:
+            return warsr_triton(q, k, v, plan, layout, scale_f)
+        return warsr_two_pass_triton(q, k, v, plan, layout, scale_f)
     if chosen == "reference":
         return warsr_attention_reference(q, k, v, windows=plan.windows, n_text=n_text, text_first=text_first,
                                          pattern=plan.modes, scale=scale_f)

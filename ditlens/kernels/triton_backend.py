@@ -164,8 +164,10 @@ def _layout_args(layout: TokenLayout) -> tuple[int, int, int, int]:
 
 def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                     scale: float, cached: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                    config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the head-wise kernel; ``residual`` (if given) is added in the epilogue.
+                    config: KernelConfig | None = None, out: torch.Tensor | None = None,
+                    subtract: bool = False) -> torch.Tensor:
+    """Launch the head-wise kernel; ``residual`` (if given) is added in the epilogue
+    (``subtract=True``: the result is ``residual - attention``).
 
     ``out`` (optional, q's shape, unit stride on D) receives the result in place.
     """
@@ -193,15 +195,32 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
         SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
         HAS_RESIDUAL=residual is not None, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(q, k, v, out, cache, res),
+        SUBTRACT=subtract,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
+def warsr_two_pass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
+                          scale: float, config: KernelConfig | None = None, out: torch.Tensor | None = None,
+                          residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """WA-RS refresh as two launches: full ``O``, then the windowed kernel whose epilogue writes
+    ``R = O - W`` directly (no separate subtraction pass). Measured faster than the one-pass
+    kernel on an H100 (benchmarks/results/kernels.md)."""
+    full_plan = HeadPlan(("full",) * plan.n_heads, (0,) * plan.n_heads)
+    o = headwise_triton(q, k, v, full_plan, layout, scale, config=config, out=out)
+    r = headwise_triton(q, k, v, plan, layout, scale, residual=o, config=config, out=residual_out, subtract=True)
+    return o, r
+
+
 def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                  scale: float, config: KernelConfig | None = None, out: torch.Tensor | None = None,
                  residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the WA-RS refresh kernel: (full output, residual = full - windowed)."""
+    """Launch the one-pass WA-RS refresh kernel: (full output, residual = full - windowed).
+
+    Each key block's scores feed both softmaxes. On an H100 it is slower than
+    :func:`warsr_two_pass_triton` (every block masked, a branch with a second P@V inside the
+    loop, two accumulator sets), so the public API uses the two-pass form unless asked."""
     reason = check_triton_inputs(q)
     if reason:
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
