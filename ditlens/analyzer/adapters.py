@@ -34,6 +34,7 @@ packages that declare an entry point in the ``ditlens.adapters`` group.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from importlib import import_module, metadata
@@ -249,10 +250,15 @@ class ModelAdapter:
         return kwargs
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(cls.forward).parameters if p != "self")
+
+
 def _argument(transformer: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
     if name in kwargs:
         return kwargs[name]
-    params = [p for p in inspect.signature(transformer.forward).parameters if p != "self"]
+    params = _forward_parameters(type(transformer))
     if name in params and params.index(name) < len(args):
         return args[params.index(name)]
     raise DitlensError(f"{type(transformer).__name__}.forward was called without {name!r}; ditlens reads it to track steps and tokens")

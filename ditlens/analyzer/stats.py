@@ -94,13 +94,14 @@ def _row(x: GroupTensor | None, row: int) -> torch.Tensor | None:
 class PromptStatistics:
     """Capture observer accumulating every statistic of one prompt on the device.
 
-    Each layer's comparisons are stacked into one batched metric call per token group; the
-    small result blocks stay on the device and are scattered into host arrays once per prompt,
-    so the model never waits for the host.
+    Layers only queue their comparisons; when the transformer forward ends, all layers' pairs
+    of one token group and shape are stacked into one batched metric call. The small result
+    blocks stay on the device and are scattered into host arrays once per prompt, so the
+    model never waits for the host.
     """
 
     def __init__(self, stat_keys: list[StatKey], n_steps: int, n_layers: int, n_heads: int,
-                 raw: RawCapture | None = None) -> None:
+                 raw: RawCapture | None = None, chunk_bytes: int = 1 << 30) -> None:
         self.keys = list(stat_keys)
         self.n_steps, self.n_layers, self.n_heads = n_steps, n_layers, n_heads
         self.raw = raw
@@ -117,8 +118,10 @@ class PromptStatistics:
                 names.append(t)
             if m not in metrics:
                 metrics.append(m)
-        # (group, step, layer, metric names, [(comparison, tensor index, branch slot)], values [items, metrics, heads])
-        self._blocks: list[tuple[str, int, int, list[str], list[tuple[str, int, int]], torch.Tensor]] = []
+        # (group, metric names, [(comparison, tensor index, branch slot, step, layer)], values [items, metrics, heads])
+        self._blocks: list[tuple[str, list[str], list[tuple[str, int, int, int, int]], torch.Tensor]] = []
+        self._waiting: list[tuple[int, int, list]] = []  # (step, layer, pairs) of the forward in flight
+        self.chunk_bytes = chunk_bytes
 
     # -- CaptureObserver ----------------------------------------------------------------------
     def on_layer(self, layer: int, context: ForwardContext, tensors: GroupedTensors) -> None:
@@ -141,45 +144,47 @@ class PromptStatistics:
             step, cond = self._pending_cond.pop(layer, (None, None))
             if step == context.step:
                 pairs.append(("cfg", 0, cond, 0, tensors, context.rows["uncond"]))
-        self._compare(pairs, context.step, layer)
+        # Compared once the forward ends, batched over all layers: per-layer Python work is what
+        # made profiling slow on a fast GPU. The pairs only reference tensors the history keeps anyway.
+        self._waiting.append((context.step, layer, pairs))
         if self.raw is not None:
             self.raw.observe(layer, context, tensors)
 
     def on_forward_end(self, context: ForwardContext) -> None:
-        pass
+        waiting, self._waiting = self._waiting, []
+        for group in ("image", "text"):
+            self._compare_group(group, waiting)
 
     # -- work ----------------------------------------------------------------------------------
-    def _compare(self, pairs: list[tuple[str, int, GroupedTensors, int, GroupedTensors, int]], step: int,
-                 layer: int) -> None:
-        """All comparisons of one layer and forward, batched per token group and tensor shape."""
-        for group in ("image", "text"):
-            xs, ys, slots = [], [], []
-            metrics: list[str] = []
+    def _compare_group(self, group: str, waiting: list[tuple[int, int, list]]) -> None:
+        """One token group of every layer of a forward: one metric call per tensor shape
+        (stacked in chunks of at most ``chunk_bytes`` per side)."""
+        items: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, tuple[str, int, int, int, int]]]] = {}
+        metrics: list[str] = []
+        for step, layer, pairs in waiting:
             for comparison, slot, x_src, x_row, y_src, y_row in pairs:
                 plan = self._plan.get((group, comparison))
                 if plan is None:
                     continue
                 names, wanted = plan
                 metrics += [m for m in wanted if m not in metrics]
+                x_map = x_src.image if group == "image" else x_src.text
+                y_map = y_src.image if group == "image" else y_src.text
                 for t_index, name in enumerate(names):
-                    x = _row((x_src.image if group == "image" else x_src.text).get(name), x_row)
-                    y = _row((y_src.image if group == "image" else y_src.text).get(name), y_row)
+                    x, y = _row(x_map.get(name), x_row), _row(y_map.get(name), y_row)
                     if x is None or y is None or x.shape != y.shape or x.numel() == 0:
                         continue
-                    xs.append(x)
-                    ys.append(y)
-                    slots.append((comparison, t_index, slot))
-            # Tensors of one group share a shape except in cross attention (q vs k): batch per shape.
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, x in enumerate(xs):
-                by_shape.setdefault(tuple(x.shape), []).append(i)
-            for members in by_shape.values():
-                x = torch.stack([xs[i] for i in members])
-                y = torch.stack([ys[i] for i in members])
+                    items.setdefault(tuple(x.shape), []).append((x, y, (comparison, t_index, slot, step, layer)))
+        for members in items.values():
+            per_chunk = max(1, self.chunk_bytes // (members[0][0].numel() * members[0][0].element_size()))
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start:start + per_chunk]
+                x = torch.stack([m[0] for m in chunk])
+                y = torch.stack([m[1] for m in chunk])
                 values = pairwise_stats(x, y, metrics, self.grid if group == "image" else None)
                 block = torch.stack([values[m].float() for m in metrics], dim=1)  # [items, metrics, heads]
                 # Scattered on the host once per prompt: no index tensors, no sync while the model runs.
-                self._blocks.append((group, step, layer, list(metrics), [slots[i] for i in members], block))
+                self._blocks.append((group, list(metrics), [m[2] for m in chunk], block))
 
     def finish(self, branches: list[str]) -> dict[StatKey, np.ndarray]:
         """Host arrays of every key for the trace's branches; frees the history."""
@@ -191,11 +196,11 @@ class PromptStatistics:
         if self._blocks:
             host = torch.cat([blk.reshape(-1) for *_, blk in self._blocks]).cpu().numpy()  # one copy
             offset = 0
-            for group, step, layer, metrics, slots, blk in self._blocks:
+            for group, metrics, slots, blk in self._blocks:
                 size = blk.numel()
                 values = host[offset:offset + size].reshape(blk.shape)
                 offset += size
-                for (comparison, t_index, slot), row in zip(slots, values):
+                for (comparison, t_index, slot, step, layer), row in zip(slots, values):
                     wanted = self._plan[(group, comparison)][1]
                     row = row[[metrics.index(m) for m in wanted]]
                     target = full[(group, comparison)]
@@ -213,6 +218,7 @@ class PromptStatistics:
         self._previous.clear()
         self._pending_cond.clear()
         self._blocks.clear()
+        self._waiting.clear()
         return out
 
 
