@@ -4,10 +4,10 @@ a validation report, and the numpy references the views are checked against.
 ``build_dashboard_data(root)`` writes everything once under ``root`` (both test modules call it
 with the session's base temp folder, so the pipeline runs once per session):
 
-* ``full.h5``: 3 prompts x 4 steps, CFG, influence maps when the profiler records them (else a
+* ``full.h5``: 3 prompts x 4 steps, CFG, every statistic (SSIM included), influence maps when the profiler records them (else a
   labelled /influence dataset written beside the statistics), ``ditlens analyze`` aggregates
   (/maps) and a labelled /locality dataset;
-* ``plain.h5``: 2 prompts, statistics only (no /maps, /influence, /locality);
+* ``plain.h5``: 2 prompts, the profiler's default statistics only (no /maps, /influence, /locality);
 * ``ast.json`` (AST on steps 1 and 3), ``heads.json`` (arrow(2) on heads 0 and 2);
 * ``report/``: ``ditlens validate`` of ``ast.json`` (validate.json, validate.md, grid.png).
 """
@@ -37,13 +37,16 @@ class DashboardData:
     report: Path
 
 
-def _profile(pipe, prompts: list[str], out: Path, influence: bool) -> None:
+def _profile(pipe, prompts: list[str], out: Path, influence: bool, every_statistic: bool) -> None:
     from test_profile import run_config
 
     from ditlens.analyzer import ProfileConfig, profile
+    from ditlens.traces.format import all_stat_keys
 
     fields = {f.name for f in dataclasses.fields(ProfileConfig)}
-    extra = {"influence": True} if influence and "influence" in fields else {}
+    extra: dict = {"influence": True} if influence and "influence" in fields else {}
+    if every_statistic:  # SSIM included (the profiler's default leaves it out)
+        extra["stat_keys"] = all_stat_keys()
     config = run_config("sd3", guidance=GUIDANCE, **extra)
     config.steps = STEPS
     profile(pipe, prompts, out, config, progress=False, log=lambda s: None)
@@ -65,8 +68,8 @@ def build_dashboard_data(root: Path) -> DashboardData:
 
     pipe = build_tiny_pipeline("sd3")
     pipe.set_progress_bar_config(disable=True)
-    _profile(pipe, PROMPTS, data.full, influence=True)
-    _profile(pipe, PROMPTS[:2], data.plain, influence=False)
+    _profile(pipe, PROMPTS, data.full, influence=True, every_statistic=True)
+    _profile(pipe, PROMPTS[:2], data.plain, influence=False, every_statistic=False)
     analyze(data.full)
     with Trace.open(data.full) as trace:
         n_layers, n_heads, has_influence = len(trace.layers), trace.header.n_heads, trace.has("/influence/rse")
@@ -139,6 +142,13 @@ def ref_cv(path: Path, key, branch: int | None) -> np.ndarray:
         cv = np.nanstd(v, axis=0) / np.nanmean(v, axis=0)
         cv[~np.isfinite(cv)] = np.nan
         return np.nanmean(cv, axis=2).T
+
+
+def quiet_nanmean(values, axis) -> np.ndarray:
+    """np.nanmean without the all-NaN warning (step 0 of a step comparison is NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(values, dtype=np.float64), axis=axis)
 
 
 def nan_equal(a, b, rtol: float = 1e-5, atol: float = 1e-7) -> bool:

@@ -22,7 +22,16 @@ import dash
 from dash import ALL, Dash, Input, Output, State, dcc, html
 
 from ditlens.dashboards import figures as figs
-from ditlens.dashboards.data import COMPARISON_NAMES, EXTRA_ROOTS, MEAN, METRIC_NAMES, TraceData, human_bytes, stat_key
+from ditlens.dashboards.data import (
+    COMPARISON_NAMES,
+    EXTRA_ROOTS,
+    MEAN,
+    METRIC_NAMES,
+    TraceData,
+    default_pick,
+    human_bytes,
+    stat_key,
+)
 from ditlens.dashboards.plans import (
     LoadedPlan,
     LoadedReport,
@@ -112,8 +121,7 @@ def create_app(trace_path: str | Path, plan: str | Path | Sequence[str | Path] |
     data = TraceData(trace_path)
     plans = load_plans(_as_list(plan))
     reports = [load_report(p) for p in _as_list(report)]
-    app = Dash(__name__, title=f"ditlens · {data.path.name}", update_title=None,
-               suppress_callback_exceptions=True, assets_folder=str(Path(__file__).parent / "_no_assets"))
+    app = Dash(__name__, title=f"ditlens · {data.path.name}", update_title=None, suppress_callback_exceptions=True)
     app.index_string = INDEX
     app.layout = _layout(data)
     _register(app, data, plans, reports)
@@ -269,7 +277,7 @@ def _pickers(data: TraceData, root: str, path: str, x: str, y: str, picks: dict[
         options = [{"label": f"mean over {axis}", "value": MEAN}] + [
             {"label": f"{i}: {label}" if label != str(i) else label, "value": str(i)} for i, label in enumerate(labels)]
         out.append(_control(axis, dcc.Dropdown(id={"type": "pick", "root": root, "axis": axis}, options=options,
-                                               value=picks.get(axis, MEAN), clearable=False),
+                                               value=picks.get(axis, default_pick(axis)), clearable=False),
                             f"{root}-wrap-pick-{axis}"))
     return out
 
@@ -432,6 +440,8 @@ def _register(app: Dash, data: TraceData, plans: list[LoadedPlan], reports: list
         Input("ctl-head", "value"), Input("ctl-layer", "value"), Input("maps-heatmap", "id"))
     @_guard(maps_fail)
     def update_maps(group, tensor, comparison, metric, branch, prompt, head, layer, _mounted):
+        if not data.stat_keys():
+            raise DitlensError("this trace holds no statistics (/stats): profile again with at least one metric")
         if metric is None:
             raise DitlensError(f"this trace has no {group}/{tensor}/{comparison} statistic: pick another combination")
         key = stat_key(group, tensor, comparison, metric)
@@ -461,6 +471,8 @@ def _register(app: Dash, data: TraceData, plans: list[LoadedPlan], reports: list
         Input("vari-cv", "id"))
     @_guard(vari_fail)
     def update_variability(group, tensor, comparison, metric, branch, layer, _mounted):
+        if not data.stat_keys():
+            raise DitlensError("this trace holds no statistics (/stats): profile again with at least one metric")
         if metric is None:
             raise DitlensError(f"this trace has no {group}/{tensor}/{comparison} statistic: pick another combination")
         key = stat_key(group, tensor, comparison, metric)

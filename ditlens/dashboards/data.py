@@ -360,7 +360,7 @@ class TraceData:
         x = "step" if "step" in axes else axes[-1]
         rest = [a for a in axes if a != x]
         y = "layer" if "layer" in rest else rest[-1]
-        picks = {a: (MEAN if a in MEAN_BY_DEFAULT else "0") for a in axes if a not in (x, y)}
+        picks = {a: default_pick(a) for a in axes if a not in (x, y)}
         return x, y, picks
 
     def generic_map(self, path: str, x: str, y: str, picks: dict[str, str]) -> Heatmap:
@@ -516,6 +516,11 @@ class TraceData:
             return value
 
 
+def default_pick(axis: str) -> str:
+    """First value of an axis picker: the mean for prompts, heads, tokens; else the first entry."""
+    return MEAN if axis in MEAN_BY_DEFAULT else "0"
+
+
 def _finite(values: np.ndarray) -> np.ndarray:
     """inf (a zero mean in a CV) as NaN, so that means ignore it."""
     out = np.asarray(values, dtype=np.float64).copy()
@@ -527,4 +532,4 @@ def stat_key(group: str, tensor: str, comparison: str, metric: str) -> StatKey:
     return (str(group), str(tensor), str(comparison), str(metric))
 
 
-__all__ = ["TraceData", "Heatmap", "ContentRow", "MEAN", "human_bytes", "stat_key", "EXTRA_ROOTS"]
+__all__ = ["TraceData", "Heatmap", "ContentRow", "MEAN", "human_bytes", "stat_key", "EXTRA_ROOTS", "default_pick"]
