@@ -194,6 +194,8 @@ def test_influence_and_locality_render_generically(files, full):
     hm = full.generic_map("/locality/mass", "band", "layer", {"prompt": MEAN, "step": "3", "head": "0"})
     np.testing.assert_allclose(hm.z, mass.mean(axis=0)[3, :, 0, :], rtol=1e-6)
     assert hm.cols == ["w<=1", "w<=2", "w<=4", "all"]
+    hm = full.generic_map("/locality/mass", "band", "", {"prompt": "1", "step": MEAN, "layer": "2", "head": MEAN})
+    np.testing.assert_allclose(hm.z, mass[1, :, 2, :, :].mean(axis=(0, 1))[None, :], rtol=1e-6)
     with pytest.raises(DitlensError, match="out of range"):
         full.generic_map("/locality/mass", "band", "layer", {"step": "9"})
     with pytest.raises(DitlensError, match="two different axes"):

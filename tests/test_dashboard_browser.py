@@ -374,6 +374,8 @@ def test_locality_maps_render(driver, full_app, files):
     # step became a picker (first entry), layer a picker (first entry); prompt stays averaged
     wait_figure(driver, "locality-graph", z_equals(mass.mean(axis=0)[0, 0, :, :]), "head x band of step 0 layer 0")
     screenshot(driver, "locality")
+    choose(driver, "locality-y", "(one row)")  # the head becomes a picker too (mean by default)
+    wait_figure(driver, "locality-graph", z_equals(mass.mean(axis=(0, 3))[0, 0][None, :]), "one row")
 
 
 def _decoded(fig: dict) -> list[list[str]]:

@@ -69,6 +69,7 @@ EXTRA_ABOUT = {
 }
 HIDDEN = {"display": "none"}
 NONE = "none"
+ONE_ROW = "(one row)"  # the "down" choice of a generic map that draws a single row
 
 CSS = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 0; background: #f6f7f9; color: #1f2328; }
@@ -249,6 +250,7 @@ def _extra_view(data: TraceData, root: str) -> html.Div:
     x, y, picks = data.default_view(paths[0])
     axes, _ = data.dataset_axes(paths[0])
     axis_options = [{"label": a, "value": a} for a in axes]
+    y_options = axis_options + [{"label": ONE_ROW, "value": ONE_ROW}]
     return html.Div([
         _msg("", f"{root}-msg"),
         html.Div(EXTRA_ABOUT.get(root, ""), className="note", style={"marginTop": "10px"}),
@@ -257,7 +259,7 @@ def _extra_view(data: TraceData, root: str) -> html.Div:
                      f"{root}-wrap-dataset"),
             _control("across (x)", dcc.Dropdown(id=f"{root}-x", options=axis_options, value=x, clearable=False),
                      f"{root}-wrap-x"),
-            _control("down (y)", dcc.Dropdown(id=f"{root}-y", options=axis_options, value=y, clearable=False),
+            _control("down (y)", dcc.Dropdown(id=f"{root}-y", options=y_options, value=y or ONE_ROW, clearable=False),
                      f"{root}-wrap-y"),
             html.Div(id=f"{root}-picks", children=_pickers(data, root, paths[0], x, y, picks),
                      style={"display": "flex", "gap": "18px", "flexWrap": "wrap"}),
@@ -540,7 +542,7 @@ def _register_extra(app: Dash, data: TraceData, root: str) -> None:
         axes, _ = data.dataset_axes(path)
         x, y, _ = data.default_view(path)
         options = [{"label": a, "value": a} for a in axes]
-        return options, x, options, y
+        return options, x, options + [{"label": ONE_ROW, "value": ONE_ROW}], y or ONE_ROW
 
     @app.callback(Output(f"{root}-picks", "children"), Input(f"{root}-dataset", "value"),
                   Input(f"{root}-x", "value"), Input(f"{root}-y", "value"), prevent_initial_call=True)
@@ -560,7 +562,8 @@ def _register_extra(app: Dash, data: TraceData, root: str) -> None:
     @_guard(fail)
     def draw(path, x, y, values, ids):
         picks = {i["axis"]: v for i, v in zip(ids, values)}
-        hm = data.generic_map(path, x, y or "", {a: v for a, v in picks.items() if a not in (x, y)})
+        y = "" if y in (None, ONE_ROW) else y
+        hm = data.generic_map(path, x, y, {a: v for a, v in picks.items() if a not in (x, y)})
         return "", HIDDEN, figs.heatmap_figure(hm, colorscale="Cividis"), f"source: {hm.note}"
 
 
