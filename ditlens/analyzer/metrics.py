@@ -236,6 +236,15 @@ def ssim(
     return torch.cat(results).view(lead_shape)
 
 
+SUM_METRICS = frozenset({"l1", "rel_l1", "cosine"})
+
+
+def metrics_from_sums(sums: Tensor, count: int) -> dict[str, Tensor]:
+    """l1, rel_l1 and cosine from [..., 5] sums (Σ|x-y|, Σ|y|, Σxy, Σx², Σy²) over ``count`` elements."""
+    return {"l1": sums[..., 0] / count, "rel_l1": sums[..., 0] / sums[..., 1],
+            "cosine": _cosine_from_sums(sums[..., 2], sums[..., 3], sums[..., 4])}
+
+
 def pairwise_stats(
     x: Tensor,
     y: Tensor,
@@ -259,17 +268,15 @@ def pairwise_stats(
 
     computed: dict[str, Tensor] = {}
     dims = (-2, -1)
-    if x.is_cuda and dtype == torch.float32 and wanted & {"l1", "rel_l1", "cosine"} and x.numel():
+    if x.is_cuda and dtype == torch.float32 and wanted & SUM_METRICS and x.numel():
         # One fused pass over the (bf16/fp16) inputs instead of several float32 passes.
         from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
 
         if pair_sums_available(x):
-            sums = pair_sums(x, y)
-            count = x.shape[-2] * x.shape[-1]
-            computed["l1"] = sums[..., 0] / count
-            computed["rel_l1"] = sums[..., 0] / sums[..., 1]
-            computed["cosine"] = _cosine_from_sums(sums[..., 2], sums[..., 3], sums[..., 4])
-            wanted = wanted - {"l1", "rel_l1", "cosine"}
+            n, c = x.shape[-2], x.shape[-1]
+            sums = pair_sums([x.reshape(-1, n, c)], [y.reshape(-1, n, c)])[0].reshape(*x.shape[:-2], 5)
+            computed.update(metrics_from_sums(sums, n * c))
+            wanted = wanted - SUM_METRICS
 
     x = x.to(dtype)
     y = y.to(dtype)

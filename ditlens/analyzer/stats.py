@@ -16,7 +16,8 @@ import torch
 
 from ditlens.analyzer.adapters import GroupedTensors
 from ditlens.analyzer.capture import BRANCHES, ForwardContext
-from ditlens.analyzer.metrics import pairwise_stats
+from ditlens.analyzer.metrics import SUM_METRICS, metrics_from_sums, pairwise_stats
+from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
 from ditlens.traces.format import RawSelection, StatKey
 
 GroupTensor = torch.Tensor | list[torch.Tensor]
@@ -175,16 +176,30 @@ class PromptStatistics:
                     if x is None or y is None or x.shape != y.shape or x.numel() == 0:
                         continue
                     items.setdefault(tuple(x.shape), []).append((x, y, (comparison, t_index, slot, step, layer)))
+        grid = self.grid if group == "image" else None
         for members in items.values():
-            per_chunk = max(1, self.chunk_bytes // (members[0][0].numel() * members[0][0].element_size()))
+            first = members[0][0]
+            summed = [m for m in metrics if m in SUM_METRICS]
+            if summed and pair_sums_available(first):
+                # Distances straight from the tensors where they lie (one launch, no stacking).
+                sums = pair_sums([m[0] for m in members], [m[1] for m in members])
+                values = metrics_from_sums(sums, first.shape[-2] * first.shape[-1])
+                block = torch.stack([values[m] for m in summed], dim=1)  # [items, metrics, heads]
+                self._blocks.append((group, summed, [m[2] for m in members], block))
+                rest = [m for m in metrics if m not in SUM_METRICS]
+            else:
+                rest = metrics
+            if not rest:
+                continue
+            per_chunk = max(1, self.chunk_bytes // (first.numel() * first.element_size()))
             for start in range(0, len(members), per_chunk):
                 chunk = members[start:start + per_chunk]
                 x = torch.stack([m[0] for m in chunk])
                 y = torch.stack([m[1] for m in chunk])
-                values = pairwise_stats(x, y, metrics, self.grid if group == "image" else None)
-                block = torch.stack([values[m].float() for m in metrics], dim=1)  # [items, metrics, heads]
+                values = pairwise_stats(x, y, rest, grid)
+                block = torch.stack([values[m].float() for m in rest], dim=1)  # [items, metrics, heads]
                 # Scattered on the host once per prompt: no index tensors, no sync while the model runs.
-                self._blocks.append((group, list(metrics), [m[2] for m in chunk], block))
+                self._blocks.append((group, list(rest), [m[2] for m in chunk], block))
 
     def finish(self, branches: list[str]) -> dict[StatKey, np.ndarray]:
         """Host arrays of every key for the trace's branches; frees the history."""
@@ -202,12 +217,14 @@ class PromptStatistics:
                 offset += size
                 for (comparison, t_index, slot, step, layer), row in zip(slots, values):
                     wanted = self._plan[(group, comparison)][1]
-                    row = row[[metrics.index(m) for m in wanted]]
                     target = full[(group, comparison)]
-                    if comparison == "step":
-                        target[t_index, :, slot, step, layer] = row
-                    else:
-                        target[t_index, :, step, layer] = row
+                    for j, metric in enumerate(metrics):
+                        if metric not in wanted:
+                            continue
+                        if comparison == "step":
+                            target[t_index, wanted.index(metric), slot, step, layer] = row[j]
+                        else:
+                            target[t_index, wanted.index(metric), step, layer] = row[j]
         out: dict[StatKey, np.ndarray] = {}
         rows = [BRANCHES.index(b) for b in branches]
         for key in self.keys:

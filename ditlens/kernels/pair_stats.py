@@ -1,17 +1,19 @@
 """One-pass sums behind the profiler's distance metrics, as a Triton reduction.
 
-For rows of two tensors X, Y viewed as [rows, n] (one row = one head of one compared pair),
-:func:`pair_sums` returns, in float32, per row::
+For pairs of per-head tensors X, Y (one pair = one comparison of one layer), :func:`pair_sums`
+returns, in float32, per pair and head::
 
     [ Σ|X - Y|,  Σ|Y|,  Σ X·Y,  Σ X²,  Σ Y² ]
 
-from which ``l1``, ``rel_l1`` and ``cosine`` (DESIGN §4) follow. The eager PyTorch version
-upcasts both inputs and makes several float32 passes; this kernel reads each bf16/fp16 input
-once, which is what keeps on-device statistics cheap next to the model's own step time.
-Rows are split into ``splits`` chunks so that a handful of rows still fills the GPU.
+from which ``l1``, ``rel_l1`` and ``cosine`` (DESIGN §4) follow. The pairs are passed as a list
+of tensors that may live anywhere in memory with their own strides (the q/k/v views diffusers
+hands to SDPA are strided per head): the kernel reads them through a table of addresses, so the
+profiler never copies them into one stacked tensor, and each bf16/fp16 input is read exactly once.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -21,66 +23,103 @@ try:
 except ImportError:  # the deployment path may run without Triton
     triton = None
 
+_TRITON_DTYPES: dict = {}
+
 
 if triton is not None:
 
     @triton.jit
-    def _pair_sums_kernel(X, Y, OUT, n, chunk, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        start = split * chunk
-        stop = tl.minimum(start + chunk, n)
-        base = row.to(tl.int64) * n
-        abs_diff = tl.zeros([BLOCK], dtype=tl.float32)
-        abs_y = tl.zeros([BLOCK], dtype=tl.float32)
-        xy = tl.zeros([BLOCK], dtype=tl.float32)
-        xx = tl.zeros([BLOCK], dtype=tl.float32)
-        yy = tl.zeros([BLOCK], dtype=tl.float32)
-        for offset in range(start, stop, BLOCK):
-            idx = offset + tl.arange(0, BLOCK)
-            mask = idx < stop
-            x = tl.load(X + base + idx, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(Y + base + idx, mask=mask, other=0.0).to(tl.float32)
+    def _pair_sums_kernel(XP, YP, STRIDES, OUT, heads, tokens, rows_per_split,
+                          DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
+        item = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        x_base = tl.load(XP + item).to(tl.pointer_type(DTYPE))
+        y_base = tl.load(YP + item).to(tl.pointer_type(DTYPE))
+        # strides in elements: x head, x token, y head, y token (channels are contiguous)
+        xs_h = tl.load(STRIDES + item * 4 + 0)
+        xs_t = tl.load(STRIDES + item * 4 + 1)
+        ys_h = tl.load(STRIDES + item * 4 + 2)
+        ys_t = tl.load(STRIDES + item * 4 + 3)
+        x_base += head * xs_h
+        y_base += head * ys_h
+        t0 = split * rows_per_split
+        t1 = tl.minimum(t0 + rows_per_split, tokens)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < DIM
+        abs_diff = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        abs_y = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        xy = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        xx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        yy = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for start in range(t0, t1, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            ok = (t < t1)[:, None] & d_ok[None, :]
+            x = tl.load(x_base + t[:, None] * xs_t + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_base + t[:, None] * ys_t + d[None, :], mask=ok, other=0.0).to(tl.float32)
             abs_diff += tl.abs(x - y)
             abs_y += tl.abs(y)
             xy += x * y
             xx += x * x
             yy += y * y
-        out = OUT + (row * tl.num_programs(1) + split) * 5
-        tl.store(out + 0, tl.sum(abs_diff, axis=0))
-        tl.store(out + 1, tl.sum(abs_y, axis=0))
-        tl.store(out + 2, tl.sum(xy, axis=0))
-        tl.store(out + 3, tl.sum(xx, axis=0))
-        tl.store(out + 4, tl.sum(yy, axis=0))
+        out = OUT + ((item * heads + head) * tl.num_programs(2) + split) * 5
+        tl.store(out + 0, tl.sum(tl.sum(abs_diff, axis=1), axis=0))
+        tl.store(out + 1, tl.sum(tl.sum(abs_y, axis=1), axis=0))
+        tl.store(out + 2, tl.sum(tl.sum(xy, axis=1), axis=0))
+        tl.store(out + 3, tl.sum(tl.sum(xx, axis=1), axis=0))
+        tl.store(out + 4, tl.sum(tl.sum(yy, axis=1), axis=0))
+
+    _TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def interpreted() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton was imported)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pair_sums_available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+    return triton is not None and x.dtype in _TRITON_DTYPES and (x.is_cuda or (interpreted() and not x.is_cuda))
 
 
-def pair_sums(x: torch.Tensor, y: torch.Tensor, *, block: int = 2048) -> torch.Tensor:
-    """Row sums of X and Y for the distance metrics.
+def _as_heads(t: torch.Tensor) -> torch.Tensor:
+    """[heads, tokens, channels] with unit channel stride (a copy only if needed)."""
+    if t.dim() != 3:
+        t = t.reshape(-1, t.shape[-2], t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t: int = 64) -> torch.Tensor:
+    """Sums of many (X, Y) pairs in one launch.
 
     Args:
-        x, y: ``[..., N, C]`` tensors of one shape and dtype on a CUDA device (leading dims are
-            rows: typically [items, heads]).
+        xs, ys: equally long lists; pair i is ``xs[i]``, ``ys[i]``, each ``[heads, tokens, channels]``
+            (any strides with contiguous channels), all of one shape, dtype and CUDA device.
     Returns:
-        float32 ``[..., 5]``: Σ|x-y|, Σ|y|, Σxy, Σx², Σy² over the last two dims.
+        float32 ``[pairs, heads, 5]``: Σ|x-y|, Σ|y|, Σxy, Σx², Σy² over tokens and channels.
     """
-    lead = x.shape[:-2]
-    n = x.shape[-2] * x.shape[-1]
-    rows = x.numel() // max(n, 1)
-    xf = x.reshape(rows, n)
-    yf = y.reshape(rows, n)
-    if not xf.is_contiguous():
-        xf = xf.contiguous()
-    if not yf.is_contiguous():
-        yf = yf.contiguous()
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    # Enough programs for a few waves over the SMs, chunks no shorter than one block.
-    splits = max(1, min(triton.cdiv(n, block), triton.cdiv(4 * sms, max(rows, 1))))
-    chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
-    splits = triton.cdiv(n, chunk)
-    partial = torch.empty((rows, splits, 5), dtype=torch.float32, device=x.device)
-    _pair_sums_kernel[(rows, splits)](xf, yf, partial, n, chunk, BLOCK=block, num_warps=8)
-    return partial.sum(dim=1).reshape(*lead, 5)
+    xs = [_as_heads(x) for x in xs]
+    ys = [_as_heads(y) for y in ys]
+    heads, tokens, dim = xs[0].shape
+    device = xs[0].device
+    table = torch.tensor([[x.data_ptr() for x in xs], [y.data_ptr() for y in ys]], dtype=torch.int64)
+    strides = torch.tensor([[x.stride(0), x.stride(1), y.stride(0), y.stride(1)] for x, y in zip(xs, ys)],
+                           dtype=torch.int64)
+    if device.type == "cuda":
+        # Pinned staging keeps the copy asynchronous: the model never waits for the host.
+        table = table.pin_memory().to(device, non_blocking=True)
+        strides = strides.pin_memory().to(device, non_blocking=True)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # Triton's CPU interpreter (tests)
+        sms = 4
+    programs = len(xs) * heads
+    splits = max(1, min(triton.cdiv(tokens, block_t * 4), triton.cdiv(4 * sms, programs)))
+    rows_per_split = triton.cdiv(triton.cdiv(tokens, splits), block_t) * block_t
+    splits = triton.cdiv(tokens, rows_per_split)
+    partial = torch.empty((len(xs), heads, splits, 5), dtype=torch.float32, device=device)
+    _pair_sums_kernel[(len(xs), heads, splits)](
+        table[0], table[1], strides, partial, heads, tokens, rows_per_split,
+        DIM=dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), DTYPE=_TRITON_DTYPES[xs[0].dtype],
+        num_warps=4)
+    return partial.sum(dim=2)
