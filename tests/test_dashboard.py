@@ -194,6 +194,12 @@ def test_influence_and_locality_render_generically(files, full):
     hm = full.generic_map("/locality/mass", "band", "layer", {"prompt": MEAN, "step": "3", "head": "0"})
     np.testing.assert_allclose(hm.z, mass.mean(axis=0)[3, :, 0, :], rtol=1e-6)
     assert hm.cols == ["w<=1", "w<=2", "w<=4", "all"]
+    # influences of heads add up: the sum over heads (NaN where every head is NaN: AST at step 0)
+    hm = full.generic_map("/influence/rse", "step", "layer", {"prompt": "0", "branch": "0", "head": "sum",
+                                                               "candidate": "0"})
+    ref = rse[0, 0, :, :, :, 0].sum(axis=2).T  # plain sum: NaN wherever a head is NaN
+    np.testing.assert_allclose(hm.z, ref, rtol=1e-6, equal_nan=True)
+    assert f"prompt {PROMPTS[0]}, branch cond, sum over head, candidate {expected[0]}" in hm.title
     hm = full.generic_map("/locality/mass", "band", "", {"prompt": "1", "step": MEAN, "layer": "2", "head": MEAN})
     np.testing.assert_allclose(hm.z, mass[1, :, 2, :, :].mean(axis=(0, 1))[None, :], rtol=1e-6)
     with pytest.raises(DitlensError, match="out of range"):

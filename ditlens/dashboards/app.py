@@ -27,6 +27,7 @@ from ditlens.dashboards.data import (
     EXTRA_ROOTS,
     MEAN,
     METRIC_NAMES,
+    SUM,
     TraceData,
     default_pick,
     human_bytes,
@@ -276,7 +277,7 @@ def _pickers(data: TraceData, root: str, path: str, x: str, y: str, picks: dict[
         if axis in (x, y):
             continue
         labels = data.axis_labels(path, axis)
-        options = [{"label": f"mean over {axis}", "value": MEAN}] + [
+        options = [{"label": f"mean over {axis}", "value": MEAN}, {"label": f"sum over {axis}", "value": SUM}] + [
             {"label": f"{i}: {label}" if label != str(i) else label, "value": str(i)} for i, label in enumerate(labels)]
         out.append(_control(axis, dcc.Dropdown(id={"type": "pick", "root": root, "axis": axis}, options=options,
                                                value=picks.get(axis, default_pick(axis)), clearable=False),

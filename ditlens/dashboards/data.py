@@ -34,6 +34,7 @@ from ditlens.traces.format import (
 from ditlens.traces.reader import Trace, open_h5_for_read, python_value
 
 MEAN = "mean"  # the value of an axis picker that averages over the axis
+SUM = "sum"  # ... that sums over it
 HIGHER_IS_REDUNDANT = {"cosine": True, "ssim": True, "l1": False, "rel_l1": False}
 METRIC_NAMES = {"l1": "L1 distance", "rel_l1": "relative L1", "cosine": "cosine similarity", "ssim": "SSIM"}
 COMPARISON_NAMES = {"step": "step t vs t-1", "cfg": "cond vs uncond"}
@@ -85,6 +86,14 @@ def nanmean(values: np.ndarray, axis: int | tuple[int, ...] | None) -> np.ndarra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.asarray(np.nanmean(np.asarray(values, dtype=np.float64), axis=axis))
+
+
+def nansum(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """float64 sum ignoring NaN; a slice that is all NaN gives NaN (not 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    total = np.nansum(values, axis=axis)
+    empty = np.all(np.isnan(values), axis=axis)
+    return np.where(empty, np.nan, total)
 
 
 class TraceData:
@@ -365,44 +374,48 @@ class TraceData:
 
     def generic_map(self, path: str, x: str, y: str, picks: dict[str, str]) -> Heatmap:
         """Any labelled dataset as a ``y`` x ``x`` map; every other axis is picked by position
-        (a string of an int) or averaged (``"mean"``, NaN ignored). ``y=""`` draws one row."""
+        (a string of an int), averaged (``"mean"``) or summed (``"sum"``: influences of heads add
+        up), NaN ignored (all NaN stays NaN). ``y=""`` draws one row."""
         axes, shape = self.dataset_axes(path)
         if x not in axes or (y and y not in axes) or x == y:
             raise DitlensError(f"choose two different axes of {path} (axes: {', '.join(axes)})")
         dataset = self._dataset(path)
         index: list[object] = []
-        reduce: list[str] = []
-        for i, (axis, size) in enumerate(zip(axes, shape)):
+        reduce: dict[str, str] = {}  # axis -> "mean" or "sum"
+        for axis, size in zip(axes, shape):
             whole = slice(0, size)
             if axis in (x, y):
                 index.append(whole)
                 continue
             pick = str(picks.get(axis, MEAN))
-            if pick == MEAN:
+            if pick in (MEAN, SUM):
                 index.append(whole)
-                reduce.append(axis)
+                reduce[axis] = pick
                 continue
             try:
                 position = int(pick)
             except ValueError:
-                raise DitlensError(f"{axis}: pick a position or 'mean', not {pick!r}") from None
+                raise DitlensError(f"{axis}: pick a position, 'mean' or 'sum', not {pick!r}") from None
             if not 0 <= position < size:
                 raise DitlensError(f"{axis} position {position} is out of range (0..{size - 1})")
             index.append(position)
         kept = [a for a, sel in zip(axes, index) if not isinstance(sel, int)]
         values = self._cached(("extra", path, tuple(str(s) for s in index)), lambda: self._read(path, tuple(index)))
         data = np.asarray(values, dtype=np.float64)
-        if reduce:
-            data = nanmean(data, axis=tuple(kept.index(a) for a in reduce))
-            kept = [a for a in kept if a not in reduce]
+        for how in (SUM, MEAN):
+            names = [a for a, h in reduce.items() if h == how]
+            if names:
+                positions = tuple(kept.index(a) for a in names)
+                data = nanmean(data, axis=positions) if how == MEAN else nansum(data, axis=positions)
+                kept = [a for a in kept if a not in names]
         if not y:
             data = data[None, :]
             rows = [path.rsplit("/", 1)[-1]]
         else:
             data = np.moveaxis(data, [kept.index(y), kept.index(x)], [0, 1])
             rows = self.axis_labels(path, y)
-        chosen = [f"{a} {self.axis_labels(path, a)[int(picks[a])]}" if str(picks.get(a, MEAN)) != MEAN
-                  else f"mean over {a}" for a in axes if a not in (x, y)]
+        chosen = [f"{reduce[a]} over {a}" if a in reduce else f"{a} {self.axis_labels(path, a)[int(picks[a])]}"
+                  for a in axes if a not in (x, y)]
         attrs = {k: python_value(v) for k, v in dataset.attrs.items()}
         return Heatmap(
             z=data, rows=rows, cols=self.axis_labels(path, x), row_title=y or "", col_title=x,
@@ -532,4 +545,4 @@ def stat_key(group: str, tensor: str, comparison: str, metric: str) -> StatKey:
     return (str(group), str(tensor), str(comparison), str(metric))
 
 
-__all__ = ["TraceData", "Heatmap", "ContentRow", "MEAN", "human_bytes", "stat_key", "EXTRA_ROOTS", "default_pick"]
+__all__ = ["TraceData", "Heatmap", "ContentRow", "MEAN", "SUM", "human_bytes", "stat_key", "EXTRA_ROOTS", "default_pick"]
