@@ -40,6 +40,7 @@ from ditlens.dashboards.plans import (
     differing_cells,
     load_plans,
     load_report,
+    method_key,
     method_shares,
     plan_flops_table,
     plan_head_map,
@@ -239,7 +240,9 @@ def _variability_view() -> html.Div:
         _msg("", "vari-msg"),
         html.Div([_graph("vari-cv"), html.Div(id="vari-note", className="note")], className="card"),
         html.Div([html.H3("Mean coefficient of variation across prompts (over layers, steps and heads; "
-                          "DiTCacheAnalysis Table 2)"), html.Div(id="vari-table")], className="card"),
+                          "DiTCacheAnalysis Table 2)"),
+                  html.Div("rows of step comparisons use the selected branch", className="note"),
+                  html.Div(id="vari-table")], className="card"),
         html.Div([_graph("vari-curves")], className="card"),
     ])
 
@@ -464,11 +467,11 @@ def _register(app: Dash, data: TraceData, plans: list[LoadedPlan], reports: list
 
     def vari_fail(message: str):
         empty = figs.empty_figure(message)
-        return message, None, empty, "", "", empty
+        return message, None, empty, "", empty
 
     @app.callback(
         Output("vari-msg", "children"), Output("vari-msg", "style"), Output("vari-cv", "figure"),
-        Output("vari-note", "children"), Output("vari-table", "children"), Output("vari-curves", "figure"),
+        Output("vari-note", "children"), Output("vari-curves", "figure"),
         Input("ctl-group", "value"), Input("ctl-tensor", "value"), Input("ctl-comparison", "value"),
         Input("ctl-metric", "value"), Input("ctl-branch", "value"), Input("ctl-layer", "value"),
         Input("vari-cv", "id"))
@@ -480,18 +483,26 @@ def _register(app: Dash, data: TraceData, plans: list[LoadedPlan], reports: list
             raise DitlensError(f"this trace has no {group}/{tensor}/{comparison} statistic: pick another combination")
         key = stat_key(group, tensor, comparison, metric)
         cv = data.cv_map(key, branch)
-        rows = data.cv_table(group, branch)
-        tensors = [t for t in "qkvo" if any(t in r for r in rows)]
-        table = html.Table(
-            [html.Tr([html.Th(f"{group} map")] + [html.Th(t.upper()) for t in tensors])]
-            + [html.Tr([html.Td(r["map"])] + [html.Td(f"{r[t]:.3f}" if t in r else "") for t in tensors]) for r in rows],
-            className="facts num", id="vari-cv-table")
         li = int(layer or 0)
         curves, note = data.prompt_curves(key, branch, li)
         curves_fig = figs.prompt_curves_figure(
             curves, data.prompts, data.step_labels(),
             f"{data.layers[li]}: {data.describe_key(key, branch)} per prompt (mean over heads)", metric)
-        return "", HIDDEN, figs.heatmap_figure(cv, colorscale="Magma"), f"source: {cv.note}", table, curves_fig
+        return "", HIDDEN, figs.heatmap_figure(cv, colorscale="Magma"), f"source: {cv.note}", curves_fig
+
+    # The table reads every statistic of a group: its own callback, so that the maps above do not wait for it.
+    @app.callback(Output("vari-table", "children"), Input("ctl-group", "value"), Input("ctl-branch", "value"),
+                  Input("vari-table", "id"))
+    @_guard(lambda message: _msg(message))
+    def update_cv_table(group, branch, _mounted):
+        if data.n_done < 2 or not data.stat_keys():
+            return html.Div("needs at least two finished prompts and some statistics", className="note")
+        rows = data.cv_table(group, branch)
+        tensors = [t for t in "qkvo" if any(t in r for r in rows)]
+        return html.Table(
+            [html.Tr([html.Th(f"{group} map")] + [html.Th(t.upper()) for t in tensors])]
+            + [html.Tr([html.Td(r["map"])] + [html.Td(f"{r[t]:.3f}" if t in r else "") for t in tensors]) for r in rows],
+            className="facts num", id="vari-cv-table")
 
     for root in EXTRA_ROOTS:
         _register_extra(app, data, root)
@@ -514,10 +525,7 @@ def _register(app: Dash, data: TraceData, plans: list[LoadedPlan], reports: list
         flops_fig = figs.flops_figure(named_flops) if named_flops else figs.empty_figure(
             "no FLOPs: the plans' fingerprints have no token grid")
         shares = [(p.name, method_shares(p)) for _, p in chosen]
-        methods = sorted({m for _, s in shares for m in s}, key=lambda m: m)
-        from ditlens.dashboards.plans import method_key
-
-        methods.sort(key=method_key)
+        methods = sorted({m for _, s in shares for m in s}, key=method_key)
         colours = dict(zip(methods, category_colours(methods)))
         compare = ""
         if len(chosen) == 2:

@@ -88,6 +88,15 @@ def nanmean(values: np.ndarray, axis: int | tuple[int, ...] | None) -> np.ndarra
         return np.asarray(np.nanmean(np.asarray(values, dtype=np.float64), axis=axis))
 
 
+def coefficient_of_variation(values: np.ndarray) -> np.ndarray:
+    """std / mean over axis 0 (ddof 0), NaN ignored (DESIGN §4; the formula of
+    ``ditlens.analyzer.metrics.coefficient_of_variation``, here without importing torch)."""
+    values = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(values, axis=0, ddof=0) / np.nanmean(values, axis=0)
+
+
 def nansum(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
     """float64 sum ignoring NaN; a slice that is all NaN gives NaN (not 0)."""
     values = np.asarray(values, dtype=np.float64)
@@ -272,10 +281,8 @@ class TraceData:
             if cv_path in self._file and int(self._file[cv_path].attrs.get("n_prompts", -1)) == self.n_done:
                 index = ((b,) if b is not None else ()) + (slice(None),)
                 return self._read(cv_path, index).astype(np.float64), f"{cv_path} (from ditlens analyze)"
-            from ditlens.analyzer.metrics import coefficient_of_variation
-
             index = (slice(0, self.n_done),) + ((b,) if b is not None else ()) + (slice(None),)
-            cv = coefficient_of_variation(self._read(path, index), axis=0)
+            cv = coefficient_of_variation(self._read(path, index))
             return cv, f"{path}, std/mean over {self.n_done} prompts"
 
         return self._cached(("cv", key, b), read)  # type: ignore[return-value]

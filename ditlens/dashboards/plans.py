@@ -35,7 +35,9 @@ class LoadedPlan:
 
 def load_plans(paths: Sequence[str | Path]) -> list[LoadedPlan]:
     """Load every plan; a file that is not a valid plan raises its one-line error."""
-    from ditlens.compress.plan import Plan
+    if not paths:
+        return []
+    from ditlens.compress.plan import Plan  # imports torch: only when there are plans
 
     loaded: list[LoadedPlan] = []
     names: Counter[str] = Counter()
