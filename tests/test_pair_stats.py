@@ -55,3 +55,29 @@ def test_pair_sums_under_the_triton_interpreter():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_pair_sums_on_cuda(dtype):
     _run("cuda", dtype, interpret=False)
+
+
+ROWS_CHECK = textwrap.dedent("""
+    import torch
+    from ditlens.kernels.pair_stats import pair_sums_rows
+    torch.manual_seed(1)
+    device = {device!r}
+    a = torch.randn(2, 37, 3, 24, device=device).transpose(1, 2)   # [B, H, L, D] view, strided
+    b = torch.randn(2, 3, 37, 24, device=device)                   # contiguous
+    out = pair_sums_rows([(a, 1), (b, 0)], [(b, 1), (a, 0)], block_t=16)
+    for i, (x, y) in enumerate([(a[1], b[1]), (b[0], a[0])]):
+        x, y = x.double(), y.double()
+        ref = torch.stack([(x - y).abs().sum((1, 2)), y.abs().sum((1, 2)), (x * y).sum((1, 2)),
+                           (x * x).sum((1, 2)), (y * y).sum((1, 2))], -1)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-3)
+    print("ok")
+""")
+
+
+def test_pair_sums_of_batch_rows_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", ROWS_CHECK.format(device="cpu")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ import torch
 from ditlens.analyzer.adapters import GroupedTensors
 from ditlens.analyzer.capture import BRANCHES, ForwardContext
 from ditlens.analyzer.metrics import SUM_METRICS, metrics_from_sums, pairwise_stats
-from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
+from ditlens.kernels.pair_stats import pair_sums_available, pair_sums_rows
 from ditlens.traces.format import RawSelection, StatKey
 
 GroupTensor = torch.Tensor | list[torch.Tensor]
@@ -85,6 +85,16 @@ def _host(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.float16).cpu().numpy()
 
 
+HeadRef = tuple[torch.Tensor, int]  # (tensor [batch, heads, tokens, head_dim], row)
+
+
+def _ref(x: GroupTensor | None, row: int) -> HeadRef | None:
+    """One sample of a batched tensor or per-sample list, as (tensor, row) without a view."""
+    if x is None:
+        return None
+    return (x[row], 0) if isinstance(x, list) else (x, row)
+
+
 def _row(x: GroupTensor | None, row: int) -> torch.Tensor | None:
     """One sample's [heads, tokens, head_dim] from a batched tensor or a per-sample list."""
     if x is None:
@@ -132,19 +142,20 @@ class PromptStatistics:
             self.n_text = max(self.n_text, max(t.shape[2] for t in text) if isinstance(text, list) else text.shape[2])
         # (comparison, branch slot, X source, X row, Y source, Y row); X is the current/cond tensor.
         pairs: list[tuple[str, int, GroupedTensors, int, GroupedTensors, int]] = []
+        # History holds (tensors, batch row): no per-tensor views, which cost host time per layer.
         for branch, row in context.rows.items():
             previous = self._previous.get((layer, branch))
             if previous is not None:
-                pairs.append(("step", BRANCHES.index(branch), tensors, row, previous, 0))
-            self._previous[(layer, branch)] = _select_row(tensors, row)
+                pairs.append(("step", BRANCHES.index(branch), tensors, row, *previous))
+            self._previous[(layer, branch)] = (tensors, row)
         if "cond" in context.rows and "uncond" in context.rows:
             pairs.append(("cfg", 0, tensors, context.rows["cond"], tensors, context.rows["uncond"]))
         elif set(context.rows) == {"cond"}:
-            self._pending_cond[layer] = (context.step, _select_row(tensors, context.rows["cond"]))
+            self._pending_cond[layer] = (context.step, (tensors, context.rows["cond"]))
         elif set(context.rows) == {"uncond"}:
             step, cond = self._pending_cond.pop(layer, (None, None))
             if step == context.step:
-                pairs.append(("cfg", 0, cond, 0, tensors, context.rows["uncond"]))
+                pairs.append(("cfg", 0, *cond, tensors, context.rows["uncond"]))
         # Compared once the forward ends, batched over all layers: per-layer Python work is what
         # made profiling slow on a fast GPU. The pairs only reference tensors the history keeps anyway.
         self._waiting.append((context.step, layer, pairs))
@@ -160,7 +171,8 @@ class PromptStatistics:
     def _compare_group(self, group: str, waiting: list[tuple[int, int, list]]) -> None:
         """One token group of every layer of a forward: one metric call per tensor shape
         (stacked in chunks of at most ``chunk_bytes`` per side)."""
-        items: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, tuple[str, int, int, int, int]]]] = {}
+        # shape -> [(X ref, Y ref, slot)] where a ref is (batched tensor, row)
+        items: dict[tuple[int, ...], list[tuple[HeadRef, HeadRef, tuple[str, int, int, int, int]]]] = {}
         metrics: list[str] = []
         for step, layer, pairs in waiting:
             for comparison, slot, x_src, x_row, y_src, y_row in pairs:
@@ -172,18 +184,21 @@ class PromptStatistics:
                 x_map = x_src.image if group == "image" else x_src.text
                 y_map = y_src.image if group == "image" else y_src.text
                 for t_index, name in enumerate(names):
-                    x, y = _row(x_map.get(name), x_row), _row(y_map.get(name), y_row)
-                    if x is None or y is None or x.shape != y.shape or x.numel() == 0:
+                    x, y = _ref(x_map.get(name), x_row), _ref(y_map.get(name), y_row)
+                    if x is None or y is None:
                         continue
-                    items.setdefault(tuple(x.shape), []).append((x, y, (comparison, t_index, slot, step, layer)))
+                    shape = x[0].shape[1:]
+                    if shape != y[0].shape[1:] or 0 in shape:
+                        continue
+                    items.setdefault(tuple(shape), []).append((x, y, (comparison, t_index, slot, step, layer)))
         grid = self.grid if group == "image" else None
-        for members in items.values():
-            first = members[0][0]
+        for shape, members in items.items():
+            first = members[0][0][0]
             summed = [m for m in metrics if m in SUM_METRICS]
             if summed and pair_sums_available(first):
                 # Distances straight from the tensors where they lie (one launch, no stacking).
-                sums = pair_sums([m[0] for m in members], [m[1] for m in members])
-                values = metrics_from_sums(sums, first.shape[-2] * first.shape[-1])
+                sums = pair_sums_rows([m[0] for m in members], [m[1] for m in members])
+                values = metrics_from_sums(sums, shape[-2] * shape[-1])
                 block = torch.stack([values[m] for m in summed], dim=1)  # [items, metrics, heads]
                 self._blocks.append((group, summed, [m[2] for m in members], block))
                 rest = [m for m in metrics if m not in SUM_METRICS]
@@ -191,11 +206,11 @@ class PromptStatistics:
                 rest = metrics
             if not rest:
                 continue
-            per_chunk = max(1, self.chunk_bytes // (first.numel() * first.element_size()))
+            per_chunk = max(1, self.chunk_bytes // (first[0].numel() * first.element_size()))
             for start in range(0, len(members), per_chunk):
                 chunk = members[start:start + per_chunk]
-                x = torch.stack([m[0] for m in chunk])
-                y = torch.stack([m[1] for m in chunk])
+                x = torch.stack([src[row] for src, row in (m[0] for m in chunk)])
+                y = torch.stack([src[row] for src, row in (m[1] for m in chunk)])
                 values = pairwise_stats(x, y, rest, grid)
                 block = torch.stack([values[m].float() for m in rest], dim=1)  # [items, metrics, heads]
                 # Scattered on the host once per prompt: no index tensors, no sync while the model runs.
@@ -237,12 +252,3 @@ class PromptStatistics:
         self._blocks.clear()
         self._waiting.clear()
         return out
-
-
-def _select_row(tensors: GroupedTensors, row: int) -> GroupedTensors:
-    """A one-sample view (no copy) kept as history: [1, heads, tokens, head_dim]."""
-    def pick(x: GroupTensor) -> GroupTensor:
-        return [x[row]] if isinstance(x, list) else x[row:row + 1]
-
-    return GroupedTensors(image={k: pick(v) for k, v in tensors.image.items()},
-                          text={k: pick(v) for k, v in tensors.text.items()})

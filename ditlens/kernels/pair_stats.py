@@ -29,18 +29,19 @@ _TRITON_DTYPES: dict = {}
 if triton is not None:
 
     @triton.jit
-    def _pair_sums_kernel(XP, YP, STRIDES, OUT, heads, tokens, rows_per_split,
+    def _pair_sums_kernel(META, OUT, heads, tokens, rows_per_split,
                           DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         item = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
-        x_base = tl.load(XP + item).to(tl.pointer_type(DTYPE))
-        y_base = tl.load(YP + item).to(tl.pointer_type(DTYPE))
-        # strides in elements: x head, x token, y head, y token (channels are contiguous)
-        xs_h = tl.load(STRIDES + item * 4 + 0)
-        xs_t = tl.load(STRIDES + item * 4 + 1)
-        ys_h = tl.load(STRIDES + item * 4 + 2)
-        ys_t = tl.load(STRIDES + item * 4 + 3)
+        # META row: x address, x head stride, x token stride, y address, y head stride, y token
+        # stride (strides in elements; channels are contiguous)
+        x_base = tl.load(META + item * 6 + 0).to(tl.pointer_type(DTYPE))
+        xs_h = tl.load(META + item * 6 + 1)
+        xs_t = tl.load(META + item * 6 + 2)
+        y_base = tl.load(META + item * 6 + 3).to(tl.pointer_type(DTYPE))
+        ys_h = tl.load(META + item * 6 + 4)
+        ys_t = tl.load(META + item * 6 + 5)
         x_base += head * xs_h
         y_base += head * ys_h
         t0 = split * rows_per_split
@@ -90,6 +91,22 @@ def _as_heads(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def pair_sums_rows(xs: Sequence[tuple[torch.Tensor, int]], ys: Sequence[tuple[torch.Tensor, int]], *,
+                   block_t: int = 64) -> torch.Tensor:
+    """:func:`pair_sums` of batch rows given as (tensor ``[batch, heads, tokens, channels]``, row),
+    addressed by pointer arithmetic: no view is made per pair (host time matters here)."""
+    def entry(ref: tuple[torch.Tensor, int]) -> tuple[int, int, int]:
+        t, row = ref
+        if t.stride(-1) != 1:
+            t, row = t[row:row + 1].contiguous(), 0
+        return t.data_ptr() + row * t.stride(0) * t.element_size(), t.stride(1), t.stride(2)
+
+    x0 = xs[0][0]
+    heads, tokens, dim = x0.shape[1:]
+    rows = [entry(x) + entry(y) for x, y in zip(xs, ys)]
+    return _launch(rows, heads, tokens, dim, x0.dtype, x0.device, block_t)
+
+
 def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t: int = 64) -> torch.Tensor:
     """Sums of many (X, Y) pairs in one launch.
 
@@ -102,24 +119,26 @@ def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t
     xs = [_as_heads(x) for x in xs]
     ys = [_as_heads(y) for y in ys]
     heads, tokens, dim = xs[0].shape
-    device = xs[0].device
-    table = torch.tensor([[x.data_ptr() for x in xs], [y.data_ptr() for y in ys]], dtype=torch.int64)
-    strides = torch.tensor([[x.stride(0), x.stride(1), y.stride(0), y.stride(1)] for x, y in zip(xs, ys)],
-                           dtype=torch.int64)
+    rows = [(x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0), y.stride(1)) for x, y in zip(xs, ys)]
+    return _launch(rows, heads, tokens, dim, xs[0].dtype, xs[0].device, block_t)
+
+
+def _launch(rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens: int, dim: int, dtype: torch.dtype,
+            device: torch.device, block_t: int) -> torch.Tensor:
+    """rows: per pair (x address, x head stride, x token stride, y address, y head stride, y token stride)."""
+    meta = torch.tensor(rows, dtype=torch.int64)  # [pairs, 6]
     if device.type == "cuda":
         # Pinned staging keeps the copy asynchronous: the model never waits for the host.
-        table = table.pin_memory().to(device, non_blocking=True)
-        strides = strides.pin_memory().to(device, non_blocking=True)
+        meta = meta.pin_memory().to(device, non_blocking=True)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:  # Triton's CPU interpreter (tests)
         sms = 4
-    programs = len(xs) * heads
-    splits = max(1, min(triton.cdiv(tokens, block_t * 4), triton.cdiv(4 * sms, programs)))
+    n_pairs = len(rows)
+    splits = max(1, min(triton.cdiv(tokens, block_t * 4), triton.cdiv(4 * sms, n_pairs * heads)))
     rows_per_split = triton.cdiv(triton.cdiv(tokens, splits), block_t) * block_t
     splits = triton.cdiv(tokens, rows_per_split)
-    partial = torch.empty((len(xs), heads, splits, 5), dtype=torch.float32, device=device)
-    _pair_sums_kernel[(len(xs), heads, splits)](
-        table[0], table[1], strides, partial, heads, tokens, rows_per_split,
-        DIM=dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), DTYPE=_TRITON_DTYPES[xs[0].dtype],
-        num_warps=4)
+    partial = torch.empty((n_pairs, heads, splits, 5), dtype=torch.float32, device=device)
+    _pair_sums_kernel[(n_pairs, heads, splits)](
+        meta, partial, heads, tokens, rows_per_split,
+        DIM=dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), DTYPE=_TRITON_DTYPES[dtype], num_warps=4)
     return partial.sum(dim=2)
