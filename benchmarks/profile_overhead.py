@@ -28,9 +28,10 @@ def build(model: str, device: str):
     from ditlens.models import load_pipeline
 
     pipe = load_pipeline(model, device=device)
-    from ditlens import zoo
-
-    return pipe, list(zoo.default_prompts(model))[:4], {"guidance": None}
+    prompts = (["0", "3", "7", "9"] if model == "tiny-dit" else
+               ["a red sneaker top left and a blue bag bottom right", "a green dress top right",
+                "a yellow shirt bottom left and a white boot top right", "a purple bag top left"])
+    return pipe, prompts, {"guidance": None}
 
 
 def sync(device: str) -> None:

@@ -35,7 +35,9 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     if spec in embedded_models():
         from ditlens import zoo
 
-        return zoo.load_pipeline(spec, device=device, dtype=dtype)
+        pipe = zoo.load_pipeline(spec, device=device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)  # ditlens shows its own progress
+        return pipe
     from diffusers import DiffusionPipeline
 
     path = Path(spec)

@@ -246,7 +246,8 @@ class ModelAdapter:
         if width is not None and "width" in params:
             kwargs["width"] = width
         if "output_type" in params:
-            kwargs["output_type"] = "latent" if self.pipeline_kind == "text" else "np"
+            # Statistics need only the denoising loop: skip the VAE decode where there is one.
+            kwargs["output_type"] = "latent" if getattr(pipeline, "vae", None) is not None else "np"
         return kwargs
 
 

@@ -191,7 +191,7 @@ class Plan:
 
         adapter = (registry or default_registry()).find(pipe.transformer)
         if grid is None and height is not None and width is not None:
-            grid = adapter.grid_for_size(pipe.transformer, height, width, frames or 1)
+            grid = adapter.grid_for_size(pipe.transformer, height, width, frames or 1, pipeline=pipe)
         model = model_fingerprint(pipe.transformer, adapter, grid=grid, n_text=n_text)
         if cfg_layout is None:
             pipe_layout = adapter.pipeline_cfg_layout(pipe)
