@@ -74,23 +74,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-EMBEDDED_PROMPTS = {
-    "tiny-dit": ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"),
-    "tiny-mmdit": ("a red sneaker top left and a blue bag bottom right", "a green dress top right",
-                   "a yellow shirt bottom left and a white ankle boot top right", "a purple bag top left"),
-}
-
-
 def _default_prompts(model: str) -> list[str]:
-    from ditlens.models import embedded_models
+    from ditlens.models import default_prompts
 
-    if model in embedded_models():
-        from ditlens import zoo
-
-        if hasattr(zoo, "default_prompts"):
-            return list(zoo.default_prompts(model))
-        return list(EMBEDDED_PROMPTS[model])
-    raise DitlensError("no prompts given: pass --prompt (repeatable) or --prompts-file")
+    return default_prompts(model)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -54,3 +54,19 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
             f"local cache, or an embedded model ({known})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def default_prompts(spec: str, count: int | None = None) -> list[str]:
+    """Prompts for an embedded model when none are given: the ten Fashion-MNIST classes for
+    tiny-dit, seeded random scene captions for tiny-mmdit (the same list every time)."""
+    if spec not in embedded_models():
+        raise DitlensError(f"no prompts given for {spec}: pass --prompt (repeatable) or --prompts-file")
+    from ditlens.zoo.data import FASHION_CLASSES, caption_for, random_scene
+
+    count = count or 10
+    if spec == "tiny-dit":
+        return [FASHION_CLASSES[i % len(FASHION_CLASSES)] for i in range(count)]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [caption_for(random_scene(rng)) for _ in range(count)]

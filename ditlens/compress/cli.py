@@ -18,12 +18,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     adapter = default_registry().find(pipe.transformer)
     prompts = list(args.prompt or [])
     if not prompts:
-        try:
-            from ditlens import zoo
+        from ditlens.models import default_prompts
 
-            prompts = list(zoo.default_prompts(args.model))[: args.num_prompts]
-        except Exception:
-            raise DitlensError("no prompts given: pass --prompt (repeatable)") from None
+        prompts = default_prompts(args.model, args.num_prompts)
     height, width = plan.run.height, plan.run.width
 
     def call(prompt: str, seed: int) -> dict[str, Any]:

@@ -12,12 +12,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if prompts:
         return prompts
-    try:
-        from ditlens import zoo
+    from ditlens.models import default_prompts
 
-        return list(zoo.default_prompts(args.model))[: args.num_prompts]
-    except Exception:
-        raise DitlensError("no calibration prompts: pass --prompt (repeatable)") from None
+    return default_prompts(args.model, args.num_prompts)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
