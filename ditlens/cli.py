@@ -68,10 +68,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
                            stat_keys=select_stat_keys(args.metrics, args.tensors),
                            call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
     registry = default_registry(args.adapter or [])
-    pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    device = init_distributed(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
     result = profile(pipe, prompts, args.out, config, registry=registry, model_id=args.model)
     print(f"wrote {result.path} ({result.n_prompts} prompts, {result.n_new} new, {result.seconds:.1f} s)")
     return 0
+
+
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU)
+    and return this rank's device."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
 
 
 def _default_prompts(model: str) -> list[str]:

@@ -51,6 +51,7 @@ class ProfileConfig:
     influence: bool = False  # record per-head influence of compression candidates (/influence)
     influence_candidates: str | None = None  # e.g. "ast,asc,arrow(64)"; None: defaults for the model
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
+    prompt_offset: int = 0  # global index of the first prompt (seeds: seed + offset + i); set by sharding
 
 
 @dataclass
@@ -167,10 +168,13 @@ class Profiler:
         if cfg.influence:
             influence = InfluenceRecorder(self.layers, self.influence_candidates(), cfg.steps, self.n_heads)
         device = torch.device(getattr(self.pipeline, "_execution_device", None) or self.transformer.device)
-        generator = torch.Generator(device="cpu" if device.type == "mps" else device.type).manual_seed(cfg.seed + index)
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device.type)
+        generator.manual_seed(cfg.seed + cfg.prompt_offset + index)
         kwargs = self.adapter.call_kwargs(self.pipeline, prompt, cfg.steps, cfg.guidance, cfg.height, cfg.width, generator)
         kwargs.update(cfg.call_kwargs)
-        self.last_call = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
+        per_prompt = ("prompt", "negative_prompt", "class_labels", "generator")
+        self.last_call = {k: v for k, v in kwargs.items()
+                          if isinstance(v, (int, float, str, bool)) and k not in per_prompt}
         handle = apply_capture(self.transformer, self.adapter, ObserverGroup(stats, influence), cfg_layout=self.cfg_layout, max_steps=cfg.steps,
                                layers=self.layers)
         try:
@@ -272,7 +276,69 @@ def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: Prof
         out: trace path; refused if it exists unless ``config.overwrite`` or ``config.resume``.
         config: steps, guidance, size, seed, raw selection, resume.
         registry: adapters to choose from (default: built-ins and installed plug-ins).
+
+    Under ``torch.distributed`` (e.g. ``torchrun --nproc-per-node N -m ditlens profile ...``) the
+    prompts are split into contiguous shards, one per rank; each rank writes
+    ``<out>.rank<r>of<N>.h5`` and rank 0 merges them into ``out``, equal to a single-process run
+    of the same prompts (prompt i keeps seed + i).
     """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _profile_sharded(pipeline, list(prompts), Path(out), config or ProfileConfig(), registry=registry,
+                                model_id=model_id, progress=progress, log=log)
+    return _profile_local(pipeline, prompts, out, config, registry=registry, model_id=model_id, progress=progress,
+                          log=log)
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}of{world}{out.suffix}")
+
+
+def _profile_sharded(pipeline: Any, prompts: list[str], out: Path, config: ProfileConfig, *, registry, model_id,
+                     progress, log) -> ProfileResult:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from ditlens.traces.merge import merge_traces
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bounds = [round(i * len(prompts) / world) for i in range(world + 1)]
+    start, stop = bounds[rank], bounds[rank + 1]
+    if out.exists() and not (config.overwrite or config.resume):
+        raise DitlensError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    t0 = time.perf_counter()
+    result = None
+    failure = None
+    if stop > start:
+        try:
+            result = _profile_local(pipeline, prompts[start:stop], shard_path(out, rank, world),
+                                    dataclasses.replace(config, prompt_offset=config.prompt_offset + start),
+                                    registry=registry, model_id=model_id, progress=progress and rank == 0,
+                                    log=log if rank == 0 else (lambda s: None))
+        except DitlensError as err:
+            failure = str(err)
+    failures = [None] * world
+    dist.all_gather_object(failures, failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f]
+    if bad:
+        raise DitlensError(f"rank {bad[0][0]} failed: {bad[0][1]}; finished shards are kept, rerun with --resume")
+    shards = [shard_path(out, r, world) for r in range(world) if bounds[r + 1] > bounds[r]]
+    if rank == 0:
+        merge_traces(shards, out, overwrite=True)
+        for shard in shards:
+            shard.unlink()
+        log(f"merged {len(shards)} shards into {out}")
+    dist.barrier()
+    n_new = result.n_new if result is not None else 0
+    return ProfileResult(out, len(prompts), n_new, time.perf_counter() - t0,
+                         result.seconds_per_prompt if result is not None else [])
+
+
+def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, config: ProfileConfig | None = None, *,
+                   registry: AdapterRegistry | None = None, model_id: str = "", progress: bool = True,
+                   log: Callable[[str], None] = print) -> ProfileResult:
     from tqdm.auto import tqdm
 
     from ditlens.traces.reader import Trace
