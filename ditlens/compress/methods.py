@@ -21,6 +21,8 @@ path, FlexAttention and the FLOPs count all derive from one definition.
 
 from __future__ import annotations
 
+from typing import Any
+
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -113,6 +115,26 @@ class CallLayout:
     @property
     def n_image(self) -> int:
         return self.q_len - self.n_text
+
+
+def call_layout(layer: Any, grid: tuple[int, int, int], lq: int, lk: int) -> CallLayout:
+    """Token layout of one attention call of ``layer`` (kind, text position) on the forward's grid:
+    query/key lengths, text tokens and their place, and the image grid the window methods use."""
+    frames, rows, cols = grid
+    if layer.kind == "cross":
+        return CallLayout(lq, lk, 0, False, (1, rows, cols), cross=True)
+    if layer.kind == "joint":
+        n_image = frames * rows * cols
+        if lq < n_image or lq != lk:
+            raise DitlensError(f"layer {layer.name}: joint attention over {lq} tokens but the grid has {n_image} image tokens")
+        return CallLayout(lq, lk, lq - n_image, layer.text_position == "first", (frames, rows, cols))
+    if layer.kind == "temporal":
+        return CallLayout(lq, lk, 0, False, None)
+    if lq == frames * rows * cols:
+        return CallLayout(lq, lk, 0, False, (frames, rows, cols))
+    if lq == rows * cols:
+        return CallLayout(lq, lk, 0, False, (1, rows, cols))
+    return CallLayout(lq, lk, 0, False, None)
 
 
 def _image_coords(idx: torch.Tensor, layout: CallLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ditlens.compress.flops import FlopsCounter
-from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask
+from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, call_layout, dense_mask
 from ditlens.compress.plan import Plan
 from ditlens.compress.schedule import LayerStep, build_schedule
 from ditlens.errors import DitlensError, PlanMismatchError
@@ -224,23 +224,7 @@ class PlanRuntime:
         return out
 
     def call_layout(self, index: int, q: torch.Tensor, k: torch.Tensor) -> CallLayout:
-        layer = self.plan.model.layers[index]
-        frames, rows, cols = self.forward.grid  # type: ignore[union-attr]
-        lq, lk = q.shape[-2], k.shape[-2]
-        if layer.kind == "cross":
-            return CallLayout(lq, lk, 0, False, (1, rows, cols), cross=True)
-        if layer.kind == "joint":
-            n_image = frames * rows * cols
-            if lq < n_image or lq != lk:
-                raise DitlensError(f"layer {layer.name}: joint attention over {lq} tokens but the grid has {n_image} image tokens")
-            return CallLayout(lq, lk, lq - n_image, layer.text_position == "first", (frames, rows, cols))
-        if layer.kind == "temporal":
-            return CallLayout(lq, lk, 0, False, None)
-        if lq == frames * rows * cols:
-            return CallLayout(lq, lk, 0, False, (frames, rows, cols))
-        if lq == rows * cols:
-            return CallLayout(lq, lk, 0, False, (1, rows, cols))
-        return CallLayout(lq, lk, 0, False, None)
+        return call_layout(self.plan.model.layers[index], self.forward.grid, q.shape[-2], k.shape[-2])  # type: ignore[union-attr]
 
     def attend(self, index: int, call: int, action: LayerStep, func: Callable, call_args: tuple,
                call_kwargs: dict) -> torch.Tensor:

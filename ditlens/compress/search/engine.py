@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditlens.compress.methods import FULL, CallLayout, HeadMethod, dense_mask
+from ditlens.compress.methods import FULL, CallLayout, HeadMethod, call_layout, dense_mask
 from ditlens.errors import DitlensError
 
 STEP_HOOK = "ditlens.search.step"
@@ -343,23 +343,12 @@ class SearchEngine:
 
     # -- attention -----------------------------------------------------------------------------
     def call_layout(self, index: int, q: torch.Tensor, k: torch.Tensor) -> CallLayout:
-        layer = self.layers[index]
-        frames, rows, cols = self.grid  # type: ignore[misc]
-        lq, lk = q.shape[-2], k.shape[-2]
-        if layer.kind == "cross":
-            self.n_text = lk
-            return CallLayout(lq, lk, 0, False, (1, rows, cols), cross=True)
-        if layer.kind == "joint":
-            n_image = frames * rows * cols
-            self.n_text = lq - n_image
-            return CallLayout(lq, lk, lq - n_image, layer.text_position == "first", (frames, rows, cols))
-        if layer.kind == "temporal":
-            return CallLayout(lq, lk, 0, False, None)
-        if lq == frames * rows * cols:
-            return CallLayout(lq, lk, 0, False, (frames, rows, cols))
-        if lq == rows * cols:
-            return CallLayout(lq, lk, 0, False, (1, rows, cols))
-        return CallLayout(lq, lk, 0, False, None)
+        layout = call_layout(self.layers[index], self.grid, q.shape[-2], k.shape[-2])  # type: ignore[arg-type]
+        if layout.cross:
+            self.n_text = layout.k_len
+        elif layout.n_text:
+            self.n_text = layout.n_text
+        return layout
 
     def masked(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
                kind: str, w: int, layout: CallLayout) -> torch.Tensor:
