@@ -19,6 +19,14 @@ from tiny_models import save_tiny_pipeline
 PROMPTS = ["1", "2", "3", "4", "5"]
 
 
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def _profile(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
@@ -35,7 +43,7 @@ def test_two_process_profile_equals_single_process(tmp_path):
         common += ["--prompt", p]
     single = _profile(["-m", "ditlens", *common, "--out", "single.h5"], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    dist = _profile(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    dist = _profile(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
                      "-m", "ditlens", *common, "--out", "dist.h5"], tmp_path)
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert not list(tmp_path.glob("dist.rank*")), "shards were not cleaned up"
@@ -46,3 +54,28 @@ def test_two_process_profile_equals_single_process(tmp_path):
         assert a.stat_keys() == b.stat_keys()
         for key in a.stat_keys():
             np.testing.assert_array_equal(a.stat(*key).data, b.stat(*key).data, err_msg=str(key))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["v2", "v1"])
+def test_two_process_search_gives_the_single_process_plan(method, tmp_path):
+    """Calibration prompts sharded over 2 gloo ranks, influences gathered / losses reduced:
+    the plan equals the one-process plan over all prompts."""
+    import json
+
+    model = save_tiny_pipeline("dit", tmp_path / "tiny-dit")
+    common = ["search", "--model", str(model), "--method", method, "--steps", "3", "--guidance", "3",
+              "--micro-batch", "1"]
+    common += ["--delta", "0.3"] if method == "v1" else ["--delta", "0.05", "--candidates", "ast,window(3),window(6)"]
+    for p in PROMPTS[:4]:
+        common += ["--prompt", p]
+    single = _profile(["-m", "ditlens", *common, "--out", "single.json"], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist = _profile(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
+                     "-m", "ditlens", *common, "--out", "dist.json"], tmp_path)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a = json.loads((tmp_path / "single.json").read_text())
+    b = json.loads((tmp_path / "dist.json").read_text())
+    assert a["methods"] == b["methods"]
+    assert a["provenance"]["calibration_prompts"] == b["provenance"]["calibration_prompts"] == PROMPTS[:4]
+    assert any(m != "full" for step in a["methods"] for m in step), "the search compressed nothing: a weak test"

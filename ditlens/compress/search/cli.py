@@ -18,17 +18,22 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from ditlens.cli import init_distributed
     from ditlens.compress.search import api
+    from ditlens.compress.search.common import data_parallel
     from ditlens.models import load_pipeline, parse_dtype
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    device = init_distributed(args.device)  # torchrun: prompts are sharded over ranks, losses reduced
+    pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
     pipe.set_progress_bar_config(disable=True)
     prompts = [] if args.method == "trace" else _prompts(args)
     outcome = api.search(pipe, prompts, method=args.method, delta=args.delta, target_flops=args.target_flops,
                          target_latency=args.target_latency, trace=args.trace, c=args.c, candidates=args.candidates,
                          latency=args.latency, steps=args.steps, guidance=args.guidance, height=args.height,
                          width=args.width, seed=args.seed, micro_batch=args.micro_batch, window=args.window,
-                         naive=args.naive)
+                         naive=args.naive, progress=data_parallel()[0] == 0)
+    if data_parallel()[0] != 0:
+        return 0  # every rank holds the same plan; rank 0 writes it
     outcome.plan.save(args.out)
     flops = outcome.plan.flops
     frac = "n/a" if flops is None else f"{flops.attention_core_fraction:.4f}"

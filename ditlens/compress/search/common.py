@@ -14,6 +14,78 @@ from ditlens.errors import DitlensError
 DEFAULT_SPARSITIES = (0.5, 0.75, 0.9)
 
 
+# -- data parallel (torch.distributed): calibration prompts sharded over ranks ------------------
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(n: int, world: int) -> list[int]:
+    """Contiguous shards of ``n`` prompts: rank r takes [bounds[r], bounds[r+1])."""
+    return [round(i * n / world) for i in range(world + 1)]
+
+
+def gather_prompt_rows(values: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's per-prompt rows (axis 0) in rank order: the array one process
+    with all calibration prompts would hold. Identity without a process group."""
+    rank, world = data_parallel()
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, values)
+    return np.concatenate([p for p in parts if p is not None and len(p)], axis=0)
+
+
+def shard_prompts(prompts: Sequence[str], engine: Any) -> tuple[list[str], Any]:
+    """Under torch.distributed: this rank's contiguous share of the calibration prompts and an
+    engine config whose seeds follow the prompts' global indices."""
+    import dataclasses
+
+    rank, world = data_parallel()
+    prompts = list(prompts)
+    if world == 1:
+        return prompts, engine
+    bounds = shard_bounds(len(prompts), world)
+    if any(bounds[r + 1] == bounds[r] for r in range(world)):
+        raise DitlensError(f"{len(prompts)} calibration prompts cannot be shared by {world} ranks: give at least one each")
+    engine = dataclasses.replace(engine, prompt_offset=engine.prompt_offset + bounds[rank])
+    return prompts[bounds[rank]:bounds[rank + 1]], engine
+
+
+def all_prompts(local: Sequence[str]) -> list[str]:
+    """Every rank's prompts in rank order (the local list without a process group)."""
+    rank, world = data_parallel()
+    if world == 1:
+        return list(local)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, list(local))
+    return [p for part in parts for p in part]
+
+
+def all_reduce_sums(*values: float) -> tuple[float, ...]:
+    """Sums over ranks (float64), e.g. a loss numerator and count. Identity without a process group."""
+    rank, world = data_parallel()
+    if world == 1:
+        return tuple(float(v) for v in values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return tuple(float(v) for v in t.cpu())
+
+
 @dataclass
 class SearchResult:
     """A searched plan and what the search measured on the way."""

@@ -56,6 +56,7 @@ class EngineConfig:
     residual_widths: tuple[int, ...] = ()  # WA-RS windows whose residuals are refreshed at full steps
     progress: bool = True
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
+    prompt_offset: int = 0  # global index of the first prompt (data-parallel shards): seeds are per prompt
 
 
 @dataclass
@@ -178,8 +179,13 @@ class SearchEngine:
         from ditlens.analyzer.adapters import _class_label
 
         cfg = self.config
+        # One generator per prompt (seed + global index): a prompt's noise does not depend on
+        # which other prompts share the call, so data-parallel shards reproduce one process.
+        generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + cfg.prompt_offset + i)
+                      for i in range(len(self.prompts))]
         kwargs = self.adapter.call_kwargs(self.pipe, self.prompts[0], cfg.steps, cfg.guidance, cfg.height, cfg.width,
-                                          torch.Generator(device="cpu").manual_seed(cfg.seed))
+                                          generators[0])
+        kwargs["generator"] = generators
         if "class_labels" in kwargs:
             kwargs["class_labels"] = [_class_label(self.pipe, p) for p in self.prompts]
         else:

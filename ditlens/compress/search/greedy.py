@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ditlens.compress.methods import FULL, HeadMethod
-from ditlens.compress.search.common import SearchResult, build_plan, provenance
+from ditlens.compress.search.common import (SearchResult, all_prompts, all_reduce_sums, build_plan, provenance,
+                                            shard_prompts)
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, first_tensor
 
 LOSS_CLIP = 10.0
@@ -98,6 +99,7 @@ class GreedyController:
                     out = first_tensor(engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip)))
                     s, n = v1_loss_sums(ref, out)
                     total, count = total + s, count + n
+                total, count = all_reduce_sums(total, count)  # every rank decides on all prompts
                 self.trials += 1
                 loss = total / count
                 if loss < layer_threshold(i, L, self.config.delta):
@@ -114,7 +116,7 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
                   registry: Any = None) -> SearchResult:
     """V1 greedy search (Alg. 1)."""
     config = config or GreedyConfig()
-    engine_cfg = config.engine
+    prompts, engine_cfg = shard_prompts(prompts, config.engine)
     if config.naive:
         engine_cfg = EngineConfig(**{**engine_cfg.__dict__, "reuse_blocks": False})
     engine = SearchEngine(pipe, prompts, engine_cfg, registry)
@@ -129,7 +131,7 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
              f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}")
-    prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, prompts, notes)
+    prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
                         engine.block_runs, output)

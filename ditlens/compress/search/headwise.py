@@ -15,6 +15,7 @@ choice is applied, and the search moves on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ import torch
 from ditlens.compress.methods import FULL, parse_method
 from ditlens.compress.search.common import (SearchResult, aggregate_influence, build_plan, default_candidates,
                                             parse_candidate_list, provenance)
+from ditlens.compress.search.common import all_prompts, gather_prompt_rows, shard_prompts
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, layer_entry, safe_ratio
 from ditlens.compress.search.latency import LatencyModel, build_latency, method_allowed
 from ditlens.compress.search.milp import solve_layer
@@ -50,6 +52,7 @@ class HeadwiseController:
         self.branches: list[str] = []
         self._acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.bar = None
+        self.total_prompts: int | None = None  # all ranks' calibration prompts (data parallel)
 
     def _setup(self, engine: SearchEngine) -> None:
         cfg = self.config
@@ -63,7 +66,7 @@ class HeadwiseController:
         self.parsed = [parse_method(m) for m in self.candidates]
         engine.config.residual_widths = tuple(sorted({m.window for m in self.parsed if m.base == "wars"}))
         self.branches = ["cond", "uncond"] if engine.cfg_rows == 2 else ["cond"]
-        P, T, L, H = len(engine.prompts), engine.config.steps, len(engine.layers), engine.heads
+        P, T, L, H = self.total_prompts or len(engine.prompts), engine.config.steps, len(engine.layers), engine.heads
         self.influence = np.full((P, len(self.branches), T, L, H, len(self.candidates)), np.nan, np.float32)
         self.methods = [["full"] * L for _ in range(T)]
         self.bar = engine.progress(T * L, "V2 head-wise search")
@@ -114,6 +117,7 @@ class HeadwiseController:
                 ratio = safe_ratio(errs, spread[:, None, None])
                 for r, (p, b) in enumerate(zip(mb.prompts, mb.branches)):
                     values[p, self.branches.index(b)] = ratio[r]
+            values = gather_prompt_rows(values)  # every rank solves on all calibration prompts
             for m, method in enumerate(self.parsed):  # WA-RS: one window per refresh (plan rule)
                 if method.base == "wars":
                     for h in range(engine.heads):
@@ -137,8 +141,11 @@ def search_headwise(pipe: Any, prompts: Sequence[str], config: HeadwiseConfig | 
                     registry: Any = None) -> SearchResult:
     """V2 head-wise search; returns the plan (runtime schema) and the influences it measured."""
     config = config or HeadwiseConfig()
+    prompts, engine_config = shard_prompts(prompts, config.engine)
+    config = dataclasses.replace(config, engine=engine_config)
     engine = SearchEngine(pipe, prompts, config.engine, registry)
     controller = HeadwiseController(config)
+    controller.total_prompts = len(all_prompts(prompts))
     start = time.perf_counter()
     try:
         output = engine.run(controller)
@@ -148,7 +155,7 @@ def search_headwise(pipe: Any, prompts: Sequence[str], config: HeadwiseConfig | 
     seconds = time.perf_counter() - start
     notes = (f"candidates={','.join(controller.candidates)}; latency={config.latency}; "
              f"micro_batch={config.engine.micro_batch}; seed={config.engine.seed}")
-    prov = provenance("v2-headwise", "rse", config.delta, config.c, controller.candidates, prompts, notes)
+    prov = provenance("v2-headwise", "rse", config.delta, config.c, controller.candidates, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, controller.influence, list(controller.candidates), controller.branches,
                         forward_passes=engine.forward_passes, block_runs=engine.block_runs, output=output)
