@@ -65,7 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     config = ProfileConfig(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                            seed=args.seed, raw=raw, resume=args.resume, overwrite=args.overwrite,
                            influence=args.influence, influence_candidates=args.influence_candidates,
-                           stat_keys=select_stat_keys(args.metrics, args.tensors),
+                           stat_keys=select_stat_keys(args.metrics, args.tensors), prompt_offset=args.prompt_offset,
                            call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
     registry = default_registry(args.adapter or [])
     device = init_distributed(args.device)
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--prompt-offset", type=int, default=0,
+                   help="global index of the first prompt, for shards profiled separately and merged with "
+                        "`ditlens merge` (seeds stay those of one run over all prompts)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--raw", help="store raw tensors: comma-separated subset of q,k,v,o")

@@ -79,3 +79,27 @@ def test_two_process_search_gives_the_single_process_plan(method, tmp_path):
     assert a["methods"] == b["methods"]
     assert a["provenance"]["calibration_prompts"] == b["provenance"]["calibration_prompts"] == PROMPTS[:4]
     assert any(m != "full" for step in a["methods"] for m in step), "the search compressed nothing: a weak test"
+
+
+@pytest.mark.slow
+def test_shards_profiled_separately_merge_into_the_single_trace(tmp_path):
+    """`ditlens merge` of shards made on their own (e.g. on two machines) with --prompt-offset."""
+    from ditlens.traces.reader import Trace
+
+    model = save_tiny_pipeline("dit", tmp_path / "tiny-dit")
+    base = ["-m", "ditlens", "profile", "--model", str(model), "--steps", "3", "--guidance", "3"]
+
+    def prompts(items):
+        return [arg for p in items for arg in ("--prompt", p)]
+
+    runs = [(PROMPTS, ["--out", "single.h5"]), (PROMPTS[:2], ["--out", "a.h5"]),
+            (PROMPTS[2:], ["--out", "b.h5", "--prompt-offset", "2"])]
+    for items, extra in runs:
+        proc = _profile([*base, *prompts(items), *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = _profile(["-m", "ditlens", "merge", "a.h5", "b.h5", "--out", "merged.h5"], tmp_path)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    with Trace.open(tmp_path / "single.h5") as a, Trace.open(tmp_path / "merged.h5") as b:
+        assert list(b.prompts) == PROMPTS
+        for key in a.stat_keys():
+            np.testing.assert_array_equal(a.stat(*key).data, b.stat(*key).data, err_msg=str(key))
