@@ -62,7 +62,7 @@ def main() -> None:
 
     pipe, prompts, size = build(args.model, args.device)
     base = ProfileConfig(steps=args.steps, guidance=size["guidance"], height=size.get("height"),
-                         width=size.get("width"), overwrite=True)
+                         width=size.get("width"), overwrite=True, attention_share=False)
     adapter = Profiler(pipe, base).adapter
 
     def plain() -> float:

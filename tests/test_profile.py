@@ -572,3 +572,34 @@ def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path
                         checked += 1
         assert checked >= 3 * len(labels)
         assert any(l.startswith(("window", "arrow")) for l in labels) and "ast" in labels and "asc" in labels
+
+
+def test_attention_share_and_amdahl_bound(pipelines, tmp_path):
+    """The share is measured on the model (dropping attention makes the forward faster, not
+    free) and the bound follows 1 / (1 - a s); profile stores both in the trace."""
+    from ditlens.analyzer.amdahl import AttentionShare, capture_forward_inputs, measure_attention_share
+    from ditlens.traces.reader import Trace
+
+    share = AttentionShare(step_seconds=2.0, without_attention_seconds=1.5)
+    assert share.share == pytest.approx(0.25)
+    assert share.bound(0.76) == pytest.approx(1 / (1 - 0.25 * 0.76))
+    assert share.bound(0.0) == 1.0
+    with pytest.raises(DitlensError):
+        share.bound(1.5)
+
+    pipe = pipelines("sd3")
+    config = run_config("sd3")
+    from ditlens.analyzer.profiler import Profiler
+
+    profiler = Profiler(pipe, config)
+    kwargs = profiler.adapter.call_kwargs(pipe, "a cat", STEPS, 3.0, None, None, torch.Generator().manual_seed(0))
+    kwargs.update(config.call_kwargs)
+    args, forward_kwargs = capture_forward_inputs(pipe, kwargs)
+    assert forward_kwargs["hidden_states"].shape[0] == 2  # CFG batch of the first step
+    measured = measure_attention_share(pipe, kwargs, repeats=3)
+    assert measured.step_seconds > 0 and 0.0 <= measured.share < 1.0
+    out = tmp_path / "t.h5"
+    profile(pipe, ["a cat"], out, config, progress=False, log=lambda s: None)
+    with Trace.open(out) as trace:
+        assert 0.0 <= float(trace.attrs["attention_share"]) < 1.0
+        assert float(trace.attrs["forward_seconds"]) > 0

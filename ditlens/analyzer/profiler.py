@@ -52,6 +52,7 @@ class ProfileConfig:
     influence_candidates: str | None = None  # e.g. "ast,asc,arrow(64)"; None: defaults for the model
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
     prompt_offset: int = 0  # global index of the first prompt (seeds: seed + offset + i); set by sharding
+    attention_share: bool = True  # time one forward with and without attention first (Amdahl bound)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Profiler:
         self.model_id = model_id or str(getattr(transformer.config, "_name_or_path", "") or type(transformer).__name__)
         self.stat_keys = list(config.stat_keys or default_stat_keys())
         self.raw_tokens: int | None = None  # fixed by the first prompt
+        self.share: Any = None  # AttentionShare, measured before the first prompt
         self.last_call: dict[str, Any] = {}
         self._candidates: list[Candidate] | None = None
 
@@ -242,6 +244,8 @@ class Profiler:
                              text_position=self.adapter.text_position if joint else "none", grid=tuple(record.grid)),
             extra={"layer_kinds": ",".join(layer.kind for layer in self.layers),
                    **({"influence_candidates": ",".join(c.label for c in self._candidates)} if self._candidates else {}),
+                   **({"attention_share": self.share.share, "forward_seconds": self.share.step_seconds}
+                      if self.share is not None else {}),
                    **{f"call.{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},
         )
 
@@ -369,6 +373,16 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                                 tuple(range(0, grid[0] * grid[1] * grid[2], config.raw.token_stride)), profiler.head_dim)
         log(f"raw capture estimate (image tokens only): {_human(estimate.nbytes(len(prompts), 2))} "
             f"for {len(prompts)} prompts (cap {_human(config.raw.max_bytes)})")
+
+    if config.attention_share and start < len(prompts):
+        from ditlens.analyzer.amdahl import measure_attention_share
+
+        device = torch.device(getattr(pipeline, "_execution_device", None) or profiler.transformer.device)
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device.type).manual_seed(config.seed)
+        kwargs = profiler.adapter.call_kwargs(pipeline, prompts[start], config.steps, config.guidance, config.height,
+                                              config.width, generator)
+        profiler.share = measure_attention_share(pipeline, {**kwargs, **config.call_kwargs})
+        log(profiler.share.describe())
 
     writer = None
     per_prompt: list[float] = []

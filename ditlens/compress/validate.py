@@ -38,10 +38,24 @@ class ValidationReport:
     peak_cache_bytes: int
     classifier: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def attention_share(self) -> float:
+        """Measured fraction of the uncompressed run spent in attention modules."""
+        return self.attention_seconds_full / self.seconds_full if self.seconds_full > 0 else 0.0
+
+    @property
+    def amdahl_bound(self) -> float:
+        """End-to-end speedup ceiling if attention time fell with the plan's attention-module FLOPs."""
+        removed = 1.0 - float(self.flops["attention_module_fraction"])
+        return 1.0 / (1.0 - min(1.0, self.attention_share) * removed)
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["psnr_mean"] = float(np.mean(self.psnr))
         out["ssim_mean"] = float(np.mean(self.ssim))
+        out["attention_share"] = self.attention_share
+        out["amdahl_bound"] = self.amdahl_bound
+        out["speedup"] = self.seconds_full / self.seconds_plan if self.seconds_plan > 0 else None
         return out
 
     def markdown(self) -> str:
@@ -53,6 +67,9 @@ class ValidationReport:
                  f"| attention-module FLOPs fraction | {self.flops['attention_module_fraction']:.4f} |",
                  f"| end-to-end s (full / plan) | {self.seconds_full:.3f} / {self.seconds_plan:.3f} |",
                  f"| attention s (full / plan) | {self.attention_seconds_full:.3f} / {self.attention_seconds_plan:.3f} |",
+                 f"| attention share of run time (full) | {self.attention_share:.1%} |",
+                 f"| end-to-end speedup (Amdahl bound at this plan's FLOPs) | "
+                 f"{d['speedup'] or float('nan'):.2f}x ({self.amdahl_bound:.2f}x) |",
                  f"| peak memory bytes (full / plan) | {self.peak_memory_full} / {self.peak_memory_plan} |",
                  f"| peak cache bytes | {self.peak_cache_bytes} |"]
         for key, value in self.classifier.items():
@@ -135,6 +152,7 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
              classifier_labels: Sequence[int] | None = None) -> ValidationReport:
     """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``."""
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
+    _run(pipe, call, prompts[:1], seed, modules)  # warm-up, so the first timed run pays no one-off costs
     full, t_full, a_full, m_full = _run(pipe, call, prompts, seed, modules)
     handle = apply_plan(pipe, plan)
     try:
