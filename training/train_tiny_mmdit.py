@@ -15,6 +15,7 @@ caption (the CFG negative). The EMA weights are saved as a diffusers pipeline fo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from the transformer and text encoder of this pipeline folder")
+    parser.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
+                        help="cosine: decay to 0 over --steps, or over --max-seconds when that ends first")
     args = parser.parse_args(argv)
 
     seed_everything(args.seed)
@@ -112,8 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     palette = torch.tensor(list(COLOURS.values()), device=device)
 
     arch = TinyMMDiTArchitecture()
-    transformer = build_tiny_mmdit_transformer(arch).to(device)
+    transformer = build_tiny_mmdit_transformer(arch)
     tokenizer, text_encoder = build_tiny_mmdit_text(arch)
+    if args.init_from is not None:
+        # A second stage: same architecture, weights from an earlier run's saved (EMA) pipeline.
+        earlier = TinyMMDiTPipeline.from_pretrained(str(args.init_from), low_cpu_mem_usage=False)
+        transformer.load_state_dict(earlier.transformer.float().state_dict())
+        text_encoder.load_state_dict(earlier.text_encoder.float().state_dict())
+        del earlier
+    transformer = transformer.to(device)
     text_encoder = text_encoder.to(device)
     trainable = list(transformer.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99),
@@ -154,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             noisy = (1 - sigma.view(-1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1) * noise
             target = noise - clean
 
+        lr = warmup_lr(step, args.lr, args.warmup)
+        if args.lr_decay == "cosine":
+            progress_fraction = max(step / args.steps, clock.elapsed() / args.max_seconds if args.max_seconds else 0.0)
+            lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_fraction)))
         for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, args.lr, args.warmup)
+            group["lr"] = lr
         with autocast_for(device):
             hidden, pooled = text_encoder(tokens.input_ids.to(device, non_blocking=True),
                                           tokens.attention_mask.to(device, non_blocking=True))

@@ -53,6 +53,9 @@ class MMDiTQuality:
     item_colour_accuracy: float
     item_both_accuracy: float
     empty_region_accuracy: float
+    item_occupied_accuracy: float = float("nan")  # the item's quadrant is lit
+    item_class_anywhere: float = float("nan")  # the class appears in some lit quadrant of the scene
+    item_colour_anywhere: float = float("nan")  # the colour appears in some lit quadrant of the scene
 
 
 def sample_tiny_dit(
@@ -113,9 +116,12 @@ def evaluate_tiny_dit(
 class SceneJudgement:
     """Per-item and per-empty-region verdicts for a batch of generated scenes."""
 
-    class_correct: np.ndarray  # bool [items]
-    colour_correct: np.ndarray  # bool [items]
-    empty_correct: np.ndarray  # bool [empty regions]
+    class_correct: np.ndarray  # bool [items]: the item's quadrant holds its class
+    colour_correct: np.ndarray  # bool [items]: the item's quadrant has its colour
+    empty_correct: np.ndarray  # bool [empty regions]: quadrants the caption leaves out stay dark
+    class_anywhere: np.ndarray  # bool [items]: some lit quadrant of the scene holds its class
+    colour_anywhere: np.ndarray  # bool [items]: some lit quadrant of the scene has its colour
+    occupied_correct: np.ndarray  # bool [items]: the item's quadrant is lit at all
 
 
 def judge_scenes(images: np.ndarray, scenes: list[list[SceneItem]], classifier: FashionClassifier) -> SceneJudgement:
@@ -126,18 +132,24 @@ def judge_scenes(images: np.ndarray, scenes: list[list[SceneItem]], classifier: 
     colour_index, lit = nearest_colour(flat)
     colour_index = colour_index.reshape(len(images), len(REGION_NAMES))
     lit = lit.reshape(len(images), len(REGION_NAMES))
-    class_ok, colour_ok, empty_ok = [], [], []
+    class_ok, colour_ok, empty_ok, class_any, colour_any, occupied = [], [], [], [], [], []
     for row, items in enumerate(scenes):
         used = set()
+        lit_regions = [r for r in range(len(REGION_NAMES)) if lit[row, r] >= EMPTY_REGION_MAX_LIT]
         for item in items:
             region = REGION_NAMES.index(item.region)
+            colour = COLOUR_NAMES.index(item.colour)
             used.add(region)
             class_ok.append(predicted_class[row, region] == item.class_id)
-            colour_ok.append(colour_index[row, region] == COLOUR_NAMES.index(item.colour))
+            colour_ok.append(colour_index[row, region] == colour)
+            occupied.append(region in lit_regions)
+            class_any.append(any(predicted_class[row, r] == item.class_id for r in lit_regions))
+            colour_any.append(any(colour_index[row, r] == colour for r in lit_regions))
         for region in range(len(REGION_NAMES)):
             if region not in used:
                 empty_ok.append(lit[row, region] < EMPTY_REGION_MAX_LIT)
-    return SceneJudgement(np.array(class_ok), np.array(colour_ok), np.array(empty_ok))
+    return SceneJudgement(np.array(class_ok), np.array(colour_ok), np.array(empty_ok), np.array(class_any),
+                          np.array(colour_any), np.array(occupied))
 
 
 def evaluation_scenes(num_scenes: int, seed: int) -> list[list[SceneItem]]:
@@ -181,6 +193,9 @@ def evaluate_tiny_mmdit(
         item_colour_accuracy=float(verdict.colour_correct.mean()),
         item_both_accuracy=float((verdict.class_correct & verdict.colour_correct).mean()),
         empty_region_accuracy=float(verdict.empty_correct.mean()) if len(verdict.empty_correct) else 1.0,
+        item_occupied_accuracy=float(verdict.occupied_correct.mean()),
+        item_class_anywhere=float(verdict.class_anywhere.mean()),
+        item_colour_anywhere=float(verdict.colour_anywhere.mean()),
     )
     return quality, images, scenes
 

@@ -40,7 +40,7 @@ from .data import FASHION_CLASSES, NUM_CLASSES, class_index
 from .text import TinyTextEncoder, WordTokenizer
 
 TINY_DIT_DEFAULT_STEPS = 20
-TINY_DIT_DEFAULT_GUIDANCE = 4.0
+TINY_DIT_DEFAULT_GUIDANCE = 3.0
 TINY_MMDIT_DEFAULT_STEPS = 20
 TINY_MMDIT_DEFAULT_GUIDANCE = 5.0
 
@@ -62,7 +62,7 @@ class TinyDiTPipeline(DiffusionPipeline):
     """Class-conditional Fashion-MNIST DiT (32x32 grey, pixel space) with classifier-free guidance.
 
     Call it like ``DiTPipeline``: ``pipe(class_labels=[7, "bag"], num_inference_steps=20,
-    guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np").images``
+    guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="np").images``
     gives float32 [N, 32, 32, 1] in [0, 1]. Class labels are ints 0..9 or class names.
     CFG is batched, conditional half first (``[x, x]``, labels ``[y, null]``).
     """
