@@ -7,35 +7,15 @@ from typing import Any
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ditlens.analyzer.adapters import default_registry
     from ditlens.compress.plan import Plan
-    from ditlens.compress.validate import validate
-    from ditlens.errors import DitlensError
-    from ditlens.models import load_pipeline, parse_dtype
+    from ditlens.compress.validate import validate_pipeline
+    from ditlens.models import default_prompts, load_pipeline, parse_dtype
 
     plan = Plan.load(args.plan)
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
-    adapter = default_registry().find(pipe.transformer)
-    prompts = list(args.prompt or [])
-    if not prompts:
-        from ditlens.models import default_prompts
-
-        prompts = default_prompts(args.model, args.num_prompts)
-    height, width = plan.run.height, plan.run.width
-
-    def call(prompt: str, seed: int) -> dict[str, Any]:
-        import torch
-
-        kw = adapter.call_kwargs(pipe, prompt, plan.run.steps, plan.run.guidance, height, width,
-                                 torch.Generator(device="cpu").manual_seed(seed))
-        kw["output_type"] = "np"
-        return kw
-
-    labels = None
-    if adapter.pipeline_kind == "class" and hasattr(pipe, "get_label_ids"):
-        labels = [int(pipe.get_label_ids([p])[0]) for p in prompts]
-    report = validate(pipe, plan, prompts, call, seed=args.seed, model_name=args.model, plan_name=args.plan,
-                      out_dir=args.out, classifier_labels=labels)
+    prompts = list(args.prompt or []) or default_prompts(args.model, args.num_prompts)
+    report = validate_pipeline(pipe, plan, prompts, seed=args.seed, model_name=args.model, plan_name=args.plan,
+                               out_dir=args.out)
     print(report.markdown())
     print(f"wrote {args.out}/validate.json, validate.md, grid.png")
     return 0

@@ -189,6 +189,30 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     return report
 
 
+def validate_pipeline(pipe: Any, plan: Plan, prompts: Sequence[str], *, seed: int = 0, model_name: str = "",
+                      plan_name: str = "", out_dir: str | Path | None = None) -> ValidationReport:
+    """:func:`validate` with the pipeline calls of the plan's run (steps, guidance, size) built by
+    the model's adapter; class-conditional prompts also give the classifier's expected labels."""
+    import torch
+
+    from ditlens.analyzer.adapters import default_registry
+
+    adapter = default_registry().find(pipe.transformer)
+    run = plan.run
+
+    def call(prompt: str, prompt_seed: int) -> dict[str, Any]:
+        kwargs = adapter.call_kwargs(pipe, prompt, run.steps, run.guidance, run.height, run.width,
+                                     torch.Generator(device="cpu").manual_seed(prompt_seed))
+        kwargs["output_type"] = "np"
+        return kwargs
+
+    labels = None
+    if adapter.pipeline_kind == "class" and hasattr(pipe, "get_label_ids"):
+        labels = [int(pipe.get_label_ids([p])[0]) for p in prompts]
+    return validate(pipe, plan, prompts, call, seed=seed, model_name=model_name, plan_name=plan_name, out_dir=out_dir,
+                    classifier_labels=labels)
+
+
 def _classifier_metrics(full: list, compressed: list, labels: Sequence[int] | None) -> dict[str, Any]:
     """Class accuracy and classifier-FID with the embedded Fashion-MNIST classifier, when ditlens.zoo ships it."""
     if labels is None:
