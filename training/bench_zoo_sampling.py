@@ -1,6 +1,6 @@
 """Time sampling of the embedded models on the CPU and write a markdown table.
 
-    python -m training.bench_zoo_sampling --threads 2 --out docs/zoo_sampling_cpu.md
+    python -m training.bench_zoo_sampling --threads 2 --out training/records/cpu_sampling.md
 
 tiny-dit: 8 images, default steps (20) and guidance (batched CFG: 16 rows per transformer call).
 tiny-mmdit: 1 and 4 scenes, same defaults. Each row is the median of ``--repeats`` timed calls
@@ -10,6 +10,7 @@ after one warm-up call; the pipelines are loaded from package data in float32.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     rows = []
     dit = load_pipeline("tiny-dit")
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Command: `{command.strip()}`  ",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, float32, median of {args.repeats} after a warm-up",
+        f"{args.threads} threads, float32, median of {args.repeats} after a warm-up; "
+        f"1-minute load average {load_before:.2f} before and {os.getloadavg()[0]:.2f} after (other work on the machine slows it)",
         "",
         "| model | work | median s | min s | max s |",
         "| --- | --- | ---: | ---: | ---: |",
