@@ -197,6 +197,8 @@ class ModelAdapter:
     def pixels_per_token(self, transformer: nn.Module, pipeline: Any) -> int:
         """Output pixels along one side of a token: VAE factor times patch size."""
         vae = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
+        if vae is None and pipeline is not None and getattr(pipeline, "vae", None) is None:
+            vae = 1  # a pixel-space pipeline (no VAE), like ditlens's embedded models
         return int(vae or self.vae_scale(transformer)) * self.patch_size(transformer)[1]
 
     # -- token layout -------------------------------------------------------------------------
@@ -379,7 +381,7 @@ class FluxAdapter(ModelAdapter):
         return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=_first_float(timestep))
 
     def pixels_per_token(self, transformer, pipeline):
-        return 2 * int(getattr(pipeline, "vae_scale_factor", None) or 8)  # latents are packed 2x2
+        return 2 * super().pixels_per_token(transformer, pipeline)  # latents are packed 2x2
 
 
 class CogVideoXAdapter(ModelAdapter):
