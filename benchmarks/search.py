@@ -276,18 +276,25 @@ PIXART_PROMPTS = ["a photo of a cat", "a red bus in the rain", "mountains at daw
                   "a lighthouse at night", "a field of sunflowers", "an old library", "a robot reading a book"]
 
 
-def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: Callable[[str], None]) -> ModelResult:
-    """Search wall times on a PixArt-Σ-XL-sized transformer (1024², 20 steps, 8 prompts, random weights)."""
+def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: Callable[[str], None], *,
+               size: int = 1024, steps: int = 20, n_prompts: int = 8, layers: int | None = None) -> ModelResult:
+    """Search wall times on a PixArt-Σ-XL-sized transformer (1024², 20 steps, 8 prompts, random weights).
+    ``size``/``steps``/``n_prompts``/``layers`` shrink it for a CPU smoke run of this code path only."""
+    import random_pipelines
     from random_pipelines import pixart_sigma_xl
 
     from ditlens.analyzer import ProfileConfig, profile
     from ditlens.compress.search.api import search
 
     start = time.perf_counter()
-    pipe = pixart_sigma_xl(device=device)
-    size = {"height": 1024, "width": 1024, "guidance": 4.5}
-    result = ModelResult("pixart-sigma-xl", device, {"steps": 20, "calibration": len(PIXART_PROMPTS), **size,
-                                                     "v1_naive_steps": v1_steps}, 0,
+    if layers is not None:  # smoke run: fewer blocks (the published config has 28)
+        random_pipelines.PIXART_SIGMA_XL = {**random_pipelines.PIXART_SIGMA_XL, "num_layers": layers}
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = pixart_sigma_xl(device=device, dtype=dtype)
+    prompts = PIXART_PROMPTS[:n_prompts]
+    result = ModelResult("pixart-sigma-xl", device, {"steps": steps, "calibration": len(prompts), "height": size,
+                                                     "width": size, "guidance": 4.5, "dtype": str(dtype),
+                                                     "layers": layers or 28, "v1_naive_steps": v1_steps}, 0,
                          machine=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor())
 
     def sync() -> None:
@@ -297,30 +304,30 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "pixart.h5"
         t = time.perf_counter()
-        profile(pipe, PIXART_PROMPTS, trace, ProfileConfig(steps=20, guidance=4.5, height=1024, width=1024, overwrite=True,
-                                                           influence=True, attention_share=False), progress=True)
+        profile(pipe, prompts, trace, ProfileConfig(steps=steps, guidance=4.5, height=size, width=size, overwrite=True,
+                                                    influence=True, attention_share=False), progress=True)
         sync()
         result.profile_seconds = time.perf_counter() - t
         log(f"pixart: profile with influence: {result.profile_seconds:.1f} s")
         t = time.perf_counter()
-        found = search(pipe, [], method="trace", trace=str(trace), target_flops=target, steps=20, progress=False)
-        result.search_times["v2-trace"] = time.perf_counter() - t
-        log(f"pixart: V2 from trace (budget {target:g}): {result.search_times['v2-trace']:.1f} s")
+        found = search(pipe, [], method="trace", trace=str(trace), target_flops=target, steps=steps, progress=False)
+        result.search_times[f"v2-trace (budget {target:g}, {found.plan.provenance.notes.split('δ tried ')[-1]} solves)"] = \
+            time.perf_counter() - t
+        log(f"pixart: V2 from trace (budget {target:g}): {time.perf_counter() - t:.1f} s")
     delta = float(found.plan.provenance.delta)
-    common = dict(steps=20, guidance=4.5, height=1024, width=1024, progress=True)
+    common = dict(guidance=4.5, height=size, width=size, progress=True)
     t = time.perf_counter()
-    search(pipe, PIXART_PROMPTS, method="v2", delta=delta, **common)
+    search(pipe, prompts, method="v2", delta=delta, steps=steps, **common)
     sync()
-    result.search_times["v2-online"] = time.perf_counter() - t
-    log(f"pixart: V2 online at δ={delta:.4g}: {result.search_times['v2-online']:.1f} s")
+    result.search_times[f"v2-online (δ={delta:.3g}, one solve)"] = time.perf_counter() - t
+    log(f"pixart: V2 online at δ={delta:.4g}: {time.perf_counter() - t:.1f} s")
     # V1 against the naive greedy (whole transformer rerun per trial) on the first v1_steps steps:
     # the naive search at 20 steps would take far longer than a device session allows.
-    short = dict(common, steps=v1_steps)
     for naive in (False, True):
         t = time.perf_counter()
-        search(pipe, PIXART_PROMPTS, method="v1", delta=v1_delta, naive=naive, **short)
+        search(pipe, prompts, method="v1", delta=v1_delta, naive=naive, steps=v1_steps, **common)
         sync()
-        key = f"v1{'-naive' if naive else ''}@{v1_steps}steps"
+        key = f"v1{' naive (reruns the whole model)' if naive else ''}, {v1_steps} steps"
         result.search_times[key] = time.perf_counter() - t
         log(f"pixart: {key}: {result.search_times[key]:.1f} s")
     result.wall_seconds = time.perf_counter() - start
@@ -426,6 +433,8 @@ def main() -> int:
     parser.add_argument("--targets", default="0.5,0.3", help="attention-core FLOPs fractions (first: online V2's δ)")
     parser.add_argument("--v1-delta", type=float, default=0.05)
     parser.add_argument("--v1-naive-steps", type=int, default=4, help="pixart: steps of the V1 vs naive V1 timing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="pixart: 2 layers, 256², 4 steps, 2 prompts (checks the code path on a CPU; no figures)")
     parser.add_argument("--report", action="store_true", help="write results/search.md and the plot from the JSONs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -436,11 +445,16 @@ def main() -> int:
 
     for name in args.model or []:
         if name == "pixart-sigma-xl":
-            result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps, log)
+            shrink = dict(size=256, steps=4, n_prompts=2, layers=2) if args.smoke else {}
+            result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps if not args.smoke else 2,
+                                log, **shrink)
         elif name in EMBEDDED_SETTINGS:
             result = run_embedded(name, args.device, targets, args.v1_delta, EMBEDDED_SETTINGS[name], log)
         else:
             parser.error(f"unknown model {name!r}")
+        if args.smoke:
+            log(f"smoke run done: {json.dumps(result.search_times)}")
+            continue
         path = RESULTS / f"search_{name}.json"
         path.write_text(json.dumps(asdict(result), indent=1), encoding="utf-8")
         log(f"wrote {path}")
