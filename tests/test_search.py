@@ -219,9 +219,37 @@ def test_from_trace_equals_online(tmp_path):
     writer.write_array(INFLUENCE_PATH, online.influence, INFLUENCE_AXES,
                        coords={"candidate": online.candidates})
     writer.close()
+    import h5py
+
+    with h5py.File(trace, "a") as f:  # these influences were measured on the compressed trajectory
+        f.attrs["influence_trajectory"] = "compressed"
     offline = search_from_trace(trace, pipe, delta=0.5)
     assert offline.plan.methods == online.plan.methods
     assert offline.plan.provenance.search == "v2-from-trace"
+
+
+def test_from_trace_uncompressed_influence_reuses_a_cache_one_step_only():
+    from ditlens.compress.search.from_trace import solve_from_influence
+    from ditlens.compress.plan import LayerInfo
+    from ditlens.compress.search.latency import build_latency
+
+    T, L, H = 6, 2, 3
+    influence = np.zeros((1, 1, T, L, H, 2), np.float32)  # AST free everywhere, window a bit dearer
+    influence[..., 1] = 1e-3
+    influence[:, :, 0, :, :, 0] = np.nan  # nothing cached at step 0
+    lat = build_latency("flops", [LayerInfo(f"l{i}", "self") for i in range(L)], ["ast", "window(2)"], (1, 8, 8), 0, H, 16, 1)
+    stale = solve_from_influence(influence, ["ast", "window(2)"], ["cond"], lat, H, 1.0, None, one_step_ast=True)
+    free = solve_from_influence(influence, ["ast", "window(2)"], ["cond"], lat, H, 1.0, None, one_step_ast=False)
+    for methods, alternate in ((stale, True), (free, False)):
+        for i in range(L):
+            for h in range(H):
+                entries = [methods[s][i] if isinstance(methods[s][i], list) else [methods[s][i]] * H for s in range(T)]
+                ast = [entries[s][h] == "ast" for s in range(T)]
+                assert ast[0] is False
+                if alternate:  # never two output-cache steps in a row
+                    assert ast == [False, True] * (T // 2)
+                else:
+                    assert all(ast[1:])
 
 
 def test_budget_mode_reaches_target():

@@ -243,7 +243,8 @@ class Profiler:
             tokens=TokenInfo(n_image=n_image, n_text=record.n_text,
                              text_position=self.adapter.text_position if joint else "none", grid=tuple(record.grid)),
             extra={"layer_kinds": ",".join(layer.kind for layer in self.layers),
-                   **({"influence_candidates": ",".join(c.label for c in self._candidates)} if self._candidates else {}),
+                   **({"influence_candidates": ",".join(c.label for c in self._candidates),
+                      "influence_trajectory": "uncompressed"} if self._candidates else {}),
                    **({"attention_share": self.share.share, "forward_seconds": self.share.step_seconds}
                       if self.share is not None else {}),
                    **{f"call.{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},

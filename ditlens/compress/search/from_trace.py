@@ -10,11 +10,17 @@ Trace layout read here (written by ``ditlens profile --influence``)::
     candidate labels: the ``coords.candidate`` attribute of the dataset, else the root attribute
                      ``influence_candidates`` (comma-separated method strings: ast, asc,
                      window(w), arrow(w), wars(w))
+    root attribute ``influence_trajectory``: "uncompressed" (the profiler; the default when
+                     absent) or "compressed" (influences saved from an online search)
 
 The influences of a profile are taken on the uncompressed trajectory, the online search's on
 the compressed one; given the same influences both solve identical programs
 (:func:`solve_from_influence`). The model (fingerprint only: config, layer names, heads) is
 needed to write a plan the runtime accepts; it is loaded, never run.
+
+An output cache measured on the uncompressed trajectory is one step old. Reused at two
+steps in a row it would be two steps old, a change the trace never measured, so from an
+uncompressed trajectory a head may take ``ast`` only where it computed at the previous step.
 """
 
 from __future__ import annotations
@@ -39,11 +45,16 @@ INFLUENCE_AXES = ("prompt", "branch", "step", "layer", "head", "candidate")
 
 def solve_from_influence(influence: np.ndarray, candidates: Sequence[str], branches: Sequence[str],
                          latency: LatencyModel, heads: int, delta: float, c: float | None,
-                         wars_rule: bool = True) -> list[list[Any]]:
-    """methods[step][layer] from influences (prompt, branch, step, layer, head, candidate)."""
+                         wars_rule: bool = True, one_step_ast: bool = False) -> list[list[Any]]:
+    """methods[step][layer] from influences (prompt, branch, step, layer, head, candidate).
+
+    ``one_step_ast``: forbid ``ast`` for a head that did not compute at the previous step
+    (influences from the uncompressed trajectory measure a cache one step old only).
+    """
     _, _, T, L, H, M = influence.shape
     parsed = [parse_method(m) for m in candidates]
     refreshed = np.zeros((L, H), bool)
+    reused = np.zeros((L, H), bool)  # head took its output from the cache at the previous step
     window = np.full((L, H), -1)
     methods: list[list[Any]] = []
     for s in range(T):
@@ -55,10 +66,15 @@ def solve_from_influence(influence: np.ndarray, candidates: Sequence[str], branc
                     if method.base == "wars":
                         bad = ~refreshed[i] | ((window[i] >= 0) & (window[i] != method.window))
                         values[:, :, bad, m] = np.nan
+            if one_step_ast:
+                for m, method in enumerate(parsed):
+                    if not method.computes:
+                        values[:, :, reused[i], m] = np.nan
             cost, full = latency.layer_costs(i, heads)
             choice = solve_layer(aggregate_influence(values, candidates, branches), cost, full, delta, c)
             chosen = [FULL if k < 0 else parsed[k] for k in choice]
             for h, m in enumerate(chosen):
+                reused[i, h] = not m.computes
                 if m.base == "full" and not m.asc:
                     refreshed[i, h], window[i, h] = True, -1
                 elif m.base == "wars":
@@ -103,6 +119,7 @@ def search_from_trace(trace_path: str | Path, pipe: Any, *, delta: float = 0.1, 
     with Trace.open(trace_path) as trace:
         data, labels, branches = read_influence(trace)
         header = trace.header
+        uncompressed = str(trace.attrs.get("influence_trajectory", "uncompressed")) != "compressed"
         timesteps = tuple(float(t) for t in trace.timesteps)
     if candidates is not None:
         wanted = parse_candidate_list(candidates)
@@ -120,7 +137,7 @@ def search_from_trace(trace_path: str | Path, pipe: Any, *, delta: float = 0.1, 
     fp = model_fingerprint(pipe.transformer, adapter, grid=grid, n_text=int(tokens.n_text or 0))
     cfg_rows = 2 if len(branches) == 2 else 1
     lat = build_latency(latency, list(fp.layers), labels, grid, int(fp.tokens.n_text or 0), fp.heads, fp.head_dim, cfg_rows)
-    methods = solve_from_influence(data, labels, branches, lat, fp.heads, delta, c)
+    methods = solve_from_influence(data, labels, branches, lat, fp.heads, delta, c, one_step_ast=uncompressed)
     cfg_layout = header.cfg_layout if cfg_rows == 2 else "none"
     run = RunSpec(int(header.steps), str(type(pipe.scheduler).__name__), float(header.guidance_scale), int(header.height),
                   int(header.width), None if grid[0] == 1 else grid[0], cfg_layout, timesteps)
