@@ -68,15 +68,17 @@ def make_plan(kind: str, heads: int, head_dim: int, methods: list, cfg_layout: s
     return plan
 
 
-def run_and_reference(plan: Plan, seed: int = 0):
-    """Drive the runtime's attention over every step with random q, k, v; return runtime outputs,
-    float64 reference outputs and brute-force executed / full pair counts."""
+def run_and_reference(plan: Plan, seed: int = 0, backend: str = "dense", device: str = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """Drive the runtime's attention over every step with random q, k, v (rounded to ``dtype``,
+    on ``device``); return runtime outputs, float64 reference outputs and brute-force executed /
+    full pair counts."""
     model, layout_name = plan.model, plan.run.cfg_layout
     H, D = model.heads, model.head_dim
     grid, n_text = model.tokens.grid, model.tokens.n_text
     L = grid[0] * grid[1] * grid[2] + n_text
     text_first = model.layers[0].text_position == "first"
-    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend="dense")
+    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     separate = layout_name == "separate_cond_first"
     batched = layout_name.startswith("batched")
@@ -97,7 +99,7 @@ def run_and_reference(plan: Plan, seed: int = 0):
     for s in range(plan.steps):
         methods = plan.head_methods(s, 0)
         n_rows = len(branches)
-        q, k, v = (torch.randn(n_rows, H, L, D, generator=gen) for _ in range(3))
+        q, k, v = (torch.randn(n_rows, H, L, D, generator=gen).to(dtype).float() for _ in range(3))
         rows = {b: (cond_row if b == "cond" else 1 - cond_row) if batched else i for i, b in enumerate(branches)}
         outs: dict = {}
         for b in ["cond", "uncond"] if n_rows == 2 else ["cond"]:
@@ -133,11 +135,12 @@ def run_and_reference(plan: Plan, seed: int = 0):
             for i, b in enumerate(branches):
                 runtime.forward = ForwardState(s, grid, b, False, True)
                 o = runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention,
-                                   (q[i:i + 1], k[i:i + 1], v[i:i + 1]), {})
-                step_out[i] = o[0].double()
+                                   tuple(x[i:i + 1].to(device, dtype) for x in (q, k, v)), {})
+                step_out[i] = o[0].double().cpu()
         else:
             runtime.forward = ForwardState(s, grid, "all", batched, cond_row == 0)
-            step_out[:] = runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention, (q, k, v), {}).double()
+            step_out[:] = runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention,
+                                         tuple(x.to(device, dtype) for x in (q, k, v)), {}).double().cpu()
         expected = torch.empty_like(step_out)
         for (b, h), o in outs.items():
             expected[rows[b], h] = torch.from_numpy(o)
@@ -155,10 +158,22 @@ MIXED = [
 ]
 
 
+# Layers the fused path (one ditlens.kernels launch for all heads) takes: full / window / arrow /
+# AST heads, +asc on all heads or none; the rest falls back to one product per method group.
+FUSED = [
+    ["full", "full", "full", "full"],
+    ["arrow(2)", "window(1)", "full", "window(0)"],
+    ["ast", "arrow(3)", "window(2)", "ast"],
+    ["window(1)+asc", "asc", "arrow(2)+asc", "window(5)+asc"],
+    ["ast", "ast", "full", "arrow(1)"],
+]
+
+
 @pytest.mark.parametrize("cfg_layout", ["batched_cond_first", "batched_uncond_first", "separate_cond_first"])
-def test_headwise_mix_matches_float64_reference(cfg_layout):
+@pytest.mark.parametrize("backend", ["dense", "kernels"])
+def test_headwise_mix_matches_float64_reference(cfg_layout, backend):
     plan = make_plan("self", 4, 8, MIXED, cfg_layout, (1, 4, 4))
-    got, want, runtime, executed, full_pairs = run_and_reference(plan)
+    got, want, runtime, executed, full_pairs = run_and_reference(plan, backend=backend)
     for s, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"step {s}")
     # FLOPs: what ran equals the brute-force count of attended pairs, and the static count agrees
@@ -166,6 +181,35 @@ def test_headwise_mix_matches_float64_reference(cfg_layout):
     assert runtime.flops.core == 4 * d * executed
     assert runtime.flops.core_full == 4 * d * full_pairs
     assert plan_flops(plan).core_fraction == pytest.approx(executed / full_pairs, rel=0, abs=1e-15)
+
+
+@pytest.mark.parametrize("cfg_layout", ["batched_cond_first", "batched_uncond_first", "separate_cond_first"])
+def test_fused_layers_match_float64_reference(cfg_layout):
+    plan = make_plan("joint", 4, 8, FUSED, cfg_layout, (1, 4, 5), n_text=3, text_position="first")
+    got, want, runtime, executed, full_pairs = run_and_reference(plan, seed=7, backend="kernels")
+    for s, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"step {s}")
+    assert runtime.flops.core == 4 * 8 * executed
+
+
+CUDA_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA device")])
+                 for b in ("kernels", "flex", "auto")]
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("text_position", ["first", "last"])
+def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position):
+    """The CUDA paths of the runtime (Triton kernels, FlexAttention) against float64, head dim 64."""
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for methods, layout in ((FUSED, "batched_uncond_first"), (MIXED, "batched_cond_first"),
+                            (FUSED, "separate_cond_first")):
+        plan = make_plan("joint", 4, 64, methods, layout, (1, 9, 11), n_text=13, text_position=text_position)
+        got, want, runtime, executed, _ = run_and_reference(plan, seed=11, backend=backend, device="cuda", dtype=dtype)
+        for s, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=f"{layout} step {s}")
+        assert runtime.flops.core == 4 * 64 * executed
 
 
 @pytest.mark.parametrize("text_position", ["first", "last"])
@@ -430,3 +474,31 @@ def test_validate_and_export(dit_pipe, tmp_path):
     written = export_plan(plan, tmp_path / "deploy")
     assert Plan.load(written[0]).to_dict() == plan.to_dict()
     _no_ditlens_left(dit_pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_pipeline_on_cuda_kernels_agree_with_dense(family):
+    """A whole pipeline in float16 on CUDA: the plan run through the Triton kernels (and
+    FlexAttention) gives the images of the same plan run with dense masks."""
+    pipe = build_tiny_pipeline(family).to("cuda", torch.float16)
+    steps, d = 4, DIMS[family]
+    plan = _uniform(pipe, family, steps)
+    asc = "" if plan.run.cfg_layout == "none" else "+asc"  # FLUX plans run without CFG
+    for s in range(1, steps):
+        for i, layer in enumerate(plan.model.layers):
+            if layer.kind in ("self", "joint"):
+                cycle = ["window(2)", "arrow(3)", "ast", "full"] if s % 2 else ["arrow(1)", "window(0)", "full", "full" + asc]
+                plan.set(s, i, [cycle[h % 4].replace("full+asc", "asc") for h in range(d.heads)] if s < 3
+                         else "window(1)" + asc)
+    plan.check_structure()
+    images = {}
+    for backend in ("dense", "kernels", "flex"):
+        kw = pipeline_call_kwargs(family, "a red bag", steps, 3.0 if asc else 1.0, 0)
+        kw["generator"] = torch.Generator("cuda").manual_seed(0)
+        with apply_plan(pipe, plan, backend=backend):
+            images[backend] = pipe(**kw).images
+    for backend in ("kernels", "flex"):
+        np.testing.assert_allclose(images[backend], images["dense"], atol=2e-2, err_msg=backend)
+    _no_ditlens_left(pipe)

@@ -120,6 +120,7 @@ class PlanRuntime:
         self.flops = FlopsCounter()
         self.forward: ForwardState | None = None
         self.attention_seconds = 0.0
+        self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -257,6 +258,45 @@ class PlanRuntime:
             cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
         else:
             cond_rows = uncond_rows = rows_all
+        fused = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
+        if fused is not None:
+            out = fused
+        else:
+            out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
+        refresh: dict[tuple[str, int, bool], list[int]] = {}
+        for h, wars in action.refresh:
+            if not (wars.asc and fwd.branch_key == "uncond"):  # every step using it copies the cond branch
+                refresh.setdefault((wars.mask_kind, wars.window, wars.asc), []).append(h)
+        for (kind, w, asc), heads in refresh.items():
+            idx = self._index(heads, q.device)
+            rows = cond_rows if asc and fwd.batched_cfg else rows_all
+            w_out = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx, kind, w,
+                                 layout)
+            if self.count_flops:
+                self.flops.core += 4 * d * _pairs(kind, w, layout) * len(heads) * w_out.shape[0]
+            if key not in st.residual:
+                st.residual[key] = torch.zeros_like(out)
+            st.residual[key][rows, idx] = out[rows][:, idx] - w_out
+        if action.store_heads:
+            if key not in st.head_out:
+                st.head_out[key] = torch.zeros_like(out)
+            if len(action.store_heads) == H:
+                st.head_out[key].copy_(out)
+            else:
+                idx = self._index(action.store_heads, q.device)
+                st.head_out[key][:, idx] = out[:, idx]
+        if fwd.branch_key == "cond" and action.uses_asc:
+            st.asc_out[(index, call)] = out
+        st.note_peak()
+        return out
+
+    def _grouped(self, index: int, call: int, action: LayerStep, func: Callable, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, params: dict, key: tuple, layout: CallLayout, cond_rows: slice, uncond_rows: slice,
+                 fwd: ForwardState) -> torch.Tensor:
+        """The heads of one call in groups of one method each (one attention product per group)."""
+        st = self.state
+        B, H, Lq, d = q.shape
+        rows_all = slice(0, B)
         out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
         groups: dict[tuple[str, str, int, bool], list[int]] = {}
         ast_heads: list[int] = []
@@ -266,65 +306,105 @@ class PlanRuntime:
             else:
                 groups.setdefault((method.base, method.mask_kind, method.window, method.asc), []).append(h)
         for (base, kind, w, asc), heads in groups.items():
-            idx = torch.tensor(heads, device=q.device)
+            every = len(heads) == H  # no gather/scatter when the group is the whole layer
+            idx = None if every else self._index(heads, q.device)
             if asc and fwd.branch_key == "uncond":  # separate forwards: copy the cond forward's output
                 cached = st.asc_out.get((index, call))
                 if cached is None:
                     raise DitlensError(f"layer {self.plan.model.layers[index].name}: ASC at step {fwd.step} found no cond "
                                        "output (the uncond forward ran first?)")
-                out[:, idx] = cached[:, idx]
+                if every:
+                    out.copy_(cached)
+                else:
+                    out[:, idx] = cached[:, idx]
                 continue
             if asc and fwd.batched_cfg and B % 2:
                 raise DitlensError(
                     f"layer {self.plan.model.layers[index].name}: ASC needs the cond and uncond rows in one attention call, "
                     f"but this layer attends one sample per call (batch {B}); remove +asc for this layer")
             rows = cond_rows if asc and fwd.batched_cfg else rows_all
-            o = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx, kind, w, layout)
+            if every:
+                o = self._masked(func, q[rows], k[rows], v[rows], params, rows, None, kind, w, layout)
+            else:
+                o = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx, kind, w,
+                                 layout)
             if self.count_flops:
                 self.flops.core += 4 * d * _pairs(kind, w, layout) * len(heads) * o.shape[0]
             if base == "wars":
-                o = o + st.residual[key][rows][:, idx]
-            out[rows, idx] = o
-            if asc and fwd.batched_cfg:
-                out[uncond_rows, idx] = o
+                o = o + (st.residual[key][rows] if every else st.residual[key][rows][:, idx])
+            targets = [rows, uncond_rows] if asc and fwd.batched_cfg else [rows]
+            for r in targets:
+                if every:
+                    out[r] = o
+                else:
+                    out[r, idx] = o
         if ast_heads:
-            idx = torch.tensor(ast_heads, device=q.device)
             cached = st.head_out.get(key)
             if cached is None:
                 raise DitlensError(f"layer {self.plan.model.layers[index].name}: AST at step {fwd.step} found no cached "
                                    "output (was the pipeline call interrupted?)")
-            out[:, idx] = cached[:, idx]
-        for h, wars in action.refresh:
-            if wars.asc and fwd.branch_key == "uncond":
-                continue  # every step using this residual copies the cond branch
-            idx = torch.tensor([h], device=q.device)
-            rows = cond_rows if wars.asc and fwd.batched_cfg else rows_all
-            w_out = self._masked(func, q[rows][:, idx], k[rows][:, idx], v[rows][:, idx], params, rows, idx,
-                                 wars.mask_kind, wars.window, layout)
-            if self.count_flops:
-                self.flops.core += 4 * d * _pairs(wars.mask_kind, wars.window, layout) * w_out.shape[0]
-            if key not in st.residual:
-                st.residual[key] = torch.zeros_like(out)
-            st.residual[key][rows, idx] = out[rows][:, idx] - w_out
-        if action.store_heads:
-            idx = torch.tensor(action.store_heads, device=q.device)
-            if key not in st.head_out:
-                st.head_out[key] = torch.zeros_like(out)
-            st.head_out[key][:, idx] = out[:, idx]
-        if fwd.branch_key == "cond" and action.uses_asc:
-            st.asc_out[(index, call)] = out
-        st.note_peak()
+            if len(ast_heads) == H:
+                out.copy_(cached)
+            else:
+                idx = self._index(ast_heads, q.device)
+                out[:, idx] = cached[:, idx]
         return out
 
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep, key: tuple,
+               layout: CallLayout, cond_rows: slice, uncond_rows: slice, fwd: ForwardState) -> torch.Tensor | None:
+        """Every head of the call in one :func:`ditlens.kernels.headwise_attention` launch, or None
+        when the methods need the grouped path: full / window / arrow / AST heads (no WA-RS, no
+        window2d), with +asc on every head or on none, and at least one sparse or AST head."""
+        methods = action.heads
+        computing = [m for m in methods if m.computes]
+        if (not self._use_fast(q) or self.backend == "dense" or layout.cross or k.shape != q.shape
+                or v.shape != q.shape or params.get("attn_mask") is not None or params.get("dropout_p")
+                or any(m.base in ("wars", "window2d") for m in computing)
+                or all(m.base == "full" for m in methods)):
+            return None
+        asc = {m.asc for m in computing}
+        if asc == {True} and (len(computing) != len(methods) or not fwd.batched_cfg or q.shape[0] % 2):
+            return None
+        if len(asc) > 1:
+            return None
+        modes = [m.mask_kind if m.computes else "skip" for m in methods]
+        cached = self.state.head_out.get(key) if len(computing) < len(methods) else None
+        if len(computing) < len(methods) and cached is None:
+            return None  # the grouped path says what is missing
+        from ditlens.kernels import headwise_attention
+
+        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
+        o = headwise_attention(q[rows], k[rows], v[rows], modes=modes, windows=[m.window for m in methods],
+                               n_text=layout.n_text, text_first=layout.text_first,
+                               cached=None if cached is None else cached[rows], scale=params.get("scale"),
+                               backend="flex" if self.backend == "flex" else "auto")
+        if self.count_flops:
+            for m in computing:
+                self.flops.core += 4 * q.shape[-1] * _pairs(m.mask_kind, m.window, layout) * o.shape[0]
+        if asc != {True}:
+            return o
+        out = torch.empty_like(q)
+        out[cond_rows] = o
+        out[uncond_rows] = o
+        return out
+
+    def _index(self, heads: tuple[int, ...] | list[int], device: torch.device) -> torch.Tensor:
+        """A head-index tensor on ``device``, made once per head set (no host-to-device copy per call)."""
+        key = (tuple(heads), str(device))
+        idx = self._indices.get(key)
+        if idx is None:
+            idx = self._indices[key] = torch.tensor(key[0], device=device)
+        return idx
+
     def _masked(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, rows: slice,
-                heads: torch.Tensor, kind: str, w: int, layout: CallLayout) -> torch.Tensor:
+                heads: torch.Tensor | None, kind: str, w: int, layout: CallLayout) -> torch.Tensor:
         """Attention of a subset of rows/heads under one mask, combined with the model's own mask."""
         extra = dict(params)
         model_mask = extra.pop("attn_mask", None)
         if model_mask is not None and model_mask.dim() == 4:
             if model_mask.shape[0] not in (1,):
                 model_mask = model_mask[rows]
-            if model_mask.shape[1] not in (1,):
+            if model_mask.shape[1] not in (1,) and heads is not None:
                 model_mask = model_mask[:, heads]
         if kind == "full":
             return func(q, k, v, attn_mask=model_mask, **extra)
@@ -377,16 +457,27 @@ def _fast_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float
 
 def _flex_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float | None):
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from ditlens.kernels.torch_backends import flex_function
     except ImportError:
         return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # eager (unfused) FlexAttention off CUDA: expected
+        return flex_function(q.device)(q, k, v, block_mask=_block_mask(kind, w, layout, str(q.device)), scale=scale)
+
+
+@lru_cache(maxsize=64)
+def _block_mask(kind: str, w: int, layout: CallLayout, device: str):
+    """FlexAttention block mask of one method and layout, built once (building costs a compile)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     from ditlens.compress.methods import method_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return method_mask(kind, w, q_idx, kv_idx, layout)
 
-    block = create_block_mask(mask_mod, None, None, layout.q_len, layout.k_len, device=str(q.device))
-    return flex_attention(q, k, v, block_mask=block, scale=scale)
+    return create_block_mask(mask_mod, None, None, layout.q_len, layout.k_len, device=device)
 
 
 # --------------------------------------------------------------------------------------------

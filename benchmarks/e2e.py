@@ -1,0 +1,429 @@
+"""End-to-end latency at real model sizes: the attention share, its Amdahl bound, and how close
+compression plans get to it (issue 8).
+
+    python benchmarks/e2e.py --device cuda --out benchmarks/results/e2e.json          # the H100/H200 run
+    python benchmarks/e2e.py --device cuda --models pixart-sigma-xl-2048 --compile    # + torch.compile
+    python benchmarks/e2e.py --report benchmarks/results/e2e.json                     # Markdown + e2e.png
+    python benchmarks/e2e.py --smoke                                                  # CPU, toy sizes
+
+Each model is a real diffusers architecture at its published size with random weights (latency
+does not depend on them), in bfloat16, with batch and CFG as its pipeline uses them. Per model:
+
+* the attention share ``a`` of a transformer forward (ditlens.analyzer.amdahl: the forward timed
+  as is and with every attention product a no-op) and the bound ``1 / (1 - a*s)``;
+* plans at the attention-FLOPs fractions of the papers' settings, shaped like the papers' plans:
+  ``v1`` (DiT, PixArt: layer-wise WA-RS, then WA-RS+ASC, DiTFastAttn's methods) and ``v2`` (SD3,
+  FLUX: head-wise arrow attention plus output caching on a third of the heads, DiTFastAttnV2's
+  default set), each with ``s`` = 1 - its exact attention-FLOPs fraction;
+* the denoising loop (first transformer forward to last, CUDA events), the pipeline call (loop,
+  scheduler and VAE decode, wall clock), the text encoders timed on their own (the pipelines get
+  precomputed embeddings, so no tokenizer is needed), attention-module time (CUDA events around
+  every attention module), peak memory and the plan's cache memory.
+
+Every row of one model comes from the same process, run back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MODELS = ("dit-xl-2-512", "pixart-sigma-xl-1024", "pixart-sigma-xl-2048", "sd3-medium-1024", "flux-dev-1024",
+          "flux-dev-2048")
+# Published end-to-end figures (A100) quoted next to ours.
+PAPERS = {
+    "pixart-sigma-xl-2048": "DiTFastAttn (A100, 50 steps): 39.86 s -> 22.27 s = 1.79x at D6 (24 % attention FLOPs)",
+    "pixart-sigma-xl-1024": "DiTFastAttn (A100, 50 steps): 12.76 s -> 10.31 s = 1.24x at D6 (37 %)",
+    "dit-xl-2-512": "DiTFastAttn (A100, 50 steps): 6.66 s -> 2.66 s at D6 (34 %)",
+    "flux-dev-2048": "DiTFastAttnV2: up to 1.5x end to end at 2K with 68 % less attention FLOPs",
+}
+
+
+@dataclass
+class Timing:
+    loop_s: float  # first transformer forward start -> last forward end
+    pipeline_s: float  # the whole pipeline call (embeddings given): loop, scheduler, VAE decode
+    attention_s: float  # summed attention-module time inside the loop
+    peak_gib: float
+    cache_gib: float = 0.0
+
+
+@dataclass
+class Row:
+    model: str
+    plan: str
+    steps: int
+    core_fraction: float
+    share: float
+    bound: float
+    loop_s: float
+    pipeline_s: float
+    text_s: float
+    attention_s: float
+    peak_gib: float
+    cache_gib: float
+    speedup_loop: float = 1.0
+    speedup_pipeline: float = 1.0
+    reach: float = 1.0  # speedup_loop / bound
+    compiled: bool = False
+    notes: str = ""
+
+
+@dataclass
+class ModelResult:
+    model: str
+    device: str
+    torch: str
+    steps: int
+    share: float
+    step_ms: float
+    text_encoders: dict[str, float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class LoopClock:
+    """CUDA events around every transformer forward and every attention module: loop and attention
+    time without synchronising inside the run (CPU: perf_counter)."""
+
+    def __init__(self, pipe, attention_modules, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.forwards: list[tuple] = []
+        self.attention: list[tuple] = []
+        self.handles = []
+        self._open: dict[int, object] = {}
+        self._attach(pipe.transformer, self.forwards)
+        for module in attention_modules:
+            self._attach(module, self.attention)
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _attach(self, module, store) -> None:
+        def pre(mod, args):
+            self._open[id(mod)] = self._mark()
+
+        def post(mod, args, out):
+            store.append((self._open.pop(id(mod)), self._mark()))
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def reset(self) -> None:
+        self.forwards.clear()
+        self.attention.clear()
+
+    def _elapsed(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+    def loop_seconds(self) -> float:
+        return self._elapsed(self.forwards[0][0], self.forwards[-1][1])
+
+    def attention_seconds(self) -> float:
+        return sum(self._elapsed(a, b) for a, b in self.attention)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, handle=None) -> Timing:
+    """One warm-up call, then the median of ``repeats`` timed calls."""
+    samples = []
+    for i in range(repeats + 1):
+        clock.reset()
+        if handle is not None:
+            handle.reset()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.pipe(**kwargs)
+        sync(device)
+        wall = time.perf_counter() - t0
+        if i == 0:
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+        cache = handle.peak_cache_bytes() / 2**30 if handle is not None else 0.0
+        samples.append(Timing(clock.loop_seconds(), wall, clock.attention_seconds(), peak, cache))
+    return Timing(*(statistics.median(getattr(s, f) for s in samples)
+                    for f in ("loop_s", "pipeline_s", "attention_s", "peak_gib", "cache_gib")))
+
+
+# ------------------------------------------------------------------------------------------
+# Plans shaped like the papers' (exact FLOPs fraction from ditlens.compress)
+# ------------------------------------------------------------------------------------------
+
+
+def _fraction(plan) -> float:
+    from ditlens.compress.flops import plan_core_fraction
+
+    return float(plan_core_fraction(plan))
+
+
+def v1_plan(model, steps: int, target: float):
+    """DiTFastAttn-shaped: self-attention layers take WA-RS (window 1/8 of the image tokens) from
+    the last steps backwards, then WA-RS+ASC, until the attention-FLOPs fraction reaches ``target``
+    (step 0 stays full: it refreshes every residual)."""
+    from ditlens.compress import Plan
+
+    plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
+                        n_text=model.n_text or None)
+    grid = plan.model.tokens.grid
+    w = max(1, grid[1] * grid[2] // 16)
+    selfs = [i for i, layer in enumerate(plan.model.layers) if layer.kind in ("self", "joint")]
+    entries = [(s, i) for s in range(steps - 1, 0, -1) for i in selfs]
+    ladder = [f"wars({w})", f"wars({w})+asc"] if plan.run.cfg_layout != "none" else [f"wars({w})"]
+
+    def build(n: int, level: int):
+        for s, i in entries:
+            plan.set(s, i, "full")
+        for k, (s, i) in enumerate(entries):
+            if level > 0 or k < n:
+                plan.set(s, i, ladder[1] if level > 0 and k < n else ladder[0])
+        return _fraction(plan)
+
+    for level in range(len(ladder)):
+        lo, hi = 0, len(entries)
+        if build(hi, level) > target and level + 1 < len(ladder):
+            continue
+        while lo < hi:  # fewest entries that reach the target
+            mid = (lo + hi) // 2
+            if build(mid, level) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        build(lo, level)
+        break
+    plan.check_structure()
+    return plan, f"v1 WA-RS w={w}" + ("+ASC" if ladder[-1] in str(plan.methods) else "")
+
+
+def v2_plan(model, steps: int, target: float):
+    """DiTFastAttnV2-shaped: at steps >= 1, in every self/joint layer, two thirds of the heads take
+    arrow attention and one third alternates output caching (odd steps) with the same arrow; the
+    arrow half-width is the largest that reaches ``target``."""
+    from ditlens.compress import Plan
+
+    plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
+                        n_text=model.n_text or None, cfg_layout="none" if model.name.startswith("flux") else None)
+    grid = plan.model.tokens.grid
+    H = plan.model.heads
+    selfs = [i for i, layer in enumerate(plan.model.layers) if layer.kind in ("self", "joint")]
+
+    def build(w: int) -> float:
+        for s in range(1, steps):
+            heads = [("ast" if (h % 3 == 2 and s % 2) else f"arrow({w})") for h in range(H)]
+            for i in selfs:
+                plan.set(s, i, heads)
+        return _fraction(plan)
+
+    lo, hi = 0, grid[1] * grid[2]
+    while lo < hi:  # largest window at or under the target
+        mid = (lo + hi + 1) // 2
+        if build(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    build(lo)
+    plan.check_structure()
+    return plan, f"v2 arrow w={lo} + output cache"
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def time_text_encoders(model, device: str, dtype, smoke: bool, cache: dict) -> dict[str, float]:
+    """Median forward time of each text encoder on the prompt (and the negative prompt with CFG)."""
+    from random_pipelines import text_encoder
+
+    batch = 2 if model.guidance > 1 else 1
+    out = {}
+    for kind, tokens in model.encoders:
+        key = (kind, tokens, batch)
+        if key not in cache:
+            enc = text_encoder(kind, device, dtype, smoke)
+            ids = torch.randint(0, 1000, (batch, tokens), device=device)
+            times = []
+            with torch.inference_mode():
+                for i in range(4):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    enc(ids)
+                    sync(device)
+                    if i:
+                        times.append(time.perf_counter() - t0)
+            cache[key] = statistics.median(times)
+            del enc
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        out[f"{kind}x{tokens}"] = cache[key]
+    return out
+
+
+def compile_non_attention(transformer) -> int:
+    """torch.compile every feed-forward block in place (attention modules stay eager so that the
+    compression runtime can intercept them). Returns the number of modules compiled."""
+    count = 0
+    for module in transformer.modules():
+        if type(module).__name__ == "FeedForward":
+            module.compile()
+            count += 1
+    return count
+
+
+def bench_model(name: str, args, text_cache: dict) -> ModelResult:
+    from random_pipelines import e2e_model
+
+    from ditlens.analyzer.adapters import default_registry
+    from ditlens.analyzer.amdahl import measure_attention_share
+    from ditlens.compress import apply_plan
+
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model = e2e_model(name, args.device, dtype, smoke=args.smoke)
+    steps = args.steps
+    kwargs = dict(model.call_kwargs, num_inference_steps=steps, output_type="np")
+    if not name.startswith("dit"):
+        kwargs.update(height=model.height, width=model.width)
+    adapter = default_registry().find(model.pipe.transformer)
+    modules = [dict(model.pipe.transformer.named_modules())[layer.name]
+               for layer in adapter.attention_layers(model.pipe.transformer)]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    text = time_text_encoders(model, args.device, dtype, args.smoke, text_cache)
+    text_s = sum(text.values())
+    results = []
+    for compiled in ([False, True] if args.compile else [False]):
+        if compiled:
+            n = compile_non_attention(model.pipe.transformer)
+            print(f"  compiled {n} feed-forward blocks", flush=True)
+        share = measure_attention_share(model.pipe, dict(kwargs), repeats=3)
+        result = ModelResult(name, device_name, torch.__version__, steps, share.share, share.step_seconds * 1e3, text)
+        clock = LoopClock(model.pipe, modules, args.device)
+        repeats = 1 if model.height >= 2048 else args.repeats
+        base = run_pipeline(model, kwargs, clock, args.device, repeats)
+        tag = " (compiled FF)" if compiled else ""
+        result.rows.append(Row(name, "uncompressed" + tag, steps, 1.0, share.share, 1.0, base.loop_s, base.pipeline_s,
+                               text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled))
+        print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
+        for fraction in model.fractions:
+            plan, label = (v1_plan if model.plan_style == "v1" else v2_plan)(model, steps, fraction)
+            core = _fraction(plan)
+            bound = share.bound(1.0 - core)
+            with apply_plan(model.pipe, plan, count_flops=False) as handle:
+                got = run_pipeline(model, kwargs, clock, args.device, repeats, handle)
+            sl = base.loop_s / got.loop_s
+            sp = (base.pipeline_s + text_s) / (got.pipeline_s + text_s)
+            result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
+                                   got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled,
+                                   f"target {fraction:.0%}"))
+            print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.2f}x (bound {bound:.2f}x, "
+                  f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
+        clock.remove()
+        results.append(result)
+    merged = results[0]
+    for extra in results[1:]:
+        merged.rows += extra.rows
+        merged.text_encoders.update({f"compiled share": extra.share})
+    del model
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return merged
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------
+
+
+def report(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = ["| model | plan | attention FLOPs | attention share | bound | loop | speedup | of bound | "
+             "pipeline (+text) | speedup | attention modules | peak mem | cache |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for res in data["models"]:
+        for r in res["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['plan']} | {r['core_fraction']:.1%} | {r['share']:.1%} | {r['bound']:.2f}x | "
+                f"{r['loop_s']:.2f} s | {r['speedup_loop']:.2f}x | {r['reach']:.0%} | "
+                f"{r['pipeline_s'] + r['text_s']:.2f} s | {r['speedup_pipeline']:.2f}x | {r['attention_s']:.2f} s | "
+                f"{r['peak_gib']:.1f} GiB | {r['cache_gib']:.2f} GiB |")
+    papers = [f"- {m}: {t}" for m, t in PAPERS.items()]
+    plot(path.with_suffix(".png"), data)
+    return "\n".join(lines + ["", "Published (A100):", *papers])
+
+
+def plot(out: Path, data: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for res in data["models"]:
+        rows = [r for r in res["rows"] if not r["compiled"]]
+        xs = [1 - r["core_fraction"] for r in rows]
+        line, = ax.plot(xs, [r["speedup_loop"] for r in rows], "o-", label=f"{res['model']} measured")
+        ax.plot(xs, [r["bound"] for r in rows], ":", color=line.get_color())
+    ax.set_xlabel("attention FLOPs removed")
+    ax.set_ylabel("denoising-loop speedup (dotted: Amdahl bound)")
+    ax.set_title(f"End-to-end speedup vs. bound ({data['models'][0]['device']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per row (1 at 2K)")
+    parser.add_argument("--compile", action="store_true", help="also run with torch.compile on the feed-forward blocks")
+    parser.add_argument("--out", default=None, help="JSON results (written after every model)")
+    parser.add_argument("--report", default=None, help="print the Markdown table of a results JSON (and write its plot)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code path")
+    args = parser.parse_args()
+    if args.report:
+        print(report(Path(args.report)))
+        return
+    if args.smoke:
+        args.device, args.steps, args.repeats = "cpu", 3, 1
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    out = {"command": " ".join(sys.argv), "models": []}
+    text_cache: dict = {}
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"{name}:", flush=True)
+        out["models"].append(asdict(bench_model(name, args, text_cache)))
+        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
