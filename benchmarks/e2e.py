@@ -180,10 +180,13 @@ def _fraction(plan) -> float:
     return float(plan_core_fraction(plan))
 
 
-def v1_plan(model, steps: int, target: float):
-    """DiTFastAttn-shaped: self-attention layers take WA-RS (window 1/8 of the image tokens) from
-    the last steps backwards, then WA-RS+ASC, until the attention-FLOPs fraction reaches ``target``
-    (step 0 stays full: it refreshes every residual)."""
+def v1_plan(model, steps: int, target: float, mix: bool = False):
+    """DiTFastAttn-shaped: self-attention layers (step 0 stays full: it refreshes every residual),
+    taken from the last steps backwards until the attention-FLOPs fraction reaches ``target``.
+    ``mix=False``: WA-RS (window 1/8 of the image tokens), then WA-RS+ASC where WA-RS alone cannot
+    reach the target: every saving comes from the window kernel. ``mix=True``: the methods of the
+    paper's Fig. 5 in alternation, AST (the module output of the previous step) on every other
+    entry and WA-RS+ASC on the rest."""
     from ditlens.compress import Plan
 
     plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
@@ -192,14 +195,24 @@ def v1_plan(model, steps: int, target: float):
     w = max(1, grid[1] * grid[2] // 16)
     selfs = [i for i, layer in enumerate(plan.model.layers) if layer.kind in ("self", "joint")]
     entries = [(s, i) for s in range(steps - 1, 0, -1) for i in selfs]
-    ladder = [f"wars({w})", f"wars({w})+asc"] if plan.run.cfg_layout != "none" else [f"wars({w})"]
+    cfg = plan.run.cfg_layout != "none"
+    ladder = [f"wars({w})", f"wars({w})+asc"] if cfg else [f"wars({w})"]
+    if mix:
+        ladder = [f"wars({w})+asc" if cfg else f"wars({w})"]
+
+    def method(s: int, i: int, level: int) -> str:
+        if mix and (s + i) % 2 == 0:
+            return "ast"
+        return ladder[level]
 
     def build(n: int, level: int):
         for s, i in entries:
             plan.set(s, i, "full")
         for k, (s, i) in enumerate(entries):
-            if level > 0 or k < n:
-                plan.set(s, i, ladder[1] if level > 0 and k < n else ladder[0])
+            if k < n:
+                plan.set(s, i, method(s, i, level))
+            elif level > 0:
+                plan.set(s, i, method(s, i, level - 1))
         return _fraction(plan)
 
     for level in range(len(ladder)):
@@ -215,7 +228,9 @@ def v1_plan(model, steps: int, target: float):
         build(lo, level)
         break
     plan.check_structure()
-    return plan, f"v1 WA-RS w={w}" + ("+ASC" if ladder[-1] in str(plan.methods) else "")
+    text = str(plan.methods)
+    label = "v1 AST / WA-RS+ASC" if mix else "v1 WA-RS" + ("+ASC" if "+asc" in text else "")
+    return plan, f"{label} w={w}"
 
 
 def v2_plan(model, steps: int, target: float):
@@ -325,8 +340,9 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
         result.rows.append(Row(name, "uncompressed" + tag, steps, 1.0, share.share, 1.0, base.loop_s, base.pipeline_s,
                                text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled))
         print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
-        for fraction in model.fractions:
-            plan, label = (v1_plan if model.plan_style == "v1" else v2_plan)(model, steps, fraction)
+        shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
+        for (shape, mix), fraction in [(sh, f) for sh in shapes for f in model.fractions]:
+            plan, label = shape(model, steps, fraction) if mix is None else shape(model, steps, fraction, mix)
             core = _fraction(plan)
             bound = share.bound(1.0 - core)
             with apply_plan(model.pipe, plan, count_flops=False) as handle:

@@ -124,7 +124,7 @@ def e2e_model(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat
     gen = torch.Generator("cpu").manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device, dtype)
+        return torch.randn(*shape, generator=gen, device="cpu").to(device, dtype)
 
     # schedulers outside the device context: they keep their tables on the CPU
     dpm = d.DPMSolverMultistepScheduler()

@@ -603,3 +603,35 @@ def test_attention_share_and_amdahl_bound(pipelines, tmp_path):
     with Trace.open(out) as trace:
         assert 0.0 <= float(trace.attrs["attention_share"]) < 1.0
         assert float(trace.attrs["forward_seconds"]) > 0
+
+
+def test_steps_told_apart_when_bf16_timesteps_collide(tmp_path):
+    """FLUX passes timesteps in the latents' dtype: in bfloat16 neighbouring steps near t=1 round to
+    one value. Profile, plan runtime and search must still count one step per scheduler step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditlens.compress import Plan, apply_plan
+
+    steps = 16
+    pipe = build_tiny_pipeline("flux").to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                                 shift=30.0)
+    seen: list[float] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(k["timestep"].flatten()[0])), with_kwargs=True)
+    pipe(**pipeline_call_kwargs("flux", "x", steps, 1.0, 0))
+    hook.remove()
+    assert len(set(seen)) < len(seen) == steps  # the premise: two steps share a timestep
+    config = run_config("flux", guidance=1.0)
+    config = ProfileConfig(**{**config.__dict__, "steps": steps})
+    profile(pipe, ["x"], tmp_path / "t.h5", config, progress=False, log=lambda s: None)
+    from ditlens.traces import Trace
+
+    with Trace.open(tmp_path / "t.h5") as trace:
+        assert len(trace.timesteps) == steps and trace.prompts == ["x"] and trace.complete
+    plan = Plan.uniform(pipe, steps, "ast", at_steps=range(1, steps, 2), cfg_layout="none",
+                        n_text=pipeline_call_kwargs("flux", "x", 1, 1.0, 0)["max_sequence_length"])
+    with apply_plan(pipe, plan) as handle:
+        pipe(**pipeline_call_kwargs("flux", "x", steps, 1.0, 0))
+        assert handle.flops.core_fraction < 0.6

@@ -5,7 +5,7 @@ Two kinds of diffusers ``ModelHook`` cooperate:
 * :class:`ForwardTrackerHook` on the transformer reads each forward's batch, token grid and
   timestep, advances the step index and says which batch rows are ``cond`` and ``uncond``.
 * :class:`AttentionCaptureHook` on every attention module runs the module's own forward under
-  an :class:`AttentionInterceptor` (a ``TorchFunctionMode``) that sees each
+  an :class:`AttentionInterceptor` that sees each
   ``torch.nn.functional.scaled_dot_product_attention`` call, lets it run unchanged, and keeps
   its q, k, v and output. The adapter turns those calls into canonical per-group tensors.
 
@@ -44,8 +44,11 @@ def sdpa_qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     return values[0], values[1], values[2]
 
 
-class AttentionInterceptor(TorchFunctionMode):
-    """Routes ``scaled_dot_product_attention`` calls made inside a ``with`` block to a handler."""
+_TORCH_SDPA = F.scaled_dot_product_attention  # torch's own function, whatever is swapped in later
+
+
+class _InterceptMode(TorchFunctionMode):
+    """Sees every torch call in its block; routes the SDPA ones to a handler."""
 
     def __init__(self, handler: AttentionHandler) -> None:
         super().__init__()
@@ -53,10 +56,78 @@ class AttentionInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is _TORCH_SDPA or func is F.scaled_dot_product_attention:
             q, k, v = sdpa_qkv(args, kwargs)
-            return self.handler(func, q, k, v, args, kwargs)
+            return self.handler(_TORCH_SDPA, q, k, v, args, kwargs)
         return func(*args, **kwargs)
+
+
+class AttentionInterceptor:
+    """Routes ``scaled_dot_product_attention`` calls made inside a ``with`` block to a handler.
+
+    Default: ``torch.nn.functional.scaled_dot_product_attention`` is swapped for a router for the
+    block's duration. Every diffusers attention processor and the attention dispatcher look the
+    function up at call time, so they are caught, and nothing else in the block pays for it.
+    ``mode=True``: a ``TorchFunctionMode`` instead, which also catches code holding its own
+    reference to the function but puts every torch call of the block through Python (measured
+    +80 us per attention module on a CPU host: enough to make a GPU pipeline host-bound).
+    The swap is process-wide while the block runs; do not run two pipelines in threads under it.
+    """
+
+    def __init__(self, handler: AttentionHandler, *, mode: bool = False) -> None:
+        self.handler = handler
+        self.mode = mode
+        self._active: Any = None
+
+    def __enter__(self) -> "AttentionInterceptor":
+        if self.mode:
+            self._active = _InterceptMode(self.handler)
+            self._active.__enter__()
+            return self
+        inner, handler = F.scaled_dot_product_attention, self.handler
+
+        def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            q, k, v = sdpa_qkv(args, kwargs)
+            return handler(inner, q, k, v, args, kwargs)
+
+        self._active = inner
+        F.scaled_dot_product_attention = routed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mode:
+            self._active.__exit__(*exc)
+        else:
+            F.scaled_dot_product_attention = self._active
+        self._active = None
+
+
+@dataclass
+class InterceptRoute:
+    """How one module's attention calls are caught: the fast swap until a call of the module is
+    seen to miss it (the module holds its own reference to SDPA), the ``TorchFunctionMode`` after."""
+
+    use_mode: bool = False
+
+
+def run_intercepted(run: Callable[[], Any], handler: AttentionHandler, route: InterceptRoute) -> Any:
+    """``run()`` with its SDPA calls routed to ``handler``. A run in which the swap saw no call is
+    run again under the mode (attention modules are pure functions of their inputs), and the
+    route remembers it."""
+    seen = [0]
+
+    def counted(func, q, k, v, args, kwargs):
+        seen[0] += 1
+        return handler(func, q, k, v, args, kwargs)
+
+    if not route.use_mode:
+        with AttentionInterceptor(counted):
+            out = run()
+        if seen[0]:
+            return out
+        route.use_mode = True
+    with AttentionInterceptor(counted, mode=True):
+        return run()
 
 
 @dataclass(frozen=True)
@@ -89,26 +160,37 @@ class ObserverGroup:
             observer.on_forward_end(context)
 
 
+def step_marker(scheduler: Any, timestep: float) -> tuple[str, float]:
+    """What tells one denoising step from the next: the scheduler's step index where it keeps one,
+    else the timestep. Timesteps alone are not enough: pipelines that pass them in the latents'
+    dtype (FLUX in bfloat16) round neighbouring steps to one value. The index is None until the
+    first ``scheduler.step``, so step 0 is told apart by its timestep."""
+    index = getattr(scheduler, "step_index", None) if scheduler is not None else None
+    return ("index", float(index)) if index is not None else ("timestep", float(timestep))
+
+
 @dataclass
 class StepTracker:
     """Turns the sequence of transformer forwards of one pipeline call into (step, branch rows)."""
 
     cfg_layout: str
     max_steps: int
+    scheduler: Any = None  # the pipeline's scheduler: its step index marks steps (see step_marker)
     step: int = -1
-    last_timestep: float | None = None
+    last_marker: tuple[str, float] | None = None
     calls_at_step: int = 0
     timesteps: list[float] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.step, self.last_timestep, self.calls_at_step = -1, None, 0
+        self.step, self.last_marker, self.calls_at_step = -1, None, 0
         self.timesteps = []
 
     def advance(self, info: ForwardInfo) -> ForwardContext:
-        if self.last_timestep is None or info.timestep != self.last_timestep:
+        marker = step_marker(self.scheduler, info.timestep)
+        if self.last_marker is None or marker != self.last_marker:
             self.step += 1
             self.calls_at_step = 0
-            self.last_timestep = info.timestep
+            self.last_marker = marker
             self.timesteps.append(info.timestep)
         else:
             self.calls_at_step += 1
@@ -171,6 +253,7 @@ class AttentionCaptureHook(ModelHook):
         self.adapter = adapter
         self.tracker_hook = tracker_hook
         self.observer = observer
+        self.route = InterceptRoute()
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         context = self.tracker_hook.context
@@ -183,8 +266,7 @@ class AttentionCaptureHook(ModelHook):
             calls.append(SDPACall(q, k, v, out))
             return out
 
-        with AttentionInterceptor(record):
-            output = self.fn_ref.original_forward(*args, **kwargs)
+        output = run_intercepted(lambda: self.fn_ref.original_forward(*args, **kwargs), record, self.route)
         with torch.no_grad():
             grouped = self.adapter.group(self.layer, calls, context.info)
             self.observer.on_layer(self.index, context, grouped)
@@ -213,12 +295,13 @@ class CaptureHandle:
 
 
 def apply_capture(transformer: nn.Module, adapter: ModelAdapter, observer: CaptureObserver, *, cfg_layout: str,
-                  max_steps: int, layers: Sequence[AttentionLayer] | None = None) -> CaptureHandle:
-    """Attach the tracker and one capture hook per attention layer. Use as a context manager."""
+                  max_steps: int, layers: Sequence[AttentionLayer] | None = None, scheduler: Any = None) -> CaptureHandle:
+    """Attach the tracker and one capture hook per attention layer. Use as a context manager.
+    ``scheduler``: the pipeline's, whose step index tells steps apart (see :func:`step_marker`)."""
     layers = list(layers if layers is not None else adapter.attention_layers(transformer))
     if hooks.has_hook(transformer, TRACKER_HOOK):
         raise DitlensError("this transformer already carries ditlens capture hooks; remove them first")
-    tracker = StepTracker(cfg_layout=cfg_layout, max_steps=max_steps)
+    tracker = StepTracker(cfg_layout=cfg_layout, max_steps=max_steps, scheduler=scheduler)
     tracker_hook = ForwardTrackerHook(adapter, tracker, observer)
     modules = [transformer.get_submodule(layer.name) for layer in layers]
     try:

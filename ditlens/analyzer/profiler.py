@@ -178,7 +178,7 @@ class Profiler:
         self.last_call = {k: v for k, v in kwargs.items()
                           if isinstance(v, (int, float, str, bool)) and k not in per_prompt}
         handle = apply_capture(self.transformer, self.adapter, ObserverGroup(stats, influence), cfg_layout=self.cfg_layout, max_steps=cfg.steps,
-                               layers=self.layers)
+                               layers=self.layers, scheduler=getattr(self.pipeline, "scheduler", None))
         try:
             with torch.inference_mode():
                 self.pipeline(**kwargs)

@@ -65,7 +65,7 @@ class RuntimeState:
     """Caches and step tracking of one pipeline call (cleared when the next call starts)."""
 
     step: int = -1
-    last_timestep: float | None = None
+    last_marker: tuple[str, float] | None = None  # see ditlens.analyzer.capture.step_marker
     calls_at_step: int = 0
     timesteps_ref: Any = None
     module_out: dict[tuple[int, str], Any] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class RuntimeState:
     peak_bytes: int = 0
 
     def clear(self) -> None:
-        self.step, self.last_timestep, self.calls_at_step = -1, None, 0
+        self.step, self.last_marker, self.calls_at_step = -1, None, 0
         self.module_out.clear()
         self.head_out.clear()
         self.residual.clear()
@@ -121,6 +121,9 @@ class PlanRuntime:
         self.forward: ForwardState | None = None
         self.attention_seconds = 0.0
         self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+        from ditlens.analyzer.capture import InterceptRoute
+
+        self.routes = [InterceptRoute() for _ in plan.model.layers]
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -135,7 +138,10 @@ class PlanRuntime:
                     f"plan was made for {plan.steps} steps but the pipeline runs {len(timesteps)} (run.steps); "
                     f"call it with num_inference_steps={plan.steps} or make a plan for {len(timesteps)} steps")
         layout = plan.run.cfg_layout
-        if st.last_timestep is None or info.timestep != st.last_timestep:
+        from ditlens.analyzer.capture import step_marker
+
+        marker = step_marker(self.scheduler, info.timestep)
+        if st.last_marker is None or marker != st.last_marker:
             if st.step >= 0 and layout == "separate_cond_first" and st.calls_at_step == 0:
                 raise PlanMismatchError(
                     "plan was made for separate cond/uncond forwards (run.cfg_layout 'separate_cond_first') but step "
@@ -144,7 +150,7 @@ class PlanRuntime:
                 st.clear()  # the previous call finished: a new one starts
             st.step += 1
             st.calls_at_step = 0
-            st.last_timestep = info.timestep
+            st.last_marker = marker
         else:
             st.calls_at_step += 1
         if st.step == 0 and st.calls_at_step == 0:
@@ -203,18 +209,20 @@ class PlanRuntime:
                 self.flops.core_full += self.flops.last_core_full.get(key, 0)
                 self.flops.projections_full += self.flops.last_projection.get(key, 0)
             return self.state.module_out[key]
-        from ditlens.analyzer.capture import AttentionInterceptor
-
-        calls = [0]
-        core_full_before, proj_before = self.flops.core_full, self.flops.projections
-
-        def handler(func, q, k, v, call_args, call_kwargs):
-            call = calls[0]
-            calls[0] += 1
-            return self.attend(index, call, action, func, call_args, call_kwargs)
-
-        with AttentionInterceptor(handler):
+        if action.plain and not self.count_flops:  # nothing to change or count: no interception at all
             out = original(*args, **kwargs)
+        else:
+            from ditlens.analyzer.capture import run_intercepted
+
+            calls = [0]
+            core_full_before, proj_before = self.flops.core_full, self.flops.projections
+
+            def handler(func, q, k, v, call_args, call_kwargs):
+                call = calls[0]
+                calls[0] += 1
+                return self.attend(index, call, action, func, call_args, call_kwargs)
+
+            out = run_intercepted(lambda: original(*args, **kwargs), handler, self.routes[index])
         if self.count_flops:
             self.flops.last_projection[key] = self.flops.projections - proj_before
             self.flops.projections_full += self.flops.projections - proj_before

@@ -145,6 +145,7 @@ class SearchEngine:
         # run state
         self.step = -1
         self.timesteps: list[float] = []
+        self.last_marker: tuple[str, float] | None = None
         self.grid: tuple[int, int, int] | None = None
         self.n_text = 0
         self.cfg_rows = 1
@@ -224,14 +225,18 @@ class SearchEngine:
             self.block_cache.clear()
 
     def on_transformer_forward(self, original: Callable, args: tuple, kwargs: dict) -> Any:
+        from ditlens.analyzer.capture import step_marker
+
         info = self.adapter.forward_info(self.transformer, args, kwargs)
-        if self.timesteps and info.timestep == self.timesteps[-1]:
+        marker = step_marker(getattr(self.pipe, "scheduler", None), info.timestep)
+        if self.timesteps and marker == self.last_marker:
             raise DitlensError("plan search supports one transformer forward per step (batched CFG or no CFG); "
                                "this pipeline runs separate cond/uncond forwards")
         self.step += 1
         if self.step >= self.config.steps:
             raise DitlensError(f"the pipeline ran more than {self.config.steps} steps; pass the step count it uses")
         self.timesteps.append(info.timestep)
+        self.last_marker = marker
         self.grid = tuple(info.grid)
         P = len(self.prompts)
         if info.batch not in (P, 2 * P):
