@@ -426,9 +426,14 @@ class PlanRuntime:
         return func(q, k, v, attn_mask=mask, **extra)
 
     def _use_fast(self, q: torch.Tensor) -> bool:
+        """Kernels or FlexAttention for this call (else dense masks through the model's SDPA)."""
         if self.backend == "dense":
             return False
-        if self.backend in ("flex", "kernels"):
+        if self.backend == "flex":
+            from ditlens.kernels.torch_backends import flex_refusal
+
+            return flex_refusal(q) is None  # e.g. head_dim < 16 on CUDA: the dense path
+        if self.backend == "kernels":
             return True
         return q.is_cuda
 
@@ -465,9 +470,11 @@ def _fast_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float
 
 def _flex_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float | None):
     try:
-        from ditlens.kernels.torch_backends import flex_function
+        from ditlens.kernels.torch_backends import flex_function, flex_refusal
     except ImportError:
         return None
+    if flex_refusal(q):
+        return None  # the caller runs the dense mask
     import warnings
 
     with warnings.catch_warnings():

@@ -13,7 +13,7 @@ from ditlens.kernels.reference import (
     warsr_attention_reference,
     windowed_plus_residual_reference,
 )
-from ditlens.kernels.torch_backends import flex_available, headwise_flex, headwise_sdpa
+from ditlens.kernels.torch_backends import flex_available, flex_refusal, headwise_flex, headwise_sdpa
 from ditlens.kernels.triton_backend import (
     check_triton_inputs,
     headwise_triton,
@@ -54,15 +54,15 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if backend == "auto":
         if check_triton_inputs(q) is None:
             return "triton"
-        if q.is_cuda and flex_available():
+        if q.is_cuda and flex_refusal(q) is None:
             return "flex"
         return "sdpa"
     if backend == "triton":
         reason = check_triton_inputs(q)
         if reason:
             raise DitlensError(f"backend='triton' cannot run this input: {reason}; use backend='auto'")
-    if backend == "flex" and not flex_available():
-        raise DitlensError("backend='flex' needs a torch with FlexAttention; use backend='sdpa'")
+    if backend == "flex" and flex_refusal(q):
+        raise DitlensError(f"backend='flex' cannot run this input: {flex_refusal(q)}; use backend='sdpa'")
     return backend
 
 

@@ -22,9 +22,21 @@ from ditlens.kernels.patterns import HeadPlan, TokenLayout, attention_mask, head
 FLEX_BLOCK = 128
 
 
+FLEX_MIN_HEAD_DIM = 16  # compiled FlexAttention refuses smaller head dims (inductor "NYI")
+
+
 def flex_available() -> bool:
     """Whether torch ships FlexAttention."""
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def flex_refusal(q: torch.Tensor) -> str | None:
+    """Why FlexAttention cannot take ``q`` (None if it can)."""
+    if not flex_available():
+        return "this torch has no FlexAttention"
+    if q.is_cuda and q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        return f"compiled FlexAttention needs head_dim >= {FLEX_MIN_HEAD_DIM}, got {q.shape[-1]}"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
