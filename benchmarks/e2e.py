@@ -398,13 +398,20 @@ def plot(out: Path, data: dict) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for res in data["models"]:
         rows = [r for r in res["rows"] if not r["compiled"]]
-        xs = [1 - r["core_fraction"] for r in rows]
-        line, = ax.plot(xs, [r["speedup_loop"] for r in rows], "o-", label=f"{res['model']} measured")
-        ax.plot(xs, [r["bound"] for r in rows], ":", color=line.get_color())
+        shapes = dict.fromkeys(r["plan"].split(" w=")[0] for r in rows[1:])
+        for k, shape in enumerate(shapes):
+            line_rows = [rows[0]] + [r for r in rows[1:] if r["plan"].startswith(shape)]
+            xs = [1 - r["core_fraction"] for r in line_rows]
+            color = None if k == 0 else line.get_color()  # noqa: F821 - same model, same colour
+            line, = ax.plot(xs, [r["speedup_loop"] for r in line_rows], "o-" if k == 0 else "s--", color=color,
+                            label=f"{res['model']}: {shape}")
+            if k == 0:
+                ax.plot(xs, [r["bound"] for r in line_rows], ":", color=line.get_color())
     ax.set_xlabel("attention FLOPs removed")
+    ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_ylabel("denoising-loop speedup (dotted: Amdahl bound)")
     ax.set_title(f"End-to-end speedup vs. bound ({data['models'][0]['device']})")
     ax.grid(alpha=0.3)
