@@ -10,6 +10,10 @@ For one (step, layer) with H heads and M candidate methods::
 
 Pairs with a non-finite influence (e.g. output cache at step 0) or no latency saving are left
 out. The result is one candidate index per head, -1 for full.
+
+Most programs never need the solver: when every head's cheapest admissible candidate together
+stay within δ, that choice is optimal (it minimises every head's term with the budget relaxed).
+HiGHS runs only when the budget binds (always, for c <= 1, it cannot).
 """
 
 from __future__ import annotations
@@ -45,15 +49,18 @@ def solve_layer(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarray |
     n = len(pairs)
     saving = np.array([cost[h, m] - full[h] for h, m in pairs])  # negative: latency saved
     weights = np.array([influence[h, m] for h, m in pairs])
+    # A tiny tie-break towards lower influence makes equal-latency optima deterministic and sensible.
+    scale = max(float(np.abs(saving).max()), 1e-30)
+    objective = saving / scale + 1e-9 * weights / max(delta, 1e-30)
+    greedy = _unconstrained_optimum(pairs, objective, H)
+    if sum(influence[h, m] for h, m in enumerate(greedy) if m >= 0) <= delta:
+        return greedy
     heads = sorted({int(h) for h, _ in pairs})
     rows = np.zeros((1 + len(heads), n))
     rows[0] = weights
     for r, h in enumerate(heads, start=1):
         rows[r, pairs[:, 0] == h] = 1.0
     upper = np.concatenate([[delta], np.ones(len(heads))])
-    # A tiny tie-break towards lower influence makes equal-latency optima deterministic and sensible.
-    scale = max(float(np.abs(saving).max()), 1e-30)
-    objective = saving / scale + 1e-9 * weights / max(delta, 1e-30)
     result = milp(objective, constraints=LinearConstraint(rows, -np.inf, upper), integrality=np.ones(n),
                   bounds=Bounds(0, 1), options={"presolve": True})
     if result.x is None:  # infeasible cannot happen (X = 0 is feasible); keep all full defensively
@@ -61,6 +68,16 @@ def solve_layer(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarray |
     for (h, m), x in zip(pairs, result.x):
         if x > 0.5:
             choice[h] = m
+    return choice
+
+
+def _unconstrained_optimum(pairs: np.ndarray, objective: np.ndarray, H: int) -> np.ndarray:
+    """Every head's best admissible candidate (lowest objective, then lowest index), ignoring δ."""
+    choice = np.full(H, -1, dtype=np.int64)
+    best = np.zeros(H)
+    for (h, m), value in zip(pairs, objective):
+        if value < best[h]:
+            choice[h], best[h] = m, value
     return choice
 
 
