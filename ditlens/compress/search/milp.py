@@ -31,6 +31,25 @@ def feasible_pairs(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarra
     return ok
 
 
+def undominated(ok: np.ndarray, influence: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """``ok`` without pairs another candidate of the same head beats on both latency and influence
+    (no worse on either, better on one, or equal on both with a lower index): an optimum never
+    needs them, and HiGHS gets fewer variables."""
+    keep = ok.copy()
+    H, M = ok.shape
+    for h in range(H):
+        for m in np.flatnonzero(ok[h]):
+            for o in np.flatnonzero(ok[h]):
+                if o == m:
+                    continue
+                le = cost[h, o] <= cost[h, m] and influence[h, o] <= influence[h, m]
+                strict = cost[h, o] < cost[h, m] or influence[h, o] < influence[h, m] or o < m
+                if le and strict:
+                    keep[h, m] = False
+                    break
+    return keep
+
+
 def solve_layer(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarray | float, delta: float,
                 c: float | None = 1.5) -> np.ndarray:
     """Optimal method index per head (-1: full). ``influence`` and ``cost`` are [H, M]; ``full_cost``
@@ -40,7 +59,7 @@ def solve_layer(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarray |
     H, M = influence.shape
     full = np.broadcast_to(np.asarray(full_cost, dtype=np.float64), (H,))
     choice = np.full(H, -1, dtype=np.int64)
-    ok = feasible_pairs(influence, cost, full, delta, c)
+    ok = undominated(feasible_pairs(influence, cost, full, delta, c), influence, cost)
     pairs = np.argwhere(ok)
     if len(pairs) == 0:
         return choice
