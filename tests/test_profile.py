@@ -635,3 +635,33 @@ def test_steps_told_apart_when_bf16_timesteps_collide(tmp_path):
     with apply_plan(pipe, plan) as handle:
         pipe(**pipeline_call_kwargs("flux", "x", steps, 1.0, 0))
         assert handle.flops.core_fraction < 0.6
+
+
+def test_interception_swaps_sdpa_and_falls_back_for_private_references():
+    """Calls through torch.nn.functional are caught by the swap; a module holding its own
+    reference to SDPA is caught by the TorchFunctionMode fallback; torch's function is restored
+    afterwards, also after an exception."""
+    import torch.nn.functional as F
+
+    from ditlens.analyzer.capture import AttentionInterceptor, InterceptRoute, run_intercepted
+
+    torch_sdpa = F.scaled_dot_product_attention
+    private = F.scaled_dot_product_attention  # e.g. `from torch.nn.functional import scaled_dot_product_attention`
+    q = torch.randn(1, 2, 5, 4)
+    seen: list[str] = []
+
+    def handler(func, q_, k_, v_, args, kwargs):
+        seen.append("call")
+        assert func is torch_sdpa
+        return func(*args, **kwargs) * 0 + 7.0
+
+    public_route, private_route = InterceptRoute(), InterceptRoute()
+    out = run_intercepted(lambda: F.scaled_dot_product_attention(q, q, q), handler, public_route)
+    assert torch.all(out == 7.0) and seen == ["call"] and not public_route.use_mode
+    out = run_intercepted(lambda: private(q, q, q), handler, private_route)
+    assert torch.all(out == 7.0) and seen == ["call", "call"] and private_route.use_mode
+    assert F.scaled_dot_product_attention is torch_sdpa
+    with pytest.raises(RuntimeError):
+        with AttentionInterceptor(handler):
+            raise RuntimeError("boom")
+    assert F.scaled_dot_product_attention is torch_sdpa
