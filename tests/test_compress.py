@@ -198,7 +198,7 @@ CUDA_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not 
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("text_position", ["first", "last"])
 def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position):
     """The CUDA paths of the runtime (Triton kernels, FlexAttention) against float64, head dim 64."""
