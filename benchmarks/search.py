@@ -244,6 +244,14 @@ def run_embedded(name: str, device: str, targets: list[float], v1_delta: float, 
     online = search(pipe, calibration, method="v2", delta=delta, steps=settings.steps, progress=False)
     result.search_times["v2-online"] = time.perf_counter() - t
     log(f"{name}: V2 online at δ={delta:.4g}: {result.search_times['v2-online']:.1f} s")
+    budget_plans = {}
+    for target in targets:  # online V2 at matched FLOPs: budget mode bisects δ with online searches
+        t = time.perf_counter()
+        found = search(pipe, calibration, method="v2", target_flops=target, steps=settings.steps, progress=False,
+                       budget_iterations=6)
+        budget_plans[target] = (found.plan, time.perf_counter() - t)
+        result.search_times[f"v2-online-budget@{target:g}"] = budget_plans[target][1]
+        log(f"{name}: V2 online, budget {target:g}: {budget_plans[target][1]:.1f} s (δ={found.plan.provenance.delta:.4g})")
     t = time.perf_counter()
     greedy = search(pipe, calibration, method="v1", delta=v1_delta, steps=settings.steps, progress=False)
     result.search_times["v1"] = time.perf_counter() - t
@@ -257,6 +265,8 @@ def run_embedded(name: str, device: str, targets: list[float], v1_delta: float, 
     for target in targets:
         plan, seconds = trace_plans[target]
         jobs.append(("v2-trace", plan, target, seconds, f"δ={plan.provenance.delta:.4g}"))
+        plan_o, seconds_o = budget_plans[target]
+        jobs.append(("v2-online-budget", plan_o, target, seconds_o, f"δ={plan_o.provenance.delta:.4g}, 6 online searches"))
         for method, (plan_b, notes) in baseline_plans(pipe, reference, target, window_kind).items():
             jobs.append((method, plan_b, target, None, notes))
     jobs.append(("v2-online", online.plan, None, result.search_times["v2-online"], f"δ={delta:.4g} (trace's at {targets[0]:g})"))
@@ -336,7 +346,7 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
 
 # -- report ----------------------------------------------------------------------------------------
 
-LABELS = {"v2-trace": "V2 from trace", "v2-online": "V2 online", "v1": "V1 greedy", "step-cache": "AST evenly spaced steps",
+LABELS = {"v2-trace": "V2 from trace", "v2-online": "V2 online", "v2-online-budget": "V2 online (budget mode)", "v1": "V1 greedy", "step-cache": "AST evenly spaced steps",
           "window-only": "window only", "ast-only": "AST only (layers)"}
 
 
@@ -356,10 +366,11 @@ def write_report(paths: list[Path], out_md: Path, out_png: Path) -> None:
                   f"{r['rows'][0]['accuracy_full']:.3f}. Whole run {r['wall_seconds']:.0f} s.", "",
                   "| target | method | FLOPs fraction | PSNR (dB) | SSIM | classifier-FID | accuracy | plan |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in sorted(r["rows"], key=lambda x: (x["target"] is None, -(x["target"] or 0), x["method"] != "v2-trace")):
+        rank = {"v2-trace": 0, "v2-online-budget": 1}
+        for row in sorted(r["rows"], key=lambda x: (x["target"] is None, -(x["target"] or 0), rank.get(x["method"], 2))):
             target = f"{row['target']:g}" if row["target"] is not None else "—"
             name = LABELS.get(row["method"], row["method"])
-            if row["method"] == "v2-trace":
+            if row["method"] in rank:
                 name = f"**{name}**"
             lines.append(f"| {target} | {name} | {row['fraction']:.3f} | {row['psnr']:.2f} | {row['ssim']:.4f} | "
                          f"{row['fid']:.3f} | {row['accuracy']:.3f} | {row['notes']} |")
@@ -387,16 +398,19 @@ def write_report(paths: list[Path], out_md: Path, out_png: Path) -> None:
 
 
 def verdict(rows: list[dict]) -> str:
-    """Does V2 from the trace beat every baseline at each target (higher PSNR and SSIM, lower FID)?"""
+    """Does each head-wise search (V2 from the trace, V2 online in budget mode) beat every baseline
+    at each target (higher PSNR and SSIM, lower FID)?"""
     out = []
+    ours_methods = [m for m in ("v2-trace", "v2-online-budget") if any(r["method"] == m for r in rows)]
     for target in sorted({r["target"] for r in rows if r["target"] is not None}, reverse=True):
-        ours = next(r for r in rows if r["method"] == "v2-trace" and r["target"] == target)
-        for base in (r for r in rows if r["target"] == target and r["method"] not in ("v2-trace",)):
-            wins = [ours["psnr"] > base["psnr"], ours["ssim"] > base["ssim"], ours["fid"] < base["fid"]]
-            cheaper = ours["fraction"] <= base["fraction"] + 1e-9
-            word = "beats" if all(wins) else ("loses to" if not any(wins) else "ties with (mixed metrics)")
-            out.append(f"at {target:g}: V2 from trace ({ours['fraction']:.3f}) {word} {LABELS[base['method']]} "
-                       f"({base['fraction']:.3f}{', which computes less' if not cheaper else ''})")
+        for mine in ours_methods:
+            ours = next(r for r in rows if r["method"] == mine and r["target"] == target)
+            for base in (r for r in rows if r["target"] == target and r["method"] not in ours_methods):
+                wins = [ours["psnr"] > base["psnr"], ours["ssim"] > base["ssim"], ours["fid"] < base["fid"]]
+                cheaper = ours["fraction"] <= base["fraction"] + 1e-9
+                word = "beats" if all(wins) else ("loses to" if not any(wins) else "ties with (mixed metrics)")
+                out.append(f"at {target:g}: {LABELS[mine]} ({ours['fraction']:.3f}) {word} {LABELS[base['method']]} "
+                           f"({base['fraction']:.3f}{', which computes less' if not cheaper else ''})")
     return "Matched-FLOPs verdicts (PSNR, SSIM and FID all better = beats): " + "; ".join(out) + "."
 
 
@@ -407,7 +421,7 @@ def plot(results: list[dict], out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
-    markers = {"v2-trace": "o", "v2-online": "s", "v1": "^", "step-cache": "x", "window-only": "+", "ast-only": "d"}
+    markers = {"v2-trace": "o", "v2-online": "s", "v2-online-budget": "*", "v1": "^", "step-cache": "x", "window-only": "+", "ast-only": "d"}
     for col, r in enumerate(results):
         for row_index, key in enumerate(("psnr", "fid")):
             ax = axes[row_index][col]
