@@ -90,6 +90,7 @@ class ModelResult:
     step_ms: float
     text_encoders: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    compiled_share: float | None = None  # attention share with the feed-forward blocks compiled
 
 
 def sync(device: str) -> None:
@@ -359,7 +360,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
     merged = results[0]
     for extra in results[1:]:
         merged.rows += extra.rows
-        merged.text_encoders.update({f"compiled share": extra.share})
+        merged.compiled_share = extra.share
     del model
     gc.collect()
     if args.device.startswith("cuda"):

@@ -639,7 +639,6 @@ def _linear_counter(runtime: PlanRuntime):
 
 def remove_plan(pipe: Any) -> bool:
     """Remove the plan applied to ``pipe``; False when none was applied."""
-    from ditlens.analyzer import hooks
 
     transformer = getattr(pipe, "transformer", None)
     registry = getattr(transformer, "_diffusers_hook", None)
