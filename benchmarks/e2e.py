@@ -322,7 +322,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
     if not name.startswith("dit"):
         kwargs.update(height=model.height, width=model.width)
     adapter = default_registry().find(model.pipe.transformer)
-    modules = [dict(model.pipe.transformer.named_modules())[layer.name]
+    modules = [model.pipe.transformer.get_submodule(layer.name)
                for layer in adapter.attention_layers(model.pipe.transformer)]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
     text = time_text_encoders(model, args.device, dtype, args.smoke, text_cache)

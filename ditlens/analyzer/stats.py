@@ -9,7 +9,6 @@ so memory does not grow with the number of steps; results leave the device once 
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

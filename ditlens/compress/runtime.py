@@ -266,10 +266,8 @@ class PlanRuntime:
             cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
         else:
             cond_rows = uncond_rows = rows_all
-        fused = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
-        if fused is not None:
-            out = fused
-        else:
+        out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
+        if out is None:
             out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
         refresh: dict[tuple[str, int, bool], list[int]] = {}
         for h, wars in action.refresh:
@@ -365,22 +363,21 @@ class PlanRuntime:
         window2d), with +asc on every head or on none, and at least one sparse or AST head."""
         methods = action.heads
         computing = [m for m in methods if m.computes]
-        if (not self._use_fast(q) or self.backend == "dense" or layout.cross or k.shape != q.shape
+        if (not self._use_fast(q) or layout.cross or k.shape != q.shape
                 or v.shape != q.shape or params.get("attn_mask") is not None or params.get("dropout_p")
                 or any(m.base in ("wars", "window2d") for m in computing)
                 or all(m.base == "full" for m in methods)):
             return None
+        skips = len(computing) < len(methods)
         asc = {m.asc for m in computing}
-        if asc == {True} and (len(computing) != len(methods) or not fwd.batched_cfg or q.shape[0] % 2):
+        if len(asc) > 1 or (asc == {True} and (skips or not fwd.batched_cfg or q.shape[0] % 2)):
             return None
-        if len(asc) > 1:
-            return None
-        modes = [m.mask_kind if m.computes else "skip" for m in methods]
-        cached = self.state.head_out.get(key) if len(computing) < len(methods) else None
-        if len(computing) < len(methods) and cached is None:
+        cached = self.state.head_out.get(key) if skips else None
+        if skips and cached is None:
             return None  # the grouped path says what is missing
         from ditlens.kernels import headwise_attention
 
+        modes = [m.mask_kind if m.computes else "skip" for m in methods]
         rows = cond_rows if asc == {True} else slice(0, q.shape[0])
         o = headwise_attention(q[rows], k[rows], v[rows], modes=modes, windows=[m.window for m in methods],
                                n_text=layout.n_text, text_first=layout.text_first,
@@ -639,7 +636,6 @@ def _linear_counter(runtime: PlanRuntime):
 
 def remove_plan(pipe: Any) -> bool:
     """Remove the plan applied to ``pipe``; False when none was applied."""
-
     transformer = getattr(pipe, "transformer", None)
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(STEP_HOOK) if registry is not None else None

@@ -61,8 +61,9 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
         reason = check_triton_inputs(q)
         if reason:
             raise DitlensError(f"backend='triton' cannot run this input: {reason}; use backend='auto'")
-    if backend == "flex" and flex_refusal(q):
-        raise DitlensError(f"backend='flex' cannot run this input: {flex_refusal(q)}; use backend='sdpa'")
+    refusal = flex_refusal(q) if backend == "flex" else None
+    if refusal:
+        raise DitlensError(f"backend='flex' cannot run this input: {refusal}; use backend='sdpa'")
     return backend
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-
     prompts = list(args.prompt or [])
     if prompts:
         return prompts

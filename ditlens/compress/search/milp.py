@@ -35,19 +35,13 @@ def undominated(ok: np.ndarray, influence: np.ndarray, cost: np.ndarray) -> np.n
     """``ok`` without pairs another candidate of the same head beats on both latency and influence
     (no worse on either, better on one, or equal on both with a lower index): an optimum never
     needs them, and HiGHS gets fewer variables."""
-    keep = ok.copy()
-    H, M = ok.shape
-    for h in range(H):
-        for m in np.flatnonzero(ok[h]):
-            for o in np.flatnonzero(ok[h]):
-                if o == m:
-                    continue
-                le = cost[h, o] <= cost[h, m] and influence[h, o] <= influence[h, m]
-                strict = cost[h, o] < cost[h, m] or influence[h, o] < influence[h, m] or o < m
-                if le and strict:
-                    keep[h, m] = False
-                    break
-    return keep
+    M = ok.shape[1]
+    # [H, m, o]: candidate o of the head against candidate m
+    no_worse = (cost[:, None, :] <= cost[:, :, None]) & (influence[:, None, :] <= influence[:, :, None])
+    better = ((cost[:, None, :] < cost[:, :, None]) | (influence[:, None, :] < influence[:, :, None])
+              | (np.arange(M)[None, None, :] < np.arange(M)[None, :, None]))
+    dominated = (no_worse & better & ok[:, None, :]).any(axis=2)
+    return ok & ~dominated
 
 
 def solve_layer(influence: np.ndarray, cost: np.ndarray, full_cost: np.ndarray | float, delta: float,
