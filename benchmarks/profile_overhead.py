@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", default=None, help="append the result rows to this Markdown file")
+    parser.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one prompt of each variant under torch.profiler and print the "
+                             "N ops with the most device time and the N with the most host time")
     args = parser.parse_args()
 
     from ditlens.analyzer import ProfileConfig, profile
@@ -100,6 +103,8 @@ def main() -> None:
             rows.append(f"| {args.model} | {device_name} | {name} | {len(prompts)} | {args.steps} | {t_plain:.2f} s | "
                         f"{t_prof:.2f} s | {t_prof / t_plain:.2f}x | {size_per_prompt / 1e6:.2f} MB |")
             print(rows[-1], flush=True)
+            if args.torch_profile:
+                print_torch_profile(lambda: profiled(prompts[:1]), args.device, args.torch_profile, name)
     header = ("| model | device | statistics | prompts | steps | plain generation | profile | overhead | "
               "trace per prompt |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(header)
@@ -107,6 +112,21 @@ def main() -> None:
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
+
+
+def print_torch_profile(run, device: str, top: int, name: str) -> None:
+    """Where one profiled prompt spends device and host time (diagnosis, not a figure)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+    averages = prof.key_averages()
+    if device.startswith("cuda"):
+        print(f"-- {name}: top {top} by device time")
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
+    print(f"-- {name}: top {top} by host self time")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -285,14 +285,41 @@ PIXART_PROMPTS = ["a photo of a cat", "a red bus in the rain", "mountains at daw
                   "a lighthouse at night", "a field of sunflowers", "an old library", "a robot reading a book"]
 
 
+def _pixart_v2_times(pipe, prompts: list[str], result: ModelResult, target: float, size: int, steps: int,
+                     common: dict, sync: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Profile with influence, V2 from the trace in budget mode, V2 online at the δ it found."""
+    from ditlens.analyzer import ProfileConfig, profile
+    from ditlens.compress.search.api import search
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "pixart.h5"
+        t = time.perf_counter()
+        profile(pipe, prompts, trace, ProfileConfig(steps=steps, guidance=4.5, height=size, width=size, overwrite=True,
+                                                    influence=True, attention_share=False), progress=True)
+        sync()
+        result.profile_seconds = time.perf_counter() - t
+        log(f"pixart: profile with influence: {result.profile_seconds:.1f} s")
+        t = time.perf_counter()
+        found = search(pipe, [], method="trace", trace=str(trace), target_flops=target, steps=steps, progress=False)
+        result.search_times[f"v2-trace (budget {target:g}, {found.plan.provenance.notes.split('δ tried ')[-1]} solves)"] = \
+            time.perf_counter() - t
+        log(f"pixart: V2 from trace (budget {target:g}): {time.perf_counter() - t:.1f} s")
+    delta = float(found.plan.provenance.delta)
+    t = time.perf_counter()
+    search(pipe, prompts, method="v2", delta=delta, steps=steps, **common)
+    sync()
+    result.search_times[f"v2-online (δ={delta:.3g}, one solve)"] = time.perf_counter() - t
+    log(f"pixart: V2 online at δ={delta:.4g}: {time.perf_counter() - t:.1f} s")
+
+
 def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: Callable[[str], None], *,
-               size: int = 1024, steps: int = 20, n_prompts: int = 8, layers: int | None = None) -> ModelResult:
+               size: int = 1024, steps: int = 20, n_prompts: int = 8, layers: int | None = None,
+               v1_only: bool = False) -> ModelResult:
     """Search wall times on a PixArt-Σ-XL-sized transformer (1024², 20 steps, 8 prompts, random weights).
     ``size``/``steps``/``n_prompts``/``layers`` shrink it for a CPU smoke run of this code path only."""
     import random_pipelines
     from random_pipelines import pixart_sigma_xl
 
-    from ditlens.analyzer import ProfileConfig, profile
     from ditlens.compress.search.api import search
 
     start = time.perf_counter()
@@ -310,31 +337,18 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "pixart.h5"
-        t = time.perf_counter()
-        profile(pipe, prompts, trace, ProfileConfig(steps=steps, guidance=4.5, height=size, width=size, overwrite=True,
-                                                    influence=True, attention_share=False), progress=True)
-        sync()
-        result.profile_seconds = time.perf_counter() - t
-        log(f"pixart: profile with influence: {result.profile_seconds:.1f} s")
-        t = time.perf_counter()
-        found = search(pipe, [], method="trace", trace=str(trace), target_flops=target, steps=steps, progress=False)
-        result.search_times[f"v2-trace (budget {target:g}, {found.plan.provenance.notes.split('δ tried ')[-1]} solves)"] = \
-            time.perf_counter() - t
-        log(f"pixart: V2 from trace (budget {target:g}): {time.perf_counter() - t:.1f} s")
-    delta = float(found.plan.provenance.delta)
     common = dict(guidance=4.5, height=size, width=size, progress=True)
-    t = time.perf_counter()
-    search(pipe, prompts, method="v2", delta=delta, steps=steps, **common)
-    sync()
-    result.search_times[f"v2-online (δ={delta:.3g}, one solve)"] = time.perf_counter() - t
-    log(f"pixart: V2 online at δ={delta:.4g}: {time.perf_counter() - t:.1f} s")
+    if not v1_only:
+        _pixart_v2_times(pipe, prompts, result, target, size, steps, common, sync, log)
     # V1 against the naive greedy (whole transformer rerun per trial) on the first v1_steps steps:
     # the naive search at 20 steps would take far longer than a device session allows.
+    # One prompt per forward (CFG batch 2, 4096 tokens fills the GPU) lets a failing trial stop
+    # after the first micro-batch that puts it past the threshold; the naive search runs them all.
     for naive in (False, True):
         t = time.perf_counter()
-        search(pipe, prompts, method="v1", delta=v1_delta, naive=naive, steps=v1_steps, **common)
+        found_v1 = search(pipe, prompts, method="v1", delta=v1_delta, naive=naive, steps=v1_steps, micro_batch=1,
+                          **common)
+        log(f"pixart: v1 naive={naive}: {found_v1.plan.provenance.notes}")
         sync()
         key = f"v1{' naive (reruns the whole model)' if naive else ''}, {v1_steps} steps"
         result.search_times[key] = time.perf_counter() - t
@@ -446,6 +460,7 @@ def main() -> int:
     parser.add_argument("--targets", default="0.5,0.3", help="attention-core FLOPs fractions (first: online V2's δ)")
     parser.add_argument("--v1-delta", type=float, default=0.05)
     parser.add_argument("--v1-naive-steps", type=int, default=4, help="pixart: steps of the V1 vs naive V1 timing")
+    parser.add_argument("--v1-only", action="store_true", help="pixart: time only V1 against the naive V1")
     parser.add_argument("--smoke", action="store_true",
                         help="pixart: 2 layers, 256², 4 steps, 2 prompts (checks the code path on a CPU; no figures)")
     parser.add_argument("--report", action="store_true", help="write results/search.md and the plot from the JSONs")
@@ -460,7 +475,7 @@ def main() -> int:
         if name == "pixart-sigma-xl":
             shrink = dict(size=256, steps=4, n_prompts=2, layers=2) if args.smoke else {}
             result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps if not args.smoke else 2,
-                                log, **shrink)
+                                log, v1_only=args.v1_only, **shrink)
         elif name in EMBEDDED_SETTINGS:
             result = run_embedded(name, args.device, targets, args.v1_delta, EMBEDDED_SETTINGS[name], log)
         else:
@@ -469,7 +484,14 @@ def main() -> int:
             log(f"smoke run done: {json.dumps(result.search_times)}")
             continue
         path = RESULTS / f"search_{name}.json"
-        path.write_text(json.dumps(asdict(result), indent=1), encoding="utf-8")
+        payload = asdict(result)
+        if name == "pixart-sigma-xl" and args.v1_only and path.exists():
+            # Keep the earlier run's V2 figures; replace only the V1 timings.
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+            times = {k: v for k, v in earlier["search_times"].items() if not k.startswith("v1")}
+            payload = {**earlier, "search_times": {**times, **payload["search_times"]},
+                       "v1_run": {"machine": payload["machine"], "settings": payload["settings"]}}
+        path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
         log(f"wrote {path}")
     if args.report:
         paths = sorted(RESULTS.glob("search_*.json"))

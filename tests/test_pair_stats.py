@@ -70,6 +70,12 @@ ROWS_CHECK = textwrap.dedent("""
         ref = torch.stack([(x - y).abs().sum((1, 2)), y.abs().sum((1, 2)), (x * y).sum((1, 2)),
                            (x * x).sum((1, 2)), (y * y).sum((1, 2))], -1)
         torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-3)
+    # 16-byte loads off (asked, or impossible: 5 channels) give the same sums
+    torch.testing.assert_close(pair_sums_rows([(a, 1), (b, 0)], [(b, 1), (a, 0)], block_t=16, vectorize=False), out)
+    c = torch.randn(2, 3, 37, 5, device=device)
+    odd = pair_sums_rows([(c, 0)], [(c, 1)], block_t=16)
+    x, y = c[0].double(), c[1].double()
+    torch.testing.assert_close(odd[0, :, 0].double(), (x - y).abs().sum((1, 2)), rtol=1e-5, atol=1e-3)
     print("ok")
 """)
 

@@ -144,6 +144,19 @@ def test_v1_naive_equals_block_cached():
     assert fast.block_runs < naive.block_runs
 
 
+def test_v1_early_rejection_changes_no_decision():
+    """Stopping a trial once its partial loss sum is past the threshold gives the same plan and the
+    same accepted losses as running every micro-batch, with fewer forward passes."""
+    pipe, prompts, ecfg = _setup("dit")
+    ecfg = EngineConfig(**{**ecfg.__dict__, "micro_batch": 1})
+    early = search_greedy(pipe, prompts, GreedyConfig(delta=0.03, window=2, engine=ecfg))
+    full = search_greedy(pipe, prompts, GreedyConfig(delta=0.03, window=2, early_reject=False, engine=ecfg))
+    assert early.plan.methods == full.plan.methods
+    np.testing.assert_allclose(early.losses, full.losses, rtol=1e-12)
+    assert "rejected_early=0" not in early.plan.provenance.notes
+    assert early.forward_passes < full.forward_passes
+
+
 # -- V2 ----------------------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ stage classifier ditlens/zoo/weights/classifier training/records/classifier.json
 stage tiny-dit ditlens/zoo/weights/tiny-dit training/records/tiny-dit.json -- \
   python3 -m training.train_tiny_dit --max-seconds "${DIT_SECONDS:-150}" ${DIT_ARGS:-}
 stage tiny-mmdit ditlens/zoo/weights/tiny-mmdit training/records/tiny-mmdit.json -- \
-  python3 -m training.train_tiny_mmdit --max-seconds "${MMDIT_SECONDS:-210}" ${MMDIT_ARGS:-}
+  python3 -m training.train_tiny_mmdit --compile --lr-decay cosine --max-seconds "${MMDIT_SECONDS:-330}" ${MMDIT_ARGS:-}
 mkdir -p "$out/eval"
 stage evaluation -- \
   timeout "${EVAL_TIMEOUT:-80}" python3 -m training.evaluate_zoo --device "${EVAL_DEVICE:-cuda}" --out "$out/eval/zoo_metrics.json" \

@@ -86,6 +86,17 @@ class SceneSampler:
         return present, regions, classes, colours, captions
 
 
+def batch_loss(text_encoder: torch.nn.Module, transformer: torch.nn.Module, tokens, noisy: torch.Tensor,
+               sigma: torch.Tensor, target: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rectified-flow loss of one batch (the velocity noise - x0 at noise level sigma)."""
+    with autocast_for(device):
+        hidden, pooled = text_encoder(tokens.input_ids.to(device, non_blocking=True),
+                                      tokens.attention_mask.to(device, non_blocking=True))
+        predicted = transformer(hidden_states=noisy, timestep=sigma * 1000.0, encoder_hidden_states=hidden,
+                                pooled_projections=pooled, return_dict=False)[0]
+    return F.mse_loss(predicted.float(), target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -101,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from the transformer and text encoder of this pipeline folder")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer and text encoder (falls back to eager if it fails)")
     parser.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
                         help="cosine: decay to 0 over --steps, or over --max-seconds when that ends first")
     args = parser.parse_args(argv)
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
           f"device {record.device}")
 
     both.train()
+    run_transformer, run_text = transformer, text_encoder
+    if args.compile:
+        run_transformer, run_text = torch.compile(transformer), torch.compile(text_encoder)
     step = 0
     loss = torch.zeros((), device=device)
     progress = tqdm(total=args.steps, desc="tiny-mmdit", mininterval=5.0)
@@ -172,19 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_fraction)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast_for(device):
-            hidden, pooled = text_encoder(tokens.input_ids.to(device, non_blocking=True),
-                                          tokens.attention_mask.to(device, non_blocking=True))
-            predicted = transformer(
-                hidden_states=noisy,
-                timestep=sigma * 1000.0,
-                encoder_hidden_states=hidden,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        loss = F.mse_loss(predicted.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = batch_loss(run_text, run_transformer, tokens, noisy, sigma, target, device)
+            loss.backward()
+        except Exception as err:  # a compiler failure must not cost the training run
+            if run_transformer is transformer:
+                raise
+            print(f"torch.compile failed ({type(err).__name__}: {err}); training eagerly", flush=True)
+            run_transformer, run_text = transformer, text_encoder
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(run_text, run_transformer, tokens, noisy, sigma, target, device)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         ema.update()

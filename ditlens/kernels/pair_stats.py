@@ -29,48 +29,53 @@ _TRITON_DTYPES: dict = {}
 if triton is not None:
 
     @triton.jit
-    def _pair_sums_kernel(META, OUT, heads, tokens, rows_per_split,
-                          DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
+    def _pair_sums_kernel(BASE, META, OUT, heads, tokens, rows_per_split,
+                          DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr):
         item = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
-        # META row: x address, x head stride, x token stride, y address, y head stride, y token
-        # stride (strides in elements; channels are contiguous)
-        x_base = tl.load(META + item * 6 + 0).to(tl.pointer_type(DTYPE))
-        xs_h = tl.load(META + item * 6 + 1)
-        xs_t = tl.load(META + item * 6 + 2)
-        y_base = tl.load(META + item * 6 + 3).to(tl.pointer_type(DTYPE))
-        ys_h = tl.load(META + item * 6 + 4)
-        ys_t = tl.load(META + item * 6 + 5)
-        x_base += head * xs_h
-        y_base += head * ys_h
+        # META row, in elements of BASE's dtype: x offset from BASE, x head stride, x token stride,
+        # then the same for y (channels are contiguous). Offsets from one real pointer argument
+        # (rather than raw addresses) keep BASE's alignment known to the compiler; VEC > 1 says
+        # every offset and stride is a multiple of VEC, which turns the loads into 16-byte vectors.
+        x_off = tl.multiple_of(tl.load(META + item * 6 + 0), VEC)
+        xs_h = tl.multiple_of(tl.load(META + item * 6 + 1), VEC)
+        xs_t = tl.multiple_of(tl.load(META + item * 6 + 2), VEC)
+        y_off = tl.multiple_of(tl.load(META + item * 6 + 3), VEC)
+        ys_h = tl.multiple_of(tl.load(META + item * 6 + 4), VEC)
+        ys_t = tl.multiple_of(tl.load(META + item * 6 + 5), VEC)
+        x_base = BASE + x_off + head * xs_h
+        y_base = BASE + y_off + head * ys_h
         t0 = split * rows_per_split
         t1 = tl.minimum(t0 + rows_per_split, tokens)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < DIM
-        abs_diff = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        abs_y = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        xy = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        xx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        yy = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        # Accumulators are per-token vectors, reduced over channels every tile: five [T, D] float32
+        # accumulators would need ~320 registers per thread at T=64, D=128 and spill to local memory.
+        abs_diff = tl.zeros([BLOCK_T], dtype=tl.float32)
+        abs_y = tl.zeros([BLOCK_T], dtype=tl.float32)
+        xy = tl.zeros([BLOCK_T], dtype=tl.float32)
+        xx = tl.zeros([BLOCK_T], dtype=tl.float32)
+        yy = tl.zeros([BLOCK_T], dtype=tl.float32)
         for start in range(t0, t1, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             ok = (t < t1)[:, None] & d_ok[None, :]
             x = tl.load(x_base + t[:, None] * xs_t + d[None, :], mask=ok, other=0.0).to(tl.float32)
             y = tl.load(y_base + t[:, None] * ys_t + d[None, :], mask=ok, other=0.0).to(tl.float32)
-            abs_diff += tl.abs(x - y)
-            abs_y += tl.abs(y)
-            xy += x * y
-            xx += x * x
-            yy += y * y
+            abs_diff += tl.sum(tl.abs(x - y), axis=1)
+            abs_y += tl.sum(tl.abs(y), axis=1)
+            xy += tl.sum(x * y, axis=1)
+            xx += tl.sum(x * x, axis=1)
+            yy += tl.sum(y * y, axis=1)
         out = OUT + ((item * heads + head) * tl.num_programs(2) + split) * 5
-        tl.store(out + 0, tl.sum(tl.sum(abs_diff, axis=1), axis=0))
-        tl.store(out + 1, tl.sum(tl.sum(abs_y, axis=1), axis=0))
-        tl.store(out + 2, tl.sum(tl.sum(xy, axis=1), axis=0))
-        tl.store(out + 3, tl.sum(tl.sum(xx, axis=1), axis=0))
-        tl.store(out + 4, tl.sum(tl.sum(yy, axis=1), axis=0))
+        tl.store(out + 0, tl.sum(abs_diff, axis=0))
+        tl.store(out + 1, tl.sum(abs_y, axis=0))
+        tl.store(out + 2, tl.sum(xy, axis=0))
+        tl.store(out + 3, tl.sum(xx, axis=0))
+        tl.store(out + 4, tl.sum(yy, axis=0))
 
     _TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
 
 
 def interpreted() -> bool:
@@ -92,11 +97,13 @@ def _as_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def pair_sums_rows(xs: Sequence[tuple[torch.Tensor, int]], ys: Sequence[tuple[torch.Tensor, int]], *,
-                   block_t: int = 64) -> torch.Tensor:
+                   block_t: int = 32, num_warps: int = 8, vectorize: bool = True) -> torch.Tensor:
     """:func:`pair_sums` of batch rows given as (tensor ``[batch, heads, tokens, channels]``, row),
     addressed by pointer arithmetic: no view is made per pair (host time matters here)."""
     def entry(ref: tuple[torch.Tensor, int]) -> tuple[int, int, int]:
         t, row = ref
+        if t.dtype != x0.dtype:
+            raise ValueError(f"pair_sums: pairs mix {t.dtype} and {x0.dtype}")
         if t.stride(-1) != 1:
             t, row = t[row:row + 1].contiguous(), 0
         return t.data_ptr() + row * t.stride(0) * t.element_size(), t.stride(1), t.stride(2)
@@ -104,10 +111,10 @@ def pair_sums_rows(xs: Sequence[tuple[torch.Tensor, int]], ys: Sequence[tuple[to
     x0 = xs[0][0]
     heads, tokens, dim = x0.shape[1:]
     rows = [entry(x) + entry(y) for x, y in zip(xs, ys)]
-    return _launch(rows, heads, tokens, dim, x0.dtype, x0.device, block_t)
+    return _launch(x0, rows, heads, tokens, dim, block_t, num_warps, vectorize)
 
 
-def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t: int = 64) -> torch.Tensor:
+def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t: int = 32) -> torch.Tensor:
     """Sums of many (X, Y) pairs in one launch.
 
     Args:
@@ -120,13 +127,24 @@ def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t
     ys = [_as_heads(y) for y in ys]
     heads, tokens, dim = xs[0].shape
     rows = [(x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0), y.stride(1)) for x, y in zip(xs, ys)]
-    return _launch(rows, heads, tokens, dim, xs[0].dtype, xs[0].device, block_t)
+    return _launch(xs[0], rows, heads, tokens, dim, block_t)
 
 
-def _launch(rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens: int, dim: int, dtype: torch.dtype,
-            device: torch.device, block_t: int) -> torch.Tensor:
-    """rows: per pair (x address, x head stride, x token stride, y address, y head stride, y token stride)."""
-    meta = torch.tensor(rows, dtype=torch.int64)  # [pairs, 6]
+def _launch(base: torch.Tensor, rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens: int, dim: int,
+            block_t: int, num_warps: int = 8, vectorize: bool = True) -> torch.Tensor:
+    """rows: per pair (x address, x head stride, x token stride, y address, y head stride, y token
+    stride), addresses in bytes, strides in elements; every tensor of ``base``'s dtype."""
+    size, origin = base.element_size(), base.data_ptr()
+    table = []
+    for xa, xh, xt, ya, yh, yt in rows:
+        if (xa - origin) % size or (ya - origin) % size:
+            raise ValueError("pair_sums: a tensor is not aligned to its element size")
+        table.append(((xa - origin) // size, xh, xt, (ya - origin) // size, yh, yt))
+    # 16-byte vectors where every offset, stride and the channel count allow them.
+    vec = max(1, 16 // size)
+    aligned = vectorize and origin % 16 == 0 and dim % vec == 0 and all(v % vec == 0 for r in table for v in r)
+    device = base.device
+    meta = torch.tensor(table, dtype=torch.int64)  # [pairs, 6]
     if device.type == "cuda":
         # Pinned staging keeps the copy asynchronous: the model never waits for the host.
         meta = meta.pin_memory().to(device, non_blocking=True)
@@ -139,6 +157,6 @@ def _launch(rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens:
     splits = triton.cdiv(tokens, rows_per_split)
     partial = torch.empty((n_pairs, heads, splits, 5), dtype=torch.float32, device=device)
     _pair_sums_kernel[(n_pairs, heads, splits)](
-        meta, partial, heads, tokens, rows_per_split,
-        DIM=dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), DTYPE=_TRITON_DTYPES[dtype], num_warps=4)
+        base, meta, partial, heads, tokens, rows_per_split,
+        DIM=dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), VEC=vec if aligned else 1, num_warps=num_warps)
     return partial.sum(dim=2)

@@ -139,7 +139,9 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.zeros(1, max_length, width))
-        nn.init.normal_(self.position_embedding, std=0.02)
+        # At the token embeddings' scale (N(0, 1)): at 0.02 the pre-norm layers barely see word
+        # order, and a caption becomes a bag of words that cannot say which item goes where.
+        nn.init.normal_(self.position_embedding, std=1.0)
         self.layers = nn.ModuleList([_EncoderLayer(width, num_heads) for _ in range(num_layers)])
         self.final_norm = nn.LayerNorm(width)
         self.hidden_projection = nn.Linear(width, joint_attention_dim)

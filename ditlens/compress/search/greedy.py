@@ -7,8 +7,13 @@ L(O, O') on step t's transformer output is below ``(i + 1) / L · δ`` is kept (
 keep their choices at this step, layers after i run uncompressed), else the layer stays full.
 L is the A.2 mean relative absolute error (DESIGN §4, V1 loss), over all calibration prompts.
 
-Efficiency: trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``);
-``naive=True`` reruns the whole transformer for every trial instead (the speed reference).
+Efficiency, without changing any decision:
+* trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``);
+* early rejection: the loss is a mean of non-negative terms over a known number of elements, so
+  once the micro-batches run so far sum past the threshold, the remaining ones cannot bring it
+  back under: the trial is rejected without running them.
+``naive=True`` reruns the whole transformer on every prompt for every trial instead (the speed
+reference: Alg. 1 as written).
 Strategies that cannot run are skipped: AST at step 0, WA-RS without an earlier full step of the
 layer (or with another window since it), ASC without CFG, windows on cross attention.
 """
@@ -52,6 +57,7 @@ class GreedyConfig:
     delta: float = 0.05
     window: int | None = None  # WA-RS half-width; None: 1/8 of the image tokens (V1's default)
     naive: bool = False
+    early_reject: bool = True  # see the module docstring; off when naive
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -61,6 +67,7 @@ class GreedyController:
         self.methods: list[list[Any]] = []
         self.losses: np.ndarray | None = None
         self.trials = 0
+        self.rejected_early = 0  # trials stopped before their last micro-batch
         self.bar = None
         self.window: int | None = config.window
 
@@ -87,22 +94,29 @@ class GreedyController:
             self.losses = np.full((engine.config.steps, L), np.nan)
             self.bar = engine.progress(engine.config.steps * L, "V1 greedy search")
         baseline = [first_tensor(engine.forward(mb, PassConfig())) for mb in engine.micro_batches]
+        (count,) = all_reduce_sums(sum(ref.numel() for ref in baseline))  # elements of the loss, all ranks
+        early = self.config.early_reject and not self.config.naive
         for i in range(L):
             chosen = FULL
+            threshold = layer_threshold(i, L, self.config.delta)
             for method in strategy_list(self.window):
                 if not self.allowed(engine, step, i, method):
                     continue
-                total = count = 0
+                total = 0.0
                 methods = (method,) * engine.heads
                 skip = engine.block_pos[engine.block_of[i]]
                 for mb, ref in zip(engine.micro_batches, baseline):
                     out = first_tensor(engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip)))
-                    s, n = v1_loss_sums(ref, out)
-                    total, count = total + s, count + n
-                total, count = all_reduce_sums(total, count)  # every rank decides on all prompts
+                    total += v1_loss_sums(ref, out)[0]
+                    if early and total / count >= threshold:  # the other terms are >= 0: rejected
+                        self.rejected_early += mb is not engine.micro_batches[-1]
+                        break
+                # Every rank decides on all prompts; a rank that stopped early is already past the
+                # threshold on its own, so the sum over ranks rejects too.
+                (total,) = all_reduce_sums(total)
                 self.trials += 1
                 loss = total / count
-                if loss < layer_threshold(i, L, self.config.delta):
+                if loss < threshold:
                     chosen = method
                     self.losses[step, i] = loss
                     break
@@ -130,7 +144,8 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     seconds = time.perf_counter() - start
     strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
-             f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}")
+             f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}; "
+             f"rejected_early={controller.rejected_early}")
     prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
