@@ -337,6 +337,31 @@ def test_all_full_plan_is_bit_identical_and_removal_restores(dit_pipe):
     _no_ditlens_left(dit_pipe)
 
 
+def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
+    """Timesteps are read back from the device at steps 0 and 1 and the rest at the last step (no
+    host-device wait at every step): a mismatch at step 0 or at a later step is refused either way."""
+    import dataclasses
+
+    steps = 5
+    seen: list[float] = []
+    hook = dit_pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
+    dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    hook.remove()
+    plan = _uniform(dit_pipe, "dit", steps)
+    for wrong_step in (0, 3):
+        timesteps = list(seen)
+        timesteps[wrong_step] += 50.0
+        plan.run = dataclasses.replace(plan.run, timesteps=timesteps)
+        with apply_plan(dit_pipe, plan):
+            with pytest.raises(PlanMismatchError, match=rf"step {wrong_step} runs timestep .*run\.timesteps"):
+                dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    plan.run = dataclasses.replace(plan.run, timesteps=list(seen))
+    with apply_plan(dit_pipe, plan):
+        dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    _no_ditlens_left(dit_pipe)
+
+
 def test_caches_reset_between_calls_and_memory_reported(dit_pipe):
     kw = lambda: pipeline_call_kwargs("dit", "class5", 3, 3.0, 1)
     with apply_plan(dit_pipe, _uniform(dit_pipe, "dit", 3, "wars(2)+asc", at_steps=[1, 2])) as handle:

@@ -106,6 +106,18 @@ def test_statistics_equal_numpy_formulas_on_raw_tensors(family, pipelines, tmp_p
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def test_statistics_kernel_path_equals_numpy_under_the_triton_interpreter():
+    """The device path of the statistics (one Triton launch over every pair, addressed by offsets)
+    checked on the CPU: the formula test above, rerun with TRITON_INTERPRET=1 so that the kernel
+    path is the one taken (pixart: self and cross attention; sd3: joint, image and text groups)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_statistics_equal_numpy_formulas_on_raw_tensors and (pixart or sd3)"],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("family", ["pixart", "sd3", "flux", "cogvideox"])

@@ -144,6 +144,21 @@ def test_v1_naive_equals_block_cached():
     assert fast.block_runs < naive.block_runs
 
 
+@pytest.mark.parametrize("method", ["v1", "v2"])
+def test_search_api_passes_every_setting_through(method):
+    """search() gives the plan the method's own entry point gives for the same settings (steps,
+    micro-batch, guidance, δ): none is dropped or shifted on the way."""
+    from ditlens.compress.search.api import search
+
+    pipe, prompts, ecfg = _setup("dit")
+    direct = (search_greedy(pipe, prompts, GreedyConfig(delta=0.3, engine=ecfg)) if method == "v1" else
+              search_headwise(pipe, prompts, HeadwiseConfig(delta=0.3, engine=ecfg)))
+    via_api = search(pipe, prompts, method=method, delta=0.3, steps=ecfg.steps, guidance=ecfg.guidance,
+                     micro_batch=ecfg.micro_batch, call_kwargs=ecfg.call_kwargs, progress=False)
+    assert via_api.plan.steps == STEPS == direct.plan.steps
+    assert via_api.plan.methods == direct.plan.methods
+
+
 def test_v1_early_rejection_changes_no_decision():
     """Stopping a trial once its partial loss sum is past the threshold gives the same plan and the
     same accepted losses as running every micro-batch, with fewer forward passes."""

@@ -85,11 +85,20 @@ class GroupedTensors:
 
 @dataclass(frozen=True)
 class ForwardInfo:
-    """What the transformer-level hook reads off each forward call."""
+    """What the transformer-level hook reads off each forward call.
+
+    ``timestep`` is the forward's own timestep argument (a number or a tensor, possibly on the
+    GPU). It is read as a number only through :attr:`timestep_value`, and only where needed:
+    reading a device tensor makes the host wait for the device, and a wait at every forward keeps
+    the host from queueing the next step while the GPU runs this one."""
 
     batch: int
     grid: tuple[int, int, int]  # frames, height, width in tokens
-    timestep: float
+    timestep: Any
+
+    @property
+    def timestep_value(self) -> float:
+        return _first_float(self.timestep)
 
 
 class ModelAdapter:
@@ -182,7 +191,7 @@ class ModelAdapter:
             grid = (shape[2] // pt, shape[3] // p, shape[4] // p)
         else:
             raise DitlensError(f"{self.family}: cannot read the token grid from hidden_states of shape {shape}")
-        return ForwardInfo(batch=shape[0], grid=grid, timestep=_first_float(timestep))
+        return ForwardInfo(batch=shape[0], grid=grid, timestep=_timestep_ref(timestep))
 
     def grid_for_size(self, transformer: nn.Module, height: int, width: int, frames: int = 1,
                       pipeline: Any = None) -> tuple[int, int, int]:
@@ -265,6 +274,13 @@ def _argument(transformer: nn.Module, args: tuple, kwargs: dict, name: str) -> A
     if name in params and params.index(name) < len(args):
         return args[params.index(name)]
     raise DitlensError(f"{type(transformer).__name__}.forward was called without {name!r}; ditlens reads it to track steps and tokens")
+
+
+def _timestep_ref(timestep: Any) -> Any:
+    """The first element of a timestep argument, kept on its device (no host-device wait)."""
+    if isinstance(timestep, torch.Tensor):
+        return timestep.detach().reshape(-1)[:1].clone() if timestep.numel() else float("nan")
+    return timestep
 
 
 def _first_float(timestep: Any) -> float:
@@ -378,7 +394,7 @@ class FluxAdapter(ModelAdapter):
         cols = int(ids[:, 2].max().item()) - int(ids[:, 2].min().item()) + 1
         if rows * cols != hidden.shape[1]:
             rows, cols = 1, hidden.shape[1]
-        return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=_first_float(timestep))
+        return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=_timestep_ref(timestep))
 
     def pixels_per_token(self, transformer, pipeline):
         return 2 * super().pixels_per_token(transformer, pipeline)  # latents are packed 2x2
@@ -398,7 +414,7 @@ class CogVideoXAdapter(ModelAdapter):
         timestep = _argument(transformer, args, kwargs, "timestep")
         pt, p = self.patch_size(transformer)
         b, f, _, h, w = hidden.shape
-        return ForwardInfo(batch=b, grid=(max(1, f // pt), h // p, w // p), timestep=_first_float(timestep))
+        return ForwardInfo(batch=b, grid=(max(1, f // pt), h // p, w // p), timestep=_timestep_ref(timestep))
 
     def grid_for_size(self, transformer, height, width, frames=1, pipeline=None):
         pt, _ = self.patch_size(transformer)

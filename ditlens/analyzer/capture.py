@@ -160,13 +160,14 @@ class ObserverGroup:
             observer.on_forward_end(context)
 
 
-def step_marker(scheduler: Any, timestep: float) -> tuple[str, float]:
+def step_marker(scheduler: Any, info: ForwardInfo) -> tuple[str, float]:
     """What tells one denoising step from the next: the scheduler's step index where it keeps one,
     else the timestep. Timesteps alone are not enough: pipelines that pass them in the latents'
     dtype (FLUX in bfloat16) round neighbouring steps to one value. The index is None until the
-    first ``scheduler.step``, so step 0 is told apart by its timestep."""
+    first ``scheduler.step``, so step 0 is told apart by its timestep (the only forward at which
+    the timestep is read back from the device)."""
     index = getattr(scheduler, "step_index", None) if scheduler is not None else None
-    return ("index", float(index)) if index is not None else ("timestep", float(timestep))
+    return ("index", float(index)) if index is not None else ("timestep", info.timestep_value)
 
 
 @dataclass
@@ -179,14 +180,14 @@ class StepTracker:
     step: int = -1
     last_marker: tuple[str, float] | None = None
     calls_at_step: int = 0
-    timesteps: list[float] = field(default_factory=list)
+    timesteps: list[Any] = field(default_factory=list)  # each step's timestep, read back at the end
 
     def reset(self) -> None:
         self.step, self.last_marker, self.calls_at_step = -1, None, 0
         self.timesteps = []
 
     def advance(self, info: ForwardInfo) -> ForwardContext:
-        marker = step_marker(self.scheduler, info.timestep)
+        marker = step_marker(self.scheduler, info)
         if self.last_marker is None or marker != self.last_marker:
             self.step += 1
             self.calls_at_step = 0

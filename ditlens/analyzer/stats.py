@@ -127,6 +127,11 @@ class PromptStatistics:
                 names.append(t)
             if m not in metrics:
                 metrics.append(m)
+        # group -> every metric asked of it, in a fixed order (one metric call covers all comparisons)
+        self._group_metrics: dict[str, list[str]] = {}
+        for (g, _), (_, metrics) in self._plan.items():
+            known = self._group_metrics.setdefault(g, [])
+            known += [m for m in metrics if m not in known]
         # (group, metric names, [(comparison, tensor index, branch slot, step, layer)], values [items, metrics, heads])
         self._blocks: list[tuple[str, list[str], list[tuple[str, int, int, int, int]], torch.Tensor]] = []
         self._waiting: list[tuple[int, int, list]] = []  # (step, layer, pairs) of the forward in flight
@@ -171,14 +176,13 @@ class PromptStatistics:
         (stacked in chunks of at most ``chunk_bytes`` per side)."""
         # shape -> [(X ref, Y ref, slot)] where a ref is (batched tensor, row)
         items: dict[tuple[int, ...], list[tuple[HeadRef, HeadRef, tuple[str, int, int, int, int]]]] = {}
-        metrics: list[str] = []
+        metrics = self._group_metrics.get(group, [])
         for step, layer, pairs in waiting:
             for comparison, slot, x_src, x_row, y_src, y_row in pairs:
                 plan = self._plan.get((group, comparison))
                 if plan is None:
                     continue
-                names, wanted = plan
-                metrics += [m for m in wanted if m not in metrics]
+                names = plan[0]
                 x_map = x_src.image if group == "image" else x_src.text
                 y_map = y_src.image if group == "image" else y_src.text
                 for t_index, name in enumerate(names):

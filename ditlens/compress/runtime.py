@@ -68,6 +68,7 @@ class RuntimeState:
     last_marker: tuple[str, float] | None = None  # see ditlens.analyzer.capture.step_marker
     calls_at_step: int = 0
     timesteps_ref: Any = None
+    unchecked_timesteps: list[tuple[int, Any]] = field(default_factory=list)  # (step, timestep) read back later
     module_out: dict[tuple[int, str], Any] = field(default_factory=dict)
     head_out: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
     residual: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
@@ -76,6 +77,7 @@ class RuntimeState:
 
     def clear(self) -> None:
         self.step, self.last_marker, self.calls_at_step = -1, None, 0
+        self.unchecked_timesteps.clear()
         self.module_out.clear()
         self.head_out.clear()
         self.residual.clear()
@@ -140,7 +142,7 @@ class PlanRuntime:
         layout = plan.run.cfg_layout
         from ditlens.analyzer.capture import step_marker
 
-        marker = step_marker(self.scheduler, info.timestep)
+        marker = step_marker(self.scheduler, info)
         if st.last_marker is None or marker != st.last_marker:
             if st.step >= 0 and layout == "separate_cond_first" and st.calls_at_step == 0:
                 raise PlanMismatchError(
@@ -157,10 +159,14 @@ class PlanRuntime:
             self.flops.reset()
             st.asc_out.clear()
         step = st.step
-        if plan.run.timesteps is not None and abs(plan.run.timesteps[step] - info.timestep) > 1e-3 * max(1.0, abs(info.timestep)):
-            raise PlanMismatchError(
-                f"step {step} runs timestep {info.timestep:g} but the plan was made for {plan.run.timesteps[step]:g} "
-                "(run.timesteps): another scheduler setting, step count or resolution")
+        if plan.run.timesteps is not None and st.calls_at_step == 0:
+            # Reading a GPU timestep waits for the device, so only the first two steps (where another
+            # scheduler setting already shows) are checked at once; the rest at the last step.
+            st.unchecked_timesteps.append((step, info))
+            if step < 2 or step == plan.steps - 1:
+                for seen_step, seen in st.unchecked_timesteps:
+                    self._check_timestep(seen_step, seen.timestep_value)
+                st.unchecked_timesteps.clear()
         grid = plan.model.tokens.grid
         if grid is not None and tuple(info.grid) != tuple(grid):
             raise PlanMismatchError(
@@ -168,6 +174,13 @@ class PlanRuntime:
                 f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]} "
                 "(run.height/width); call it at the plan's resolution or make a plan for this one")
         self.forward = self._branches(info, step, layout)
+
+    def _check_timestep(self, step: int, value: float) -> None:
+        expected = self.plan.run.timesteps[step]
+        if abs(expected - value) > 1e-3 * max(1.0, abs(value)):
+            raise PlanMismatchError(
+                f"step {step} runs timestep {value:g} but the plan was made for {expected:g} "
+                "(run.timesteps): another scheduler setting, step count or resolution")
 
     def _branches(self, info: Any, step: int, layout: str) -> ForwardState:
         st = self.state

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 try:
@@ -99,17 +100,28 @@ def _as_heads(t: torch.Tensor) -> torch.Tensor:
 def pair_sums_rows(xs: Sequence[tuple[torch.Tensor, int]], ys: Sequence[tuple[torch.Tensor, int]], *,
                    block_t: int = 32, num_warps: int = 8, vectorize: bool = True) -> torch.Tensor:
     """:func:`pair_sums` of batch rows given as (tensor ``[batch, heads, tokens, channels]``, row),
-    addressed by pointer arithmetic: no view is made per pair (host time matters here)."""
-    def entry(ref: tuple[torch.Tensor, int]) -> tuple[int, int, int]:
-        t, row = ref
-        if t.dtype != x0.dtype:
-            raise ValueError(f"pair_sums: pairs mix {t.dtype} and {x0.dtype}")
-        if t.stride(-1) != 1:
-            t, row = t[row:row + 1].contiguous(), 0
-        return t.data_ptr() + row * t.stride(0) * t.element_size(), t.stride(1), t.stride(2)
-
+    addressed by pointer arithmetic: no view is made per pair, and each tensor's address and
+    strides are read once however many pairs use it (host time matters here)."""
     x0 = xs[0][0]
     heads, tokens, dim = x0.shape[1:]
+    size, origin = x0.element_size(), x0.data_ptr()
+    known: dict[int, tuple[int, int, int, int]] = {}  # id(tensor) -> (byte offset, row bytes, head, token stride)
+    keep: list[torch.Tensor] = []  # copies must outlive the launch that reads them
+
+    def entry(ref: tuple[torch.Tensor, int]) -> tuple[int, int, int]:
+        t, row = ref
+        got = known.get(id(t))
+        if got is None:
+            if t.dtype != x0.dtype:
+                raise ValueError(f"pair_sums: pairs mix {t.dtype} and {x0.dtype}")
+            if t.stride(-1) != 1:  # channels must be contiguous: copy this row (rare)
+                copy = t[row:row + 1].contiguous()
+                keep.append(copy)
+                return copy.data_ptr() - origin, copy.stride(1), copy.stride(2)
+            got = known[id(t)] = (t.data_ptr() - origin, t.stride(0) * size, t.stride(1), t.stride(2))
+        offset, row_bytes, head_stride, token_stride = got
+        return offset + row * row_bytes, head_stride, token_stride
+
     rows = [entry(x) + entry(y) for x, y in zip(xs, ys)]
     return _launch(x0, rows, heads, tokens, dim, block_t, num_warps, vectorize)
 
@@ -126,25 +138,27 @@ def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t
     xs = [_as_heads(x) for x in xs]
     ys = [_as_heads(y) for y in ys]
     heads, tokens, dim = xs[0].shape
-    rows = [(x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0), y.stride(1)) for x, y in zip(xs, ys)]
+    origin = xs[0].data_ptr()
+    rows = [(x.data_ptr() - origin, x.stride(0), x.stride(1), y.data_ptr() - origin, y.stride(0), y.stride(1))
+            for x, y in zip(xs, ys)]
     return _launch(xs[0], rows, heads, tokens, dim, block_t)
 
 
 def _launch(base: torch.Tensor, rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens: int, dim: int,
             block_t: int, num_warps: int = 8, vectorize: bool = True) -> torch.Tensor:
-    """rows: per pair (x address, x head stride, x token stride, y address, y head stride, y token
-    stride), addresses in bytes, strides in elements; every tensor of ``base``'s dtype."""
-    size, origin = base.element_size(), base.data_ptr()
-    table = []
-    for xa, xh, xt, ya, yh, yt in rows:
-        if (xa - origin) % size or (ya - origin) % size:
-            raise ValueError("pair_sums: a tensor is not aligned to its element size")
-        table.append(((xa - origin) // size, xh, xt, (ya - origin) // size, yh, yt))
+    """rows: per pair (x byte offset from ``base``, x head stride, x token stride, y byte offset,
+    y head stride, y token stride), strides in elements; every tensor of ``base``'s dtype."""
+    size = base.element_size()
+    table = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    offsets = table[:, [0, 3]]
+    if (offsets % size).any():
+        raise ValueError("pair_sums: a tensor is not aligned to its element size")
+    table[:, [0, 3]] = offsets // size
     # 16-byte vectors where every offset, stride and the channel count allow them.
     vec = max(1, 16 // size)
-    aligned = vectorize and origin % 16 == 0 and dim % vec == 0 and all(v % vec == 0 for r in table for v in r)
+    aligned = vectorize and base.data_ptr() % 16 == 0 and dim % vec == 0 and not (table % vec).any()
     device = base.device
-    meta = torch.tensor(table, dtype=torch.int64)  # [pairs, 6]
+    meta = torch.from_numpy(table)  # [pairs, 6]
     if device.type == "cuda":
         # Pinned staging keeps the copy asynchronous: the model never waits for the host.
         meta = meta.pin_memory().to(device, non_blocking=True)

@@ -30,11 +30,12 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
         if method == "v2":
             from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
 
-            return search_headwise(pipe, prompts, HeadwiseConfig(d, c, candidates, latency, engine))
+            return search_headwise(pipe, prompts, HeadwiseConfig(delta=d, c=c, candidates=candidates, latency=latency,
+                                                                  engine=engine))
         if method == "v1":
             from ditlens.compress.search.greedy import GreedyConfig, search_greedy
 
-            return search_greedy(pipe, prompts, GreedyConfig(d, window, naive, engine))
+            return search_greedy(pipe, prompts, GreedyConfig(delta=d, window=window, naive=naive, engine=engine))
         from ditlens.compress.search.from_trace import search_from_trace
 
         return search_from_trace(trace, pipe, delta=d, c=c, candidates=candidates, latency=latency)

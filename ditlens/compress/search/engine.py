@@ -228,14 +228,14 @@ class SearchEngine:
         from ditlens.analyzer.capture import step_marker
 
         info = self.adapter.forward_info(self.transformer, args, kwargs)
-        marker = step_marker(getattr(self.pipe, "scheduler", None), info.timestep)
+        marker = step_marker(getattr(self.pipe, "scheduler", None), info)
         if self.timesteps and marker == self.last_marker:
             raise DitlensError("plan search supports one transformer forward per step (batched CFG or no CFG); "
                                "this pipeline runs separate cond/uncond forwards")
         self.step += 1
         if self.step >= self.config.steps:
             raise DitlensError(f"the pipeline ran more than {self.config.steps} steps; pass the step count it uses")
-        self.timesteps.append(info.timestep)
+        self.timesteps.append(info.timestep_value)
         self.last_marker = marker
         self.grid = tuple(info.grid)
         P = len(self.prompts)

@@ -57,8 +57,8 @@ class GreedyConfig:
     delta: float = 0.05
     window: int | None = None  # WA-RS half-width; None: 1/8 of the image tokens (V1's default)
     naive: bool = False
-    early_reject: bool = True  # see the module docstring; off when naive
     engine: EngineConfig = field(default_factory=EngineConfig)
+    early_reject: bool = True  # see the module docstring; off when naive
 
 
 class GreedyController:
