@@ -96,6 +96,11 @@ class GreedyController:
         baseline = [first_tensor(engine.forward(mb, PassConfig())) for mb in engine.micro_batches]
         (count,) = all_reduce_sums(sum(ref.numel() for ref in baseline))  # elements of the loss, all ranks
         early = self.config.early_reject and not self.config.naive
+        # Micro-batches run in descending order of their last trial's loss: a trial that fails
+        # then passes its threshold, and stops, after as few of them as possible (the sum does
+        # not depend on the order, so neither does any decision).
+        order = list(range(len(engine.micro_batches)))
+        last_loss = [0.0] * len(order)
         for i in range(L):
             chosen = FULL
             threshold = layer_threshold(i, L, self.config.delta)
@@ -105,12 +110,15 @@ class GreedyController:
                 total = 0.0
                 methods = (method,) * engine.heads
                 skip = engine.block_pos[engine.block_of[i]]
-                for mb, ref in zip(engine.micro_batches, baseline):
-                    out = first_tensor(engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip)))
-                    total += v1_loss_sums(ref, out)[0]
+                for ran, k in enumerate(order, start=1):
+                    out = engine.forward(engine.micro_batches[k], PassConfig(trial={i: methods}, skip_before=skip))
+                    last_loss[k] = v1_loss_sums(baseline[k], first_tensor(out))[0]
+                    total += last_loss[k]
                     if early and total / count >= threshold:  # the other terms are >= 0: rejected
-                        self.rejected_early += mb is not engine.micro_batches[-1]
+                        self.rejected_early += ran < len(order)
                         break
+                if early:
+                    order.sort(key=lambda k: -last_loss[k])
                 # Every rank decides on all prompts; a rank that stopped early is already past the
                 # threshold on its own, so the sum over ranks rejects too.
                 (total,) = all_reduce_sums(total)
