@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks the open issues wait on, in one script that fits device calls of <= 600 s.
+#
+#   bash benchmarks/gpu_checks.sh OUTDIR PART...
+#
+# PART: tests | overhead | pairs | v1 | e2e-small | kernels. Each part writes OUTDIR/PART.log
+# (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
+# Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
+set -u -o pipefail
+out=${1:?usage: gpu_checks.sh OUTDIR PART...}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - start)) s"
+  tr '\r' '\n' < "$out/$name.log" | grep -v -E 'it/s\]|s/it\]|clean_caption|eautiful|^$' | tail -n "${TAIL:-25}"
+}
+
+for name in "$@"; do
+  case $name in
+    tests) part tests 420 python3 -m pytest -q -m gpu tests ;;
+    pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
+    overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
+                --steps 20 --repeats 2 --variants default,o-l1 ;;
+    v1) part v1 300 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v1-only \
+          --v1-naive-steps 2 --v1-micro-batch 2
+        cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
+    e2e-small) part e2e-small 540 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
+                 --compile --out "$out/e2e_small.json" ;;
+    kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
+    *) echo "unknown part $name" >&2 ;;
+  esac
+done
+echo "total $SECONDS s"
