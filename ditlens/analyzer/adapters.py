@@ -98,7 +98,7 @@ class ForwardInfo:
 
     @property
     def timestep_value(self) -> float:
-        return _first_float(self.timestep)
+        return timestep_float(self.timestep)
 
 
 class ModelAdapter:
@@ -283,7 +283,8 @@ def _timestep_ref(timestep: Any) -> Any:
     return timestep
 
 
-def _first_float(timestep: Any) -> float:
+def timestep_float(timestep: Any) -> float:
+    """A timestep argument (number or tensor) as one number; a device tensor is read back."""
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0].item()) if timestep.numel() else float("nan")
     return float(timestep)

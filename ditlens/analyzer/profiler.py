@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ditlens.analyzer.adapters import AdapterRegistry, AttentionLayer, ModelAdapter, _first_float, default_registry
+from ditlens.analyzer.adapters import AdapterRegistry, AttentionLayer, ModelAdapter, timestep_float, default_registry
 from ditlens.analyzer.capture import BRANCHES, ObserverGroup, apply_capture
 from ditlens.analyzer.influence import (INFLUENCE_AXES, INFLUENCE_PATH, Candidate, InfluenceRecorder,
                                         default_candidates, parse_candidates)
@@ -213,7 +213,7 @@ class Profiler:
         scheduler_steps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
         if scheduler_steps is not None and len(scheduler_steps) == len(seen):
             return [float(t) for t in scheduler_steps]
-        return [_first_float(t) for t in seen]
+        return [timestep_float(t) for t in seen]
 
     def _effective(self, name: str, given: float | None) -> float:
         """The value a pipeline argument really had: given, passed through, or its default."""

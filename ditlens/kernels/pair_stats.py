@@ -135,17 +135,13 @@ def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, block_t
     Returns:
         float32 ``[pairs, heads, 5]``: Σ|x-y|, Σ|y|, Σxy, Σx², Σy² over tokens and channels.
     """
-    xs = [_as_heads(x) for x in xs]
-    ys = [_as_heads(y) for y in ys]
-    heads, tokens, dim = xs[0].shape
-    origin = xs[0].data_ptr()
-    rows = [(x.data_ptr() - origin, x.stride(0), x.stride(1), y.data_ptr() - origin, y.stride(0), y.stride(1))
-            for x, y in zip(xs, ys)]
-    return _launch(xs[0], rows, heads, tokens, dim, block_t)
+    # Each as a batch of one: the same address table as batch rows (the list keeps any copy alive).
+    return pair_sums_rows([(_as_heads(x)[None], 0) for x in xs], [(_as_heads(y)[None], 0) for y in ys],
+                          block_t=block_t)
 
 
 def _launch(base: torch.Tensor, rows: list[tuple[int, int, int, int, int, int]], heads: int, tokens: int, dim: int,
-            block_t: int, num_warps: int = 8, vectorize: bool = True) -> torch.Tensor:
+            block_t: int, num_warps: int, vectorize: bool) -> torch.Tensor:
     """rows: per pair (x byte offset from ``base``, x head stride, x token stride, y byte offset,
     y head stride, y token stride), strides in elements; every tensor of ``base``'s dtype."""
     size = base.element_size()

@@ -229,7 +229,7 @@ class SearchEngine:
 
         info = self.adapter.forward_info(self.transformer, args, kwargs)
         marker = step_marker(getattr(self.pipe, "scheduler", None), info)
-        if self.timesteps and marker == self.last_marker:
+        if marker == self.last_marker:
             raise DitlensError("plan search supports one transformer forward per step (batched CFG or no CFG); "
                                "this pipeline runs separate cond/uncond forwards")
         self.step += 1
