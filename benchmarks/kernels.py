@@ -7,7 +7,8 @@ Times (median of ``triton.testing.do_bench``, bf16, forward):
   * xformers' memory-efficient attention where it imports,
   * ditlens' Triton kernel,
 at 0/25/50/75/90 % sparsity (window for image-only models, arrow for joint attention; ``w``
-chosen so the kept image-image pairs are ``1 - s`` of the dense count) and a mixed plan
+chosen so that the attended query-key pairs, text rows and columns included, are ``1 - s`` of
+all L^2 pairs, so the ideal speedup is 1 / (1 - s): 1.33 / 2 / 4 / 10x) and a mixed plan
 (1/3 full, 1/3 arrow/window at 75 %, 1/3 skip). Before timing, a short sweep picks the tile
 config per head dim. Writes ``kernels.md`` (table + command + device), ``kernels.json`` and
 ``kernels.png`` into ``--out``.
@@ -75,14 +76,14 @@ SHAPES = [  # the 2K shapes first: they carry the must-show targets
     Shape("DiT-512", 2, 16, 1024, 0, False, 72),
 ]
 SPARSITIES = [0.0, 0.25, 0.5, 0.75, 0.9]
-TUNE_CONFIGS = [
-    KernelConfig(128, 64, 4, 3),
-    KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 64, 8, 3),
-    KernelConfig(128, 128, 8, 2),
-    KernelConfig(64, 64, 4, 3),
-    KernelConfig(128, 32, 4, 4),
-]
+_TILES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+          (128, 32, 4, 4)]
+# every tile with pointer loads and with K/V through tensor descriptors (TMA)
+TUNE_CONFIGS = [KernelConfig(*t, tma=tma) for tma in (False, True) for t in _TILES]
+
+
+def config_label(c: KernelConfig) -> str:
+    return f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
 TUNE_SHAPE_FOR_DIM = {72: "PixArt-2K", 64: "SD3-1K", 128: "FLUX-2K"}
 WARSR_SHAPES = ["PixArt-1K", "FLUX-1K"]
 
@@ -92,7 +93,18 @@ class Plan:
     label: str
     modes: list[str]
     windows: list[int]
-    sparsity: float | None = None  # image-image sparsity for uniform plans
+    sparsity: float | None = None  # share of all query-key pairs skipped, for uniform plans
+
+
+def window_for_pair_sparsity(shape: Shape, sparsity: float) -> int:
+    """Half-width w of the shape's sparse mode whose attended pairs (the band plus, for arrow, every
+    pair with a text query or key) are (1 - sparsity) of all L^2 pairs."""
+    L, n = shape.seq_len, shape.n_image
+    text_pairs = L * L - n * n  # arrow keeps every pair that involves a text token
+    band_target = (1.0 - sparsity) * L * L - text_pairs
+    if band_target <= 0:
+        raise ValueError(f"{shape.name}: text pairs alone exceed {1 - sparsity:.0%} of all pairs")
+    return window_for_sparsity(n, 1.0 - band_target / (n * n))
 
 
 def make_plans(shape: Shape) -> list[Plan]:
@@ -101,10 +113,10 @@ def make_plans(shape: Shape) -> list[Plan]:
     for s in SPARSITIES:
         if s == 0.0:
             plans.append(Plan("dense 0%", ["full"] * H, [0] * H, 0.0))
-        else:
-            w = window_for_sparsity(shape.n_image, s)
+        elif 1.0 - s > 1.0 - (shape.n_image / shape.seq_len) ** 2:  # text pairs alone exceed 1 - s: no such plan
+            w = window_for_pair_sparsity(shape, s)
             plans.append(Plan(f"{shape.sparse_mode} {int(s * 100)}%", [shape.sparse_mode] * H, [w] * H, s))
-    w75 = window_for_sparsity(shape.n_image, 0.75)
+    w75 = window_for_pair_sparsity(shape, 0.75)
     modes = [("full", shape.sparse_mode, "skip")[h % 3] for h in range(H)]
     plans.append(Plan("mixed 1/3 full, 1/3 75%, 1/3 skip", modes, [w75 if m != "full" else 0 for m in modes]))
     return plans
@@ -339,7 +351,7 @@ def run_warsr(shape: Shape, cfg: KernelConfig) -> dict:
     lay = shape.layout()
     scale = shape.head_dim ** -0.5
     H, L = shape.heads, shape.seq_len
-    w = window_for_sparsity(shape.n_image, 0.5)
+    w = window_for_pair_sparsity(shape, 0.5)
     wplan = make_head_plan(shape.sparse_mode, w, H, L)
     fplan = make_head_plan("full", 0, H, L)
     full_out = headwise_triton(q, k, v, fplan, lay, scale, config=cfg)
@@ -373,11 +385,13 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
         "",
         f"Command: `{header['command']}`  ",
         f"Device: {header['device']}; torch {header['torch']}, triton {header['triton']}, "
-        f"CUDA {header['cuda']}; {header['date']}.  ",
+        f"CUDA {header['cuda']}; tensor descriptors {'available' if header.get('tensor_descriptors') else 'absent'}; "
+        f"{header['date']}.  ",
         "bf16 forward, median of `triton.testing.do_bench` (warmup 25 ms, rep 100 ms). "
-        "Sparsity s: window (image-only) or arrow (joint) with w chosen so the kept image-image pairs "
-        "are (1 - s) of the dense count; *density* counts every attended pair (text rows/columns "
-        "included) over L^2, and *ideal x* = 1 / density. FlexAttention is `torch.compile`d and uses "
+        "Sparsity s: window (image-only) or arrow (joint) with w chosen so the attended pairs (text "
+        "rows/columns included) are (1 - s) of all L^2 pairs; *density* = attended pairs / L^2 "
+        "(all heads), *ideal x* = 1 / density. A sparsity that arrow cannot reach (its text "
+        "pairs alone above 1 - s of all pairs, FLUX-1K at 90 %) has no row. FlexAttention is `torch.compile`d and uses "
         "block masks (128 x 128) built from the same pattern functions; the skip heads of the mixed "
         "plan are copied from a cache in both. *err* = ||ditlens - flex|| / ||flex||.",
         "",
@@ -417,15 +431,14 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
             lines.append(f"| {w['shape']} | {w['refresh_ms']:.3f} | {w.get('refresh_two_pass_ms', float('nan')):.3f} | "
                          f"{w['full_plus_window_ms']:.3f} | {w['apply_ms']:.3f} | {w['window_only_ms']:.3f} | "
                          f"{w['err_full']:.1e} | {w['err_residual']:.1e} | {w['err_apply']:.1e} |")
-    lines += ["", "Tile configs (BLOCK_M, BLOCK_N, warps, stages) chosen per head dim by dense + 75 % time: " +
-              ", ".join(f"D={d}: {c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for d, c in chosen.items()),
+    lines += ["", "Tile configs (BLOCK_M x BLOCK_N / warps / stages, /tma = K/V through tensor descriptors) chosen "
+              "per head dim by dense + 75 % time: " + ", ".join(f"D={d}: {config_label(c)}" for d, c in chosen.items()),
               ""]
     if tune_rows:
         lines += ["| D | tuned on | config | dense ms | 75 % ms |", "| --- | --- | --- | ---: | ---: |"]
         for t in tune_rows:
-            c = t["config"]
-            lines.append(f"| {t['head_dim']} | {t['shape']} | {c['block_m']}x{c['block_n']}/{c['num_warps']}w/"
-                         f"{c['num_stages']}s | {t['dense_ms']:.3f} | {t['sparse75_ms']:.3f} |")
+            lines.append(f"| {t['head_dim']} | {t['shape']} | {config_label(KernelConfig(**t['config']))} | "
+                         f"{t['dense_ms']:.3f} | {t['sparse75_ms']:.3f} |")
     with open(os.path.join(out_dir, "kernels.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "kernels.json"), "w") as fh:
@@ -446,13 +459,13 @@ def plot(out_dir: str, rows: list[Row]) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharey=False)
     for ax, name in zip(axes.flat, names):
         rs = [r for r in rows if r.shape == name and not r.plan.startswith("mixed")]
-        xs = [100 * (1 - r.extra.get("image_density", 1.0)) for r in rs]
+        xs = [100 * (1 - r.density) for r in rs]
         ax.plot(xs, [r.sdpa_ms / r.ditlens_ms for r in rs], "o-", label="ditlens (Triton)")
         ax.plot(xs, [r.sdpa_ms / r.flex_ms for r in rs], "s--", label="FlexAttention")
         ax.plot(xs, [r.ideal_speedup for r in rs], "k:", label="ideal (1 / density)")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_title(name)
-        ax.set_xlabel("image-image sparsity (%)")
+        ax.set_xlabel("sparsity (% of all query-key pairs)")
         ax.set_ylabel("speedup over SDPA")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
@@ -549,6 +562,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "device": f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "tensor_descriptors": hasattr(triton.language, "make_tensor_descriptor"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
     }
     print(json.dumps(header), flush=True)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import itertools  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
+from dataclasses import replace  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -40,6 +41,7 @@ from ditlens.kernels import (  # noqa: E402
 )
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
+    default_config,
     headwise_triton,
     interpreting,
     split_head_dim,
@@ -170,8 +172,13 @@ def test_triton_headwise_matches_reference_and_writes_every_element(device, case
     layout = TokenLayout(L, n_text, text_first)
     ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_text,
                                        text_first=text_first, cached=cached, out_dtype=torch.float64)
-    # two tile shapes per case on the CPU (all three across the cases), the default tiles on CUDA
-    configs = [CPU_TILES[case % 3], CPU_TILES[(case + 1) % 3]] if device == "cpu" else [None]
+    # two tile shapes per case on the CPU (all three across the cases; the second loads K/V through
+    # tensor descriptors), on CUDA the default tiles and the same tiles with the other K/V load path
+    if device == "cpu":
+        configs = [CPU_TILES[case % 3], replace(CPU_TILES[(case + 1) % 3], tma=True)]
+    else:
+        default = default_config(D, interpret=False)
+        configs = [None, replace(default, tma=not default.tma)]
     for cfg in configs:
         out = torch.full_like(q, float("nan"))
         headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
@@ -198,6 +205,13 @@ def test_public_api_on_strided_inputs_and_custom_scale(device, D):
                                        out_dtype=torch.float64)
     assert out.shape == (B, H, L, D)
     assert _rel_err(out, ref) < _tol(torch.float16)
+    # both K/V load paths read the strided views in place (tensor descriptors with row stride H * D)
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, 3, False)
+    for tma in (False, True):
+        cfg = KernelConfig(16, 16, 1, 1, tma=tma) if device == "cpu" else replace(default_config(D, False), tma=tma)
+        out = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, 0.3, config=cfg, out=out)
+        assert _rel_err(out, ref) < _tol(torch.float16), tma
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -66,6 +66,21 @@ def _load_tile(base, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, HEAD_DI
 
 
 @triton.jit
+def _load_kv_tile(desc, base, start_n, offs_rows, offs_cols, col0, row_hi, STRIDE: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start_n, start_n + BLOCK) of a K or V head slice, columns [col0, col0 + width).
+
+    With USE_TMA the copy engine loads the tile through ``desc`` (rows past the sequence and
+    columns past HEAD_DIM read as zero; rows between ``row_hi`` and the sequence end are real keys
+    that the caller masks in the scores), otherwise pointer loads masked at ``row_hi``."""
+    if USE_TMA:
+        tile = desc.load([start_n, col0])
+    else:
+        tile = _load_tile(base, offs_rows, offs_cols, row_hi, STRIDE, HEAD_DIM, ROW_MASK, COL_MASK)
+    return tile
+
+
+@triton.jit
 def _store_tile(base, tile, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 COL_MASK: tl.constexpr):
     ptrs = base + offs_rows[:, None] * STRIDE + offs_cols[None, :]
@@ -91,16 +106,17 @@ def _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi):
 
 
 @triton.jit
-def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m, offs_d0, offs_d1, seg_hi,
-                  mode, win, img_lo, img_hi, qk_scale,
+def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, start_n, offs_m, offs_d0,
+                  offs_d1, seg_hi, mode, win, img_lo, img_hi, qk_scale,
                   HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr):
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_tile(k_base, offs_n, offs_d0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+    k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
     if HAS_D1:
-        k1 = _load_tile(k_base, offs_n, offs_d1, seg_hi, SK, HEAD_DIM, MASKED, D0 + D1 > HEAD_DIM)
+        k1 = _load_kv_tile(dk1, k_base, start_n, offs_n, offs_d1, D0, seg_hi, SK, HEAD_DIM, MASKED,
+                           D0 + D1 > HEAD_DIM, USE_TMA)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
     if MASKED:
         allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
@@ -114,20 +130,21 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(q0.dtype)
-    v0 = _load_tile(v_base, offs_n, offs_d0, seg_hi, SV, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+    v0 = _load_kv_tile(dv0, v_base, start_n, offs_n, offs_d0, 0, seg_hi, SV, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
     acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
     if HAS_D1:
-        v1 = _load_tile(v_base, offs_n, offs_d1, seg_hi, SV, HEAD_DIM, MASKED, D0 + D1 > HEAD_DIM)
+        v1 = _load_kv_tile(dv1, v_base, start_n, offs_n, offs_d1, D0, seg_hi, SV, HEAD_DIM, MASKED,
+                           D0 + D1 > HEAD_DIM, USE_TMA)
         acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
     return acc0, acc1, m_new, l_i
 
 
 @triton.jit
-def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0, offs_d1,
-                    seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale,
+def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0,
+                    offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale,
                     HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked."""
     n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
@@ -135,17 +152,20 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d
     j_first = tl.minimum(j_first, n_blocks)
     j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
     for j in range(0, j_first):
-        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
-                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
-                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST)
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
+                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                             True, UPCAST, USE_TMA)
     for j in range(j_first, j_end):
-        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
-                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
-                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST)
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
+                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                             False, UPCAST, USE_TMA)
     for j in range(j_end, n_blocks):
-        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, seg_lo + j * BLOCK_N,
-                                             offs_m, offs_d0, offs_d1, seg_hi, mode, win, img_lo, img_hi,
-                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST)
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
+                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                             True, UPCAST, USE_TMA)
     return acc0, acc1, m_i, l_i
 
 
@@ -196,10 +216,12 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False):
+                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
-    epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W)."""
+    epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
+    With USE_TMA (Hopper and later) K and V tiles come through per-head tensor descriptors, built
+    here on the device (the host provides their scratch through ``triton.set_allocator``)."""
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -227,6 +249,22 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
         k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
         v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
+        if USE_TMA:
+            dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
+            dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
+            if HAS_D1:
+                dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
+                                                block_shape=[BLOCK_N, D1])
+                dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
+                                                block_shape=[BLOCK_N, D1])
+            else:
+                dk1 = dk0
+                dv1 = dv0
+        else:  # unused placeholders: the loads go through k_base / v_base
+            dk0 = k_base
+            dk1 = k_base
+            dv0 = v_base
+            dv1 = v_base
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
         if HAS_D1:
             q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
@@ -238,12 +276,12 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
                                                                        t_lo, t_hi, BLOCK_M)
-        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0,
-                                               offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win, img_lo, img_hi,
-                                               qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
-        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, offs_m, offs_d0,
-                                               offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win, img_lo, img_hi,
-                                               qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                               offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
+                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                               offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
+                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:

@@ -6,6 +6,7 @@ interpreter (slow; for tests). Each call is one launch for all heads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class KernelConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # K/V tiles through tensor descriptors (copy engine); used on sm_90+ and the interpreter
 
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweep of benchmarks/kernels.py
@@ -158,6 +160,38 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _use_tma(q: torch.Tensor, cfg: KernelConfig) -> bool:
+    """Whether this launch loads K/V through tensor descriptors: asked for by the config, supported by
+    this triton, and a GPU with a copy engine for them (compute capability 9.0+) or the interpreter."""
+    if not cfg.tma:
+        return False
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(device: torch.device):
+    """Device-side tensor descriptors need a little global scratch per program, which triton asks
+    its allocator for at launch: provide one from torch's caching allocator, and put back whatever
+    allocator was set before."""
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+        previous = _allocation._allocator.get()
+    except (ImportError, AttributeError):  # another triton layout: set ours, restore nothing
+        _allocation, previous = None, None
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            triton.set_allocator(previous)
+
+
 def _layout_args(layout: TokenLayout) -> tuple[int, int, int, int]:
     return layout.image_start, layout.image_end, layout.text_start, layout.text_end
 
@@ -187,17 +221,19 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (H * B * n_mblocks,)
-    mod.headwise_fwd_kernel[grid](
-        q, k, v, out, cache, res, meta.mode, meta.window, meta.order,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), res.stride(0), res.stride(1),
-        B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
-        HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
-        SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-        HAS_RESIDUAL=residual is not None, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(q, k, v, out, cache, res),
-        SUBTRACT=subtract,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    use_tma = _use_tma(q, cfg)
+    with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
+        mod.headwise_fwd_kernel[grid](
+            q, k, v, out, cache, res, meta.mode, meta.window, meta.order,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), res.stride(0), res.stride(1),
+            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
+            HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
+            SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
+            HAS_RESIDUAL=residual is not None, UPCAST=interpret,
+            HINT_ALIGN=_needs_align_hint(q, k, v, out, cache, res), SUBTRACT=subtract, USE_TMA=use_tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
