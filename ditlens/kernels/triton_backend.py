@@ -32,14 +32,15 @@ class KernelConfig:
     tma: bool = False  # K/V tiles through tensor descriptors (copy engine); used on sm_90+ and the interpreter
 
 
-# Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweep of benchmarks/kernels.py
-# on an H100 (bf16; benchmarks/results/kernels.md): 128x64 with 4 warps for D <= 80,
-# 128x128 with 8 warps for D = 128.
+# Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
+# (bf16; benchmarks/results/kernels.md): 128x64 with 4 warps and pointer loads for D <= 96 (tensor
+# descriptors were within +-3 % there, and slower on the 75 % window); 128x128 with 8 warps and
+# K/V through tensor descriptors for D = 128 (H200: 4 % faster dense, 6 % at 75 % sparsity).
 _GPU_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(128, 64, 4, 3),
     80: KernelConfig(128, 64, 4, 3),
     96: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 128, 8, 3),
+    128: KernelConfig(128, 128, 8, 3, tma=True),
 }
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 
