@@ -344,6 +344,7 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
     # the naive search at 20 steps would take far longer than a device session allows.
     # Several micro-batches let a failing trial stop after the first ones that put it past the
     # threshold (early rejection); the naive search runs them all.
+    plans = []
     for naive in (False, True):
         t = time.perf_counter()
         found_v1 = search(pipe, prompts, method="v1", delta=v1_delta, naive=naive, steps=v1_steps,
@@ -353,6 +354,12 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
         key = f"v1{' naive (reruns the whole model)' if naive else ''}, {v1_steps} steps"
         result.search_times[key] = time.perf_counter() - t
         log(f"pixart: {key}: {result.search_times[key]:.1f} s")
+        plans.append(found_v1.plan.methods)
+    # Alg. 1's decisions must not depend on block reuse; count the (step, layer) choices that differ
+    # (bf16 on a GPU can put a loss on the other side of its threshold).
+    differ = sum(a != b for step_a, step_b in zip(*plans) for a, b in zip(step_a, step_b))
+    result.settings["v1_vs_naive_differing_decisions"] = differ
+    log(f"pixart: v1 and naive v1 differ in {differ} (step, layer) decisions")
     result.wall_seconds = time.perf_counter() - start
     return result
 

@@ -170,7 +170,18 @@ def _use_tma(q: torch.Tensor, cfg: KernelConfig) -> bool:
 
     if not hasattr(tl, "make_tensor_descriptor"):
         return False
-    return not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
+    return not q.is_cuda or _compute_capability(q.device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=16)
+def _compute_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _scratch_allocator(device: torch.device):
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return allocate
 
 
 @contextlib.contextmanager
@@ -185,7 +196,7 @@ def _descriptor_scratch(device: torch.device):
         previous = _allocation._allocator.get()
     except (ImportError, AttributeError):  # another triton layout: set ours, restore nothing
         _allocation, previous = None, None
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    triton.set_allocator(_scratch_allocator(device))
     try:
         yield
     finally:
