@@ -26,6 +26,7 @@ The FLOPs fraction is the one the runtime counted while running the plan.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -471,6 +472,8 @@ def main() -> int:
     parser.add_argument("--v1-micro-batch", type=int, default=2, help="pixart: calibration prompts per V1 forward")
     parser.add_argument("--smoke", action="store_true",
                         help="pixart: 2 layers, 256², 4 steps, 2 prompts (checks the code path on a CPU; no figures)")
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="embedded models: calibration prompts (default: the model's setting above)")
     parser.add_argument("--report", action="store_true", help="write results/search.md and the plot from the JSONs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -485,7 +488,10 @@ def main() -> int:
             result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps if not args.smoke else 2,
                                 log, v1_only=args.v1_only, v1_micro_batch=args.v1_micro_batch, **shrink)
         elif name in EMBEDDED_SETTINGS:
-            result = run_embedded(name, args.device, targets, args.v1_delta, EMBEDDED_SETTINGS[name], log)
+            settings = EMBEDDED_SETTINGS[name]
+            if args.calibration:
+                settings = dataclasses.replace(settings, calibration=args.calibration)
+            result = run_embedded(name, args.device, targets, args.v1_delta, settings, log)
         else:
             parser.error(f"unknown model {name!r}")
         if args.smoke:
