@@ -320,3 +320,17 @@ def test_metrics_on_cuda() -> None:
     on_cpu = metrics.ssim(x.cpu()[:, :2], y.cpu()[:, :2], (1, 64, 64), dtype=torch.float64)
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
     torch.testing.assert_close(on_gpu[:, :2].cpu().double(), on_cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pair_sums_torch_equals_numpy_sums(dtype) -> None:
+    """The CPU path of the profiler's distance sums: Σ|x-y|, Σ|y|, Σxy, Σx², Σy² per head, in float64 numpy."""
+    from ditlens.analyzer.metrics import pair_sums_torch
+
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(3, 4, 17, 6, generator=g).to(dtype) for _ in range(2))
+    got = pair_sums_torch(x, y).double().numpy()
+    a, b = x.double().numpy().reshape(3, 4, -1), y.double().numpy().reshape(3, 4, -1)
+    want = np.stack([np.abs(a - b).sum(-1), np.abs(b).sum(-1), (a * b).sum(-1), (a * a).sum(-1), (b * b).sum(-1)], -1)
+    assert got.shape == (3, 4, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

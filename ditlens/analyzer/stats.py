@@ -14,7 +14,7 @@ import torch
 
 from ditlens.analyzer.adapters import GroupedTensors
 from ditlens.analyzer.capture import BRANCHES, ForwardContext
-from ditlens.analyzer.metrics import SUM_METRICS, metrics_from_sums, pairwise_stats
+from ditlens.analyzer.metrics import SUM_METRICS, metrics_from_sums, pair_sums_torch, pairwise_stats
 from ditlens.kernels.pair_stats import pair_sums_available, pair_sums_rows
 from ditlens.traces.format import RawSelection, StatKey
 
@@ -197,9 +197,14 @@ class PromptStatistics:
         for shape, members in items.items():
             first = members[0][0][0]
             summed = [m for m in metrics if m in SUM_METRICS]
-            if summed and pair_sums_available(first):
-                # Distances straight from the tensors where they lie (one launch, no stacking).
-                sums = pair_sums_rows([m[0] for m in members], [m[1] for m in members])
+            if summed:
+                if pair_sums_available(first):
+                    # Distances straight from the tensors where they lie (one launch, no stacking).
+                    sums = pair_sums_rows([m[0] for m in members], [m[1] for m in members])
+                else:
+                    # One pair at a time from views of the batched tensors: each pair's two heads-sized
+                    # slices stay in the CPU cache across the sums, where a stacked batch would not.
+                    sums = torch.stack([pair_sums_torch(xs[xr], ys[yr]) for (xs, xr), (ys, yr), _ in members])
                 values = metrics_from_sums(sums, shape[-2] * shape[-1])
                 block = torch.stack([values[m] for m in summed], dim=1)  # [items, metrics, heads]
                 self._blocks.append((group, summed, [m[2] for m in members], block))
