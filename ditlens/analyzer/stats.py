@@ -197,8 +197,10 @@ class PromptStatistics:
         for shape, members in items.items():
             first = members[0][0][0]
             summed = [m for m in metrics if m in SUM_METRICS]
-            if summed:
-                if pair_sums_available(first):
+            kernel = pair_sums_available(first)
+            # Without the kernel a GPU takes the stacked path below (few large launches, not ~10 per pair).
+            if summed and (kernel or not first.is_cuda):
+                if kernel:
                     # Distances straight from the tensors where they lie (one launch, no stacking).
                     sums = pair_sums_rows([m[0] for m in members], [m[1] for m in members])
                 else:
