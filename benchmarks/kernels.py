@@ -80,12 +80,12 @@ _TILES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (
           (128, 32, 4, 4)]
 # every tile with pointer loads and with K/V through tensor descriptors (TMA)
 TUNE_CONFIGS = [KernelConfig(*t, tma=tma) for tma in (False, True) for t in _TILES]
+TUNE_SHAPE_FOR_DIM = {72: "PixArt-2K", 64: "SD3-1K", 128: "FLUX-2K"}
+WARSR_SHAPES = ["PixArt-1K", "FLUX-1K"]
 
 
 def config_label(c: KernelConfig) -> str:
     return f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
-TUNE_SHAPE_FOR_DIM = {72: "PixArt-2K", 64: "SD3-1K", 128: "FLUX-2K"}
-WARSR_SHAPES = ["PixArt-1K", "FLUX-1K"]
 
 
 @dataclass
@@ -96,14 +96,15 @@ class Plan:
     sparsity: float | None = None  # share of all query-key pairs skipped, for uniform plans
 
 
-def window_for_pair_sparsity(shape: Shape, sparsity: float) -> int:
+def window_for_pair_sparsity(shape: Shape, sparsity: float) -> int | None:
     """Half-width w of the shape's sparse mode whose attended pairs (the band plus, for arrow, every
-    pair with a text query or key) are (1 - sparsity) of all L^2 pairs."""
+    pair with a text query or key) are (1 - sparsity) of all L^2 pairs; None when the text pairs
+    alone are more than that."""
     L, n = shape.seq_len, shape.n_image
     text_pairs = L * L - n * n  # arrow keeps every pair that involves a text token
     band_target = (1.0 - sparsity) * L * L - text_pairs
     if band_target <= 0:
-        raise ValueError(f"{shape.name}: text pairs alone exceed {1 - sparsity:.0%} of all pairs")
+        return None
     return window_for_sparsity(n, 1.0 - band_target / (n * n))
 
 
@@ -113,8 +114,7 @@ def make_plans(shape: Shape) -> list[Plan]:
     for s in SPARSITIES:
         if s == 0.0:
             plans.append(Plan("dense 0%", ["full"] * H, [0] * H, 0.0))
-        elif 1.0 - s > 1.0 - (shape.n_image / shape.seq_len) ** 2:  # text pairs alone exceed 1 - s: no such plan
-            w = window_for_pair_sparsity(shape, s)
+        elif (w := window_for_pair_sparsity(shape, s)) is not None:  # else no such plan: text pairs exceed 1 - s
             plans.append(Plan(f"{shape.sparse_mode} {int(s * 100)}%", [shape.sparse_mode] * H, [w] * H, s))
     w75 = window_for_pair_sparsity(shape, 0.75)
     modes = [("full", shape.sparse_mode, "skip")[h % 3] for h in range(H)]

@@ -87,8 +87,6 @@ def _cosine_from_sums(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
     return (xy / (xx.sqrt() * yy.sqrt())).clamp(-1.0, 1.0)
 
 
-
-
 def cosine(x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """<x, y> / (|x| |y|) over the flattened (N, C) of each head: ``[..., N, C] -> [...]``."""
     _check_pair(x, y)
@@ -247,13 +245,14 @@ def metrics_from_sums(sums: Tensor, count: int) -> dict[str, Tensor]:
             "cosine": _cosine_from_sums(sums[..., 2], sums[..., 3], sums[..., 4])}
 
 
-def pair_sums_torch(x: Tensor, y: Tensor) -> Tensor:
-    """The five sums of :func:`metrics_from_sums` in float32: ``[..., N, C]`` pair -> ``[..., 5]``
+def pair_sums_torch(x: Tensor, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The five sums of :func:`metrics_from_sums` in ``dtype``: ``[..., N, C]`` pair -> ``[..., 5]``
     (Σ|x-y|, Σ|y|, Σxy, Σx², Σy² over each head's N x C; the PyTorch counterpart of the Triton
     kernel in :mod:`ditlens.kernels.pair_stats`). Shapes are the caller's to check: this runs once
-    per compared pair, where a few microseconds per call add up. Reductions run over one flattened
-    dim (CPU reductions over two dims, or with temporaries, timed 2-3x slower)."""
-    x, y = x.float().flatten(-2), y.float().flatten(-2)
+    per compared pair, where a few microseconds per call add up. One difference with abs in place
+    and reductions over one flattened dim that make no temporaries (on the CPU, reductions over two
+    dims or through elementwise products timed 2-3x slower)."""
+    x, y = x.to(dtype).flatten(-2), y.to(dtype).flatten(-2)
     return torch.stack([(x - y).abs_().sum(dim=-1), y.abs().sum(dim=-1), torch.linalg.vecdot(x, y),
                         torch.linalg.vector_norm(x, dim=-1).square(), torch.linalg.vector_norm(y, dim=-1).square()],
                        dim=-1)
@@ -267,7 +266,7 @@ def pairwise_stats(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """Several metrics of the same pair at once, sharing the casts, |x - y| and the sums.
+    """Several metrics of the same pair at once, l1, rel_l1 and cosine from one set of sums.
 
     ``metrics`` are names from :data:`METRIC_NAMES`; ``"ssim"`` needs ``grid``. Returns
     ``{name: [...] tensor}`` in the order asked.
@@ -281,31 +280,18 @@ def pairwise_stats(
         _check_grid(x.shape[-2], grid)
 
     computed: dict[str, Tensor] = {}
-    if x.is_cuda and dtype == torch.float32 and wanted & SUM_METRICS and x.numel():
-        # One fused pass over the (bf16/fp16) inputs instead of several float32 passes.
-        from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
+    if wanted & SUM_METRICS:
+        n, c = x.shape[-2], x.shape[-1]
+        sums = None
+        if x.is_cuda and dtype == torch.float32 and x.numel():
+            # One fused pass over the (bf16/fp16) inputs instead of several float32 passes.
+            from ditlens.kernels.pair_stats import pair_sums, pair_sums_available
 
-        if pair_sums_available(x):
-            n, c = x.shape[-2], x.shape[-1]
-            sums = pair_sums([x.reshape(-1, n, c)], [y.reshape(-1, n, c)])[0].reshape(*x.shape[:-2], 5)
-            computed.update(metrics_from_sums(sums, n * c))
-            wanted = wanted - SUM_METRICS
-
-    x = x.to(dtype)
-    y = y.to(dtype)
-    # Sums over each flattened head with as few passes over memory as possible (on the CPU these
-    # tensors are larger than the caches): one difference with abs in place, and reductions that
-    # make no elementwise temporaries (vecdot, vector_norm: the fastest of the forms timed on the CPU).
-    x_flat, y_flat = x.flatten(-2), y.flatten(-2)
-    if wanted & {"l1", "rel_l1"}:
-        abs_diff_sum = (x_flat - y_flat).abs_().sum(dim=-1)
-        computed["l1"] = abs_diff_sum / x_flat.shape[-1]
-        if "rel_l1" in wanted:
-            computed["rel_l1"] = abs_diff_sum / y_flat.abs().sum(dim=-1)
-    if "cosine" in wanted:
-        computed["cosine"] = _cosine_from_sums(torch.linalg.vecdot(x_flat, y_flat),
-                                               torch.linalg.vector_norm(x_flat, dim=-1).square(),
-                                               torch.linalg.vector_norm(y_flat, dim=-1).square())
+            if pair_sums_available(x):
+                sums = pair_sums([x.reshape(-1, n, c)], [y.reshape(-1, n, c)])[0].reshape(*x.shape[:-2], 5)
+        if sums is None:
+            sums = pair_sums_torch(x, y, dtype)
+        computed.update(metrics_from_sums(sums, n * c))
     if "ssim" in wanted:
         assert grid is not None  # checked above
         computed["ssim"] = ssim(x, y, grid, dtype=dtype)

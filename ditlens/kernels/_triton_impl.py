@@ -278,10 +278,12 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                                                                        t_lo, t_hi, BLOCK_M)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                               UPCAST, USE_TMA)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                               UPCAST, USE_TMA)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:

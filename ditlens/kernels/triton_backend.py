@@ -164,13 +164,16 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 def _use_tma(q: torch.Tensor, cfg: KernelConfig) -> bool:
     """Whether this launch loads K/V through tensor descriptors: asked for by the config, supported by
     this triton, and a GPU with a copy engine for them (compute capability 9.0+) or the interpreter."""
-    if not cfg.tma:
-        return False
-    import triton.language as tl
-
-    if not hasattr(tl, "make_tensor_descriptor"):
+    if not cfg.tma or not _triton_has_tensor_descriptors():
         return False
     return not q.is_cuda or _compute_capability(q.device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_has_tensor_descriptors() -> bool:
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor")
 
 
 @functools.lru_cache(maxsize=16)
@@ -178,6 +181,7 @@ def _compute_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=16)
 def _scratch_allocator(device: torch.device):
     def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
         return torch.empty(size, dtype=torch.int8, device=device)
@@ -195,7 +199,7 @@ def _descriptor_scratch(device: torch.device):
         from triton.runtime import _allocation
         previous = _allocation._allocator.get()
     except (ImportError, AttributeError):  # another triton layout: set ours, restore nothing
-        _allocation, previous = None, None
+        previous = None
     triton.set_allocator(_scratch_allocator(device))
     try:
         yield
