@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | overhead | pairs | v1 | e2e-small | kernels. Each part writes OUTDIR/PART.log
+# PART: tests | tests-runtime | overhead | pairs | v1 | e2e-small | e2e-sd3 | kernels | kernels-2k.
+# Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
 set -u -o pipefail
@@ -26,6 +27,7 @@ part() {  # part NAME SECONDS COMMAND...
 for name in "$@"; do
   case $name in
     tests) part tests 420 python3 -m pytest -q -m gpu tests ;;  # ~230 s warm; Triton compiles take longer on a fresh machine
+    tests-runtime) part tests-runtime 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py ;;
     pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;
@@ -33,8 +35,12 @@ for name in "$@"; do
           --v1-naive-steps 3 --v1-micro-batch 2
         cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
     e2e-small) part e2e-small 540 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
-                 --compile --out "$out/e2e_small.json" ;;
+                 --compile --repeats 3 --out "$out/e2e_small.json" ;;
+    e2e-sd3) part e2e-sd3 400 python3 benchmarks/e2e.py --device cuda --models sd3-medium-1024 \
+               --compile --repeats 3 --out "$out/e2e_sd3.json" ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
+    kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
+                  --out "$out/kernels_2k" ;;
     *) echo "unknown part $name" >&2 ;;
   esac
 done

@@ -190,14 +190,22 @@ def _warm_task(task: tuple) -> str:
     return f"{kind} {shape_name} {cfg} {time.time() - t0:.1f}s"
 
 
-def warm_up(jobs: int, tune: bool) -> None:
-    tasks: list[tuple] = [("flex", s.name, None) for s in SHAPES]
-    configs = TUNE_CONFIGS if tune else [TUNE_CONFIGS[0]]
+def warm_up(jobs: int, tune: bool, shapes: list[str]) -> None:
+    """Compile what the run will time, in parallel: Flex for ``shapes``, the tile sweep (or, without
+    tuning, the default tile of each head dim among ``shapes``) and the WA-RS kernels."""
+    from ditlens.kernels.triton_backend import default_config
+
+    tasks: list[tuple] = [("flex", name, None) for name in shapes]
     for dim, shape_name in TUNE_SHAPE_FOR_DIM.items():
-        for cfg in configs:
+        if not tune and shape_name not in shapes:
+            continue
+        for cfg in TUNE_CONFIGS if tune else [default_config(dim, False)]:
             tasks.append(("headwise", shape_name, cfg))
     for shape_name in WARSR_SHAPES:  # the WA-RS measurements (same compiles serve other lengths)
-        for cfg in configs:
+        if shape_name not in shapes:
+            continue
+        head_dim = next(s for s in SHAPES if s.name == shape_name).head_dim
+        for cfg in TUNE_CONFIGS if tune else [default_config(head_dim, False)]:
             tasks += [("warsr", shape_name, cfg), ("apply", shape_name, cfg)]
     run_pool(tasks, jobs)
 
@@ -575,7 +583,7 @@ def main() -> None:
         print(f"total {time.time() - t0:.0f}s")
         return
     if args.jobs > 0:
-        warm_up(args.jobs, tune=not args.no_tune)
+        warm_up(args.jobs, tune=not args.no_tune, shapes=args.shapes)
     print(f"warm-up done in {time.time() - t0:.0f}s", flush=True)
     wait_for(args.wait_file)
     shapes_by_name = {s.name: s for s in SHAPES}

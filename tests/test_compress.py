@@ -183,13 +183,36 @@ def test_headwise_mix_matches_float64_reference(cfg_layout, backend):
     assert plan_flops(plan).core_fraction == pytest.approx(executed / full_pairs, rel=0, abs=1e-15)
 
 
+# WA-RS on every head of a layer (V1's plans): the refresh runs one windowed launch subtracting from
+# the full output, each reuse step one launch adding the residual in the epilogue.
+WARS_LAYERS = [
+    ["full", "full", "full", "full"],
+    ["wars(2)", "wars(0)", "wars(5)", "wars(1)"],
+    ["wars(2)", "wars(0)", "wars(5)", "wars(1)"],
+    ["full", "full", "full", "full"],
+    ["wars(3)+asc", "wars(1)+asc", "wars(0)+asc", "wars(2)+asc"],
+    ["wars(3)+asc", "wars(1)+asc", "wars(0)+asc", "wars(2)+asc"],
+]
+
+
 @pytest.mark.parametrize("cfg_layout", ["batched_cond_first", "batched_uncond_first", "separate_cond_first"])
-def test_fused_layers_match_float64_reference(cfg_layout):
-    plan = make_plan("joint", 4, 8, FUSED, cfg_layout, (1, 4, 5), n_text=3, text_position="first")
+@pytest.mark.parametrize("methods", [FUSED, WARS_LAYERS], ids=["fused", "wars"])
+def test_fused_layers_match_float64_reference(cfg_layout, methods, monkeypatch):
+    import ditlens.kernels as kernels
+
+    calls = {"warsr_attention": 0, "windowed_plus_residual": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(kernels, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    plan = make_plan("joint", 4, 8, methods, cfg_layout, (1, 4, 5), n_text=3, text_position="first")
     got, want, runtime, executed, full_pairs = run_and_reference(plan, seed=7, backend="kernels")
     for s, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"step {s}")
     assert runtime.flops.core == 4 * 8 * executed
+    if methods is WARS_LAYERS:  # the one-launch paths ran (separate forwards: the +asc steps stay grouped)
+        assert calls == {"warsr_attention": 2, "windowed_plus_residual": 4}
 
 
 CUDA_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -204,7 +227,7 @@ def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position
     """The CUDA paths of the runtime (Triton kernels, FlexAttention) against float64, head dim 64."""
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     for methods, layout in ((FUSED, "batched_uncond_first"), (MIXED, "batched_cond_first"),
-                            (FUSED, "separate_cond_first")):
+                            (FUSED, "separate_cond_first"), (WARS_LAYERS, "batched_uncond_first")):
         plan = make_plan("joint", 4, 64, methods, layout, (1, 9, 11), n_text=13, text_position=text_position)
         got, want, runtime, executed, _ = run_and_reference(plan, seed=11, backend=backend, device="cuda", dtype=dtype)
         for s, (g, w) in enumerate(zip(got, want)):

@@ -254,6 +254,10 @@ def test_warsr_residual_and_fused_apply(device, text_first):
                                  backend="triton", fused=fused)
         assert _rel_err(f2, ref_full) < _tol(dtype)
         assert ((r2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
+    # the full output given (the runtime's refresh after the model's own attention): one windowed launch
+    f3, r3 = warsr_attention(q, k, v, windows=windows, n_text=n_text, text_first=text_first, pattern=pattern,
+                             backend="triton", full=full2)
+    assert f3 is full2 and ((r3.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
     a2 = windowed_plus_residual(q, k, v, r2, windows=windows, n_text=n_text, text_first=text_first,
                                 pattern=pattern, backend="triton")
     assert _rel_err(a2, ref_full) < 2 * _tol(dtype)
@@ -306,6 +310,8 @@ def test_torch_backends_match_reference(device, backend):
     full, res = warsr_attention(q, k, v, windows=4, n_text=n_text, pattern="arrow", backend=backend)
     rf, rr = warsr_attention_reference(q, k, v, windows=4, n_text=n_text, pattern="arrow", out_dtype=torch.float64)
     assert _rel_err(full, rf) < _tol(dtype) and ((res.double() - rr).norm() / rf.norm()).item() < _tol(dtype)
+    _, res2 = warsr_attention(q, k, v, windows=4, n_text=n_text, pattern="arrow", backend=backend, full=full)
+    assert ((res2.double() - rr).norm() / rf.norm()).item() < _tol(dtype)
 
 
 def test_dispatch_and_errors():
@@ -330,6 +336,8 @@ def test_dispatch_and_errors():
         headwise_attention(q, k, v, modes="window", windows=-1)
     with pytest.raises(DitlensError, match="WA-RS"):
         warsr_attention(q, k, v, windows=1, pattern="full")
+    with pytest.raises(DitlensError, match="full must have"):
+        warsr_attention(q, k, v, windows=1, full=q[:, :1])
     # reference backend through the public entry point
     out = headwise_attention(q, k, v, modes=["full", "window"], windows=[0, 1], backend="reference")
     ref = headwise_attention_reference(q, k, v, modes=["full", "window"], windows=[0, 1])

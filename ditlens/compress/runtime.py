@@ -281,9 +281,12 @@ class PlanRuntime:
             cond_rows = uncond_rows = rows_all
         out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
         if out is None:
+            out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
+        if out is None:
             out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
         refresh: dict[tuple[str, int, bool], list[int]] = {}
-        for h, wars in action.refresh:
+        done = self._warsr_refresh(q, k, v, params, action, key, layout, out, cond_rows, fwd)
+        for h, wars in () if done else action.refresh:
             if not (wars.asc and fwd.branch_key == "uncond"):  # every step using it copies the cond branch
                 refresh.setdefault((wars.mask_kind, wars.window, wars.asc), []).append(h)
         for (kind, w, asc), heads in refresh.items():
@@ -405,6 +408,68 @@ class PlanRuntime:
         out[cond_rows] = o
         out[uncond_rows] = o
         return out
+
+    def _whole_self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
+                              layout: CallLayout) -> bool:
+        """Whether this call can go to :mod:`ditlens.kernels` as a whole: self-attention of one shape,
+        no model mask or dropout, and a backend that uses the kernels (or FlexAttention)."""
+        return (self._use_fast(q) and not layout.cross and k.shape == q.shape and v.shape == q.shape
+                and params.get("attn_mask") is None and not params.get("dropout_p"))
+
+    def _kernel_backend(self) -> str:
+        return "flex" if self.backend == "flex" else "auto"
+
+    def _warsr_apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
+                     key: tuple, layout: CallLayout, cond_rows: slice, fwd: ForwardState) -> torch.Tensor | None:
+        """A WA-RS step on every head (each its own window): ``W + R`` in one launch, the residual added
+        in the kernel's epilogue (the grouped path needs a window launch, an addition and a copy).
+        None when the layer mixes methods or the call needs the grouped path."""
+        methods = action.heads
+        if any(m.base != "wars" for m in methods) or not self._whole_self_attention(q, k, v, params, layout):
+            return None
+        asc = {m.asc for m in methods}
+        residual = self.state.residual.get(key)
+        if len(asc) > 1 or residual is None or (asc == {True} and not fwd.batched_cfg):
+            return None  # separate forwards copy the cond output on the grouped path
+        from ditlens.kernels import windowed_plus_residual
+
+        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
+        windows = [m.window for m in methods]
+        o = windowed_plus_residual(q[rows], k[rows], v[rows], residual[rows], windows=windows, n_text=layout.n_text,
+                                   text_first=layout.text_first, pattern="window", scale=params.get("scale"),
+                                   backend=self._kernel_backend())
+        if self.count_flops:
+            self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * o.shape[0] for w in windows)
+        # +asc: the uncond half is a copy of the cond half, whichever half comes first
+        return o if asc != {True} else o.repeat(2, 1, 1, 1)
+
+    def _warsr_refresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
+                       key: tuple, layout: CallLayout, out: torch.Tensor, cond_rows: slice, fwd: ForwardState) -> bool:
+        """The residuals ``R = O - W`` of a full step whose every head feeds a later WA-RS step, in one
+        windowed launch that subtracts from ``O`` in its epilogue. False when the grouped loop must do it."""
+        H = q.shape[1]
+        if len(action.refresh) != H or not self._whole_self_attention(q, k, v, params, layout):
+            return False
+        asc = {wars.asc for _, wars in action.refresh}
+        if len(asc) > 1 or (asc == {True} and not fwd.batched_cfg):
+            return False
+        from ditlens.kernels import warsr_attention
+
+        st = self.state
+        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
+        windows = [wars.window for _, wars in sorted(action.refresh, key=lambda hw: hw[0])]
+        _, r = warsr_attention(q[rows], k[rows], v[rows], windows=windows, n_text=layout.n_text,
+                               text_first=layout.text_first, pattern="window", scale=params.get("scale"),
+                               backend=self._kernel_backend(), full=out[rows])
+        if self.count_flops:
+            self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * r.shape[0] for w in windows)
+        if r.shape[0] == out.shape[0]:
+            st.residual[key] = r
+        else:  # +asc: the residual's uncond rows are never read
+            if key not in st.residual:
+                st.residual[key] = torch.zeros_like(out)
+            st.residual[key][rows] = r
+        return True
 
     def _index(self, heads: tuple[int, ...] | list[int], device: torch.device) -> torch.Tensor:
         """A head-index tensor on ``device``, made once per head set (no host-to-device copy per call)."""

@@ -107,7 +107,7 @@ def _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi):
 
 @triton.jit
 def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, start_n, offs_m, offs_d0,
-                  offs_d1, seg_hi, mode, win, img_lo, img_hi, qk_scale,
+                  offs_d1, seg_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
                   HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                   MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
@@ -119,7 +119,11 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
                            D0 + D1 > HEAD_DIM, USE_TMA)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
     if MASKED:
-        allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
+        if band_only:  # image queries on image keys of a window/arrow head: the band is the whole rule
+            diff = offs_m[:, None] - offs_n[None, :]
+            allowed = (diff <= win) & (diff >= -win) & (offs_n < seg_hi)[None, :]
+        else:
+            allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
         qk = tl.where(allowed, qk * qk_scale, NEG_BIG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_new[:, None]
@@ -141,11 +145,12 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
 
 @triton.jit
 def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0,
-                    offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale,
+                    offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
                     HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                     UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
-    """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked."""
+    """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
+    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule."""
     n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
@@ -154,18 +159,18 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
     for j in range(0, j_first):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
-                                             True, UPCAST, USE_TMA)
+                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                             HAS_D1, True, UPCAST, USE_TMA)
     for j in range(j_first, j_end):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
-                                             False, UPCAST, USE_TMA)
+                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                             HAS_D1, False, UPCAST, USE_TMA)
     for j in range(j_end, n_blocks):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
-                                             True, UPCAST, USE_TMA)
+                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                             HAS_D1, True, UPCAST, USE_TMA)
     return acc0, acc1, m_i, l_i
 
 
@@ -173,8 +178,9 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
 def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexpr):
     """Key intervals of one query block: A (text keys, or all keys for full heads), B (image keys).
 
-    Returns (a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi): each segment and its
-    sub-interval that every valid query row of the block attends entirely.
+    Returns (a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band): each segment, its
+    sub-interval that every valid query row of the block attends entirely, and whether segment
+    B's edge blocks need only the band (a window/arrow head and no text query in the block).
     """
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     is_full = mode == 0
@@ -202,7 +208,8 @@ def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexp
     b_full_ok = b_on & ~(has_txt_q & ~is_arrow)
     bf_lo = tl.where(b_full_ok, tl.where(has_img_q, core_lo, img_lo), 0)
     bf_hi = tl.where(b_full_ok, tl.where(has_img_q, core_hi, img_hi), 0)
-    return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi
+    b_band = (~is_full) & (~has_txt_q)
+    return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band
 
 
 # Sequence geometry is not specialised on (one compile serves every length); strides are,
@@ -274,16 +281,16 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                       t_lo, t_hi, BLOCK_M)
+        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                               t_lo, t_hi, BLOCK_M)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
-                                               UPCAST, USE_TMA)
+                                               img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                               HAS_D1, UPCAST, USE_TMA)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
-                                               UPCAST, USE_TMA)
+                                               img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                               HAS_D1, UPCAST, USE_TMA)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
@@ -361,8 +368,8 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     wacc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     wm_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     wl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                   t_lo, t_hi, BLOCK_M)
+    a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, _ = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                      t_lo, t_hi, BLOCK_M)
     n_blocks = (L + BLOCK_N - 1) // BLOCK_N
     for j in range(0, n_blocks):
         start_n = j * BLOCK_N

@@ -138,7 +138,7 @@ def _windowed_plan(pattern: Sequence[str] | str, windows: Sequence[int] | int, H
 def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windows: Sequence[int] | int,
                     n_text: int = 0, text_first: bool = False, pattern: Sequence[str] | str = "window",
                     scale: float | None = None, backend: str = "auto",
-                    fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    fused: bool = False, full: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """WA-RS refresh step: full attention and its residual over windowed attention.
 
     Parameters:
@@ -152,6 +152,9 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
             kernel writing ``R = O - W`` in its epilogue. ``True``: one pass in which each score
             block feeds both softmaxes (no second attention over the window); correct, but
             measured 1.6-1.8x slower than the two launches on an H100 (benchmarks/results/kernels.md).
+        full: ``O`` when the caller has it already (e.g. from the model's own attention call),
+            ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (Triton: one
+            launch writing ``R = O - W``) and ``full`` is returned as given.
 
     Returns:
         ``(full_out, residual)``, both ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype:
@@ -165,6 +168,14 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     layout = TokenLayout(L, int(n_text), bool(text_first))
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(q, backend)
+    if full is not None:
+        if full.shape != q.shape:
+            raise DitlensError(f"full must have q's shape {tuple(q.shape)}, got {tuple(full.shape)}")
+        if chosen == "triton":
+            return full, headwise_triton(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
+        win = headwise_attention(q, k, v, modes=plan.modes, windows=plan.windows, n_text=n_text,
+                                 text_first=text_first, scale=scale_f, backend=chosen)
+        return full, (full.float() - win.float()).to(q.dtype)
     if chosen == "triton":
         if fused:
             return warsr_triton(q, k, v, plan, layout, scale_f)
