@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | overhead | pairs | v1 | e2e-small | e2e-sd3 | kernels | kernels-2k.
+# PART: tests | tests-runtime | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -38,6 +38,8 @@ for name in "$@"; do
                  --compile --repeats 3 --out "$out/e2e_small.json" ;;
     e2e-sd3) part e2e-sd3 400 python3 benchmarks/e2e.py --device cuda --models sd3-medium-1024 \
                --compile --repeats 3 --out "$out/e2e_sd3.json" ;;
+    e2e-profile) part e2e-profile-pixart 150 python3 benchmarks/e2e_profile.py --model pixart-sigma-xl-1024 --fraction 0.52
+                 part e2e-profile-dit 120 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.49 ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;

@@ -205,6 +205,8 @@ class PlanRuntime:
         return ForwardState(step, info.grid, "all", False, True)
 
     def end_forward(self) -> None:
+        # caches only grow or are replaced within a forward, so their size at its end is its peak
+        self.state.note_peak()
         self.forward = None
 
     # -- layers --------------------------------------------------------------------------------
@@ -242,7 +244,6 @@ class PlanRuntime:
             self.flops.last_core_full[key] = self.flops.core_full - core_full_before
         if action.store_module:
             self.state.module_out[key] = out
-            self.state.note_peak()
         return out
 
     def call_layout(self, index: int, q: torch.Tensor, k: torch.Tensor) -> CallLayout:
@@ -279,9 +280,9 @@ class PlanRuntime:
             cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
         else:
             cond_rows = uncond_rows = rows_all
-        out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
+        out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
         if out is None:
-            out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
+            out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
         if out is None:
             out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
         refresh: dict[tuple[str, int, bool], list[int]] = {}
@@ -309,7 +310,6 @@ class PlanRuntime:
                 st.head_out[key][:, idx] = out[:, idx]
         if fwd.branch_key == "cond" and action.uses_asc:
             st.asc_out[(index, call)] = out
-        st.note_peak()
         return out
 
     def _grouped(self, index: int, call: int, action: LayerStep, func: Callable, q: torch.Tensor, k: torch.Tensor,
@@ -424,51 +424,51 @@ class PlanRuntime:
         """A WA-RS step on every head (each its own window): ``W + R`` in one launch, the residual added
         in the kernel's epilogue (the grouped path needs a window launch, an addition and a copy).
         None when the layer mixes methods or the call needs the grouped path."""
-        methods = action.heads
-        if any(m.base != "wars" for m in methods) or not self._whole_self_attention(q, k, v, params, layout):
+        spec = action.wars_windows
+        if spec is None or not self._whole_self_attention(q, k, v, params, layout):
             return None
-        asc = {m.asc for m in methods}
+        windows, asc = spec
         residual = self.state.residual.get(key)
-        if len(asc) > 1 or residual is None or (asc == {True} and not fwd.batched_cfg):
+        if residual is None or (asc and not fwd.batched_cfg):
             return None  # separate forwards copy the cond output on the grouped path
         from ditlens.kernels import windowed_plus_residual
 
-        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
-        windows = [m.window for m in methods]
-        o = windowed_plus_residual(q[rows], k[rows], v[rows], residual[rows], windows=windows, n_text=layout.n_text,
+        if asc:
+            q, k, v, residual = q[cond_rows], k[cond_rows], v[cond_rows], residual[cond_rows]
+        o = windowed_plus_residual(q, k, v, residual, windows=windows, n_text=layout.n_text,
                                    text_first=layout.text_first, pattern="window", scale=params.get("scale"),
                                    backend=self._kernel_backend())
         if self.count_flops:
             self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * o.shape[0] for w in windows)
         # +asc: the uncond half is a copy of the cond half, whichever half comes first
-        return o if asc != {True} else o.repeat(2, 1, 1, 1)
+        return o.repeat(2, 1, 1, 1) if asc else o
 
     def _warsr_refresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
                        key: tuple, layout: CallLayout, out: torch.Tensor, cond_rows: slice, fwd: ForwardState) -> bool:
         """The residuals ``R = O - W`` of a full step whose every head feeds a later WA-RS step, in one
         windowed launch that subtracts from ``O`` in its epilogue. False when the grouped loop must do it."""
-        H = q.shape[1]
-        if len(action.refresh) != H or not self._whole_self_attention(q, k, v, params, layout):
+        spec = action.refresh_windows
+        if spec is None or not self._whole_self_attention(q, k, v, params, layout):
             return False
-        asc = {wars.asc for _, wars in action.refresh}
-        if len(asc) > 1 or (asc == {True} and not fwd.batched_cfg):
+        windows, asc = spec
+        if asc and not fwd.batched_cfg:
             return False
         from ditlens.kernels import warsr_attention
 
         st = self.state
-        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
-        windows = [wars.window for _, wars in sorted(action.refresh, key=lambda hw: hw[0])]
-        _, r = warsr_attention(q[rows], k[rows], v[rows], windows=windows, n_text=layout.n_text,
-                               text_first=layout.text_first, pattern="window", scale=params.get("scale"),
-                               backend=self._kernel_backend(), full=out[rows])
+        full = out
+        if asc:
+            q, k, v, full = q[cond_rows], k[cond_rows], v[cond_rows], out[cond_rows]
+        _, r = warsr_attention(q, k, v, windows=windows, n_text=layout.n_text, text_first=layout.text_first,
+                               pattern="window", scale=params.get("scale"), backend=self._kernel_backend(), full=full)
         if self.count_flops:
             self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * r.shape[0] for w in windows)
-        if r.shape[0] == out.shape[0]:
+        if not asc:
             st.residual[key] = r
-        else:  # +asc: the residual's uncond rows are never read
+        else:  # the residual's uncond rows are never read
             if key not in st.residual:
                 st.residual[key] = torch.zeros_like(out)
-            st.residual[key][rows] = r
+            st.residual[key][cond_rows] = r
         return True
 
     def _index(self, heads: tuple[int, ...] | list[int], device: torch.device) -> torch.Tensor:

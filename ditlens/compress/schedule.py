@@ -9,6 +9,7 @@ WA-RS step uses it, with the window that step uses).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ditlens.compress.methods import FULL, HeadMethod
@@ -28,7 +29,7 @@ class LayerStep:
     # (head, wars(w)[+asc]) whose residual R = O - W this full step computes; +asc: cond rows only
     refresh: tuple[tuple[int, HeadMethod], ...]
 
-    @property
+    @cached_property
     def plain(self) -> bool:
         """Every head full, nothing to keep: the original attention call runs untouched."""
         return all(m == FULL for m in self.heads) and not self.store_heads and not self.refresh
@@ -36,6 +37,23 @@ class LayerStep:
     @property
     def uses_asc(self) -> bool:
         return any(m.asc for m in self.heads)
+
+    @cached_property
+    def wars_windows(self) -> tuple[tuple[int, ...], bool] | None:
+        """(window per head, +asc) when every head runs WA-RS with one +asc setting, else None."""
+        asc = {m.asc for m in self.heads}
+        if not self.heads or any(m.base != "wars" for m in self.heads) or len(asc) > 1:
+            return None
+        return tuple(m.window for m in self.heads), asc.pop()
+
+    @cached_property
+    def refresh_windows(self) -> tuple[tuple[int, ...], bool] | None:
+        """(window per head, +asc) when this step refreshes the residual of every head, with one
+        +asc setting, else None."""
+        asc = {wars.asc for _, wars in self.refresh}
+        if not self.refresh or len(self.refresh) != len(self.heads) or len(asc) > 1:
+            return None
+        return tuple(wars.window for _, wars in sorted(self.refresh, key=lambda hw: hw[0])), asc.pop()
 
 
 def build_schedule(plan: "Plan") -> list[list[LayerStep]]:

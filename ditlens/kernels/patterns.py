@@ -28,6 +28,7 @@ Patterns, per head, with half-width ``w`` (a query token ``q`` and a key token `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,18 @@ def make_head_plan(modes: Sequence[str] | str, windows: Sequence[int] | int | No
     (a window at least as wide as the sequence is the full band) and ignored (set to 0) for
     ``full`` and ``skip`` heads.
     """
+    # a model calls with the same few plans thousands of times: check each once
+    key_modes = modes if isinstance(modes, str) else tuple(modes)
+    key_windows = windows if windows is None or isinstance(windows, int) else tuple(windows)
+    try:
+        return _head_plan(key_modes, key_windows, n_heads, seq_len)
+    except TypeError:  # unhashable entries (e.g. tensors): check without the cache
+        return _head_plan.__wrapped__(key_modes, key_windows, n_heads, seq_len)
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_plan(modes: tuple[str, ...] | str, windows: tuple[int, ...] | int | None, n_heads: int,
+               seq_len: int) -> HeadPlan:
     mode_list = [modes] * n_heads if isinstance(modes, str) else list(modes)
     if len(mode_list) != n_heads:
         raise DitlensError(f"modes has {len(mode_list)} entries but the input has {n_heads} heads; "

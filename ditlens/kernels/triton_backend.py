@@ -45,6 +45,7 @@ _GPU_CONFIGS: dict[int, KernelConfig] = {
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether triton imports at all."""
     return importlib.util.find_spec("triton") is not None
@@ -110,7 +111,7 @@ class _PlanTensors:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: str) -> _PlanTensors:
+def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device) -> _PlanTensors:
     cost = [head_attended_pairs(m, w, layout) for m, w in zip(plan.modes, plan.windows)]
     order = sorted(range(plan.n_heads), key=lambda h: (-cost[h], h))
     return _PlanTensors(
@@ -142,8 +143,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the kernels can read it in place: unit stride on D, every other stride a
     multiple of 8 elements and a 16-byte aligned start (the kernels assume 16-byte aligned rows);
     otherwise a contiguous copy."""
-    s = t.stride()
-    ok = s[3] == 1 and s[0] % 8 == 0 and s[1] % 8 == 0 and s[2] % 8 == 0 and t.data_ptr() % 16 == 0
+    s0, s1, s2, s3 = t.stride()
+    ok = s3 == 1 and s0 % 8 == 0 and s1 % 8 == 0 and s2 % 8 == 0 and t.data_ptr() % 16 == 0
     return t if ok else t.contiguous()
 
 
@@ -226,31 +227,38 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    mod = kernel_module()
     cfg = config or default_config(D, interpret)
-    d0, d1 = split_head_dim(D)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
     res = _unit_last(residual) if residual is not None else out
-    meta = _plan_tensors(plan, layout, str(q.device))
-    n_mblocks = triton_cdiv(L, cfg.block_m)
-    img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
-    grid = (H * B * n_mblocks,)
+    tensors = (q, k, v, out, cache, res)
+    strides = tuple(t.stride() for t in tensors)
     use_tma = _use_tma(q, cfg)
+    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma)
+    meta = _plan_tensors(plan, layout, q.device)
+    img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
+    n_mblocks = triton_cdiv(L, cfg.block_m)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-        mod.headwise_fwd_kernel[grid](
-            q, k, v, out, cache, res, meta.mode, meta.window, meta.order,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), res.stride(0), res.stride(1),
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
-            HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SC=cache.stride(2),
-            SR=res.stride(2), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-            HAS_RESIDUAL=residual is not None, UPCAST=interpret,
-            HINT_ALIGN=_needs_align_hint(q, k, v, out, cache, res), SUBTRACT=subtract, USE_TMA=use_tma,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        kernel_module().headwise_fwd_kernel[(H * B * n_mblocks,)](
+            *tensors, meta.mode, meta.window, meta.order,
+            *(x for st in strides for x in st[:2]),
+            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634, **constants)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool,
+                      has_residual: bool, subtract: bool, use_tma: bool) -> dict:
+    """The compile-time arguments of one launch shape (worked out once: a model makes the same few
+    launches thousands of times, and on a fast GPU the host time per launch shows)."""
+    d0, d1 = split_head_dim(head_dim)
+    token_strides = dict(zip(("SQ", "SK", "SV", "SO", "SC", "SR"), (st[2] for st in strides)))
+    align = any(st[0] % 16 or st[1] % 16 for st in strides)  # batch/head strides multiples of 8, not 16
+    return dict(
+        HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
+        HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=align, SUBTRACT=subtract,
+        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def warsr_two_pass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
@@ -284,7 +292,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     res = _output(q, residual_out)
-    meta = _plan_tensors(plan, layout, str(q.device))
+    meta = _plan_tensors(plan, layout, q.device)
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (B * H * n_mblocks,)

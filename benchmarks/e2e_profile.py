@@ -1,0 +1,137 @@
+"""Where a compressed denoising loop spends its time: one pipeline call of a benchmarks/e2e.py model,
+uncompressed and under one plan, each under torch.profiler; GPU time per kernel family and the
+host time per step, side by side. Answers "why is this plan not faster?" on the machine at hand.
+
+    python benchmarks/e2e_profile.py --model pixart-sigma-xl-1024 --fraction 0.52
+    python benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.49 --mix   # AST / WA-RS+ASC plan
+
+It also times the attention kernels alone on the model's real layout (diffusers' ``[B, L, H, D]``
+views) against contiguous ``[B, H, L, D]`` tensors, so a slow strided path shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def family(name: str) -> str:
+    """Group kernel names into a few families that say what the GPU is doing."""
+    n = name.lower()
+    for key, label in (("headwise_fwd", "ditlens attention"), ("flash", "sdpa (flash)"), ("fmha", "sdpa (fmha)"),
+                       ("cudnn", "sdpa (cudnn)"), ("gemm", "matmul"), ("sm90", "matmul"), ("nvjet", "matmul"),
+                       ("cutlass", "matmul"), ("triton", "compiled/triton"), ("copy", "copies"),
+                       ("elementwise", "elementwise"), ("reduce", "reductions"), ("norm", "norms")):
+        if key in n:
+            return label
+    return "other"
+
+
+def profile_call(model, kwargs: dict, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.pipe(**kwargs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    by_family: dict[str, float] = defaultdict(float)
+    launches = 0
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if gpu_us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            by_family[family(evt.key)] += gpu_us / 1e3
+            launches += evt.count
+    return {"wall_ms": wall * 1e3, "gpu_ms": dict(by_family), "gpu_total_ms": sum(by_family.values()),
+            "kernels_per_step": launches / steps}
+
+
+def kernel_layouts(model) -> list[str]:
+    """The window kernel and SDPA on the model's self-attention shape, strided vs contiguous."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from ditlens.kernels import headwise_attention
+
+    tr = model.pipe.transformer
+    cfg = tr.config
+    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
+    side = model.height // 8 // cfg.patch_size
+    L = side * side
+    B = 2  # CFG batch
+    w = max(1, L // 16)
+    lines = [f"attention alone, B={B} H={heads} L={L} D={dim}, window w={w} (ms, median of do_bench):"]
+    base = torch.randn(B, L, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    strided = [base[:, :, i].transpose(1, 2) for i in range(3)]  # [B, H, L, D] views of [B, L, H, D]
+    contiguous = [t.contiguous() for t in strided]
+    for label, (q, k, v) in (("strided [B,L,H,D] views", strided), ("contiguous [B,H,L,D]", contiguous)):
+        sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median")
+        full = do_bench(lambda: headwise_attention(q, k, v, modes="full", windows=0), return_mode="median")
+        win = do_bench(lambda: headwise_attention(q, k, v, modes="window", windows=w), return_mode="median")
+        lines.append(f"  {label}: SDPA {sdpa:.3f}, ditlens full {full:.3f}, ditlens window {win:.3f}")
+    # host time of one window call (launch path), the GPU kept busy elsewhere being irrelevant here
+    q, k, v = strided
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        headwise_attention(q, k, v, modes="window", windows=w)
+    host_us = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
+    lines.append(f"  host time per headwise_attention call (enqueue): {host_us:.0f} us")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="pixart-sigma-xl-1024")
+    parser.add_argument("--fraction", type=float, default=0.52, help="attention-FLOPs fraction of the plan")
+    parser.add_argument("--mix", action="store_true", help="the AST / WA-RS+ASC plan instead of WA-RS")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    from e2e import _fraction, v1_plan, v2_plan
+    from random_pipelines import e2e_model
+
+    from ditlens.compress import apply_plan
+
+    model = e2e_model(args.model, "cuda", torch.bfloat16)
+    kwargs = dict(model.call_kwargs, num_inference_steps=args.steps, output_type="latent")
+    if not args.model.startswith("dit"):
+        kwargs.update(height=model.height, width=model.width)
+    if model.plan_style == "v1":
+        plan, label = v1_plan(model, args.steps, args.fraction, args.mix)
+    else:
+        plan, label = v2_plan(model, args.steps, args.fraction)
+    print(f"{args.model}: plan {label}, attention-FLOPs fraction {_fraction(plan):.1%}", flush=True)
+    results = {}
+    for name in ("uncompressed", "plan", "uncompressed again"):
+        if name == "plan":
+            with apply_plan(model.pipe, plan, count_flops=False):
+                with torch.inference_mode():
+                    model.pipe(**kwargs)  # warm-up (kernel compiles)
+                results[name] = profile_call(model, kwargs, args.steps)
+        else:
+            with torch.inference_mode():
+                model.pipe(**kwargs)
+            results[name] = profile_call(model, kwargs, args.steps)
+    families = sorted({f for r in results.values() for f in r["gpu_ms"]},
+                      key=lambda f: -results["uncompressed"]["gpu_ms"].get(f, 0))
+    print(f"{'':24s}" + "".join(f"{n:>20s}" for n in results))
+    for f in families:
+        print(f"{f:24s}" + "".join(f"{r['gpu_ms'].get(f, 0):17.1f} ms" for r in results.values()))
+    for key, label in (("gpu_total_ms", "GPU kernels, total"), ("wall_ms", "wall (profiled)")):
+        print(f"{label:24s}" + "".join(f"{r[key]:17.1f} ms" for r in results.values()))
+    print(f"{'kernels per step':24s}" + "".join(f"{r['kernels_per_step']:20.0f}" for r in results.values()))
+    print("\n".join(kernel_layouts(model)))
+
+
+if __name__ == "__main__":
+    main()

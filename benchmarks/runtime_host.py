@@ -1,0 +1,111 @@
+"""Host (Python) time the compression runtime adds per transformer forward, measured without a GPU.
+
+At sizes where a GPU step is short (DiT-XL 512², PixArt-Σ 1024² on an H100/H200) the denoising
+loop waits on the host, and a plan is only faster if the host time it adds stays below the GPU
+time it saves (benchmarks/e2e_profile.py shows both on the device). This builds PixArt-Σ-XL's
+module structure (28 blocks, 16 heads) with tiny tensors in bfloat16, applies a plan, and runs
+the kernels' CUDA code path with the Triton launch replaced by a no-op, so that what is timed is
+the host work of hooks, interception, dispatch and launch preparation.
+
+    python benchmarks/runtime_host.py                   # ms per forward: plain, all-full plan, WA-RS plan
+    python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's host time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: indexing by a grid gives a callable that does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class _NoKernels:
+    headwise_fwd_kernel = _NoLaunch()
+    warsr_fwd_kernel = _NoLaunch()
+
+
+def emulate_gpu_kernels() -> None:
+    """CPU tensors take the Triton path (as CUDA tensors would), with launches that do nothing."""
+    from ditlens.compress import runtime
+    from ditlens.kernels import api, triton_backend
+
+    triton_backend.kernel_module = lambda: _NoKernels
+    triton_backend.check_triton_inputs = lambda q: None
+    api.check_triton_inputs = lambda q: None
+    runtime.PlanRuntime._use_fast = lambda self, q: True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    emulate_gpu_kernels()
+    import random_pipelines
+
+    from ditlens.compress import Plan, apply_plan
+
+    random_pipelines.PIXART_SIGMA_XL = {**random_pipelines.PIXART_SIGMA_XL, "num_layers": args.layers,
+                                        "attention_head_dim": 16, "sample_size": 8, "cross_attention_dim": 256}
+    pipe = random_pipelines.pixart_sigma_xl(device="cpu", dtype=torch.bfloat16, text_len=16)
+    size = 64
+    emb = torch.randn(1, 16, 4096, dtype=torch.bfloat16)
+    kwargs = dict(negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+                  negative_prompt_embeds=emb, negative_prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+                  num_inference_steps=args.steps, guidance_scale=4.5, height=size, width=size, output_type="latent",
+                  use_resolution_binning=False)
+    plans = {"all-full plan": Plan.uniform(pipe, args.steps, height=size, width=size, guidance=4.5)}
+    wars = Plan.uniform(pipe, args.steps, height=size, width=size, guidance=4.5)
+    grid = wars.model.tokens.grid
+    w = max(1, grid[1] * grid[2] // 16)
+    for i, layer in enumerate(wars.model.layers):
+        if layer.kind == "self":
+            for s in range(1, args.steps):
+                wars.set(s, i, f"wars({w})")
+    plans["WA-RS plan"] = wars
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(**kwargs)
+        return time.perf_counter() - t0
+
+    call()
+    results = {"plain": min(call() for _ in range(args.repeats))}
+    for name, plan in plans.items():
+        with apply_plan(pipe, plan, backend="kernels", count_flops=False):
+            call()
+            results[name] = min(call() for _ in range(args.repeats))
+    print(f"PixArt-Σ-XL structure ({args.layers} blocks, tiny bf16 tensors), {args.steps} forwards, "
+          "Triton launches emulated:")
+    for name, t in results.items():
+        extra = "" if name == "plain" else f" (+{1e3 * (t - results['plain']) / args.steps:.2f} ms, " \
+            f"+{1e6 * (t - results['plain']) / args.steps / args.layers:.0f} us per block)"
+        print(f"  {name:14s} {1e3 * t / args.steps:7.2f} ms per forward{extra}")
+    if args.cprofile:
+        with apply_plan(pipe, wars, backend="kernels", count_flops=False):
+            profiler = cProfile.Profile()
+            profiler.enable()
+            call()
+            profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+
+
+if __name__ == "__main__":
+    main()
