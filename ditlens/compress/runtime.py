@@ -280,7 +280,12 @@ class PlanRuntime:
             cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
         else:
             cond_rows = uncond_rows = rows_all
-        out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
+        if action.all_full:  # a full step that only keeps caches: the model's own call computes it
+            if self.count_flops:
+                self.flops.core += full_flops * H * B
+            out = func(*call_args, **call_kwargs)
+        else:
+            out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
         if out is None:
             out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
         if out is None:

@@ -30,9 +30,14 @@ class LayerStep:
     refresh: tuple[tuple[int, HeadMethod], ...]
 
     @cached_property
+    def all_full(self) -> bool:
+        """Every head runs full attention (the model's own call computes the step)."""
+        return all(m == FULL for m in self.heads)
+
+    @property
     def plain(self) -> bool:
         """Every head full, nothing to keep: the original attention call runs untouched."""
-        return all(m == FULL for m in self.heads) and not self.store_heads and not self.refresh
+        return self.all_full and not self.store_heads and not self.refresh
 
     @property
     def uses_asc(self) -> bool:
