@@ -9,6 +9,10 @@ the host work of hooks, interception, dispatch and launch preparation.
 
     python benchmarks/runtime_host.py                   # ms per forward: plain, all-full plan, WA-RS plan
     python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's host time goes
+    python benchmarks/runtime_host.py --attend          # us per PlanRuntime.attend call of one WA-RS step
+
+The whole-pipeline figures swing by tens of percent on a shared 2-core VM; ``--attend`` times the
+runtime's own per-call path alone (best of 5 loops of 3000 calls), which is stable.
 """
 
 from __future__ import annotations
@@ -48,15 +52,54 @@ def emulate_gpu_kernels() -> None:
     runtime.PlanRuntime._use_fast = lambda self, q: True
 
 
+def time_attend() -> None:
+    """Host time of one attention call under a WA-RS step and under its refresh step (launch emulated)."""
+    import torch.nn.functional as F
+
+    from ditlens.compress import Plan
+    from ditlens.compress.plan import LayerInfo, ModelFingerprint, RunSpec, TokenInfo
+    from ditlens.compress.runtime import ForwardState, PlanRuntime
+
+    H, D, grid = 16, 72, (1, 8, 8)
+    model = ModelFingerprint("host", "Host", "0" * 32, (LayerInfo("layer0", "self", "none"),), H, D,
+                             TokenInfo(64, 0, "none", grid))
+    methods = [[["full"] * H]] + [[["wars(4)"] * H]] * 3
+    plan = Plan(model, RunSpec(len(methods), "Host", 3.0, None, None, None, "batched_cond_first"),
+                [m[0:1] for m in methods])
+    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend="kernels",
+                          count_flops=False)
+    base = torch.randn(2, 64, 3, H, D, dtype=torch.bfloat16)
+    q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # diffusers' [B, L, H, D] views
+
+    def step(s: int) -> None:
+        runtime.forward = ForwardState(s, grid, "all", True, True)
+        runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention, (q, k, v), {})
+
+    step(0)
+    for _ in range(200):
+        step(1)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(3000):
+            step(1)
+        best = min(best, (time.perf_counter() - t0) / 3000)
+    print(f"PlanRuntime.attend, WA-RS step, 16 heads, launch emulated: {best * 1e6:.1f} us per call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    parser.add_argument("--attend", action="store_true", help="time the runtime's per-call path alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     emulate_gpu_kernels()
+    if args.attend:
+        time_attend()
+        return
     import random_pipelines
 
     from ditlens.compress import Plan, apply_plan
