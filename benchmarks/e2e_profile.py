@@ -78,7 +78,7 @@ def kernel_layouts(model) -> list[str]:
         full = do_bench(lambda: headwise_attention(q, k, v, modes="full", windows=0), return_mode="median")
         win = do_bench(lambda: headwise_attention(q, k, v, modes="window", windows=w), return_mode="median")
         lines.append(f"  {label}: SDPA {sdpa:.3f}, ditlens full {full:.3f}, ditlens window {win:.3f}")
-    # host time of one window call (launch path), the GPU kept busy elsewhere being irrelevant here
+    # host time of one window call: what the launch path costs before the GPU sees any work
     q, k, v = strided
     torch.cuda.synchronize()
     t0 = time.perf_counter()

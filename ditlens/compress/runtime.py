@@ -424,6 +424,11 @@ class PlanRuntime:
     def _kernel_backend(self) -> str:
         return "flex" if self.backend == "flex" else "auto"
 
+    def _count_windows(self, windows: tuple[int, ...], layout: CallLayout, head_dim: int, rows: int) -> None:
+        """Attention FLOPs of one windowed product per head (one head per entry of ``windows``)."""
+        if self.count_flops:
+            self.flops.core += sum(4 * head_dim * _pairs("window", w, layout) * rows for w in windows)
+
     def _warsr_apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
                      key: tuple, layout: CallLayout, cond_rows: slice, fwd: ForwardState) -> torch.Tensor | None:
         """A WA-RS step on every head (each its own window): ``W + R`` in one launch, the residual added
@@ -443,8 +448,7 @@ class PlanRuntime:
         o = windowed_plus_residual(q, k, v, residual, windows=windows, n_text=layout.n_text,
                                    text_first=layout.text_first, pattern="window", scale=params.get("scale"),
                                    backend=self._kernel_backend())
-        if self.count_flops:
-            self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * o.shape[0] for w in windows)
+        self._count_windows(windows, layout, q.shape[-1], o.shape[0])
         # +asc: the uncond half is a copy of the cond half, whichever half comes first
         return o.repeat(2, 1, 1, 1) if asc else o
 
@@ -466,8 +470,7 @@ class PlanRuntime:
             q, k, v, full = q[cond_rows], k[cond_rows], v[cond_rows], out[cond_rows]
         _, r = warsr_attention(q, k, v, windows=windows, n_text=layout.n_text, text_first=layout.text_first,
                                pattern="window", scale=params.get("scale"), backend=self._kernel_backend(), full=full)
-        if self.count_flops:
-            self.flops.core += sum(4 * q.shape[-1] * _pairs("window", w, layout) * r.shape[0] for w in windows)
+        self._count_windows(windows, layout, q.shape[-1], r.shape[0])
         if not asc:
             st.residual[key] = r
         else:  # the residual's uncond rows are never read

@@ -168,23 +168,20 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     layout = TokenLayout(L, int(n_text), bool(text_first))
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(q, backend)
-    if full is not None:
-        if full.shape != q.shape:
-            raise DitlensError(f"full must have q's shape {tuple(q.shape)}, got {tuple(full.shape)}")
-        if chosen == "triton":
-            return full, headwise_triton(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
-        win = headwise_attention(q, k, v, modes=plan.modes, windows=plan.windows, n_text=n_text,
-                                 text_first=text_first, scale=scale_f, backend=chosen)
-        return full, (full.float() - win.float()).to(q.dtype)
+    if full is not None and full.shape != q.shape:
+        raise DitlensError(f"full must have q's shape {tuple(q.shape)}, got {tuple(full.shape)}")
     if chosen == "triton":
+        if full is not None:
+            return full, headwise_triton(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
         if fused:
             return warsr_triton(q, k, v, plan, layout, scale_f)
         return warsr_two_pass_triton(q, k, v, plan, layout, scale_f)
-    if chosen == "reference":
+    if chosen == "reference" and full is None:
         return warsr_attention_reference(q, k, v, windows=plan.windows, n_text=n_text, text_first=text_first,
                                          pattern=plan.modes, scale=scale_f)
-    full = headwise_attention(q, k, v, modes="full", windows=0, n_text=n_text, text_first=text_first,
-                              scale=scale_f, backend=chosen)
+    if full is None:
+        full = headwise_attention(q, k, v, modes="full", windows=0, n_text=n_text, text_first=text_first,
+                                  scale=scale_f, backend=chosen)
     win = headwise_attention(q, k, v, modes=plan.modes, windows=plan.windows, n_text=n_text,
                              text_first=text_first, scale=scale_f, backend=chosen)
     return full, (full.float() - win.float()).to(q.dtype)

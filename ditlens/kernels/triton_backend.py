@@ -148,9 +148,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _needs_align_hint(*tensors: torch.Tensor) -> bool:
+def _needs_align_hint(strides: tuple[tuple[int, ...], ...]) -> bool:
     """True when a batch/head stride is a multiple of 8 but not of 16 (e.g. [B, L, H, 72] views)."""
-    return any(t.stride(0) % 16 or t.stride(1) % 16 for t in tensors)
+    return any(st[0] % 16 or st[1] % 16 for st in strides)
 
 
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -254,10 +254,10 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
     launches thousands of times, and on a fast GPU the host time per launch shows)."""
     d0, d1 = split_head_dim(head_dim)
     token_strides = dict(zip(("SQ", "SK", "SV", "SO", "SC", "SR"), (st[2] for st in strides)))
-    align = any(st[0] % 16 or st[1] % 16 for st in strides)  # batch/head strides multiples of 8, not 16
     return dict(
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
-        HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=align, SUBTRACT=subtract,
+        HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
+        SUBTRACT=subtract,
         USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -303,7 +303,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
         H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
         HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
-        HINT_ALIGN=_needs_align_hint(q, k, v, out, res),
+        HINT_ALIGN=_needs_align_hint(tuple(t.stride() for t in (q, k, v, out, res))),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, res
