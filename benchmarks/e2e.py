@@ -3,6 +3,7 @@ compression plans get to it (issue 8).
 
     python benchmarks/e2e.py --device cuda --out benchmarks/results/e2e.json          # the H100/H200 run
     python benchmarks/e2e.py --device cuda --models pixart-sigma-xl-2048 --compile    # + torch.compile
+    python benchmarks/e2e.py --device cuda --models dit-xl-2-512 --cuda-graphs         # + CUDA graphs
     python benchmarks/e2e.py --report benchmarks/results/e2e.json                     # Markdown + e2e.png
     python benchmarks/e2e.py --smoke                                                  # CPU, toy sizes
 
@@ -23,6 +24,12 @@ does not depend on them), in bfloat16, with batch and CFG as its pipeline uses t
 Every row of one model comes from the same process, run back to back. Below 2K (host-bound on an
 H100/H200: the loop time drifts between calls) each plan's calls alternate with uncompressed calls
 and its speedup is the median of the per-pair ratios (``--repeats`` pairs).
+
+``--cuda-graphs`` adds rows where every transformer forward, uncompressed and under each plan,
+is replayed from a CUDA graph (:func:`ditlens.compress.apply_cuda_graphs`; after ``--compile``,
+on top of the compiled feed-forward blocks). The attention share of those rows is measured with
+both variants of the forward replayed from graphs; attention-module time is not taken there
+(module hooks do not run inside a replay).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class Row:
     speedup_pipeline: float = 1.0
     reach: float = 1.0  # speedup_loop / bound
     compiled: bool = False
+    graphs: bool = False
     notes: str = ""
 
 
@@ -93,6 +101,7 @@ class ModelResult:
     text_encoders: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     compiled_share: float | None = None  # attention share with the feed-forward blocks compiled
+    graphs_share: float | None = None  # attention share of a forward replayed from a CUDA graph
 
 
 def sync(device: str) -> None:
@@ -171,14 +180,18 @@ def median_timing(samples: list[Timing]) -> Timing:
                     for f in ("loop_s", "pipeline_s", "attention_s", "peak_gib", "cache_gib")))
 
 
-def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, handle=None) -> Timing:
-    """One warm-up call, then the median of ``repeats`` timed calls."""
-    time_call(model, kwargs, clock, device, handle)
+def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, handle=None,
+                 warmup: int = 1) -> Timing:
+    """``warmup`` calls, then the median of ``repeats`` timed calls."""
+    for _ in range(warmup):
+        time_call(model, kwargs, clock, device, handle)
     return median_timing([time_call(model, kwargs, clock, device, handle) for _ in range(repeats)])
 
 
-def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan) -> tuple[Timing, Timing, float]:
-    """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after a warm-up of the plan.
+def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
+               warmup: int = 1) -> tuple[Timing, Timing, float]:
+    """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after ``warmup`` calls of the plan
+    (under CUDA graphs: an eager call, then the capture).
 
     On a host-bound size the loop time of one machine drifts by tens of percent between calls
     (other tenants, clocks); within a pair both calls see the same drift, so the speedup is the
@@ -186,7 +199,8 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
     from ditlens.compress import apply_plan
 
     with apply_plan(model.pipe, plan, count_flops=False) as handle:
-        time_call(model, kwargs, clock, device, handle)
+        for _ in range(warmup):
+            time_call(model, kwargs, clock, device, handle)
     plain, planned = [], []
     for _ in range(repeats):
         plain.append(time_call(model, kwargs, clock, device))
@@ -339,7 +353,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
 
     from ditlens.analyzer.adapters import default_registry
     from ditlens.analyzer.amdahl import measure_attention_share
-    from ditlens.compress import apply_plan
+    from ditlens.compress import apply_cuda_graphs, apply_plan
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = e2e_model(name, args.device, dtype, smoke=args.smoke)
@@ -354,18 +368,24 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
     text = time_text_encoders(model, args.device, dtype, args.smoke, text_cache)
     text_s = sum(text.values())
     results = []
-    for compiled in ([False, True] if args.compile else [False]):
-        if compiled:
+    variants = [("", False, False)]
+    if args.compile:
+        variants.append((" (compiled FF)", True, False))
+    if args.cuda_graphs:
+        variants.append((" (compiled FF + CUDA graphs)" if args.compile else " (CUDA graphs)", args.compile, True))
+    for tag, compiled, graphed in variants:
+        if compiled and not graphed:
             n = compile_non_attention(model.pipe.transformer)
             print(f"  compiled {n} feed-forward blocks", flush=True)
-        share = measure_attention_share(model.pipe, dict(kwargs), repeats=3)
+        share = measure_attention_share(model.pipe, dict(kwargs), repeats=3, cuda_graph=graphed)
         result = ModelResult(name, device_name, torch.__version__, steps, share.share, share.step_seconds * 1e3, text)
-        clock = LoopClock(model.pipe, modules, args.device)
+        graphs = apply_cuda_graphs(model.pipe) if graphed else None
+        warmup = 2 if graphed else 1  # under graphs: an eager call, then the capture
+        clock = LoopClock(model.pipe, [] if graphed else modules, args.device)
         repeats = 1 if model.height >= 2048 else args.repeats
-        base = run_pipeline(model, kwargs, clock, args.device, repeats)
-        tag = " (compiled FF)" if compiled else ""
+        base = run_pipeline(model, kwargs, clock, args.device, repeats, warmup=warmup)
         result.rows.append(Row(name, "uncompressed" + tag, steps, 1.0, share.share, 1.0, base.loop_s, base.pipeline_s,
-                               text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled))
+                               text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled, graphs=graphed))
         print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
         for (shape, mix), fraction in [(sh, f) for sh in shapes for f in model.fractions]:
@@ -373,23 +393,29 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             core = _fraction(plan)
             bound = share.bound(1.0 - core)
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
-                ref, got, sl = run_paired(model, kwargs, clock, args.device, repeats, plan)
+                ref, got, sl = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup)
             else:
                 with apply_plan(model.pipe, plan, count_flops=False) as handle:
-                    got = run_pipeline(model, kwargs, clock, args.device, repeats, handle)
+                    got = run_pipeline(model, kwargs, clock, args.device, repeats, handle, warmup)
                 ref, sl = base, base.loop_s / got.loop_s
             sp = (ref.pipeline_s + text_s) / (got.pipeline_s + text_s)
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
-                                   got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled,
+                                   got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
                                    f"target {fraction:.0%}"))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.2f}x (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()
-        results.append(result)
-    merged = results[0]
-    for extra in results[1:]:
+        if graphs is not None:
+            print(f"    CUDA graphs: {graphs.captures} captured, {graphs.replays} replays", flush=True)
+            graphs.remove()
+        results.append((result, compiled, graphed))
+    merged = results[0][0]
+    for extra, compiled, graphed in results[1:]:
         merged.rows += extra.rows
-        merged.compiled_share = extra.share
+        if graphed:
+            merged.graphs_share = extra.share
+        else:
+            merged.compiled_share = extra.share
     del model
     gc.collect()
     if args.device.startswith("cuda"):
@@ -430,7 +456,7 @@ def plot(out: Path, data: dict) -> None:
         return
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for res in data["models"]:
-        rows = [r for r in res["rows"] if not r["compiled"]]
+        rows = [r for r in res["rows"] if not r["compiled"] and not r.get("graphs")]
         shapes = dict.fromkeys(r["plan"].split(" w=")[0] for r in rows[1:])
         for k, shape in enumerate(shapes):
             line_rows = [rows[0]] + [r for r in rows[1:] if r["plan"].startswith(shape)]
@@ -457,6 +483,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per row (1 at 2K)")
     parser.add_argument("--compile", action="store_true", help="also run with torch.compile on the feed-forward blocks")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also replay every transformer forward from CUDA graphs (uncompressed and each plan)")
     parser.add_argument("--out", default=None, help="JSON results (written after every model)")
     parser.add_argument("--report", default=None, help="print the Markdown table of a results JSON (and write its plot)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code path")

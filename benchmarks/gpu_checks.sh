@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -28,6 +28,11 @@ for name in "$@"; do
   case $name in
     tests) part tests 420 python3 -m pytest -q -m gpu tests ;;  # ~230 s warm; Triton compiles take longer on a fresh machine
     tests-runtime) part tests-runtime 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py ;;
+    graphs) part graphs 200 python3 -m pytest -q -m gpu tests/test_graphs.py ;;
+    e2e-graphs) part e2e-graphs 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
+                  --cuda-graphs --repeats 3 --out "$out/e2e_graphs.json" ;;
+    e2e-graphs-sd3) part e2e-graphs-sd3 420 python3 benchmarks/e2e.py --device cuda --models sd3-medium-1024,flux-dev-1024 \
+                      --cuda-graphs --repeats 3 --out "$out/e2e_graphs_sd3_flux.json" ;;
     pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;

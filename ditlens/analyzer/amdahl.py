@@ -72,21 +72,35 @@ def capture_forward_inputs(pipeline: Any, call_kwargs: dict[str, Any]) -> tuple[
     return captured[0]
 
 
-def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_attention: bool, repeats: int) -> float:
+def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_attention: bool, repeats: int,
+                  cuda_graph: bool = False) -> float:
     def handler(func, q, k, v, call_args, call_kwargs):
         if drop_attention:
             return q.new_empty(q.shape[:-1] + (v.shape[-1],))
         return func(*call_args, **call_kwargs)
 
     device = next(transformer.parameters()).device
+    run = lambda: transformer(*args, **kwargs)  # noqa: E731
+    if cuda_graph:
+        if device.type != "cuda":
+            raise DitlensError(f"a CUDA-graph timing needs the transformer on CUDA, not {device}")
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), AttentionInterceptor(handler):
+            run()  # warm-up: kernels compile outside the capture
+            with torch.cuda.graph(graph):
+                run()
+        run = graph.replay
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):  # the first is a warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            with AttentionInterceptor(handler):
-                transformer(*args, **kwargs)
+            if cuda_graph:
+                run()
+            else:
+                with AttentionInterceptor(handler):
+                    run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
@@ -94,10 +108,14 @@ def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_
     return statistics.median(times)
 
 
-def measure_attention_share(pipeline: Any, call_kwargs: dict[str, Any], repeats: int = 3) -> AttentionShare:
-    """Time one transformer forward with and without its attention products (median of ``repeats``)."""
+def measure_attention_share(pipeline: Any, call_kwargs: dict[str, Any], repeats: int = 3,
+                            cuda_graph: bool = False) -> AttentionShare:
+    """Time one transformer forward with and without its attention products (median of ``repeats``).
+
+    ``cuda_graph``: each variant captured in a CUDA graph and replayed, which takes the host out
+    of the timing: the share a step has when it runs under :func:`ditlens.compress.apply_cuda_graphs`."""
     args, kwargs = capture_forward_inputs(pipeline, call_kwargs)
     transformer = pipeline.transformer
-    with_attention = _time_forward(transformer, args, kwargs, False, repeats)
-    without = _time_forward(transformer, args, kwargs, True, repeats)
+    with_attention = _time_forward(transformer, args, kwargs, False, repeats, cuda_graph)
+    without = _time_forward(transformer, args, kwargs, True, repeats, cuda_graph)
     return AttentionShare(with_attention, without)

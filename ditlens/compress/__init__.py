@@ -8,8 +8,12 @@ Deployment needs only this subpackage (no h5py, dash or plotly)::
     images = pipe(...).images
     print(handle.flops.core_fraction, handle.peak_cache_bytes())
     handle.remove()                          # the pipeline is exactly as before
+
+Below 2K a step is host-bound on an H100/H200; ``apply_cuda_graphs(pipe)`` replays every
+transformer forward (plan or not) as one CUDA graph from the second call on.
 """
 
+from ditlens.compress.graphs import CudaGraphConfig, CudaGraphHandle, apply_cuda_graphs
 from ditlens.compress.flops import FlopsReport, plan_flops, projection_flops
 from ditlens.compress.methods import HeadMethod, attended_pairs, parse_method
 from ditlens.compress.plan import (
@@ -25,7 +29,7 @@ from ditlens.compress.plan import (
 from ditlens.compress.runtime import PlanHandle, apply_plan, remove_plan
 
 __all__ = [
-    "FlopsReport", "FlopsSummary", "HeadMethod", "ModelFingerprint", "Plan", "PlanHandle", "Provenance", "RunSpec",
-    "apply_plan", "attended_pairs", "config_hash", "load_schema", "model_fingerprint", "parse_method", "plan_flops",
+    "CudaGraphConfig", "CudaGraphHandle", "FlopsReport", "FlopsSummary", "HeadMethod", "ModelFingerprint", "Plan", "PlanHandle", "Provenance", "RunSpec",
+    "apply_cuda_graphs", "apply_plan", "attended_pairs", "config_hash", "load_schema", "model_fingerprint", "parse_method", "plan_flops",
     "projection_flops", "remove_plan",
 ]

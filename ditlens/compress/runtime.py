@@ -126,6 +126,23 @@ class PlanRuntime:
         from ditlens.analyzer.capture import InterceptRoute
 
         self.routes = [InterceptRoute() for _ in plan.model.layers]
+        from ditlens.compress.graphs import plan_graph_key
+
+        self.graph_key = plan_graph_key(plan.to_json(), f"{backend}, flops {count_flops}")
+
+    # -- CUDA graphs (ditlens.compress.graphs): a replayed forward runs none of the layer hooks ----
+    def graph_snapshot(self) -> tuple[FlopsCounter, int]:
+        """The host-side counters after a captured forward, restored after each of its replays."""
+        import copy
+
+        return copy.deepcopy(self.flops), self.state.cache_bytes()
+
+    def restore_graph_snapshot(self, snapshot: tuple[FlopsCounter, int]) -> None:
+        import copy
+
+        flops, cache_bytes = snapshot
+        self.flops = copy.deepcopy(flops)
+        self.state.peak_bytes = max(self.state.peak_bytes, cache_bytes)
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:

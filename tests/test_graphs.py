@@ -1,0 +1,119 @@
+"""ditlens.compress.graphs: transformer forwards replayed from CUDA graphs, with and without a plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import ModelHook
+
+from ditlens.analyzer import hooks
+from ditlens.compress import CudaGraphConfig, Plan, apply_cuda_graphs, apply_plan
+from ditlens.compress.runtime import STEP_HOOK
+from ditlens.errors import DitlensError
+
+from test_compress import _no_ditlens_left
+from tiny_models import DIMS, build_tiny_pipeline, pipeline_call_kwargs
+
+def test_graphs_refuse_a_cpu_pipeline_and_bad_config():
+    pipe = build_tiny_pipeline("dit")
+    with pytest.raises(DitlensError, match="CUDA device"):
+        apply_cuda_graphs(pipe)
+    with pytest.raises(DitlensError, match="eager_calls"):
+        CudaGraphConfig(eager_calls=0)
+    _no_ditlens_left(pipe)
+
+
+def test_hook_taken_off_and_put_back_keeps_behaviour_and_removal_exact():
+    """apply_cuda_graphs moves the plan's step hook outside its own (take_off, attach, attach):
+    the plan still runs the same, and removing both, in either order, leaves the module as found."""
+    pipe = build_tiny_pipeline("dit")
+    steps = 3
+    plan = Plan.uniform(pipe, steps, "full", height=DIMS["dit"].height, width=DIMS["dit"].width, guidance=3.0,
+                        grid=DIMS["dit"].grid)
+    for s in range(1, steps):
+        plan.set(s, 0, "ast")
+        plan.set(s, 1, "wars(1)+asc")
+    plan.check_structure()
+    kw = lambda: pipeline_call_kwargs("dit", "class3", steps, 3.0, 0)  # noqa: E731
+    for first_off in ("inner", "plan"):
+        handle = apply_plan(pipe, plan, backend="dense")
+        expected = pipe(**kw()).images
+        step_hook = hooks.take_off(pipe.transformer, STEP_HOOK)
+        hooks.attach(pipe.transformer, ModelHook(), "inner")  # stands in for the graph hook
+        hooks.attach(pipe.transformer, step_hook, STEP_HOOK)
+        assert pipe.transformer._diffusers_hook._hook_order == ["inner", STEP_HOOK]
+        np.testing.assert_array_equal(pipe(**kw()).images, expected)
+        if first_off == "inner":
+            hooks.detach(pipe.transformer, "inner")
+            handle.remove()
+        else:
+            handle.remove()
+            hooks.detach(pipe.transformer, "inner")
+        _no_ditlens_left(pipe)
+
+
+def _plan(pipe, family: str, steps: int, cfg_layout: str | None) -> Plan:
+    d = DIMS[family]
+    plan = Plan.uniform(pipe, steps, "full", height=d.height, width=d.width, guidance=3.0, grid=d.grid,
+                        n_text=d.text_len, cfg_layout=cfg_layout)
+    asc = "+asc" if plan.run.cfg_layout != "none" else ""
+    for s in range(1, steps):
+        for i, layer in enumerate(plan.model.layers):
+            if layer.kind not in ("self", "joint"):
+                continue
+            if (s + i) % 3 == 0:
+                plan.set(s, i, "ast")  # whole-layer output cache: the module is skipped
+            elif (s + i) % 3 == 1:
+                plan.set(s, i, f"wars(2){asc}")
+            else:
+                kinds = ["window(1)", "ast", "full", "arrow(2)" if layer.kind == "joint" else "window(3)"]
+                plan.set(s, i, [kinds[h % 4] for h in range(d.heads)])
+    plan.check_structure()
+    return plan
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family, cfg_layout", [("dit", None), ("pixart", None), ("flux", "separate_cond_first")])
+def test_graph_replays_give_the_eager_images_with_and_without_a_plan(family, cfg_layout):
+    """Eager call, capture call and replay calls agree with the eager pipeline (plan and uncompressed,
+    alternating); the plan's FLOPs and cache report survive replays; removal leaves nothing."""
+    pipe = build_tiny_pipeline(family).to("cuda", torch.float16)
+    steps = 4
+    plan = _plan(pipe, family, steps, cfg_layout)
+    forwards = steps * (2 if plan.run.cfg_layout == "separate_cond_first" else 1)
+
+    def call():
+        kw = pipeline_call_kwargs(family, "a red bag", steps, 3.0, 0)
+        kw["generator"] = torch.Generator("cuda").manual_seed(0)
+        return pipe(**kw).images
+
+    plain = call()
+    with apply_plan(pipe, plan) as handle:
+        planned = call()
+        eager_flops, eager_cache = handle.flops, handle.peak_cache_bytes()
+    assert np.abs(planned - plain).max() > 1e-3  # the plan changes the images: the comparisons below can fail
+
+    graphs = apply_cuda_graphs(pipe)
+    np.testing.assert_array_equal(call(), plain)  # first call: eager
+    assert graphs.captures == 0
+    captured = call()  # second call: captured, then replayed
+    assert graphs.captures == forwards
+    np.testing.assert_allclose(captured, plain, atol=2e-3)
+    handle = apply_plan(pipe, plan)  # applied after the graphs: its step hook is the outer one
+    for i in range(3):  # eager, capture, replay
+        handle.reset()
+        np.testing.assert_allclose(call(), planned, atol=2e-3, err_msg=f"plan call {i}")
+    assert graphs.captures == 2 * forwards
+    assert handle.flops == eager_flops
+    assert handle.peak_cache_bytes() == eager_cache
+    handle.remove()
+    np.testing.assert_array_equal(call(), captured)  # the uncompressed graphs again, no new capture
+    with apply_plan(pipe, plan):  # the same plan applied again: its graphs replay at once
+        again = call()
+    assert graphs.captures == 2 * forwards
+    np.testing.assert_allclose(again, planned, atol=2e-3)
+    graphs.remove()
+    _no_ditlens_left(pipe)
+
