@@ -97,8 +97,13 @@ def headwise_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadP
 
 @functools.lru_cache(maxsize=8)
 def _dense_mask(plan: HeadPlan, layout: TokenLayout, device: str) -> torch.Tensor:
-    return attention_mask(plan.modes, plan.windows, layout.seq_len, n_text=layout.n_text,
+    mask = attention_mask(plan.modes, plan.windows, layout.seq_len, n_text=layout.n_text,
                           text_first=layout.text_first, device=device)
+    if plan.has_skip:
+        # an all-False row would give NaN: let skip heads attend everything, then overwrite them
+        skip = torch.tensor([m == "skip" for m in plan.modes], device=device)
+        mask = mask | skip[:, None, None]
+    return mask
 
 
 def headwise_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
@@ -107,10 +112,6 @@ def headwise_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadP
     if all(m == "full" for m in plan.modes):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        mask = _dense_mask(plan, layout, str(q.device))
-        if plan.has_skip:
-            # an all-False row would give NaN: let skip heads attend everything, then overwrite them
-            skip = torch.tensor([m == "skip" for m in plan.modes], device=q.device)
-            mask = mask | skip[:, None, None]
+        mask = _dense_mask(plan, layout, str(q.device))  # built once: no host-to-device copy per call
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale)
     return _fill_skipped(out, plan, cached)
