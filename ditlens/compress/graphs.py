@@ -128,8 +128,7 @@ class CudaGraphRunner:
         inputs = st.inputs.get(signature)
         if inputs is None:
             with torch.inference_mode(False), torch.no_grad():  # usable inside and outside inference mode
-                inputs = _Inputs([torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                                  for t in tensors])
+                inputs = _Inputs([_buffer_like(t) for t in tensors])
             st.inputs[signature] = inputs
         for buffer, t in zip(inputs.buffers, tensors):
             if buffer.data_ptr() != t.data_ptr():
@@ -160,6 +159,12 @@ class CudaGraphRunner:
                                "something in the forward syncs with the host or allocates on the CPU: run without "
                                "CUDA graphs") from exc
         return _Forward(graph, output, runtime.graph_snapshot() if runtime is not None else None)
+
+
+def _buffer_like(t: torch.Tensor) -> torch.Tensor:
+    """A buffer ``t`` can be copied into: same strides, or contiguous where ``t`` overlaps itself
+    (pipelines pass ``timestep.expand(batch)``, a view with stride 0)."""
+    return torch.empty_like(t, memory_format=torch.preserve_format)  # that rule is preserve_format's
 
 
 def _static_leaf(x: Any) -> Any:
