@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers.hooks import ModelHook
 
-from ditlens.analyzer import hooks
 from ditlens.compress import CudaGraphConfig, Plan, apply_cuda_graphs, apply_plan
 from ditlens.compress.runtime import STEP_HOOK
 from ditlens.errors import DitlensError
@@ -27,6 +25,12 @@ def test_graphs_refuse_a_cpu_pipeline_and_bad_config():
 def test_hook_taken_off_and_put_back_keeps_behaviour_and_removal_exact():
     """apply_cuda_graphs moves the plan's step hook outside its own (take_off, attach, attach):
     the plan still runs the same, and removing both, in either order, leaves the module as found."""
+    # imported here, not at collection: diffusers imports triton, which fixes the interpreter mode
+    # before test_kernels can set TRITON_INTERPRET for the CPU kernel tests
+    from diffusers.hooks import ModelHook
+
+    from ditlens.analyzer import hooks
+
     pipe = build_tiny_pipeline("dit")
     steps = 3
     plan = Plan.uniform(pipe, steps, "full", height=DIMS["dit"].height, width=DIMS["dit"].width, guidance=3.0,

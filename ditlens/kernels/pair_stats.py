@@ -80,14 +80,25 @@ if triton is not None:
 
 
 def interpreted() -> bool:
-    """Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton was imported)."""
-    import os
+    """Whether these kernels run under Triton's CPU interpreter: both triton's own library and our
+    kernel must have been decorated with TRITON_INTERPRET=1 (the variable counts when triton and
+    this module were imported; setting it later mixes interpreted and compiled functions)."""
+    return _jit_modes() == (True, True)
 
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+def _jit_modes() -> tuple[bool, bool]:
+    if triton is None:
+        return False, False
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl_standard.max, InterpretedFunction), isinstance(_pair_sums_kernel, InterpretedFunction)
 
 
 def pair_sums_available(x: torch.Tensor) -> bool:
-    return triton is not None and x.dtype in _TRITON_DTYPES and (x.is_cuda or (interpreted() and not x.is_cuda))
+    if triton is None or x.dtype not in _TRITON_DTYPES:
+        return False
+    return _jit_modes() == ((False, False) if x.is_cuda else (True, True))
 
 
 def _as_heads(t: torch.Tensor) -> torch.Tensor:
