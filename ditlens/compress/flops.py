@@ -173,5 +173,9 @@ class FlopsCounter:
         self.last_projection.clear()
         self.last_core_full.clear()
 
+    def copy(self) -> "FlopsCounter":
+        return FlopsCounter(self.core, self.core_full, self.projections, self.projections_full,
+                            dict(self.last_projection), dict(self.last_core_full))
+
     def report(self) -> FlopsReport:
         return FlopsReport(self.core, self.core_full, self.projections, self.projections_full)

@@ -30,7 +30,7 @@ Nothing is kept that no later step reads.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -126,22 +126,23 @@ class PlanRuntime:
         from ditlens.analyzer.capture import InterceptRoute
 
         self.routes = [InterceptRoute() for _ in plan.model.layers]
+
+    @cached_property
+    def graph_key(self) -> str:
+        """What tells this plan's CUDA graphs from other configurations' (worked out on first use)."""
         from ditlens.compress.graphs import plan_graph_key
 
-        self.graph_key = plan_graph_key(plan.to_json(), f"{backend}, flops {count_flops}")
+        return plan_graph_key(self.plan.to_json(), f"{self.backend}, flops {self.count_flops}")
 
     # -- CUDA graphs (ditlens.compress.graphs): a replayed forward runs none of the layer hooks ----
-    def graph_snapshot(self) -> tuple[FlopsCounter, int]:
+    def graph_snapshot(self) -> tuple[FlopsCounter | None, int]:
         """The host-side counters after a captured forward, restored after each of its replays."""
-        import copy
+        return (self.flops.copy() if self.count_flops else None), self.state.cache_bytes()
 
-        return copy.deepcopy(self.flops), self.state.cache_bytes()
-
-    def restore_graph_snapshot(self, snapshot: tuple[FlopsCounter, int]) -> None:
-        import copy
-
+    def restore_graph_snapshot(self, snapshot: tuple[FlopsCounter | None, int]) -> None:
         flops, cache_bytes = snapshot
-        self.flops = copy.deepcopy(flops)
+        if flops is not None:  # a copy: the runtime resets its counter in place at the next call
+            self.flops = flops.copy()
         self.state.peak_bytes = max(self.state.peak_bytes, cache_bytes)
 
     # -- steps ---------------------------------------------------------------------------------
