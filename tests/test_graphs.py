@@ -88,37 +88,55 @@ def test_graph_replays_give_the_eager_images_with_and_without_a_plan(family, cfg
     plan = _plan(pipe, family, steps, cfg_layout)
     forwards = steps * (2 if plan.run.cfg_layout == "separate_cond_first" else 1)
 
-    def call():
+    noise_preds: list[torch.Tensor] = []  # the transformer's outputs of one call: the plan's effect is visible
+    recorder = pipe.transformer.register_forward_hook(lambda m, a, out: noise_preds.append(out[0].float().cpu()))
+
+    def call() -> tuple[np.ndarray, np.ndarray]:
+        noise_preds.clear()
         kw = pipeline_call_kwargs(family, "a red bag", steps, 3.0, 0)
         kw["generator"] = torch.Generator("cuda").manual_seed(0)
-        return pipe(**kw).images
+        images = pipe(**kw).images
+        return images, torch.stack(noise_preds).numpy()
+
+    def assert_close(got, want, msg: str = "") -> None:
+        # Replays run the captured kernels; cuBLAS may pick another algorithm under capture, so allow
+        # about an fp16 ulp of the outputs rather than demanding bit equality.
+        np.testing.assert_allclose(got[0], want[0], atol=2e-3, err_msg=f"images {msg}")
+        np.testing.assert_allclose(got[1], want[1], atol=1e-3, rtol=1e-3, err_msg=f"transformer outputs {msg}")
 
     plain = call()
     with apply_plan(pipe, plan) as handle:
         planned = call()
         eager_flops, eager_cache = handle.flops, handle.peak_cache_bytes()
-    assert np.abs(planned - plain).max() > 1e-3  # the plan changes the images: the comparisons below can fail
+    # The plan changes what the transformer returns by far more than the tolerance (tiny PixArt's images
+    # barely move: its two layers' attention is a small part of each output), so the comparisons can fail.
+    assert np.abs(planned[1] - plain[1]).max() > 1e-2
 
     graphs = apply_cuda_graphs(pipe)
-    np.testing.assert_array_equal(call(), plain)  # first call: eager
+    first = call()  # first call: eager
+    np.testing.assert_array_equal(first[0], plain[0])
+    np.testing.assert_array_equal(first[1], plain[1])
     assert graphs.captures == 0
     captured = call()  # second call: captured, then replayed
     assert graphs.captures == forwards
-    np.testing.assert_allclose(captured, plain, atol=2e-3)
+    assert_close(captured, plain, "captured call")
     handle = apply_plan(pipe, plan)  # applied after the graphs: its step hook is the outer one
     for i in range(3):  # eager, capture, replay
         handle.reset()
-        np.testing.assert_allclose(call(), planned, atol=2e-3, err_msg=f"plan call {i}")
+        assert_close(call(), planned, f"plan call {i}")
     assert graphs.captures == 2 * forwards
     assert handle.flops == eager_flops
     assert handle.peak_cache_bytes() == eager_cache
     handle.remove()
-    np.testing.assert_array_equal(call(), captured)  # the uncompressed graphs again, no new capture
+    again_plain = call()  # the uncompressed graphs again, no new capture
+    np.testing.assert_array_equal(again_plain[0], captured[0])
+    np.testing.assert_array_equal(again_plain[1], captured[1])
     with apply_plan(pipe, plan):  # the same plan applied again: its graphs replay at once
         again = call()
     assert graphs.captures == 2 * forwards
-    np.testing.assert_allclose(again, planned, atol=2e-3)
+    assert_close(again, planned, "plan applied again")
     graphs.remove()
+    recorder.remove()
     if family == "flux":  # FluxPipeline's cache_context gives the transformer diffusers' own registry in any call
         for module in pipe.transformer.modules():
             names = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
