@@ -144,3 +144,52 @@ def test_graph_replays_give_the_eager_images_with_and_without_a_plan(family, cfg
     else:
         _no_ditlens_left(pipe)
 
+
+
+def test_graph_constants_are_recorded_only_during_a_capture():
+    from ditlens.kernels.graph_constants import graph_constant, record_graph_constants
+
+    marker = object()
+    assert graph_constant(marker) is marker
+    with record_graph_constants() as outer:
+        graph_constant(1)
+        with record_graph_constants() as inner:
+            graph_constant(2)
+        graph_constant(3)
+    graph_constant(4)
+    assert (outer, inner) == ([1, 3], [2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replays_survive_evicted_constants_and_a_dropped_runtime():
+    """A graph reads per-plan head tensors and head indices from caches that evict and from the
+    runtime that removal drops: after both are gone and their memory is handed out again, replays
+    still give the plan's images (the graph keeps what it read alive)."""
+    import gc
+
+    from ditlens.kernels import triton_backend
+
+    family = "dit"
+    pipe = build_tiny_pipeline(family).to("cuda", torch.float16)
+    steps = 4
+    plan = _plan(pipe, family, steps, None)
+
+    def call():
+        kw = pipeline_call_kwargs(family, "a red bag", steps, 3.0, 0)
+        kw["generator"] = torch.Generator("cuda").manual_seed(0)
+        return pipe(**kw).images
+
+    graphs = apply_cuda_graphs(pipe)
+    with apply_plan(pipe, plan):
+        planned = call()  # eager
+        call()  # captured
+    triton_backend._plan_tensors.cache_clear()
+    gc.collect()
+    # Small blocks freed above are handed out again: fill them with indices no head has.
+    junk = [torch.full((64,), 1 << 20, dtype=torch.int32, device="cuda") for _ in range(4096)]
+    with apply_plan(pipe, plan):  # a new runtime; the graphs replay at once
+        again = call()
+    del junk
+    graphs.remove()
+    np.testing.assert_allclose(again, planned, atol=2e-3)

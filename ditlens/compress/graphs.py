@@ -17,6 +17,9 @@ graphs share one memory pool. That is safe because every tensor that crosses fro
 another (a plan's caches, a module output a later step reuses) is written and read within one
 pipeline call of one configuration, and the graphs of a call replay in the order they were
 captured; inputs live in buffers outside the pool and outputs are copied out at once.
+Constants the kernels read from outside the graph (per-plan head tensors, masks, head indices)
+come from caches that evict or from a runtime that is dropped on removal: each graph keeps the
+ones it read alive (:mod:`ditlens.kernels.graph_constants`).
 
 What a graph cannot see: anything the forward decides in Python from values that change
 between calls without being a tensor input. ditlens' own plan runtime keys its graphs on the
@@ -37,6 +40,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ditlens.errors import DitlensError
+from ditlens.kernels.graph_constants import record_graph_constants
 
 GRAPH_HOOK = "ditlens.compress.cuda_graphs"
 _UNCOMPRESSED = "uncompressed"
@@ -61,6 +65,7 @@ class _Forward:
     graph: torch.cuda.CUDAGraph
     output: Any
     runtime_snapshot: Any  # what the plan runtime's host-side counters were after it (None without a plan)
+    constants: list[Any]  # device constants read by the graph and living outside it: kept allocated with it
 
 
 @dataclass
@@ -152,13 +157,13 @@ class CudaGraphRunner:
             self.state.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.state.pool):
+            with record_graph_constants() as constants, torch.cuda.graph(graph, pool=self.state.pool):
                 output = original(*args, **kwargs)
         except RuntimeError as exc:
             raise DitlensError(f"capturing a transformer forward in a CUDA graph failed ({str(exc).splitlines()[0]}); "
                                "something in the forward syncs with the host or allocates on the CPU: run without "
                                "CUDA graphs") from exc
-        return _Forward(graph, output, runtime.graph_snapshot() if runtime is not None else None)
+        return _Forward(graph, output, runtime.graph_snapshot() if runtime is not None else None, constants)
 
 
 def _buffer_like(t: torch.Tensor) -> torch.Tensor:

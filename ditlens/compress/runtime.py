@@ -42,6 +42,7 @@ from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, cal
 from ditlens.compress.plan import Plan
 from ditlens.compress.schedule import LayerStep, build_schedule
 from ditlens.errors import DitlensError, PlanMismatchError
+from ditlens.kernels.graph_constants import graph_constant
 
 STEP_HOOK = "ditlens.compress.step"
 LAYER_HOOK = "ditlens.compress.layer"
@@ -503,7 +504,7 @@ class PlanRuntime:
         idx = self._indices.get(key)
         if idx is None:
             idx = self._indices[key] = torch.tensor(key[0], device=device)
-        return idx
+        return graph_constant(idx)
 
     def _masked(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, rows: slice,
                 heads: torch.Tensor | None, kind: str, w: int, layout: CallLayout) -> torch.Tensor:
@@ -521,7 +522,7 @@ class PlanRuntime:
             fast = _fast_attention(q, k, v, kind, w, layout, extra.get("scale"), self.backend)
             if fast is not None:
                 return fast
-        mask = dense_mask(kind, w, layout, str(q.device))
+        mask = graph_constant(dense_mask(kind, w, layout, str(q.device)))
         if model_mask is not None:
             mask = model_mask & mask if model_mask.dtype == torch.bool else model_mask.masked_fill(~mask, float("-inf"))
         return func(q, k, v, attn_mask=mask, **extra)
@@ -580,7 +581,7 @@ def _flex_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # eager (unfused) FlexAttention off CUDA: expected
-        return flex_function(q.device)(q, k, v, block_mask=_block_mask(kind, w, layout, str(q.device)), scale=scale)
+        return flex_function(q.device)(q, k, v, block_mask=graph_constant(_block_mask(kind, w, layout, str(q.device))), scale=scale)
 
 
 @lru_cache(maxsize=64)

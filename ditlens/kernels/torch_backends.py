@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ditlens.errors import DitlensError
+from ditlens.kernels.graph_constants import graph_constant
 from ditlens.kernels.patterns import HeadPlan, TokenLayout, attention_mask, headwise_mask_mod
 
 FLEX_BLOCK = 128
@@ -87,7 +88,7 @@ def headwise_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadP
     if all(m == "full" for m in plan.modes):
         block_mask = None
     else:
-        block_mask = flex_block_mask(plan, layout, str(q.device))
+        block_mask = graph_constant(flex_block_mask(plan, layout, str(q.device)))
     with warnings.catch_warnings():
         # eager flex_attention on the CPU warns that it is unfused: expected there
         warnings.simplefilter("ignore", UserWarning)
@@ -112,6 +113,6 @@ def headwise_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadP
     if all(m == "full" for m in plan.modes):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        mask = _dense_mask(plan, layout, str(q.device))  # built once: no host-to-device copy per call
+        mask = graph_constant(_dense_mask(plan, layout, str(q.device)))  # built once: no host-to-device copy per call
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale)
     return _fill_skipped(out, plan, cached)

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 from ditlens.errors import DitlensError
+from ditlens.kernels.graph_constants import graph_constant
 from ditlens.kernels.patterns import HeadPlan, TokenLayout, head_attended_pairs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -236,7 +237,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     strides = tuple(t.stride() for t in tensors)
     use_tma = _use_tma(q, cfg)
     constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma)
-    meta = _plan_tensors(plan, layout, q.device)
+    meta = graph_constant(_plan_tensors(plan, layout, q.device))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
@@ -292,7 +293,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     res = _output(q, residual_out)
-    meta = _plan_tensors(plan, layout, q.device)
+    meta = graph_constant(_plan_tensors(plan, layout, q.device))
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (B * H * n_mblocks,)
