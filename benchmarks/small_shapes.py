@@ -6,7 +6,8 @@ a graph: kernel time only), bf16, against SDPA in the same run.
     python benchmarks/small_shapes.py --out DIR        # writes small_shapes.json and prints a table
 
 Variants: dense; ``window(w)`` on every head; the WA-RS apply step ``W + R`` (residual added in the
-epilogue); the WA-RS refresh's extra launch ``R = O - W`` (subtracting from a given ``O``).
+epilogue); the WA-RS refresh's extra launch ``R = O - W`` (subtracting from a given ``O``, which
+the model's SDPA computed); the one-pass refresh that computes ``O`` and ``R`` together.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
 
     from ditlens.kernels.patterns import HeadPlan, TokenLayout
-    from ditlens.kernels.triton_backend import KernelConfig, headwise_triton
+    from ditlens.kernels.triton_backend import KernelConfig, headwise_triton, warsr_triton
 
     def bench(fn) -> float:
         fn()
@@ -50,7 +51,7 @@ def main() -> None:
         print(f"{name}: SDPA {sdpa:.1f} µs", flush=True)
         for bm, bn, warps, stages in CONFIGS:
             cfg = KernelConfig(bm, bn, warps, stages)
-            out = torch.empty_like(q)
+            out, r_out = torch.empty_like(q), torch.empty_like(q)
             times = {
                 "dense": bench(lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out)),
                 "window": bench(lambda: headwise_triton(q, k, v, window, layout, scale, config=cfg, out=out)),
@@ -58,6 +59,8 @@ def main() -> None:
                                                      out=out)),
                 "R=O-W": bench(lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
                                                        out=out, subtract=True)),
+                "O,R fused": bench(lambda: warsr_triton(q, k, v, window, layout, scale, config=cfg, out=out,
+                                                        residual_out=r_out)),
             }
             rows.append({"shape": name, "w": w, "config": f"{bm}x{bn}/{warps}w/{stages}s", "sdpa_us": sdpa,
                          **{f"{key}_us": t for key, t in times.items()}})
@@ -65,11 +68,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))
-    print("| shape | config | SDPA µs | dense µs | window(w) µs | W + R µs | R = O - W µs |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| shape | config | SDPA µs | dense µs | window(w) µs | W + R µs | R = O - W µs | O and R in one pass µs |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['shape']} (w={r['w']}) | {r['config']} | {r['sdpa_us']:.1f} | {r['dense_us']:.1f} | "
-              f"{r['window_us']:.1f} | {r['W+R_us']:.1f} | {r['R=O-W_us']:.1f} |")
+              f"{r['window_us']:.1f} | {r['W+R_us']:.1f} | {r['R=O-W_us']:.1f} | {r['O,R fused_us']:.1f} |")
 
 
 if __name__ == "__main__":

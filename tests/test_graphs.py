@@ -160,6 +160,24 @@ def test_graph_constants_are_recorded_only_during_a_capture():
     assert (outer, inner) == ([1, 3], [2])
 
 
+def test_the_runtime_hands_its_device_constants_to_a_recording_capture():
+    """What a graph must keep alive reaches the capture's list: the head-index tensors of a mixed
+    layer and the cached dense masks of its windowed groups."""
+    from ditlens.kernels.graph_constants import record_graph_constants
+
+    family = "dit"
+    pipe = build_tiny_pipeline(family)
+    plan = _plan(pipe, family, 2, None)
+    with apply_plan(pipe, plan, backend="dense"), record_graph_constants() as kept:
+        pipe(**pipeline_call_kwargs(family, "a red bag", 2, 3.0, 0))
+    masks = [x for x in kept if isinstance(x, torch.Tensor) and x.dtype == torch.bool]
+    indices = [x for x in kept if isinstance(x, torch.Tensor) and x.dtype == torch.int64]
+    assert masks and indices
+    heads = DIMS[family].heads
+    assert all(0 <= int(x.min()) and int(x.max()) < heads for x in indices)
+    assert all(m.shape[-1] == masks[0].shape[-1] for m in masks)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replays_survive_evicted_constants_and_a_dropped_runtime():
