@@ -288,3 +288,28 @@ def test_budget_mode_reaches_target():
                     guidance=3.0, micro_batch=2, progress=False, call_kwargs=ecfg.call_kwargs, budget_iterations=4)
     assert result.plan.flops.attention_core_fraction <= 0.6
     assert "budget target=flops 0.6" in result.plan.provenance.notes
+
+
+def test_width_ladder_sets_the_default_candidates():
+    from ditlens.compress.search.api import search
+    from ditlens.compress.search.common import default_candidates
+    from ditlens.kernels import window_for_sparsity
+
+    pipe, prompts, ecfg = _setup("dit")
+    result = search(pipe, prompts, method="v2", delta=0.05, steps=STEPS, guidance=3.0, micro_batch=2, progress=False,
+                    call_kwargs=ecfg.call_kwargs, sparsities=(0.25, 0.5))
+    n_image = result.plan.model.tokens.n_image
+    expected = ["ast"] + [f"window({int(window_for_sparsity(n_image, s))})" for s in (0.25, 0.5)]
+    assert result.candidates == expected == default_candidates(n_image, False, sparsities=(0.25, 0.5))
+    assert f"candidates={','.join(expected)}" in result.plan.provenance.notes
+
+
+def test_cli_sparsities_are_checked():
+    from ditlens.compress.search.cli import _sparsities
+    from ditlens.errors import DitlensError
+
+    assert _sparsities("0.25, 0.5,0.75") == (0.25, 0.5, 0.75)
+    assert _sparsities(None) is None
+    for bad in ("0.5,1.0", "half", ""):
+        with pytest.raises(DitlensError, match="--sparsities"):
+            _sparsities(bad)

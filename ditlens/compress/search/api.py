@@ -13,9 +13,12 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
            c: float | None = 1.5, candidates: Sequence[str] | str | None = None, latency: str = "flops",
            steps: int = 20, guidance: float | None = None, height: int | None = None, width: int | None = None,
            seed: int = 0, micro_batch: int = 4, window: int | None = None, naive: bool = False,
-           progress: bool = True, call_kwargs: dict | None = None, budget_iterations: int = 10) -> SearchResult:
+           progress: bool = True, call_kwargs: dict | None = None, budget_iterations: int = 10,
+           sparsities: Sequence[float] | None = None) -> SearchResult:
     """Search a plan with ``method`` v1 | v2 | trace, at threshold ``delta`` or for a budget
-    (``target_flops``: attention-core FLOPs fraction; ``target_latency``: modelled latency fraction)."""
+    (``target_flops``: attention-core FLOPs fraction; ``target_latency``: modelled latency fraction).
+    ``sparsities``: V2 online, image-pair sparsities of the default arrow/window candidates
+    (default 0.5, 0.75, 0.9; ignored when ``candidates`` is given)."""
     from ditlens.compress.search.budget import search_for_budget
     from ditlens.compress.search.engine import EngineConfig
 
@@ -30,8 +33,9 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
         if method == "v2":
             from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
 
+            extra = {} if sparsities is None else {"sparsities": tuple(sparsities)}
             return search_headwise(pipe, prompts, HeadwiseConfig(delta=d, c=c, candidates=candidates, latency=latency,
-                                                                  engine=engine))
+                                                                  engine=engine, **extra))
         if method == "v1":
             from ditlens.compress.search.greedy import GreedyConfig, search_greedy
 

@@ -15,6 +15,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return default_prompts(args.model, args.num_prompts)
 
 
+def _sparsities(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    from ditlens.errors import DitlensError
+
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DitlensError(f"--sparsities takes comma-separated fractions like 0.25,0.5,0.75, got {text!r}") from None
+    if not values or not all(0.0 < x < 1.0 for x in values):
+        raise DitlensError(f"--sparsities must be fractions strictly between 0 and 1, got {text!r}")
+    return values
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ditlens.cli import init_distributed
     from ditlens.compress.search import api
@@ -29,7 +43,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                          target_latency=args.target_latency, trace=args.trace, c=args.c, candidates=args.candidates,
                          latency=args.latency, steps=args.steps, guidance=args.guidance, height=args.height,
                          width=args.width, seed=args.seed, micro_batch=args.micro_batch, window=args.window,
-                         naive=args.naive, progress=data_parallel()[0] == 0)
+                         naive=args.naive, progress=data_parallel()[0] == 0, sparsities=_sparsities(args.sparsities))
     if data_parallel()[0] != 0:
         return 0  # every rank holds the same plan; rank 0 writes it
     outcome.plan.save(args.out)
@@ -52,6 +66,9 @@ def register_search(sub: Any) -> None:
     budget.add_argument("--target-latency", type=float, default=None, help="modelled attention latency fraction to reach")
     p.add_argument("--c", type=float, default=1.5, help="V2 head constraint coefficient")
     p.add_argument("--candidates", default=None, help="V2 candidate methods, e.g. 'ast,arrow(16),arrow(32),asc,wars(16)'")
+    p.add_argument("--sparsities", default=None,
+                   help="V2: image-pair sparsities of the default arrow/window candidates, e.g. 0.25,0.5,0.75,0.9 "
+                        "(default 0.5,0.75,0.9; a finer ladder gives budget mode more choices)")
     p.add_argument("--latency", choices=("flops", "measured"), default="flops", help="latency model of the program")
     p.add_argument("--window", type=int, default=None, help="V1 WA-RS half-width (default: image tokens / 8)")
     p.add_argument("--naive", action="store_true", help="V1: rerun the whole transformer per trial (reference)")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ditlens.compress.methods import FULL, parse_method
-from ditlens.compress.search.common import (SearchResult, aggregate_influence, build_plan, default_candidates,
-                                            parse_candidate_list, provenance)
+from ditlens.compress.search.common import (DEFAULT_SPARSITIES, SearchResult, aggregate_influence, build_plan,
+                                            default_candidates, parse_candidate_list, provenance)
 from ditlens.compress.search.common import all_prompts, gather_prompt_rows, shard_prompts
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, layer_entry, safe_ratio
 from ditlens.compress.search.latency import LatencyModel, build_latency, method_allowed
@@ -39,6 +39,8 @@ class HeadwiseConfig:
     candidates: Sequence[str] | str | None = None  # None: default_candidates for the model
     latency: str = "flops"  # or "measured"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Image-pair sparsities of the default arrow/window candidates (used when candidates is None).
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES
 
 
 class HeadwiseController:
@@ -60,7 +62,7 @@ class HeadwiseController:
         n_image = grid[0] * grid[1] * grid[2]
         joint = any(l.kind == "joint" for l in engine.layers)
         if cfg.candidates is None:
-            self.candidates = default_candidates(n_image, joint, asc=False)
+            self.candidates = default_candidates(n_image, joint, sparsities=cfg.sparsities, asc=False)
         else:
             self.candidates = parse_candidate_list(cfg.candidates)
         self.parsed = [parse_method(m) for m in self.candidates]
