@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k | small-shapes.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -48,6 +48,7 @@ for name in "$@"; do
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;
+    small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;
   esac
 done
