@@ -46,7 +46,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.append(str(Path(__file__).resolve().parent))
 
 MODELS = ("dit-xl-2-512", "pixart-sigma-xl-1024", "pixart-sigma-xl-2048", "sd3-medium-1024", "flux-dev-1024",
           "flux-dev-2048")
@@ -189,7 +191,7 @@ def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: in
 
 
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
-               warmup: int = 1) -> tuple[Timing, Timing, float]:
+               warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, float]:
     """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after ``warmup`` calls of the plan
     (under CUDA graphs: an eager call, then the capture).
 
@@ -198,13 +200,13 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
     median of the per-pair ratios. Returns (uncompressed median, plan median, median ratio)."""
     from ditlens.compress import apply_plan
 
-    with apply_plan(model.pipe, plan, count_flops=False) as handle:
+    with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh) as handle:
         for _ in range(warmup):
             time_call(model, kwargs, clock, device, handle)
     plain, planned = [], []
     for _ in range(repeats):
         plain.append(time_call(model, kwargs, clock, device))
-        with apply_plan(model.pipe, plan, count_flops=False) as handle:
+        with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh) as handle:
             planned.append(time_call(model, kwargs, clock, device, handle))
     ratio = statistics.median(a.loop_s / b.loop_s for a, b in zip(plain, planned))
     return median_timing(plain), median_timing(planned), ratio
@@ -393,15 +395,16 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             core = _fraction(plan)
             bound = share.bound(1.0 - core)
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
-                ref, got, sl = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup)
+                ref, got, sl = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
+                                          args.warsr_refresh)
             else:
-                with apply_plan(model.pipe, plan, count_flops=False) as handle:
+                with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=args.warsr_refresh) as handle:
                     got = run_pipeline(model, kwargs, clock, args.device, repeats, handle, warmup)
                 ref, sl = base, base.loop_s / got.loop_s
             sp = (ref.pipeline_s + text_s) / (got.pipeline_s + text_s)
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
-                                   f"target {fraction:.0%}"))
+                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}"))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.2f}x (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()
@@ -485,6 +488,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also run with torch.compile on the feed-forward blocks")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also replay every transformer forward from CUDA graphs (uncompressed and each plan)")
+    parser.add_argument("--warsr-refresh", default="two-pass", choices=["one-pass", "two-pass"],
+                        help="how full steps refresh WA-RS residuals (ditlens.compress.apply_plan)")
     parser.add_argument("--out", default=None, help="JSON results (written after every model)")
     parser.add_argument("--report", default=None, help="print the Markdown table of a results JSON (and write its plot)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code path")

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k | small-shapes.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k | small-shapes | e2e-refresh.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -48,6 +48,10 @@ for name in "$@"; do
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;
+    e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \
+                   --models dit-xl-2-512,pixart-sigma-xl-1024 --warsr-refresh one-pass --out "$out/e2e_graphs_one_pass.json"
+                 part e2e-refresh-two-pass 200 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \
+                   --models dit-xl-2-512 --warsr-refresh two-pass --out "$out/e2e_graphs_two_pass.json" ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;
   esac

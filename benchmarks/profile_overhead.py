@@ -15,6 +15,11 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+import sys
+
+# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.append(str(Path(__file__).resolve().parent))
 
 import torch
 

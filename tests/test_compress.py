@@ -69,7 +69,7 @@ def make_plan(kind: str, heads: int, head_dim: int, methods: list, cfg_layout: s
 
 
 def run_and_reference(plan: Plan, seed: int = 0, backend: str = "dense", device: str = "cpu",
-                      dtype: torch.dtype = torch.float32):
+                      dtype: torch.dtype = torch.float32, warsr_refresh: str = "one-pass"):
     """Drive the runtime's attention over every step with random q, k, v (rounded to ``dtype``,
     on ``device``); return runtime outputs, float64 reference outputs and brute-force executed /
     full pair counts."""
@@ -78,7 +78,8 @@ def run_and_reference(plan: Plan, seed: int = 0, backend: str = "dense", device:
     grid, n_text = model.tokens.grid, model.tokens.n_text
     L = grid[0] * grid[1] * grid[2] + n_text
     text_first = model.layers[0].text_position == "first"
-    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend=backend)
+    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend=backend,
+                          warsr_refresh=warsr_refresh)
     gen = torch.Generator().manual_seed(seed)
     separate = layout_name == "separate_cond_first"
     batched = layout_name.startswith("batched")
@@ -223,16 +224,28 @@ CUDA_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("text_position", ["first", "last"])
-def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position):
+def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position, monkeypatch):
     """The CUDA paths of the runtime (Triton kernels, FlexAttention) against float64, head dim 64."""
+    import ditlens.kernels as kernels
+
+    one_pass = []
+    monkeypatch.setattr(kernels, "warsr_attention",
+                        lambda *a, _f=kernels.warsr_attention, **kw: one_pass.append(kw.get("fused")) or _f(*a, **kw))
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    for methods, layout in ((FUSED, "batched_uncond_first"), (MIXED, "batched_cond_first"),
-                            (FUSED, "separate_cond_first"), (WARS_LAYERS, "batched_uncond_first")):
+    for methods, layout, refresh in ((FUSED, "batched_uncond_first", "one-pass"),
+                                     (MIXED, "batched_cond_first", "one-pass"),
+                                     (FUSED, "separate_cond_first", "one-pass"),
+                                     (WARS_LAYERS, "batched_uncond_first", "one-pass"),
+                                     (WARS_LAYERS, "separate_cond_first", "two-pass")):
         plan = make_plan("joint", 4, 64, methods, layout, (1, 9, 11), n_text=13, text_position=text_position)
-        got, want, runtime, executed, _ = run_and_reference(plan, seed=11, backend=backend, device="cuda", dtype=dtype)
+        got, want, runtime, executed, _ = run_and_reference(plan, seed=11, backend=backend, device="cuda", dtype=dtype,
+                                                            warsr_refresh=refresh)
         for s, (g, w) in enumerate(zip(got, want)):
-            torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=f"{layout} step {s}")
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=f"{layout} {refresh} step {s}")
         assert runtime.flops.core == 4 * 64 * executed
+    # WA-RS's batched refresh without +asc (step 0 of WARS_LAYERS) runs in one launch on Triton; the
+    # +asc refresh (step 3) and the two-pass run use the model's attention (flex: the grouped path)
+    assert one_pass.count(True) == (0 if backend == "flex" else 1)
 
 
 @pytest.mark.parametrize("text_position", ["first", "last"])

@@ -214,6 +214,38 @@ def test_public_api_on_strided_inputs_and_custom_scale(device, D):
         assert _rel_err(out, ref) < _tol(torch.float16), tma
 
 
+# (L, n_text, text_first, modes, windows): windowed key ranges that are disjoint with full-only
+# blocks before, between and after them, that merge, that are empty (no text), a partial last block
+WARSR_GEOMETRIES = [
+    (100, 20, True, ["arrow", "window", "arrow", "window"], [3, 3, 20, 40]),
+    (100, 20, False, ["arrow", "window", "arrow", "window"], [3, 3, 20, 40]),
+    (97, 0, False, ["window", "window", "arrow", "window"], [0, 5, 17, 96]),
+    (64, 33, True, ["window", "arrow", "arrow", "window"], [1, 2, 0, 8]),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("geometry", WARSR_GEOMETRIES, ids=lambda g: f"L{g[0]}-t{g[1]}{'first' if g[2] else 'last'}")
+def test_warsr_one_pass_visits_every_key_block_once(device, geometry):
+    """The one-pass refresh splits keys into windowed blocks (both softmaxes) and full-only blocks;
+    a block visited twice or skipped shows as a row far off the float64 reference."""
+    L, n_text, text_first, modes, windows = geometry
+    if device != "cpu":
+        L, n_text, windows = L * 9 + 3, n_text * 9, [w * 9 for w in windows]
+    B, H, D = 2, len(modes), 24 if device == "cpu" else 72
+    q, k, v = _qkv(B, H, L, D, torch.float16, device, seed=L + n_text)
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, n_text, text_first)
+    ref_full, ref_res = warsr_attention_reference(q, k, v, windows=windows, n_text=n_text, text_first=text_first,
+                                                  pattern=modes, out_dtype=torch.float64)
+    configs = CPU_TILES if device == "cpu" else [None, KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)]
+    for cfg in configs:
+        full, res = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+        warsr_triton(q, k, v, plan, layout, D ** -0.5, config=cfg, out=full, residual_out=res)
+        scale = ref_full.abs().max().item()
+        assert (full.double() - ref_full).abs().max().item() < 4 * _tol(torch.float16) * scale, cfg
+        assert (res.double() - ref_res).abs().max().item() < 4 * _tol(torch.float16) * scale, cfg
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("text_first", [True, False])
 def test_warsr_residual_and_fused_apply(device, text_first):

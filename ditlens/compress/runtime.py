@@ -47,6 +47,9 @@ from ditlens.kernels.graph_constants import graph_constant
 STEP_HOOK = "ditlens.compress.step"
 LAYER_HOOK = "ditlens.compress.layer"
 BACKENDS = ("auto", "dense", "flex", "kernels")
+# How a full step that refreshes WA-RS residuals runs on Triton: one launch returning O and R = O - W,
+# or the model's own attention followed by a windowed launch that subtracts (benchmarks/small_shapes.py)
+WARSR_REFRESH = ("one-pass", "two-pass")
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -108,9 +111,11 @@ class PlanRuntime:
     """Everything one applied plan needs at run time."""
 
     def __init__(self, plan: Plan, adapter: Any, transformer: nn.Module, scheduler: Any, pipe: Any,
-                 backend: str = "auto", count_flops: bool = True) -> None:
+                 backend: str = "auto", count_flops: bool = True, warsr_refresh: str = "two-pass") -> None:
         if backend not in BACKENDS:
             raise DitlensError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if warsr_refresh not in WARSR_REFRESH:
+            raise DitlensError(f"unknown warsr_refresh {warsr_refresh!r}; use one of {', '.join(WARSR_REFRESH)}")
         self.plan = plan
         self.adapter = adapter
         self.transformer = transformer
@@ -118,6 +123,7 @@ class PlanRuntime:
         self.pipe = pipe
         self.backend = backend
         self.count_flops = count_flops
+        self.warsr_refresh = warsr_refresh
         self.schedule = build_schedule(plan)
         self.state = RuntimeState()
         self.flops = FlopsCounter()
@@ -133,7 +139,8 @@ class PlanRuntime:
         """What tells this plan's CUDA graphs from other configurations' (worked out on first use)."""
         from ditlens.compress.graphs import plan_graph_key
 
-        return plan_graph_key(self.plan.to_json(), f"{self.backend}, flops {self.count_flops}")
+        return plan_graph_key(self.plan.to_json(),
+                              f"{self.backend}, flops {self.count_flops}, WA-RS refresh {self.warsr_refresh}")
 
     # -- CUDA graphs (ditlens.compress.graphs): a replayed forward runs none of the layer hooks ----
     def graph_snapshot(self) -> tuple[FlopsCounter | None, int]:
@@ -299,10 +306,14 @@ class PlanRuntime:
             cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
         else:
             cond_rows = uncond_rows = rows_all
-        if action.all_full:  # a full step that only keeps caches: the model's own call computes it
+        refreshed = False
+        if action.all_full:  # a full step that only keeps caches
+            out = self._warsr_one_pass(q, k, v, params, action, key, layout, fwd)
+            refreshed = out is not None
+            if out is None:  # the model's own call computes it
+                out = func(*call_args, **call_kwargs)
             if self.count_flops:
                 self.flops.core += full_flops * H * B
-            out = func(*call_args, **call_kwargs)
         else:
             out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
         if out is None:
@@ -310,7 +321,7 @@ class PlanRuntime:
         if out is None:
             out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
         refresh: dict[tuple[str, int, bool], list[int]] = {}
-        done = self._warsr_refresh(q, k, v, params, action, key, layout, out, cond_rows, fwd)
+        done = refreshed or self._warsr_refresh(q, k, v, params, action, key, layout, out, cond_rows, fwd)
         for h, wars in () if done else action.refresh:
             if not (wars.asc and fwd.branch_key == "uncond"):  # every step using it copies the cond branch
                 refresh.setdefault((wars.mask_kind, wars.window, wars.asc), []).append(h)
@@ -470,6 +481,27 @@ class PlanRuntime:
         self._count_windows(windows, layout, q.shape[-1], o.shape[0])
         # +asc: the uncond half is a copy of the cond half, whichever half comes first
         return o.repeat(2, 1, 1, 1) if asc else o
+
+    def _warsr_one_pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
+                        key: tuple, layout: CallLayout, fwd: ForwardState) -> torch.Tensor | None:
+        """A full step whose every head feeds a later WA-RS step, as one Triton launch that returns
+        ``O`` and stores ``R = O - W`` (each key block's scores shared by both softmaxes). None when
+        the two-pass refresh applies instead: another backend, a call off the fast path, +ASC (its
+        residual covers the cond rows only), or ``warsr_refresh="two-pass"``."""
+        spec = action.refresh_windows
+        if (self.warsr_refresh != "one-pass" or spec is None or spec[1]
+                or not self._whole_self_attention(q, k, v, params, layout)):
+            return None
+        from ditlens.kernels import resolve_backend, warsr_attention
+
+        if resolve_backend(q, self._kernel_backend()) != "triton":
+            return None
+        windows, _ = spec
+        out, self.state.residual[key] = warsr_attention(
+            q, k, v, windows=windows, n_text=layout.n_text, text_first=layout.text_first, pattern="window",
+            scale=params.get("scale"), backend="triton", fused=True)
+        self._count_windows(windows, layout, q.shape[-1], out.shape[0])
+        return out
 
     def _warsr_refresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep,
                        key: tuple, layout: CallLayout, out: torch.Tensor, cond_rows: slice, fwd: ForwardState) -> bool:
@@ -690,13 +722,15 @@ class PlanHandle:
 
 
 def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: str = "auto",
-               count_flops: bool = True) -> PlanHandle:
+               count_flops: bool = True, warsr_refresh: str = "two-pass") -> PlanHandle:
     """Apply ``plan`` (a :class:`Plan` or a path to its JSON) to ``pipe`` (a diffusers pipeline).
 
     The plan is checked against the pipeline's transformer and scheduler first (refused with a
     :class:`PlanMismatchError` naming the field); resolution, step count and CFG layout are
     checked on the first forward. Returns a handle; ``handle.remove()`` or
-    :func:`remove_plan` restore the pipeline exactly.
+    :func:`remove_plan` restore the pipeline exactly. ``warsr_refresh`` picks how a full step
+    that refreshes WA-RS residuals runs on the Triton backend (``"one-pass"``: one launch for
+    ``O`` and ``R``; ``"two-pass"``: the model's attention, then a windowed launch writing ``R``).
     """
     from ditlens.analyzer import hooks
     from ditlens.analyzer.adapters import default_registry
@@ -711,7 +745,8 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
     adapter = (registry or default_registry()).find(transformer)
     plan.check_model(transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     plan.check_structure()
-    runtime = PlanRuntime(plan, adapter, transformer, getattr(pipe, "scheduler", None), pipe, backend, count_flops)
+    runtime = PlanRuntime(plan, adapter, transformer, getattr(pipe, "scheduler", None), pipe, backend, count_flops,
+                          warsr_refresh)
     modules = [transformer.get_submodule(layer.name) for layer in plan.model.layers]
     step_cls, layer_cls = _hook_classes()
     handle = PlanHandle(plan, runtime, transformer, modules, [])

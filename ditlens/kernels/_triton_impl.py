@@ -314,6 +314,78 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
 
 
 @triton.jit
+def _both_block(acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, start_n, offs_m, offs_d0,
+                offs_d1, L, mode, win, img_lo, img_hi, qk_scale,
+                HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
+                D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block inside the windowed pattern: its scores, computed once, feed the full softmax
+    (keys past L masked) and the windowed one (the head's rule)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(k_base, offs_n, offs_d0, L, SK, HEAD_DIM, True, D0 > HEAD_DIM)
+    qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
+    v0 = _load_tile(v_base, offs_n, offs_d0, L, SV, HEAD_DIM, True, D0 > HEAD_DIM)
+    if HAS_D1:
+        k1 = _load_tile(k_base, offs_n, offs_d1, L, SK, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+        qk = _mm(q1, tl.trans(k1), qk, UPCAST)
+        v1 = _load_tile(v_base, offs_n, offs_d1, L, SV, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+    else:
+        v1 = tl.zeros([BLOCK_N, D1], dtype=v0.dtype)
+    qk = qk * qk_scale
+    key_ok = (offs_n < L)[None, :]
+    acc0, acc1, m_i, l_i = _online_update(acc0, acc1, m_i, l_i, tl.where(key_ok, qk, NEG_BIG), v0, v1,
+                                          HAS_D1, UPCAST)
+    allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
+    wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG), v0, v1,
+                                              HAS_D1, UPCAST)
+    return acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i
+
+
+@triton.jit
+def _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, j_lo, j_hi, offs_m, offs_d0, offs_d1, L, img_lo,
+                 img_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Key blocks [j_lo, j_hi) outside the windowed pattern: the full softmax alone, unmasked except
+    for the sequence's partial last block."""
+    n_whole = L // BLOCK_N
+    for j in range(j_lo, tl.minimum(j_hi, n_whole)):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_base, k_base, v_base,
+                                             v_base, j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, img_lo, img_hi,
+                                             qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False,
+                                             UPCAST, False)
+    for j in range(tl.maximum(j_lo, n_whole), j_hi):  # at most the one partial block
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_base, k_base, v_base,
+                                             v_base, j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, img_lo, img_hi,
+                                             qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True,
+                                             UPCAST, False)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _windowed_block_ranges(a_lo, a_hi, b_lo, b_hi, BLOCK_N: tl.constexpr):
+    """The key blocks that touch the windowed intervals A and B, as two disjoint ascending block
+    ranges (the second empty, at the first's end, when they overlap or one interval is empty)."""
+    a_on = a_hi > a_lo
+    b_on = b_hi > b_lo
+    ja_lo = a_lo // BLOCK_N
+    ja_hi = (a_hi + BLOCK_N - 1) // BLOCK_N
+    jb_lo = b_lo // BLOCK_N
+    jb_hi = (b_hi + BLOCK_N - 1) // BLOCK_N
+    ja_lo, ja_hi = tl.where(a_on, ja_lo, jb_lo), tl.where(a_on, ja_hi, jb_hi)
+    jb_lo, jb_hi = tl.where(b_on, jb_lo, ja_lo), tl.where(b_on, jb_hi, ja_hi)
+    a_first = ja_lo <= jb_lo
+    r1_lo = tl.where(a_first, ja_lo, jb_lo)
+    r1_hi = tl.where(a_first, ja_hi, jb_hi)
+    r2_lo = tl.where(a_first, jb_lo, ja_lo)
+    r2_hi = tl.where(a_first, jb_hi, ja_hi)
+    merge = r2_lo <= r1_hi
+    r1_hi = tl.where(merge, tl.maximum(r1_hi, r2_hi), r1_hi)
+    r2_lo = tl.where(merge, r1_hi, r2_lo)
+    r2_hi = tl.where(merge, r1_hi, r2_hi)
+    return r1_lo, r1_hi, r2_lo, r2_hi
+
+
+@triton.jit
 def _online_update(acc0, acc1, m_i, l_i, qk, v0, v1, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax step with already scaled (log2 domain) and masked scores qk."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -337,8 +409,11 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      HAS_D1: tl.constexpr, UPCAST: tl.constexpr, HINT_ALIGN: tl.constexpr):
     """WA-RS refresh step in one pass: full output O and residual R = O - W, where W is the
-    windowed (window/arrow, per head) output. Scores of each key block are computed once and
-    feed both online softmaxes; blocks outside the windowed pattern update only O."""
+    windowed (window/arrow, per head) output. The key blocks that touch the windowed pattern (at
+    most two ranges, from the head's segments) are visited first, their scores computed once for
+    both online softmaxes; every other block updates only O, without element masks (the layout
+    of headwise_fwd_kernel's full heads). So the pass costs full attention plus the window's
+    exponentials and P@V, not full plus windowed attention."""
     pid = tl.program_id(0)
     mb = pid % n_mblocks
     bh = pid // n_mblocks
@@ -368,32 +443,27 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     wacc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     wm_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     wl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, _ = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                      t_lo, t_hi, BLOCK_M)
+    a_lo, a_hi, _, _, b_lo, b_hi, _, _, _ = _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M)
+    r1_lo, r1_hi, r2_lo, r2_hi = _windowed_block_ranges(a_lo, a_hi, b_lo, b_hi, BLOCK_N)
+    for j in range(r1_lo, r1_hi):
+        acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i = _both_block(
+            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_m, offs_d0,
+            offs_d1, L, mode, win, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+    for j in range(r2_lo, r2_hi):
+        acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i = _both_block(
+            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_m, offs_d0,
+            offs_d1, L, mode, win, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+    # the rest of the keys feed the full softmax only: before, between and after the two ranges
     n_blocks = (L + BLOCK_N - 1) // BLOCK_N
-    for j in range(0, n_blocks):
-        start_n = j * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(k_base, offs_n, offs_d0, L, SK, HEAD_DIM, True, D0 > HEAD_DIM)
-        qk = _mm(q0, tl.trans(k0), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-        v0 = _load_tile(v_base, offs_n, offs_d0, L, SV, HEAD_DIM, True, D0 > HEAD_DIM)
-        if HAS_D1:
-            k1 = _load_tile(k_base, offs_n, offs_d1, L, SK, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-            qk = _mm(q1, tl.trans(k1), qk, UPCAST)
-            v1 = _load_tile(v_base, offs_n, offs_d1, L, SV, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-        else:
-            v1 = tl.zeros([BLOCK_N, D1], dtype=v0.dtype)
-        qk = qk * qk_scale
-        key_ok = (offs_n < L)[None, :]
-        acc0, acc1, m_i, l_i = _online_update(acc0, acc1, m_i, l_i, tl.where(key_ok, qk, NEG_BIG), v0, v1,
-                                              HAS_D1, UPCAST)
-        end_n = start_n + BLOCK_N
-        in_a = (start_n < a_hi) & (end_n > a_lo)
-        in_b = (start_n < b_hi) & (end_n > b_lo)
-        if in_a | in_b:
-            allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
-            wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG),
-                                                      v0, v1, HAS_D1, UPCAST)
+    acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, 0, r1_lo, offs_m, offs_d0,
+                                        offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                        HAS_D1, UPCAST)
+    acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, r1_hi, r2_lo, offs_m, offs_d0,
+                                        offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
+                                        HAS_D1, UPCAST)
+    acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, r2_hi, n_blocks, offs_m,
+                                        offs_d0, offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0,
+                                        D1, HAS_D1, UPCAST)
     o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
     r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
     inv_l = 1.0 / l_i
