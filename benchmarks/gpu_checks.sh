@@ -49,9 +49,7 @@ for name in "$@"; do
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \
-                   --models dit-xl-2-512,pixart-sigma-xl-1024 --warsr-refresh one-pass --out "$out/e2e_graphs_one_pass.json"
-                 part e2e-refresh-two-pass 200 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \
-                   --models dit-xl-2-512 --warsr-refresh two-pass --out "$out/e2e_graphs_two_pass.json" ;;
+                   --models dit-xl-2-512,pixart-sigma-xl-1024 --warsr-refresh one-pass --out "$out/e2e_graphs_one_pass.json" ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;
   esac
