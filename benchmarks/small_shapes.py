@@ -25,10 +25,20 @@ SHAPES = {"DiT-512": (2, 16, 1024, 72, 64), "PixArt-1K": (2, 16, 4096, 72, 256)}
 CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 3), (32, 32, 2, 2)]
 
 
+def _parse_config(text: str) -> tuple[int, int, int, int]:
+    """``"128x64/8w/3s"`` -> (128, 64, 8, 3)."""
+    tiles, warps, stages = text.strip().split("/")
+    bm, bn = tiles.split("x")
+    return int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", default=None,
+                        help="tile configs to time, e.g. 128x64/8w/3s,64x64/4w/2s (default: the built-in list)")
     args = parser.parse_args()
+    configs = CONFIGS if args.configs is None else [_parse_config(c) for c in args.configs.split(",")]
     from triton.testing import do_bench_cudagraph
 
     from ditlens.kernels.patterns import HeadPlan, TokenLayout
@@ -49,7 +59,7 @@ def main() -> None:
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         print(f"{name}: SDPA {sdpa:.1f} µs", flush=True)
-        for bm, bn, warps, stages in CONFIGS:
+        for bm, bn, warps, stages in configs:
             cfg = KernelConfig(bm, bn, warps, stages)
             out, r_out = torch.empty_like(q), torch.empty_like(q)
             times = {

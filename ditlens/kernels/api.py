@@ -150,8 +150,9 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
         scale, backend: As in :func:`headwise_attention`.
         fused: Triton only. ``False`` (default): two launches, full attention then the windowed
             kernel writing ``R = O - W`` in its epilogue. ``True``: one pass in which each score
-            block feeds both softmaxes (no second attention over the window); correct, but
-            measured 1.6-1.8x slower than the two launches on an H100 (benchmarks/results/kernels.md).
+            block inside the window feeds both softmaxes (no second attention over the window);
+            correct, but measured 1.10x (DiT-512) and 1.18x (PixArt-1K) slower than the two
+            launches on an H200 (BENCHMARKS.md §2, benchmarks/small_shapes.py).
         full: ``O`` when the caller has it already (e.g. from the model's own attention call),
             ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (Triton: one
             launch writing ``R = O - W``) and ``full`` is returned as given.

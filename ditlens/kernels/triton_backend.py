@@ -284,7 +284,7 @@ def warsr_two_pass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
                           residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """WA-RS refresh as two launches: full ``O``, then the windowed kernel whose epilogue writes
     ``R = O - W`` directly (no separate subtraction pass). Measured faster than the one-pass
-    kernel on an H100 (benchmarks/results/kernels.md)."""
+    kernel on an H200 (BENCHMARKS.md §2)."""
     full_plan = HeadPlan(("full",) * plan.n_heads, (0,) * plan.n_heads)
     o = headwise_triton(q, k, v, full_plan, layout, scale, config=config, out=out)
     r = headwise_triton(q, k, v, plan, layout, scale, residual=o, config=config, out=residual_out, subtract=True)
@@ -296,9 +296,9 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
                  residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the one-pass WA-RS refresh kernel: (full output, residual = full - windowed).
 
-    Each key block's scores feed both softmaxes. On an H100 it is slower than
-    :func:`warsr_two_pass_triton` (every block masked, a branch with a second P@V inside the
-    loop, two accumulator sets), so the public API uses the two-pass form unless asked."""
+    The key blocks that touch the window feed both softmaxes from one score block; the others
+    update ``O`` alone. On an H200 it is still slower than :func:`warsr_two_pass_triton` (two
+    accumulator sets force 64-row tiles), so the public API uses the two-pass form unless asked."""
     reason = check_triton_inputs(q)
     if reason:
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
