@@ -521,9 +521,12 @@ def test_validate_and_export(dit_pipe, tmp_path):
     from ditlens.compress.export import export_plan
     from ditlens.compress.validate import to_images, validate
 
-    call = lambda prompt, seed: pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
+    runs = []
+    call = lambda prompt, seed: runs.append(prompt) or pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
     plan = _uniform(dit_pipe, "dit", 2, "window(2)")
     report = validate(dit_pipe, plan, ["class1", "class2"], call, out_dir=tmp_path / "v")
+    # both timed passes follow an untimed call of their own (kernel compiles, first allocations)
+    assert runs == ["class1", "class1", "class2", "class1", "class1", "class2"]
     full = to_images(dit_pipe(**call("class2", 1)))
     with apply_plan(dit_pipe, plan):
         comp = to_images(dit_pipe(**call("class2", 1)))
@@ -535,6 +538,22 @@ def test_validate_and_export(dit_pipe, tmp_path):
     written = export_plan(plan, tmp_path / "deploy")
     assert Plan.load(written[0]).to_dict() == plan.to_dict()
     _no_ditlens_left(dit_pipe)
+
+
+def test_validate_reports_a_plan_slower_than_the_model():
+    from ditlens.compress.validate import ValidationReport
+
+    flops = {"attention_core_fraction": 0.5, "attention_module_fraction": 0.6}
+
+    def report(seconds_plan: float) -> ValidationReport:
+        return ValidationReport("m", "p", ["a"], [30.0], [0.9], flops, 1.0, seconds_plan, 0.5, 0.3, None, None, 0)
+
+    slow, fast = report(1.05), report(0.8)
+    assert slow.amdahl_bound == pytest.approx(1 / (1 - 0.5 * 0.4))
+    assert slow.speed_verdict.startswith("slower than the uncompressed model (0.95x, bound 1.25x)")
+    assert fast.speed_verdict == "1.25x, 100% of its Amdahl bound (1.25x)"
+    assert f"| speed | {slow.speed_verdict} |" in slow.markdown()
+    assert slow.as_dict()["speed_verdict"] == slow.speed_verdict
 
 
 @pytest.mark.gpu
