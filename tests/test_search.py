@@ -280,6 +280,22 @@ def test_from_trace_uncompressed_influence_reuses_a_cache_one_step_only():
                     assert all(ast[1:])
 
 
+def test_latency_models_charge_wars_its_refresh():
+    """A WA-RS step stands for two windowed products: its own (W + R) and its refresh's (R = O - W)."""
+    from ditlens.compress.plan import LayerInfo
+    from ditlens.compress.search.latency import build_latency
+
+    layers = [LayerInfo("l0", "self")]
+    n, w, d = 64, 2, 16
+    pairs = sum(1 for i in range(n) for j in range(n) if abs(i - j) <= w)  # DESIGN §5 band on 64 tokens
+    lat = build_latency("flops", layers, ["window(2)", "wars(2)"], (1, 8, 8), 0, 2, d, 1)
+    assert lat.full[0] == 4 * d * n * n
+    assert lat.cost[0, 0] == 4 * d * pairs
+    assert lat.cost[0, 1] == 2 * 4 * d * pairs
+    timed = build_latency("measured", layers, ["window(2)", "wars(2)"], (1, 8, 8), 0, 2, d, 1)
+    assert timed.cost[0, 1] == 2 * timed.cost[0, 0] > 0
+
+
 def test_budget_mode_reaches_target():
     from ditlens.compress.search.api import search
 

@@ -66,8 +66,9 @@ def _latency_measure(pipe: Any, kind: str):
         methods = sorted({m.to_str() for s in range(plan.steps) for i in range(plan.n_layers)
                           for m in plan.head_methods(s, i)} - {"full"})
         rows = 2 if plan.run.cfg_layout != "none" else 1
+        weight = next(pipe.transformer.parameters())  # time the kernels where and how the model runs
         model = build_latency(kind, list(plan.model.layers), methods, plan.model.tokens.grid, plan.model.tokens.n_text or 0,
-                              plan.model.heads, plan.model.head_dim, rows)
+                              plan.model.heads, plan.model.head_dim, rows, str(weight.device), weight.dtype)
         return modelled_latency_fraction(plan, model)
 
     return measure

@@ -75,9 +75,10 @@ class HeadwiseController:
 
     def _latency(self, engine: SearchEngine) -> LatencyModel:
         if self.latency is None:
+            weight = next(engine.transformer.parameters())
             self.latency = build_latency(self.config.latency, engine.layers, self.candidates, engine.grid, engine.n_text,
-                                         engine.heads, engine.head_dim, engine.cfg_rows,
-                                         str(next(engine.transformer.parameters()).device))
+                                         engine.heads, engine.head_dim, engine.cfg_rows, str(weight.device),
+                                         weight.dtype)
         return self.latency
 
     def observe(self, engine: SearchEngine, index: int, call: int, func, call_args, call_kwargs, full) -> None:

@@ -4,13 +4,20 @@
 from the exact pair counts of :mod:`ditlens.compress.methods` (output cache costs 0, CFG share
 computes the cond branch only). ``measured``: the median time of
 :func:`ditlens.kernels.headwise_attention` running every head of the layer's layout in that
-mode, on the given device (CPU timings are only indicative).
+mode, on the given device and in the model's dtype (CPU timings are only indicative).
+
+A WA-RS step costs its window twice in both models: the reuse step's launch (W + R) and the
+windowed launch its refresh adds to the preceding full step (R = O - W), charged to the step it
+serves (exact when one refresh serves one step, an upper bound when it serves several). At short
+sequences a windowed launch costs over half a dense one (BENCHMARKS.md §2), so WA-RS then costs
+more than full attention and the program leaves it out.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -66,14 +73,25 @@ def flops_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple[in
         for j, text in enumerate(candidates):
             if method_allowed(text, layer, cfg_rows == 2):
                 m = parse_method(text)
-                cost[i, j] = head_core_flops(m, seq.layout, head_dim) * seq.count * _rows_factor(m, cfg_rows)
+                cost[i, j] = (head_core_flops(m, seq.layout, head_dim) * seq.count * _rows_factor(m, cfg_rows)
+                              * _launches(m))
     return LatencyModel("flops", list(candidates), cost, full)
 
 
+def _launches(method: HeadMethod) -> int:
+    """Windowed products a step of ``method`` stands for: WA-RS's reuse and its refresh."""
+    return 2 if method.base == "wars" else 1
+
+
 def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple[int, int, int], n_text: int,
-                     heads: int, head_dim: int, cfg_rows: int, device: str = "cpu", repeats: int = 5) -> LatencyModel:
-    """Times ``headwise_attention`` per mode on each distinct layer layout (random q, k, v)."""
+                     heads: int, head_dim: int, cfg_rows: int, device: str = "cpu", repeats: int = 5,
+                     dtype: Any = None) -> LatencyModel:
+    """Times ``headwise_attention`` per mode on each distinct layer layout (random q, k, v in
+    ``dtype``, default float32 on the CPU and bfloat16 on CUDA: the kernels the runtime uses)."""
     import torch
+
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     from ditlens.kernels import headwise_attention
 
@@ -86,10 +104,11 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
         if key not in timings:
             gen = torch.Generator(device="cpu").manual_seed(0)
             shape = (count, heads, layout.q_len, head_dim)
-            q, k, v = (torch.randn(shape, generator=gen).to(device) for _ in range(3))
+            q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
             kv_len = layout.k_len
             if kv_len != layout.q_len:  # cross attention: dense SDPA is the only method
-                k, v = (torch.randn((count, heads, kv_len, head_dim), generator=gen).to(device) for _ in range(2))
+                k, v = (torch.randn((count, heads, kv_len, head_dim), generator=gen).to(device=device, dtype=dtype)
+                        for _ in range(2))
             def run():
                 if mode == "full" or kv_len != layout.q_len:
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -120,7 +139,8 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
             elif m.mask_kind == "full":
                 cost[i, j] = full[i] / cfg_rows * _rows_factor(m, cfg_rows)
             elif m.mask_kind in ("window", "arrow"):
-                cost[i, j] = timed(seq.layout, seq.count, m.mask_kind, m.window) * _rows_factor(m, cfg_rows)
+                cost[i, j] = (timed(seq.layout, seq.count, m.mask_kind, m.window) * _rows_factor(m, cfg_rows)
+                              * _launches(m))
             else:  # window2d has no kernel: FLOPs share of the full time
                 share = head_core_flops(m, seq.layout, head_dim) / max(head_core_flops(FULL, seq.layout, head_dim), 1)
                 cost[i, j] = full[i] / cfg_rows * share * _rows_factor(m, cfg_rows)
@@ -128,11 +148,11 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
 
 
 def build_latency(kind: str, layers: list[LayerInfo], candidates: list[str], grid: tuple[int, int, int], n_text: int,
-                  heads: int, head_dim: int, cfg_rows: int, device: str = "cpu") -> LatencyModel:
+                  heads: int, head_dim: int, cfg_rows: int, device: str = "cpu", dtype: Any = None) -> LatencyModel:
     if kind == "flops":
         return flops_latency(layers, candidates, grid, n_text, head_dim, cfg_rows)
     if kind == "measured":
-        return measured_latency(layers, candidates, grid, n_text, heads, head_dim, cfg_rows, device)
+        return measured_latency(layers, candidates, grid, n_text, heads, head_dim, cfg_rows, device, dtype=dtype)
     raise DitlensError(f"unknown latency model {kind!r}; use one of {', '.join(LATENCY_MODELS)}")
 
 
