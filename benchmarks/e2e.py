@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))
+from _paths import benchmarks_last  # noqa: E402
+
+benchmarks_last()  # benchmarks/kernels.py must not shadow the `kernels` package
 
 MODELS = ("dit-xl-2-512", "pixart-sigma-xl-1024", "pixart-sigma-xl-2048", "sd3-medium-1024", "flux-dev-1024",
           "flux-dev-2048")

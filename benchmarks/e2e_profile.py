@@ -12,16 +12,14 @@ views) against contiguous ``[B, H, L, D]`` tensors, so a slow strided path shows
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))
+from _paths import benchmarks_last  # noqa: E402
+
+benchmarks_last()  # benchmarks/kernels.py must not shadow the `kernels` package
 
 
 def family(name: str) -> str:

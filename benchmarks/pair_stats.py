@@ -12,12 +12,10 @@ reports the bytes read per second against the device's memory bandwidth.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))
+from _paths import benchmarks_last  # noqa: E402
+
+benchmarks_last()  # benchmarks/kernels.py must not shadow the `kernels` package
 
 import torch
 

@@ -15,11 +15,10 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-import sys
 
-# this folder last on the path: benchmarks/kernels.py must not shadow the `kernels` package transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))
+from _paths import benchmarks_last  # noqa: E402
+
+benchmarks_last()  # benchmarks/kernels.py must not shadow the `kernels` package
 
 import torch
 

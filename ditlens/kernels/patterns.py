@@ -101,6 +101,10 @@ class HeadPlan:
     def has_skip(self) -> bool:
         return "skip" in self.modes
 
+    @property
+    def has_full(self) -> bool:
+        return "full" in self.modes
+
 
 def make_head_plan(modes: Sequence[str] | str, windows: Sequence[int] | int | None, n_heads: int,
                    seq_len: int) -> HeadPlan:

@@ -244,8 +244,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    windowed_only = all(m in ("window", "arrow", "skip") for m in plan.modes)
-    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=windowed_only)
+    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
