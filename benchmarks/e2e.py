@@ -356,6 +356,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
     from ditlens.analyzer.adapters import default_registry
     from ditlens.analyzer.amdahl import measure_attention_share
     from ditlens.compress import apply_cuda_graphs, apply_plan
+    from ditlens.compress.lowering import lower_for_device
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = e2e_model(name, args.device, dtype, smoke=args.smoke)
@@ -392,6 +393,13 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
         for (shape, mix), fraction in [(sh, f) for sh in shapes for f in model.fractions]:
             plan, label = shape(model, steps, fraction) if mix is None else shape(model, steps, fraction, mix)
+            lowered = ""
+            if args.lower_unprofitable:  # WA-RS segments that cost more than dense attention here run dense
+                low = lower_for_device(plan, args.device, dtype, graphs=graphed)
+                plan = low.plan
+                if low.lowered:
+                    lowered = f", {low.summary()}"
+                    label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
             core = _fraction(plan)
             bound = share.bound(1.0 - core)
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
@@ -404,7 +412,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             sp = (ref.pipeline_s + text_s) / (got.pipeline_s + text_s)
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
-                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}"))
+                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}"))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.2f}x (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()
@@ -490,6 +498,9 @@ def main() -> None:
                         help="also replay every transformer forward from CUDA graphs (uncompressed and each plan)")
     parser.add_argument("--warsr-refresh", default="two-pass", choices=["one-pass", "two-pass"],
                         help="how full steps refresh WA-RS residuals (ditlens.compress.apply_plan)")
+    parser.add_argument("--lower-unprofitable", action="store_true",
+                        help="run WA-RS segments dense where the measured kernels say they cannot save time "
+                             "(ditlens.compress.lowering)")
     parser.add_argument("--out", default=None, help="JSON results (written after every model)")
     parser.add_argument("--report", default=None, help="print the Markdown table of a results JSON (and write its plot)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code path")

@@ -34,9 +34,18 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile_call(model, kwargs: dict, steps: int) -> dict:
+def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
+    """``timed_calls`` plain calls (median wall time), then one call under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    plain = []
+    for _ in range(timed_calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.pipe(**kwargs)
+        torch.cuda.synchronize()
+        plain.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -45,14 +54,29 @@ def profile_call(model, kwargs: dict, steps: int) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     by_family: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, list[float]] = {}
     launches = 0
     for evt in prof.key_averages():
         gpu_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if gpu_us and evt.device_type == torch.autograd.DeviceType.CUDA:
             by_family[family(evt.key)] += gpu_us / 1e3
+            by_kernel[evt.key] = [gpu_us / 1e3, evt.count]
             launches += evt.count
-    return {"wall_ms": wall * 1e3, "gpu_ms": dict(by_family), "gpu_total_ms": sum(by_family.values()),
-            "kernels_per_step": launches / steps}
+    return {"wall_ms": wall * 1e3, "plain_ms": sorted(plain)[len(plain) // 2] * 1e3, "gpu_ms": dict(by_family),
+            "gpu_total_ms": sum(by_family.values()),
+            "kernels_per_step": launches / steps, "kernels": by_kernel}
+
+
+def kernel_differences(base: dict, other: dict, top: int) -> list[str]:
+    """The ``top`` kernels whose GPU time differs most between two profiled calls (ms and launches)."""
+    names = set(base["kernels"]) | set(other["kernels"])
+    zero = [0.0, 0]
+    diffs = sorted(names, key=lambda n: -abs(other["kernels"].get(n, zero)[0] - base["kernels"].get(n, zero)[0]))
+    lines = [f"kernels that differ most (uncompressed -> plan: ms over the call, launches):"]
+    for n in diffs[:top]:
+        a, b = base["kernels"].get(n, zero), other["kernels"].get(n, zero)
+        lines.append(f"  {a[0]:8.2f} ms {a[1]:6d} -> {b[0]:8.2f} ms {b[1]:6d}  {n[:110]}")
+    return lines
 
 
 def kernel_layouts(model) -> list[str]:
@@ -96,11 +120,14 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.52, help="attention-FLOPs fraction of the plan")
     parser.add_argument("--mix", action="store_true", help="the AST / WA-RS+ASC plan instead of WA-RS")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each forward as a CUDA graph (apply_cuda_graphs): GPU time without the host")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed by their change in GPU time")
     args = parser.parse_args()
     from e2e import _fraction, v1_plan, v2_plan
     from random_pipelines import e2e_model
 
-    from ditlens.compress import apply_plan
+    from ditlens.compress import apply_cuda_graphs, apply_plan
 
     model = e2e_model(args.model, "cuda", torch.bfloat16)
     kwargs = dict(model.call_kwargs, num_inference_steps=args.steps, output_type="latent")
@@ -111,25 +138,31 @@ def main() -> None:
     else:
         plan, label = v2_plan(model, args.steps, args.fraction)
     print(f"{args.model}: plan {label}, attention-FLOPs fraction {_fraction(plan):.1%}", flush=True)
+    graphs = apply_cuda_graphs(model.pipe) if args.cuda_graphs else None
+    warmups = 2 if graphs is not None else 1  # under graphs: an eager call, then the capture
     results = {}
     for name in ("uncompressed", "plan", "uncompressed again"):
         if name == "plan":
             with apply_plan(model.pipe, plan, count_flops=False):
                 with torch.inference_mode():
-                    model.pipe(**kwargs)  # warm-up (kernel compiles)
+                    for _ in range(warmups):
+                        model.pipe(**kwargs)  # warm-up (kernel compiles, graph capture)
                 results[name] = profile_call(model, kwargs, args.steps)
         else:
             with torch.inference_mode():
-                model.pipe(**kwargs)
+                for _ in range(warmups):
+                    model.pipe(**kwargs)
             results[name] = profile_call(model, kwargs, args.steps)
     families = sorted({f for r in results.values() for f in r["gpu_ms"]},
                       key=lambda f: -results["uncompressed"]["gpu_ms"].get(f, 0))
     print(f"{'':24s}" + "".join(f"{n:>20s}" for n in results))
     for f in families:
         print(f"{f:24s}" + "".join(f"{r['gpu_ms'].get(f, 0):17.1f} ms" for r in results.values()))
-    for key, label in (("gpu_total_ms", "GPU kernels, total"), ("wall_ms", "wall (profiled)")):
+    for key, label in (("gpu_total_ms", "GPU kernels, total"), ("wall_ms", "wall (profiled)"),
+                       ("plain_ms", "wall (median, plain)")):
         print(f"{label:24s}" + "".join(f"{r[key]:17.1f} ms" for r in results.values()))
     print(f"{'kernels per step':24s}" + "".join(f"{r['kernels_per_step']:20.0f}" for r in results.values()))
+    print("\n".join(kernel_differences(results["uncompressed again"], results["plan"], args.top)))
     print("\n".join(kernel_layouts(model)))
 
 

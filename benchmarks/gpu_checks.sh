@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | kernels | kernels-2k | small-shapes | e2e-refresh.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-dit | e2e-dit-lowered | tiles-2k | kernels | kernels-2k | small-shapes | e2e-refresh.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -33,6 +33,10 @@ for name in "$@"; do
                   --cuda-graphs --repeats 3 --out "$out/e2e_graphs.json" ;;
     e2e-graphs-sd3) part e2e-graphs-sd3 420 python3 benchmarks/e2e.py --device cuda --models sd3-medium-1024,flux-dev-1024 \
                       --cuda-graphs --repeats 3 --out "$out/e2e_graphs_sd3_flux.json" ;;
+    e2e-dit) part e2e-dit 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 --cuda-graphs --repeats 3 \
+               --out "$out/e2e_dit.json" ;;
+    e2e-dit-lowered) part e2e-dit-lowered 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
+                       --cuda-graphs --repeats 3 --lower-unprofitable --out "$out/e2e_dit_lowered.json" ;;
     pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;
@@ -45,6 +49,12 @@ for name in "$@"; do
                --compile --repeats 3 --out "$out/e2e_sd3.json" ;;
     e2e-profile) part e2e-profile-pixart 150 python3 benchmarks/e2e_profile.py --model pixart-sigma-xl-1024 --fraction 0.52
                  part e2e-profile-dit 120 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.49 ;;
+    e2e-profile-dit) part e2e-profile-dit-eager 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.34
+                     part e2e-profile-dit-graphs 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 \
+                       --fraction 0.34 --cuda-graphs ;;
+    tiles-2k) part tiles-2k 240 python3 benchmarks/small_shapes.py --out "$out/tiles_2k" --shapes PixArt-2K \
+                --window-sparsity 0.5 --variants dense,window \
+                --configs 128x64/4w/3s,128x64/4w/4s,128x32/4w/3s,64x64/4w/3s,128x64/8w/3s,128x128/8w/3s,128x64/4w/3s/tma ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;

@@ -21,24 +21,45 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = {"DiT-512": (2, 16, 1024, 72, 64), "PixArt-1K": (2, 16, 4096, 72, 256)}  # B, H, L, D, e2e window w
+# B, H, L, D, e2e window w (PixArt-2K: the 2K rows of benchmarks/kernels.py, w from --window-sparsity)
+SHAPES = {"DiT-512": (2, 16, 1024, 72, 64), "PixArt-1K": (2, 16, 4096, 72, 256), "PixArt-2K": (2, 16, 16384, 72, 0)}
+VARIANTS = ("dense", "window", "W+R", "R=O-W", "O,R fused")
 CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 3), (32, 32, 2, 2)]
 
 
-def _parse_config(text: str) -> tuple[int, int, int, int]:
-    """``"128x64/8w/3s"`` -> (128, 64, 8, 3)."""
-    tiles, warps, stages = text.strip().split("/")
+def _parse_config(text: str) -> tuple[int, int, int, int, bool]:
+    """``"128x64/8w/3s"`` -> (128, 64, 8, 3, False); a ``/tma`` suffix loads K/V through tensor descriptors."""
+    tiles, warps, stages, *rest = text.strip().split("/")
     bm, bn = tiles.split("x")
-    return int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s"))
+    return int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), rest == ["tma"]
+
+
+def band_window(L: int, sparsity: float) -> int:
+    """The smallest half-width w whose band |i - j| <= w keeps at most (1 - sparsity) of the L^2 pairs
+    (pairs = L (2w + 1) - w (w + 1)), as benchmarks/kernels.py picks its window rows."""
+    lo, hi = 0, L
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if L * (2 * mid + 1) - mid * (mid + 1) <= (1.0 - sparsity) * L * L:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", default=None,
-                        help="tile configs to time, e.g. 128x64/8w/3s,64x64/4w/2s (default: the built-in list)")
+                        help="tile configs to time, e.g. 128x64/8w/3s,64x64/4w/2s/tma (default: the built-in list)")
+    parser.add_argument("--shapes", default="DiT-512,PixArt-1K", help=f"any of {', '.join(SHAPES)}")
+    parser.add_argument("--window-sparsity", type=float, default=None,
+                        help="window w skipping this share of all pairs instead of the e2e plans' w (PixArt-2K: 0.5)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     args = parser.parse_args()
-    configs = CONFIGS if args.configs is None else [_parse_config(c) for c in args.configs.split(",")]
+    configs = [c + (False,) for c in CONFIGS] if args.configs is None else [_parse_config(c)
+                                                                             for c in args.configs.split(",")]
+    variants = args.variants.split(",")
     from triton.testing import do_bench_cudagraph
 
     from ditlens.kernels.patterns import HeadPlan, TokenLayout
@@ -49,7 +70,10 @@ def main() -> None:
         return float(do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3  # µs
 
     rows = []
-    for name, (B, H, L, D, w) in SHAPES.items():
+    for name in args.shapes.split(","):
+        B, H, L, D, w = SHAPES[name]
+        if args.window_sparsity is not None or not w:
+            w = band_window(L, 0.5 if args.window_sparsity is None else args.window_sparsity)
         g = torch.Generator("cuda").manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         residual = torch.randn_like(q)
@@ -59,20 +83,21 @@ def main() -> None:
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         print(f"{name}: SDPA {sdpa:.1f} µs", flush=True)
-        for bm, bn, warps, stages in configs:
-            cfg = KernelConfig(bm, bn, warps, stages)
+        for bm, bn, warps, stages, tma in configs:
+            cfg = KernelConfig(bm, bn, warps, stages, tma=tma)
             out, r_out = torch.empty_like(q), torch.empty_like(q)
-            times = {
-                "dense": bench(lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out)),
-                "window": bench(lambda: headwise_triton(q, k, v, window, layout, scale, config=cfg, out=out)),
-                "W+R": bench(lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
-                                                     out=out)),
-                "R=O-W": bench(lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
-                                                       out=out, subtract=True)),
-                "O,R fused": bench(lambda: warsr_triton(q, k, v, window, layout, scale, config=cfg, out=out,
-                                                        residual_out=r_out)),
+            calls = {
+                "dense": lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out),
+                "window": lambda: headwise_triton(q, k, v, window, layout, scale, config=cfg, out=out),
+                "W+R": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg, out=out),
+                "R=O-W": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
+                                                 out=out, subtract=True),
+                "O,R fused": lambda: warsr_triton(q, k, v, window, layout, scale, config=cfg, out=out,
+                                                  residual_out=r_out),
             }
-            rows.append({"shape": name, "w": w, "config": f"{bm}x{bn}/{warps}w/{stages}s", "sdpa_us": sdpa,
+            times = {key: bench(fn) if key in variants else float("nan") for key, fn in calls.items()}
+            label = f"{bm}x{bn}/{warps}w/{stages}s" + ("/tma" if tma else "")
+            rows.append({"shape": name, "w": w, "config": label, "sdpa_us": sdpa,
                          **{f"{key}_us": t for key, t in times.items()}})
             print(f"  {rows[-1]['config']:<14} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items()), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -373,6 +373,50 @@ def test_all_full_plan_is_bit_identical_and_removal_restores(dit_pipe):
     _no_ditlens_left(dit_pipe)
 
 
+def test_lowering_runs_unpaying_wars_segments_dense(dit_pipe):
+    from ditlens.compress.flops import plan_core_fraction
+    from ditlens.compress.lowering import WarsSegment, lower_unprofitable_wars, wars_segments
+
+    plan = _uniform(dit_pipe, "dit", 5)
+    H = plan.model.heads
+    for s, m in enumerate(["full", "wars(2)", "full", "wars(2)", "wars(2)"]):  # layer 0: segments of 1 and 2 reuses
+        plan.set(s, 0, m)
+    for s in range(1, 5):  # layer 1: head 0 reuses its step-0 residual four times, with ASC
+        plan.set(s, 1, ["wars(1)+asc"] + ["full"] * (H - 1))
+    plan.check_structure()
+    original = plan.to_dict()
+    layer0 = [seg for h in range(H) for seg in (WarsSegment(0, h, 0, (1,), "window", 2, False),
+                                                WarsSegment(0, h, 2, (3, 4), "window", 2, False))]
+    assert wars_segments(plan) == layer0 + [WarsSegment(1, 0, 0, (1, 2, 3, 4), "window", 1, True)]
+
+    # windowed launch at 0.6 of a dense one: 1 reuse costs 2 x 0.6 > 1 dense, 2 reuses 3 x 0.6 < 2
+    low = lower_unprofitable_wars(plan, lambda layer, kind, w: 0.6)
+    assert plan.to_dict() == original  # the input plan is left alone
+    assert low.plan.methods[1][0] == "full" and low.plan.methods[3][0] == "wars(2)" == low.plan.methods[4][0]
+    assert [seg.reuse_steps for seg in low.lowered] == [(1,)] * H
+    assert low.plan.methods[2][1][0] == "wars(1)+asc"
+    assert plan_core_fraction(plan) < plan_core_fraction(low.plan) < 1.0
+    # at 0.7, two reuses no longer pay (3 x 0.7 > 2) but four do (5 x 0.7 < 4)
+    low = lower_unprofitable_wars(plan, lambda layer, kind, w: 0.7)
+    assert all(low.plan.methods[s][0] == "full" for s in range(5))
+    assert low.plan.methods[4][1] == ["wars(1)+asc"] + ["full"] * (H - 1)
+    # a window as slow as dense attention: every segment runs dense (WA-RS+ASC keeps its ASC)
+    low = lower_unprofitable_wars(plan, lambda layer, kind, w: 1.0)
+    assert low.plan.methods[3][1] == ["asc"] + ["full"] * (H - 1) and "lowered" in low.plan.provenance.notes
+
+    # lowered without ASC, the plan is the uncompressed model: bit-identical images
+    for s in range(1, 5):
+        plan.set(s, 1, "full")
+    kw = lambda: pipeline_call_kwargs("dit", "class3", 5, 3.0, 0)
+    before = dit_pipe(**kw()).images
+    with apply_plan(dit_pipe, plan):
+        assert np.abs(dit_pipe(**kw()).images - before).max() > 0
+    low = lower_unprofitable_wars(plan, lambda layer, kind, w: 0.99)
+    with apply_plan(dit_pipe, low.plan) as handle:
+        np.testing.assert_array_equal(dit_pipe(**kw()).images, before)
+        assert handle.flops.core_fraction == 1.0
+
+
 def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
     """Timesteps are read back from the device at steps 0 and 1 and the rest at the last step (no
     host-device wait at every step): a mismatch at step 0 or at a later step is refused either way."""
@@ -582,3 +626,26 @@ def test_pipeline_on_cuda_kernels_agree_with_dense(family):
     for backend in ("kernels", "flex"):
         np.testing.assert_allclose(images[backend], images["dense"], atol=2e-2, err_msg=backend)
     _no_ditlens_left(pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_lowering_measures_the_kernels_on_cuda(graphs):
+    """The measured ratio drives the same rule as a given one: the plan lowered with the measured
+    ratios equals the plan lowered with those ratios passed in by hand."""
+    from ditlens.compress.lowering import lower_for_device, lower_unprofitable_wars, wars_segments
+
+    pipe = build_tiny_pipeline("pixart")
+    plan = _uniform(pipe, "pixart", 6)
+    selfs = [i for i, layer in enumerate(plan.model.layers) if layer.kind == "self"]
+    for i in selfs:
+        for s in range(1, 6):
+            plan.set(s, i, "wars(3)" if s != 3 else "full")  # segments of 2 reuses (steps 1-2, 4-5)
+    plan.check_structure()
+    low = lower_for_device(plan, "cuda", torch.float16, graphs=graphs)
+    assert low.ratios and all(0 < r < float("inf") for r in low.ratios.values())
+    assert len(low.lowered) + len(low.kept) == len(wars_segments(plan))
+    again = lower_unprofitable_wars(plan, lambda layer, kind, w: low.ratios[(layer, kind, w)])
+    assert again.plan.to_dict()["methods"] == low.plan.to_dict()["methods"]
+    assert low.plan.to_dict()["methods"] != plan.to_dict()["methods"] or not low.lowered

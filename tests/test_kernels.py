@@ -205,6 +205,12 @@ def test_public_api_on_strided_inputs_and_custom_scale(device, D):
                                        out_dtype=torch.float64)
     assert out.shape == (B, H, L, D)
     assert _rel_err(out, ref) < _tol(torch.float16)
+    # the output keeps q's token-major storage, so diffusers' transpose(1, 2).reshape(B, L, H * D) is a view
+    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).reshape(B, L, H * D).data_ptr() == out.data_ptr()
+    contiguous = headwise_attention(q.contiguous(), k.contiguous(), v.contiguous(), modes=modes, windows=windows,
+                                    n_text=3, scale=0.3, backend="triton")
+    assert contiguous.is_contiguous() and torch.equal(contiguous, out)
     # both K/V load paths read the strided views in place (tensor descriptors with row stride H * D)
     plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, 3, False)
     for tma in (False, True):

@@ -10,11 +10,14 @@ Deployment needs only this subpackage (no h5py, dash or plotly)::
     handle.remove()                          # the pipeline is exactly as before
 
 Below 2K a step is host-bound on an H100/H200; ``apply_cuda_graphs(pipe)`` replays every
-transformer forward (plan or not) as one CUDA graph from the second call on.
+transformer forward (plan or not) as one CUDA graph from the second call on, and
+``lower_for_device(plan, "cuda").plan`` runs dense the WA-RS segments that the measured kernels
+say cannot save time at the plan's shape.
 """
 
 from ditlens.compress.graphs import CudaGraphConfig, CudaGraphHandle, apply_cuda_graphs
 from ditlens.compress.flops import FlopsReport, plan_flops, projection_flops
+from ditlens.compress.lowering import Lowering, lower_for_device, lower_unprofitable_wars, wars_segments
 from ditlens.compress.methods import HeadMethod, attended_pairs, parse_method
 from ditlens.compress.plan import (
     FlopsSummary,
@@ -29,7 +32,8 @@ from ditlens.compress.plan import (
 from ditlens.compress.runtime import PlanHandle, apply_plan, remove_plan
 
 __all__ = [
-    "CudaGraphConfig", "CudaGraphHandle", "FlopsReport", "FlopsSummary", "HeadMethod", "ModelFingerprint", "Plan", "PlanHandle", "Provenance", "RunSpec",
-    "apply_cuda_graphs", "apply_plan", "attended_pairs", "config_hash", "load_schema", "model_fingerprint", "parse_method", "plan_flops",
-    "projection_flops", "remove_plan",
+    "CudaGraphConfig", "CudaGraphHandle", "FlopsReport", "FlopsSummary", "HeadMethod", "Lowering", "ModelFingerprint", "Plan",
+    "PlanHandle", "Provenance", "RunSpec", "apply_cuda_graphs", "apply_plan", "attended_pairs", "config_hash", "load_schema",
+    "lower_for_device", "lower_unprofitable_wars", "model_fingerprint", "parse_method", "plan_flops", "projection_flops",
+    "remove_plan", "wars_segments",
 ]

@@ -43,6 +43,7 @@ from ditlens.compress.plan import Plan
 from ditlens.compress.schedule import LayerStep, build_schedule
 from ditlens.errors import DitlensError, PlanMismatchError
 from ditlens.kernels.graph_constants import graph_constant
+from ditlens.kernels.triton_backend import output_like
 
 STEP_HOOK = "ditlens.compress.step"
 LAYER_HOOK = "ditlens.compress.layer"
@@ -354,7 +355,9 @@ class PlanRuntime:
         st = self.state
         B, H, Lq, d = q.shape
         rows_all = slice(0, B)
-        out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+        # in q's memory order (as SDPA returns it): merging the heads back costs no copy
+        out = (output_like(q) if v.shape[-1] == d
+               else torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device))
         groups: dict[tuple[str, str, int, bool], list[int]] = {}
         ast_heads: list[int] = []
         for h, method in enumerate(action.heads):

@@ -110,7 +110,9 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             ``"sdpa"`` or ``"reference"`` (float64 dense, slow).
 
     Returns:
-        Output tensor of shape ``[batch, heads, seq_len, head_dim]``, contiguous, in ``q``'s dtype.
+        Output tensor of shape ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype; on the Triton
+        backend laid out like ``q`` (``[batch, seq_len, heads, head_dim]`` storage for diffusers'
+        views, so merging the heads back is free), otherwise contiguous.
         Softmax statistics are accumulated in float32 by the Triton and Flex backends.
     """
     plan, layout, scale_f = _prepare(q, k, v, modes, windows, n_text, text_first, scale)

@@ -170,9 +170,19 @@ def _needs_align_hint(strides: tuple[tuple[int, ...], ...]) -> bool:
     return any(st[0] % 16 or st[1] % 16 for st in strides)
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[B, H, L, D]`` output in ``q``'s memory order: ``[B, L, H, D]`` storage when
+    ``q`` interleaves its heads per token (diffusers' views, as SDPA returns them), so the caller's
+    ``transpose(1, 2).reshape(B, L, H * D)`` is a view and not a copy; contiguous otherwise."""
+    B, H, L, D = q.shape
+    if H > 1 and L > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return output_like(q)
     if out.shape != q.shape or out.device != q.device or _unit_last(out) is not out:
         raise DitlensError(f"out must be a tensor of q's shape {tuple(q.shape)} on {q.device} with unit stride on D "
                            "and other strides multiples of 8 elements")

@@ -1,0 +1,193 @@
+"""Run WA-RS segments dense where they cannot save time at the plan's shape on this GPU.
+
+A WA-RS *segment* of one head of one layer is a refresh step (plain ``full`` attention, plus one
+windowed launch that stores ``R = O - W``) and the ``k`` WA-RS steps that reuse its residual (one
+windowed launch ``W + R`` each): one dense product and ``k + 1`` windowed launches, against
+``k + 1`` dense products when the same steps run dense. So it saves time only when
+
+    (k + 1) * t_window < k * t_dense,   i.e.   t_window / t_dense < k / (k + 1).
+
+At long sequences a windowed launch costs a small share of a dense one and every segment pays.
+At short ones (DiT-XL 512², 1,024 tokens) a windowed launch is latency-bound and costs ~0.8 of a
+dense one (BENCHMARKS.md §2), so short segments make the model slower. :func:`lower_unprofitable_wars`
+turns those into plain ``full`` (``asc`` kept), which is exact attention: quality can only improve,
+and the plan's FLOPs fraction, recomputed from the lowered plan, says what actually runs.
+
+The ratio comes from :func:`measure_window_ratios` (the kernels timed at each layer's call shape,
+in diffusers' ``[B, L, H, D]`` layout, by CUDA-graph replay or eagerly with the host) or from the
+caller (tests, other latency models).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ditlens.compress.flops import layer_sequences
+from ditlens.compress.methods import HeadMethod
+from ditlens.compress.plan import Plan
+from ditlens.errors import DitlensError
+
+# (layer index, mask kind, window) -> t_window / t_dense for one call of that layer
+WindowRatio = Callable[[int, str, int], float]
+
+
+@dataclass(frozen=True)
+class WarsSegment:
+    """One refresh step of one head and the WA-RS steps that reuse its residual."""
+
+    layer: int
+    head: int
+    refresh_step: int
+    reuse_steps: tuple[int, ...]
+    kind: str  # the windowed pattern (window / arrow)
+    window: int
+    asc: bool
+
+    def pays(self, ratio: float) -> bool:
+        """Whether ``k`` reuses save more than the refresh's extra launch costs."""
+        k = len(self.reuse_steps)
+        return (k + 1) * ratio < k
+
+
+@dataclass
+class Lowering:
+    """A plan with its unprofitable WA-RS segments run dense, and which segments those were."""
+
+    plan: Plan
+    lowered: list[WarsSegment] = field(default_factory=list)
+    kept: list[WarsSegment] = field(default_factory=list)
+    ratios: dict[tuple[int, str, int], float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        total = len(self.lowered) + len(self.kept)
+        if not total:
+            return "no WA-RS segments"
+        steps = sum(len(s.reuse_steps) for s in self.lowered)
+        ratios = ", ".join(f"{r:.2f}" for r in sorted(set(round(v, 2) for v in self.ratios.values())))
+        return (f"{len(self.lowered)} of {total} WA-RS segments run dense ({steps} WA-RS head-steps; "
+                f"window / dense launch time {ratios})")
+
+
+def wars_segments(plan: Plan) -> list[WarsSegment]:
+    """Every (layer, head) refresh step followed by at least one WA-RS step reusing its residual."""
+    segments: list[WarsSegment] = []
+    for i in range(plan.n_layers):
+        open_: dict[int, tuple[int, list[int], HeadMethod | None]] = {}
+
+        def close(h: int) -> None:
+            refresh, reuses, method = open_.pop(h, (0, [], None))
+            if reuses and method is not None:
+                segments.append(WarsSegment(i, h, refresh, tuple(reuses), method.mask_kind, method.window,
+                                            method.asc))
+
+        for s in range(plan.steps):
+            if plan.skips_module(s, i):
+                continue  # an AST step neither refreshes nor reads a residual
+            for h, method in enumerate(plan.head_methods(s, i)):
+                if method.base == "full" and not method.asc:
+                    close(h)
+                    open_[h] = (s, [], None)
+                elif method.base == "wars" and h in open_:
+                    refresh, reuses, _ = open_[h]
+                    open_[h] = (refresh, reuses + [s], method)
+        for h in list(open_):
+            close(h)
+    return sorted(segments, key=lambda seg: (seg.layer, seg.head, seg.refresh_step))
+
+
+def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio) -> Lowering:
+    """A copy of ``plan`` in which every WA-RS segment that does not pay (see the module doc) runs
+    ``full`` (``full+asc`` for WA-RS+ASC) at its reuse steps; the refresh then stores nothing."""
+    lowered_plan = Plan.from_dict(plan.to_dict())
+    result = Lowering(lowered_plan)
+    per_entry: dict[tuple[int, int], dict[int, str]] = {}
+    for seg in wars_segments(plan):
+        key = (seg.layer, seg.kind, seg.window)
+        if key not in result.ratios:
+            result.ratios[key] = float(ratio(*key))
+        if seg.pays(result.ratios[key]):
+            result.kept.append(seg)
+            continue
+        result.lowered.append(seg)
+        for s in seg.reuse_steps:
+            per_entry.setdefault((s, seg.layer), {})[seg.head] = "asc" if seg.asc else "full"
+    for (s, i), heads in per_entry.items():
+        methods = [m.to_str() for m in plan.head_methods(s, i)]
+        for h, text in heads.items():
+            methods[h] = text
+        whole_layer = isinstance(plan.methods[s][i], str) and len(set(methods)) == 1
+        lowered_plan.set(s, i, methods[0] if whole_layer else methods)
+    if result.lowered:
+        note = f"lowered: {result.summary()}"
+        prov = lowered_plan.provenance
+        prov.notes = f"{prov.notes}; {note}" if prov.notes else note
+    lowered_plan.check_structure()
+    return result
+
+
+def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True,
+                          repeats: int = 20) -> WindowRatio:
+    """Time one windowed WA-RS launch (``W + R``) against the dense SDPA product at each layer's call
+    shape (batch = CFG rows, ``[B, L, H, D]`` storage as diffusers passes it), on ``device``.
+
+    ``graphs=True`` times CUDA-graph replays (kernel time: the right model under
+    :func:`ditlens.compress.apply_cuda_graphs`); ``False`` times eager calls back to back, the host's
+    launch cost included (what an eager, host-bound loop pays). Results are cached per shape."""
+    import torch
+
+    from ditlens.kernels import windowed_plus_residual
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise DitlensError("measure_window_ratios times GPU kernels; pass a CUDA device (on the CPU, give "
+                           "lower_unprofitable_wars a ratio of your own)")
+    dtype = dtype or torch.bfloat16
+    grid = plan.model.tokens.grid
+    if grid is None:
+        raise DitlensError("the plan records no token grid (made without a resolution); rebuild it with height/width")
+    n_text = plan.model.tokens.n_text or 0
+    rows = 2 if plan.run.cfg_layout.startswith("batched") else 1
+    H, D = plan.model.heads, plan.model.head_dim
+    cache: dict[tuple, float] = {}
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        if graphs:
+            from triton.testing import do_bench_cudagraph
+
+            return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    def ratio(layer: int, kind: str, window: int) -> float:
+        seq = layer_sequences(plan.model.layers[layer], grid, n_text)
+        lay = seq.layout
+        key = (seq.count * rows, lay.q_len, lay.n_text, lay.text_first, kind, window)
+        if key not in cache:
+            B, L = key[0], lay.q_len
+            gen = torch.Generator(device=device).manual_seed(0)
+            q, k, v, r = (torch.randn(B, L, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+                          for _ in range(4))
+            dense = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            windowed = timed(lambda: windowed_plus_residual(q, k, v, r, windows=window, n_text=lay.n_text,
+                                                            text_first=lay.text_first, pattern=kind))
+            cache[key] = windowed / dense
+        return cache[key]
+
+    return ratio
+
+
+def lower_for_device(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True) -> Lowering:
+    """:func:`lower_unprofitable_wars` with ratios measured on ``device``; the plan unchanged (every
+    segment kept) off CUDA, where there is no kernel timing to go by."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return Lowering(Plan.from_dict(plan.to_dict()), kept=wars_segments(plan))
+    return lower_unprofitable_wars(plan, measure_window_ratios(plan, device, dtype, graphs=graphs))
