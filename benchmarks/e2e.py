@@ -397,6 +397,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             if args.lower_unprofitable:  # WA-RS segments that cost more than dense attention here run dense
                 low = lower_for_device(plan, args.device, dtype, graphs=graphed)
                 plan = low.plan
+                print(f"    {label}: {low.summary()}", flush=True)
                 if low.lowered:
                     lowered = f", {low.summary()}"
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
