@@ -649,3 +649,24 @@ def test_lowering_measures_the_kernels_on_cuda(graphs):
     again = lower_unprofitable_wars(plan, lambda layer, kind, w: low.ratios[(layer, kind, w)])
     assert again.plan.to_dict()["methods"] == low.plan.to_dict()["methods"]
     assert low.plan.to_dict()["methods"] != plan.to_dict()["methods"] or not low.lowered
+
+
+def test_validate_cli_lowering_leaves_the_plan_alone_off_cuda(tmp_path, capsys):
+    from ditlens.cli import main
+    from ditlens.models import load_pipeline
+
+    plan = Plan.uniform(load_pipeline("tiny-dit"), 4, "full")
+    for s in (1, 2, 3):
+        plan.set(s, 0, "wars(4)")
+    path = plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    assert main(["validate", "--model", "tiny-dit", "--plan", str(path), "--num-prompts", "1", "--out", str(out),
+                 "--lower-unprofitable"]) == 0
+    printed = capsys.readouterr().out
+    from ditlens.compress.lowering import wars_segments
+
+    n = len(wars_segments(plan))
+    assert n == plan.model.heads and f"lowering: 0 of {n} WA-RS segments run dense" in printed
+    assert "no kernel timings off CUDA" in printed
+    assert Plan.load(out / "plan_lowered.json").to_dict()["methods"] == plan.to_dict()["methods"]
+    assert (out / "validate.json").exists()

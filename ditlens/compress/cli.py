@@ -13,12 +13,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     plan = Plan.load(args.plan)
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    if args.lower_unprofitable:
+        plan = _lowered(plan, args)
     prompts = list(args.prompt or []) or default_prompts(args.model, args.num_prompts)
     report = validate_pipeline(pipe, plan, prompts, seed=args.seed, model_name=args.model, plan_name=args.plan,
                                out_dir=args.out)
     print(report.markdown())
     print(f"wrote {args.out}/validate.json, validate.md, grid.png")
     return 0
+
+
+def _lowered(plan: Any, args: argparse.Namespace) -> Any:
+    """The plan with its unpaying WA-RS segments run dense (timed eagerly, as validate runs), saved
+    next to the report."""
+    from pathlib import Path
+
+    import torch
+
+    from ditlens.compress.lowering import lower_for_device
+    from ditlens.models import parse_dtype
+
+    low = lower_for_device(plan, args.device, parse_dtype(args.dtype), graphs=False)
+    measured = torch.device(args.device).type == "cuda"
+    print(f"lowering: {low.summary()}" + ("" if measured else " (no kernel timings off CUDA: plan unchanged)"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = low.plan.save(Path(args.out) / "plan_lowered.json")
+    print(f"wrote {path}")
+    return low.plan
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -39,6 +60,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="validate_out", help="folder for validate.json, validate.md, grid.png")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--lower-unprofitable", action="store_true",
+                   help="on CUDA, run dense the WA-RS segments whose timed kernels cannot pay for their refresh "
+                        "(validates, and writes, plan_lowered.json)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("export", help="write a plan's canonical JSON and a deployment bundle")
