@@ -12,6 +12,7 @@ views) against contiguous ``[B, H, L, D]`` tensors, so a slow strided path shows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections import defaultdict
 
@@ -72,7 +73,7 @@ def kernel_differences(base: dict, other: dict, top: int) -> list[str]:
     names = set(base["kernels"]) | set(other["kernels"])
     zero = [0.0, 0]
     diffs = sorted(names, key=lambda n: -abs(other["kernels"].get(n, zero)[0] - base["kernels"].get(n, zero)[0]))
-    lines = [f"kernels that differ most (uncompressed -> plan: ms over the call, launches):"]
+    lines = ["kernels that differ most (uncompressed -> plan: ms over the call, launches):"]
     for n in diffs[:top]:
         a, b = base["kernels"].get(n, zero), other["kernels"].get(n, zero)
         lines.append(f"  {a[0]:8.2f} ms {a[1]:6d} -> {b[0]:8.2f} ms {b[1]:6d}  {n[:110]}")
@@ -142,16 +143,10 @@ def main() -> None:
     warmups = 2 if graphs is not None else 1  # under graphs: an eager call, then the capture
     results = {}
     for name in ("uncompressed", "plan", "uncompressed again"):
-        if name == "plan":
-            with apply_plan(model.pipe, plan, count_flops=False):
-                with torch.inference_mode():
-                    for _ in range(warmups):
-                        model.pipe(**kwargs)  # warm-up (kernel compiles, graph capture)
-                results[name] = profile_call(model, kwargs, args.steps)
-        else:
+        with apply_plan(model.pipe, plan, count_flops=False) if name == "plan" else contextlib.nullcontext():
             with torch.inference_mode():
                 for _ in range(warmups):
-                    model.pipe(**kwargs)
+                    model.pipe(**kwargs)  # warm-up (kernel compiles, graph capture)
             results[name] = profile_call(model, kwargs, args.steps)
     families = sorted({f for r in results.values() for f in r["gpu_ms"]},
                       key=lambda f: -results["uncompressed"]["gpu_ms"].get(f, 0))

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # B, H, L, D, e2e window w (PixArt-2K: the 2K rows of benchmarks/kernels.py, w from --window-sparsity)
 SHAPES = {"DiT-512": (2, 16, 1024, 72, 64), "PixArt-1K": (2, 16, 4096, 72, 256), "PixArt-2K": (2, 16, 16384, 72, 0)}
 VARIANTS = ("dense", "window", "W+R", "R=O-W", "O,R fused")
-CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 3), (32, 32, 2, 2)]
+# BLOCK_M, BLOCK_N, warps, stages, K/V through tensor descriptors
+CONFIGS = [(128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 32, 4, 2, False),
+           (128, 32, 4, 3, False), (32, 32, 2, 2, False)]
 
 
 def _parse_config(text: str) -> tuple[int, int, int, int, bool]:
@@ -57,8 +59,7 @@ def main() -> None:
                         help="window w skipping this share of all pairs instead of the e2e plans' w (PixArt-2K: 0.5)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     args = parser.parse_args()
-    configs = [c + (False,) for c in CONFIGS] if args.configs is None else [_parse_config(c)
-                                                                             for c in args.configs.split(",")]
+    configs = CONFIGS if args.configs is None else [_parse_config(c) for c in args.configs.split(",")]
     variants = args.variants.split(",")
     from triton.testing import do_bench_cudagraph
 

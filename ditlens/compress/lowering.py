@@ -72,29 +72,12 @@ class Lowering:
 
 def wars_segments(plan: Plan) -> list[WarsSegment]:
     """Every (layer, head) refresh step followed by at least one WA-RS step reusing its residual."""
-    segments: list[WarsSegment] = []
-    for i in range(plan.n_layers):
-        open_: dict[int, tuple[int, list[int], HeadMethod | None]] = {}
-
-        def close(h: int) -> None:
-            refresh, reuses, method = open_.pop(h, (0, [], None))
-            if reuses and method is not None:
-                segments.append(WarsSegment(i, h, refresh, tuple(reuses), method.mask_kind, method.window,
-                                            method.asc))
-
-        for s in range(plan.steps):
-            if plan.skips_module(s, i):
-                continue  # an AST step neither refreshes nor reads a residual
-            for h, method in enumerate(plan.head_methods(s, i)):
-                if method.base == "full" and not method.asc:
-                    close(h)
-                    open_[h] = (s, [], None)
-                elif method.base == "wars" and h in open_:
-                    refresh, reuses, _ = open_[h]
-                    open_[h] = (refresh, reuses + [s], method)
-        for h in list(open_):
-            close(h)
-    return sorted(segments, key=lambda seg: (seg.layer, seg.head, seg.refresh_step))
+    reads: dict[tuple[int, int, int], list[tuple[int, HeadMethod]]] = {}
+    for i, h, s, method, refresh in plan.residual_reads():
+        if refresh is not None:
+            reads.setdefault((i, h, refresh), []).append((s, method))
+    return [WarsSegment(i, h, refresh, tuple(s for s, _ in steps), last.mask_kind, last.window, last.asc)
+            for (i, h, refresh), steps in sorted(reads.items()) for last in [steps[-1][1]]]
 
 
 def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio) -> Lowering:
@@ -152,12 +135,13 @@ def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs:
     rows = 2 if plan.run.cfg_layout.startswith("batched") else 1
     H, D = plan.model.heads, plan.model.head_dim
     cache: dict[tuple, float] = {}
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if graphs else None  # > any GPU's L2
 
     def timed(fn) -> float:
         fn()
         torch.cuda.synchronize()
-        if graphs:
-            return _graph_time_cold_l2(fn, repeats)
+        if flush is not None:
+            return _graph_time_cold_l2(fn, repeats, flush)
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -182,15 +166,14 @@ def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs:
     return ratio
 
 
-def _graph_time_cold_l2(fn: Callable[[], Any], calls: int, l2_flush_bytes: int = 256 << 20) -> float:
-    """Seconds per ``fn()`` replayed from a CUDA graph with the L2 cache flushed before each call.
+def _graph_time_cold_l2(fn: Callable[[], Any], calls: int, flush: Any) -> float:
+    """Seconds per ``fn()`` replayed from a CUDA graph with the L2 cache flushed (``flush``, a buffer
+    larger than L2, zeroed) before each call.
 
     In a model the inputs of an attention call arrive from projections that have since streamed
     their weights through L2; timed hot, the short latency-bound windowed launch looks cheaper
     against SDPA than it is in the model (BENCHMARKS.md §4)."""
     import torch
-
-    flush = torch.empty(l2_flush_bytes, dtype=torch.int8, device="cuda")
 
     def capture(with_fn: bool) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()

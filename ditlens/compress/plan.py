@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 from ditlens.compress.methods import HeadMethod, parse_method
 from ditlens.errors import DitlensError, PlanMismatchError
@@ -331,30 +331,36 @@ class Plan:
                         raise PlanMismatchError(f"{where}: AST at step 0 has no earlier output to reuse")
         self._check_residuals()
 
+    def residual_reads(self) -> Iterator[tuple[int, int, int, HeadMethod, int | None]]:
+        """(layer, head, step, method, refresh step) of every WA-RS head-step. Its refresh is the
+        latest earlier step at which the head ran plain ``full`` (None when there is none); a step
+        whose module is skipped (AST) neither refreshes nor reads a residual."""
+        for i in range(self.n_layers):
+            refresh: list[int | None] = [None] * self.model.heads
+            for s in range(self.steps):
+                if self.skips_module(s, i):
+                    continue
+                for h, method in enumerate(self.head_methods(s, i)):
+                    if method.base == "full" and not method.asc:
+                        refresh[h] = s
+                    elif method.base == "wars":
+                        yield i, h, s, method, refresh[h]
+
     def _check_residuals(self) -> None:
         """Every WA-RS step needs an earlier pure ``full`` step of that layer/head (its refresh),
         and every WA-RS step that shares one refresh uses one window (the residual depends on it)."""
-        for i in range(self.n_layers):
-            refresh: list[int | None] = [None] * self.model.heads
-            window_of: list[int | None] = [None] * self.model.heads
-            for s in range(self.steps):
-                skip = self.skips_module(s, i)
-                for h, method in enumerate(self.head_methods(s, i)):
-                    if skip:
-                        continue
-                    if method.base == "full" and not method.asc:
-                        refresh[h], window_of[h] = s, None
-                    elif method.base == "wars":
-                        where = f"methods[{s}][{i}] ({self.model.layers[i].name}) head {h}"
-                        if refresh[h] is None:
-                            raise PlanMismatchError(
-                                f"{where}: WA-RS needs the residual of an earlier step at which the head ran "
-                                "plain 'full' attention, and there is none; make an earlier step 'full'")
-                        if window_of[h] is not None and window_of[h] != method.window:
-                            raise PlanMismatchError(
-                                f"{where}: WA-RS window {method.window} differs from window {window_of[h]} used with "
-                                f"the same residual (refreshed at step {refresh[h]}); use one window per refresh")
-                        window_of[h] = method.window
+        window_of: dict[tuple[int, int, int], int] = {}
+        for i, h, s, method, refresh in self.residual_reads():
+            where = f"methods[{s}][{i}] ({self.model.layers[i].name}) head {h}"
+            if refresh is None:
+                raise PlanMismatchError(
+                    f"{where}: WA-RS needs the residual of an earlier step at which the head ran "
+                    "plain 'full' attention, and there is none; make an earlier step 'full'")
+            window = window_of.setdefault((i, h, refresh), method.window)
+            if window != method.window:
+                raise PlanMismatchError(
+                    f"{where}: WA-RS window {method.window} differs from window {window} used with "
+                    f"the same residual (refreshed at step {refresh}); use one window per refresh")
 
     def check_model(self, transformer: Any, adapter: Any, scheduler: Any = None, pipeline_cfg_layout: str | None = None) -> None:
         """Refuse a plan made for another model (or scheduler / CFG order), naming the field."""

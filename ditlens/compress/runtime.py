@@ -353,11 +353,10 @@ class PlanRuntime:
                  fwd: ForwardState) -> torch.Tensor:
         """The heads of one call in groups of one method each (one attention product per group)."""
         st = self.state
-        B, H, Lq, d = q.shape
+        B, H, _, d = q.shape
         rows_all = slice(0, B)
         # in q's memory order (as SDPA returns it): merging the heads back costs no copy
-        out = (output_like(q) if v.shape[-1] == d
-               else torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device))
+        out = output_like(q, v.shape[-1])
         groups: dict[tuple[str, str, int, bool], list[int]] = {}
         ast_heads: list[int] = []
         for h, method in enumerate(action.heads):

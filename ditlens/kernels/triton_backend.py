@@ -170,14 +170,16 @@ def _needs_align_hint(strides: tuple[tuple[int, ...], ...]) -> bool:
     return any(st[0] % 16 or st[1] % 16 for st in strides)
 
 
-def output_like(q: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``[B, H, L, D]`` output in ``q``'s memory order: ``[B, L, H, D]`` storage when
-    ``q`` interleaves its heads per token (diffusers' views, as SDPA returns them), so the caller's
-    ``transpose(1, 2).reshape(B, L, H * D)`` is a view and not a copy; contiguous otherwise."""
+def output_like(q: torch.Tensor, head_dim: int | None = None) -> torch.Tensor:
+    """An uninitialised ``[B, H, L, head_dim]`` output (``head_dim`` defaults to q's) in ``q``'s memory
+    order: ``[B, L, H, D]`` storage when ``q`` interleaves its heads per token (diffusers' views, as
+    SDPA returns them), so the caller's ``transpose(1, 2).reshape(B, L, H * D)`` is a view and not a
+    copy; contiguous otherwise."""
     B, H, L, D = q.shape
+    D = D if head_dim is None else head_dim
     if H > 1 and L > 1 and q.stride(1) < q.stride(2):
         return torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
 
 
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
