@@ -190,6 +190,14 @@ def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: in
     return median_timing([time_call(model, kwargs, clock, device, handle) for _ in range(repeats)])
 
 
+def run_planned(model, kwargs: dict, plan, warsr_refresh: str) -> None:
+    """One pipeline call with ``plan`` applied (what the in-model lowering calibration profiles)."""
+    from ditlens.compress import apply_plan
+
+    with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh):
+        model.pipe(**kwargs)
+
+
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
                warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, float]:
     """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after ``warmup`` calls of the plan
@@ -391,11 +399,17 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                                text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled, graphs=graphed))
         print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
+        in_model = None
         for (shape, mix), fraction in [(sh, f) for sh in shapes for f in model.fractions]:
             plan, label = shape(model, steps, fraction) if mix is None else shape(model, steps, fraction, mix)
             lowered = ""
             if args.lower_unprofitable:  # WA-RS segments that cost more than dense attention here run dense
-                low = lower_for_device(plan, args.device, dtype, graphs=graphed)
+                # under graphs, calibrated by one profiled call of the model (the graph runner runs a new
+                # plan's first call eagerly), once per model and variant
+                low = lower_for_device(plan, args.device, dtype, graphs=graphed, launches=in_model,
+                                       run=(lambda p: run_planned(model, kwargs, p, args.warsr_refresh)) if graphed
+                                       else None)
+                in_model = in_model or low.in_model
                 plan = low.plan
                 print(f"    {label}: {low.summary()}", flush=True)
                 if low.lowered:

@@ -21,19 +21,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# B, H, L, D, e2e window w (PixArt-2K: the 2K rows of benchmarks/kernels.py, w from --window-sparsity)
-SHAPES = {"DiT-512": (2, 16, 1024, 72, 64), "PixArt-1K": (2, 16, 4096, 72, 256), "PixArt-2K": (2, 16, 16384, 72, 0)}
+# B, H, L, D, e2e window w, text tokens first (the 2K rows of benchmarks/kernels.py: w from --window-sparsity)
+SHAPES = {"DiT-512": (2, 16, 1024, 72, 64, 0), "PixArt-1K": (2, 16, 4096, 72, 256, 0),
+          "PixArt-2K": (2, 16, 16384, 72, 0, 0), "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512)}
 VARIANTS = ("dense", "window", "W+R", "R=O-W", "O,R fused")
-# BLOCK_M, BLOCK_N, warps, stages, K/V through tensor descriptors
-CONFIGS = [(128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 32, 4, 2, False),
-           (128, 32, 4, 3, False), (32, 32, 2, 2, False)]
+CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2w/2s"
 
 
-def _parse_config(text: str) -> tuple[int, int, int, int, bool]:
-    """``"128x64/8w/3s"`` -> (128, 64, 8, 3, False); a ``/tma`` suffix loads K/V through tensor descriptors."""
-    tiles, warps, stages, *rest = text.strip().split("/")
+def _parse_config(text: str):
+    """``"128x64/8w/3s"`` -> KernelConfig(128, 64, 8, 3); suffixes ``/tma`` (K/V through tensor
+    descriptors) and ``/ws`` (warp-specialized key loop), in any order."""
+    from ditlens.kernels.triton_backend import KernelConfig
+
+    tiles, warps, stages, *flags = text.strip().split("/")
+    unknown = set(flags) - {"tma", "ws"}
+    if unknown:
+        raise SystemExit(f"unknown config flag(s) {sorted(unknown)} in {text!r}; use /tma and /ws")
     bm, bn = tiles.split("x")
-    return int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), rest == ["tma"]
+    return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
+                        warp_specialize="ws" in flags)
+
+
+def _label(cfg) -> str:
+    return (f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s" + ("/tma" if cfg.tma else "")
+            + ("/ws" if cfg.warp_specialize else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:
@@ -59,33 +70,36 @@ def main() -> None:
                         help="window w skipping this share of all pairs instead of the e2e plans' w (PixArt-2K: 0.5)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     args = parser.parse_args()
-    configs = CONFIGS if args.configs is None else [_parse_config(c) for c in args.configs.split(",")]
+    configs = [_parse_config(c) for c in (args.configs or CONFIGS).split(",")]
     variants = args.variants.split(",")
     from triton.testing import do_bench_cudagraph
 
     from ditlens.kernels.patterns import HeadPlan, TokenLayout
-    from ditlens.kernels.triton_backend import KernelConfig, headwise_triton, warsr_triton
+    from ditlens.kernels.triton_backend import headwise_triton, warsr_triton
 
     def bench(fn) -> float:
-        fn()
+        try:
+            fn()
+        except Exception as exc:  # e.g. a config this triton cannot compile: a gap in the table, not a stop
+            print(f"    failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            return float("nan")
         return float(do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3  # µs
 
     rows = []
     for name in args.shapes.split(","):
-        B, H, L, D, w = SHAPES[name]
+        B, H, L, D, w, n_text = SHAPES[name]
         if args.window_sparsity is not None or not w:
             w = band_window(L, 0.5 if args.window_sparsity is None else args.window_sparsity)
         g = torch.Generator("cuda").manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         residual = torch.randn_like(q)
-        layout = TokenLayout(L, 0, False)
+        layout = TokenLayout(L, n_text, True)
         dense = HeadPlan(("full",) * H, (0,) * H)
         window = HeadPlan(("window",) * H, (w,) * H)
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         print(f"{name}: SDPA {sdpa:.1f} µs", flush=True)
-        for bm, bn, warps, stages, tma in configs:
-            cfg = KernelConfig(bm, bn, warps, stages, tma=tma)
+        for cfg in configs:
             out, r_out = torch.empty_like(q), torch.empty_like(q)
             calls = {
                 "dense": lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out),
@@ -97,10 +111,9 @@ def main() -> None:
                                                   residual_out=r_out),
             }
             times = {key: bench(fn) if key in variants else float("nan") for key, fn in calls.items()}
-            label = f"{bm}x{bn}/{warps}w/{stages}s" + ("/tma" if tma else "")
-            rows.append({"shape": name, "w": w, "config": label, "sdpa_us": sdpa,
+            rows.append({"shape": name, "w": w, "config": _label(cfg), "sdpa_us": sdpa,
                          **{f"{key}_us": t for key, t in times.items()}})
-            print(f"  {rows[-1]['config']:<14} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items()), flush=True)
+            print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items()), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))

@@ -651,6 +651,71 @@ def test_lowering_measures_the_kernels_on_cuda(graphs):
     assert low.plan.to_dict()["methods"] != plan.to_dict()["methods"] or not low.lowered
 
 
+def test_in_model_calibration_matches_the_launch_weighted_mean():
+    """The calibrated ratios keep the microbenchmark's shape-to-shape proportions and average, over the
+    plan's windowed launches (k + 1 per segment), to the ratio measured in the model."""
+    from ditlens.compress.lowering import InModelLaunches, calibrate_in_model, wars_segments
+
+    plan = Plan.uniform(build_tiny_pipeline("dit"), 8, "full")
+    for s in (1, 2, 3):
+        plan.set(s, 0, "wars(4)")  # one segment of 3 reuses per head at layer 0
+    for s in (5, 6):
+        plan.set(s, 1, "wars(2)")  # one of 2 reuses at layer 1
+    plan.check_structure()
+    micro = {(0, "window", 4): 0.5, (1, "window", 2): 0.8}
+    launches = InModelLaunches(window_s=30e-6, window_launches=7, dense_s=40e-6, dense_launches=2)
+    got = calibrate_in_model(lambda *key: micro[key], plan, launches)
+    heads = plan.model.heads
+    weights = {(0, "window", 4): 4 * heads, (1, "window", 2): 3 * heads}
+    assert len(wars_segments(plan)) == 2 * heads
+    mean = sum(micro[k] * n for k, n in weights.items()) / sum(weights.values())
+    for key in micro:
+        assert got(*key) == pytest.approx(micro[key] * 0.75 / mean)
+    assert sum(got(*k) * n for k, n in weights.items()) / sum(weights.values()) == pytest.approx(0.75)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lowering_calibrates_in_the_model_on_cuda():
+    """One profiled call of the planned pipeline finds every windowed launch and every SDPA call at
+    the WA-RS layers' shape, and rescales the microbenchmark's ratios to its in-model level."""
+    from ditlens.compress.lowering import (calibrate_in_model, lower_for_device, lower_unprofitable_wars,
+                                           measure_window_ratios, profile_attention_launches, wars_segments)
+
+    family, steps = "pixart", 6
+    pipe = build_tiny_pipeline(family).to("cuda", torch.float16)
+    plan = _uniform(pipe, family, steps)
+    selfs = [i for i, layer in enumerate(plan.model.layers) if layer.kind == "self"]
+    for i in selfs:
+        for s in range(1, steps):
+            plan.set(s, i, "wars(3)" if s != 3 else "full")  # refreshes at steps 0 and 3, reuses 1-2 and 4-5
+    plan.check_structure()
+
+    def run(p):
+        kw = pipeline_call_kwargs(family, "a red bag", steps, 3.0, 0)
+        with apply_plan(pipe, p, warsr_refresh="two-pass"):
+            pipe(**kw)
+
+    run(plan)  # compile the kernels outside the profile
+    launches = profile_attention_launches(lambda: run(plan), plan)
+    # per self layer: one R = O - W launch per refresh (2) and one W + R launch per reuse (4); the
+    # model's own SDPA at the two refresh steps (one batched CFG forward per step)
+    assert launches.window_launches == 6 * len(selfs)
+    assert launches.dense_launches == 2 * len(selfs)
+    assert 0 < launches.window_s < 1 and 0 < launches.dense_s < 1
+    micro = measure_window_ratios(plan, "cuda", torch.float16)
+    calibrated = calibrate_in_model(micro, plan, launches)
+    keys = {(seg.layer, seg.kind, seg.window) for seg in wars_segments(plan)}
+    # every key here has the same shape and weight: the calibrated mean is the in-model ratio
+    assert sum(calibrated(*key) for key in keys) / len(keys) == pytest.approx(launches.ratio, rel=1e-9)
+    low = lower_for_device(plan, "cuda", torch.float16, launches=launches)
+    assert low.in_model is launches and "calibrated in the model" in low.summary()
+    by_hand = lower_unprofitable_wars(plan, lambda layer, kind, w: low.ratios[(layer, kind, w)])
+    assert by_hand.plan.to_dict()["methods"] == low.plan.to_dict()["methods"]
+    assert all(r == pytest.approx(launches.ratio * micro(*key) / (sum(micro(*k) for k in keys) / len(keys)))
+               for key, r in low.ratios.items())
+
+
 def test_validate_cli_lowering_leaves_the_plan_alone_off_cuda(tmp_path, capsys):
     from ditlens.cli import main
     from ditlens.models import load_pipeline

@@ -15,7 +15,10 @@ and the plan's FLOPs fraction, recomputed from the lowered plan, says what actua
 
 The ratio comes from :func:`measure_window_ratios` (the kernels timed at each layer's call shape,
 in diffusers' ``[B, L, H, D]`` layout, by CUDA-graph replay or eagerly with the host) or from the
-caller (tests, other latency models).
+caller (tests, other latency models). Timed alone, a short windowed launch looks cheaper than it is
+inside the model (DiT-XL 512² on an H200: 0.68 of SDPA alone, 0.81 in the model, BENCHMARKS.md §4);
+:func:`calibrate_in_model` rescales the measured ratios by the device times of the windowed and the
+dense launches in one profiled call of the planned pipeline.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Lowering:
     lowered: list[WarsSegment] = field(default_factory=list)
     kept: list[WarsSegment] = field(default_factory=list)
     ratios: dict[tuple[int, str, int], float] = field(default_factory=dict)
+    in_model: "InModelLaunches | None" = None  # the profiled call that calibrated the ratios, if any
 
     def summary(self) -> str:
         total = len(self.lowered) + len(self.kept)
@@ -66,8 +70,13 @@ class Lowering:
             return "no WA-RS segments"
         steps = sum(len(s.reuse_steps) for s in self.lowered)
         ratios = ", ".join(f"{r:.2f}" for r in sorted(set(round(v, 2) for v in self.ratios.values())))
+        calibration = ""
+        if self.in_model is not None:
+            m = self.in_model
+            calibration = (f", calibrated in the model: {m.window_s * 1e6:.1f} µs per windowed launch "
+                           f"against {m.dense_s * 1e6:.1f} µs per SDPA call")
         return (f"{len(self.lowered)} of {total} WA-RS segments run dense ({steps} WA-RS head-steps; "
-                f"windowed / dense launch time {ratios or 'not measured'})")
+                f"windowed / dense launch time {ratios or 'not measured'}{calibration})")
 
 
 def wars_segments(plan: Plan) -> list[WarsSegment]:
@@ -200,11 +209,119 @@ def _graph_time_cold_l2(fn: Callable[[], Any], calls: int, flush: Any) -> float:
     return max(replay(both) - replay(flush_only), 0.0) / calls
 
 
-def lower_for_device(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True) -> Lowering:
+@dataclass(frozen=True)
+class InModelLaunches:
+    """Device time of the attention launches in one profiled call of a planned pipeline."""
+
+    window_s: float  # mean of one ditlens Triton launch (the windowed W + R and R = O - W launches)
+    window_launches: int
+    dense_s: float  # mean of one SDPA call at a WA-RS layer's self-attention shape
+    dense_launches: int
+
+    @property
+    def ratio(self) -> float:
+        return self.window_s / self.dense_s
+
+
+# Kernel of ditlens.kernels' Triton backend, as the profiler names it
+_WINDOW_KERNEL = "headwise_fwd_kernel"
+
+
+def profile_attention_launches(run: Callable[[], Any], plan: Plan) -> InModelLaunches:
+    """Run ``run()`` (one call of the pipeline with ``plan`` applied, on CUDA) under torch.profiler and
+    average the device time of its windowed launches and of its SDPA calls whose query, key and value
+    have the shape of a WA-RS layer's self-attention call. Run it eagerly: the profiler does not see
+    inside CUDA-graph replays, and a kernel's device time does not depend on who launched it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = _self_attention_shapes(plan)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        with torch.inference_mode():
+            run()
+        torch.cuda.synchronize()
+    window_us, windows, dense_us, dense = 0.0, 0, 0.0, 0
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.device_type == torch.autograd.DeviceType.CUDA and _WINDOW_KERNEL in evt.key:
+            window_us += _device_us(evt, self_only=True)
+            windows += evt.count
+        elif evt.key == "aten::scaled_dot_product_attention" and _qkv_shape(evt.input_shapes) in shapes:
+            dense_us += _device_us(evt, self_only=False)
+            dense += evt.count
+    if not windows or not dense or window_us <= 0 or dense_us <= 0:
+        raise DitlensError(f"the profiled call ran {windows} ditlens Triton launch(es) and {dense} SDPA call(s) at "
+                           f"the plan's self-attention shapes {sorted(shapes)}: calibrate with the plan applied, on "
+                           "CUDA, with the Triton backend, at the plan's resolution")
+    return InModelLaunches(window_us / windows * 1e-6, windows, dense_us / dense * 1e-6, dense)
+
+
+def _device_us(evt: Any, self_only: bool) -> float:
+    name = "self_device_time_total" if self_only else "device_time_total"
+    legacy = "self_cuda_time_total" if self_only else "cuda_time_total"
+    return float(getattr(evt, name, None) or getattr(evt, legacy, 0.0) or 0.0)
+
+
+def _qkv_shape(input_shapes: Any) -> tuple[int, ...] | None:
+    """The query shape when query, key and value share it (self-attention), else None."""
+    if not input_shapes or len(input_shapes) < 3:
+        return None
+    q, k, v = (tuple(x) for x in input_shapes[:3])
+    return q if q == k == v and len(q) == 4 else None
+
+
+def _self_attention_shapes(plan: Plan) -> set[tuple[int, ...]]:
+    """[B, H, L, D] of the attention calls of the layers that hold a WA-RS segment."""
+    grid = plan.model.tokens.grid
+    if grid is None:
+        raise DitlensError("the plan records no token grid (made without a resolution); rebuild it with height/width")
+    n_text = plan.model.tokens.n_text or 0
+    rows = 2 if plan.run.cfg_layout.startswith("batched") else 1
+    out = set()
+    for layer in sorted({seg.layer for seg in wars_segments(plan)}):
+        seq = layer_sequences(plan.model.layers[layer], grid, n_text)
+        out.add((seq.count * rows, plan.model.heads, seq.layout.q_len, plan.model.head_dim))
+    return out
+
+
+def calibrate_in_model(ratio: WindowRatio, plan: Plan, launches: InModelLaunches) -> WindowRatio:
+    """``ratio`` rescaled so that its mean over the plan's windowed launches (each segment's ``k + 1``,
+    by its layer, kind and window) equals the in-model ratio of ``launches``: the shape-to-shape
+    differences stay the microbenchmark's, the level comes from the model."""
+    weights: dict[tuple[int, str, int], int] = {}
+    for seg in wars_segments(plan):
+        key = (seg.layer, seg.kind, seg.window)
+        weights[key] = weights.get(key, 0) + len(seg.reuse_steps) + 1
+    if not weights:
+        return ratio
+    measured = {key: float(ratio(*key)) for key in weights}
+    mean = sum(measured[key] * n for key, n in weights.items()) / sum(weights.values())
+    factor = launches.ratio / mean
+
+    def calibrated(layer: int, kind: str, window: int) -> float:
+        key = (layer, kind, window)
+        return factor * (measured[key] if key in measured else float(ratio(*key)))
+
+    return calibrated
+
+
+def lower_for_device(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True,
+                     run: Callable[[Plan], Any] | None = None, launches: InModelLaunches | None = None) -> Lowering:
     """:func:`lower_unprofitable_wars` with ratios measured on ``device``; the plan unchanged (every
-    segment kept) off CUDA, where there is no kernel timing to go by."""
+    segment kept) off CUDA, where there is no kernel timing to go by.
+
+    In-model calibration (:func:`calibrate_in_model`), optional: ``run(plan)`` calls the pipeline once
+    with ``plan`` applied, eagerly, and that call is profiled; or ``launches`` from an earlier profile
+    of the same model and shape (``Lowering.in_model`` of another plan) is used again."""
     import torch
 
     if torch.device(device).type != "cuda":
         return Lowering(Plan.from_dict(plan.to_dict()), kept=wars_segments(plan))
-    return lower_unprofitable_wars(plan, measure_window_ratios(plan, device, dtype, graphs=graphs))
+    ratio = measure_window_ratios(plan, device, dtype, graphs=graphs)
+    if launches is None and run is not None and wars_segments(plan):
+        launches = profile_attention_launches(lambda: run(plan), plan)
+    if launches is not None:
+        ratio = calibrate_in_model(ratio, plan, launches)
+    result = lower_unprofitable_wars(plan, ratio)
+    result.in_model = launches
+    return result

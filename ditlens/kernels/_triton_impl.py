@@ -148,9 +148,10 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                     offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
                     HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
-    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule."""
+    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule.
+    WARP_SPEC warp-specializes the unmasked loop, the one that carries dense heads."""
     n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
@@ -161,7 +162,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
                                              HAS_D1, True, UPCAST, USE_TMA)
-    for j in range(j_first, j_end):
+    for j in tl.range(j_first, j_end, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
@@ -223,7 +224,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
-                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False):
+                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+                        WARP_SPEC: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -286,11 +288,11 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
                                                img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                               HAS_D1, UPCAST, USE_TMA)
+                                               HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
                                                img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                               HAS_D1, UPCAST, USE_TMA)
+                                               HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:

@@ -31,6 +31,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # K/V tiles through tensor descriptors (copy engine); used on sm_90+ and the interpreter
+    # Triton's automatic warp specialization of the unmasked key loop (producer warps issue the loads,
+    # consumer warp groups the dots); compiled GPU launches only, ignored by the interpreter.
+    warp_specialize: bool = False
 
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
@@ -286,8 +289,8 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
     return dict(
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
-        SUBTRACT=subtract,
-        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def warsr_two_pass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
