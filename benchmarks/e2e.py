@@ -284,6 +284,15 @@ def v1_plan(model, steps: int, target: float, mix: bool = False):
     return plan, f"{label} w={w}"
 
 
+def null_plan(model, steps: int, target: float):
+    """A plan whose every entry is ``full``: the runtime's own cost (hooks, step tracking, graph keys)."""
+    from ditlens.compress import Plan
+
+    plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
+                        n_text=model.n_text or None, cfg_layout="none" if model.name.startswith("flux") else None)
+    return plan, "all-full plan (runtime only)"
+
+
 def v2_plan(model, steps: int, target: float):
     """DiTFastAttnV2-shaped: at steps >= 1, in every self/joint layer, two thirds of the heads take
     arrow attention and one third alternates output caching (odd steps) with the same arrow; the
@@ -400,7 +409,10 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
         print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
         in_model = None
-        for (shape, mix), fraction in [(sh, f) for sh in shapes for f in model.fractions]:
+        runs = [(sh, f) for sh in shapes for f in model.fractions]
+        if args.null_plan:  # every entry full: what applying a plan costs when it changes no attention call
+            runs.insert(0, ((null_plan, None), 1.0))
+        for (shape, mix), fraction in runs:
             plan, label = shape(model, steps, fraction) if mix is None else shape(model, steps, fraction, mix)
             lowered = ""
             if args.lower_unprofitable:  # WA-RS segments that cost more than dense attention here run dense
@@ -513,6 +525,8 @@ def main() -> None:
                         help="also replay every transformer forward from CUDA graphs (uncompressed and each plan)")
     parser.add_argument("--warsr-refresh", default="two-pass", choices=["one-pass", "two-pass"],
                         help="how full steps refresh WA-RS residuals (ditlens.compress.apply_plan)")
+    parser.add_argument("--null-plan", action="store_true",
+                        help="also time a plan whose every entry is full (the runtime's own cost)")
     parser.add_argument("--lower-unprofitable", action="store_true",
                         help="run WA-RS segments dense where the measured kernels say they cannot save time "
                              "(ditlens.compress.lowering)")

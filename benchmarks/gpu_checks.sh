@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-dit | e2e-dit-lowered | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -37,6 +37,8 @@ for name in "$@"; do
                --out "$out/e2e_dit.json" ;;
     e2e-dit-lowered) part e2e-dit-lowered 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
                        --cuda-graphs --repeats 3 --lower-unprofitable --out "$out/e2e_dit_lowered.json" ;;
+    e2e-dit-null) part e2e-dit-null 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 --cuda-graphs \
+                    --repeats 3 --null-plan --lower-unprofitable --out "$out/e2e_dit_null.json" ;;
     pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;

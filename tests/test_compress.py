@@ -442,6 +442,41 @@ def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
     _no_ditlens_left(dit_pipe)
 
 
+def test_timestep_tensor_reused_in_place_is_not_a_mismatch(dit_pipe):
+    """The runtime keeps the pipeline's own timestep tensors (no copy per step) and reads the middle
+    steps back at the last one: a pipeline that writes every step's timestep into one tensor in place
+    must not be refused for the values that tensor held earlier, and a wrong step 0 is still refused."""
+    import dataclasses
+
+    steps = 5
+    seen: list[float] = []
+    hook = dit_pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
+    dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    hook.remove()
+    shared = torch.zeros(2)
+
+    def in_place(module, args, kwargs):
+        shared.copy_(torch.as_tensor(kwargs["timestep"], dtype=shared.dtype).expand(2))
+        return args, {**kwargs, "timestep": shared}
+
+    hook = dit_pipe.transformer.register_forward_pre_hook(in_place, with_kwargs=True)
+    try:
+        plan = _uniform(dit_pipe, "dit", steps)
+        plan.run = dataclasses.replace(plan.run, timesteps=list(seen))
+        with apply_plan(dit_pipe, plan):
+            dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+        wrong = list(seen)
+        wrong[0] += 50.0
+        plan.run = dataclasses.replace(plan.run, timesteps=wrong)
+        with apply_plan(dit_pipe, plan):
+            with pytest.raises(PlanMismatchError, match=r"step 0 runs timestep"):
+                dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    finally:
+        hook.remove()
+    _no_ditlens_left(dit_pipe)
+
+
 def test_caches_reset_between_calls_and_memory_reported(dit_pipe):
     kw = lambda: pipeline_call_kwargs("dit", "class5", 3, 3.0, 1)
     with apply_plan(dit_pipe, _uniform(dit_pipe, "dit", 3, "wars(2)+asc", at_steps=[1, 2])) as handle:

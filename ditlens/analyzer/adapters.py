@@ -191,7 +191,7 @@ class ModelAdapter:
             grid = (shape[2] // pt, shape[3] // p, shape[4] // p)
         else:
             raise DitlensError(f"{self.family}: cannot read the token grid from hidden_states of shape {shape}")
-        return ForwardInfo(batch=shape[0], grid=grid, timestep=_timestep_ref(timestep))
+        return ForwardInfo(batch=shape[0], grid=grid, timestep=timestep)
 
     def grid_for_size(self, transformer: nn.Module, height: int, width: int, frames: int = 1,
                       pipeline: Any = None) -> tuple[int, int, int]:
@@ -276,8 +276,9 @@ def _argument(transformer: nn.Module, args: tuple, kwargs: dict, name: str) -> A
     raise DitlensError(f"{type(transformer).__name__}.forward was called without {name!r}; ditlens reads it to track steps and tokens")
 
 
-def _timestep_ref(timestep: Any) -> Any:
-    """The first element of a timestep argument, kept on its device (no host-device wait)."""
+def timestep_snapshot(timestep: Any) -> Any:
+    """The first element of a timestep argument as a copy on its device (no host-device wait), for
+    readers that keep it past the forward (a pipeline may reuse its timestep tensor in place)."""
     if isinstance(timestep, torch.Tensor):
         return timestep.detach().reshape(-1)[:1].clone() if timestep.numel() else float("nan")
     return timestep
@@ -395,7 +396,7 @@ class FluxAdapter(ModelAdapter):
         cols = int(ids[:, 2].max().item()) - int(ids[:, 2].min().item()) + 1
         if rows * cols != hidden.shape[1]:
             rows, cols = 1, hidden.shape[1]
-        return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=_timestep_ref(timestep))
+        return ForwardInfo(batch=hidden.shape[0], grid=(1, rows, cols), timestep=timestep)
 
     def pixels_per_token(self, transformer, pipeline):
         return 2 * super().pixels_per_token(transformer, pipeline)  # latents are packed 2x2
@@ -415,7 +416,7 @@ class CogVideoXAdapter(ModelAdapter):
         timestep = _argument(transformer, args, kwargs, "timestep")
         pt, p = self.patch_size(transformer)
         b, f, _, h, w = hidden.shape
-        return ForwardInfo(batch=b, grid=(max(1, f // pt), h // p, w // p), timestep=_timestep_ref(timestep))
+        return ForwardInfo(batch=b, grid=(max(1, f // pt), h // p, w // p), timestep=timestep)
 
     def grid_for_size(self, transformer, height, width, frames=1, pipeline=None):
         pt, _ = self.patch_size(transformer)

@@ -26,7 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ditlens.analyzer import hooks
-from ditlens.analyzer.adapters import AttentionLayer, ForwardInfo, GroupedTensors, ModelAdapter, SDPACall
+from ditlens.analyzer.adapters import (AttentionLayer, ForwardInfo, GroupedTensors, ModelAdapter, SDPACall,
+                                      timestep_snapshot)
 from ditlens.errors import DitlensError
 
 TRACKER_HOOK = "ditlens.forward_tracker"
@@ -192,7 +193,7 @@ class StepTracker:
             self.step += 1
             self.calls_at_step = 0
             self.last_marker = marker
-            self.timesteps.append(info.timestep)
+            self.timesteps.append(timestep_snapshot(info.timestep))
         else:
             self.calls_at_step += 1
         if self.step >= self.max_steps:

@@ -73,7 +73,7 @@ class RuntimeState:
     last_marker: tuple[str, float] | None = None  # see ditlens.analyzer.capture.step_marker
     calls_at_step: int = 0
     timesteps_ref: Any = None
-    unchecked_timesteps: list[tuple[int, Any]] = field(default_factory=list)  # (step, timestep) read back later
+    unchecked_timesteps: list[tuple[int, Any]] = field(default_factory=list)  # (step, timestep argument)
     module_out: dict[tuple[int, str], Any] = field(default_factory=dict)
     head_out: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
     residual: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
@@ -188,11 +188,11 @@ class PlanRuntime:
         step = st.step
         if plan.run.timesteps is not None and st.calls_at_step == 0:
             # Reading a GPU timestep waits for the device, so only the first two steps (where another
-            # scheduler setting already shows) are checked at once; the rest at the last step.
-            st.unchecked_timesteps.append((step, info))
+            # scheduler setting already shows) are checked at once; the rest at the last step, from the
+            # pipeline's own timestep tensors (kept, not copied: a copy is one more launch per step).
+            st.unchecked_timesteps.append((step, info.timestep))
             if step < 2 or step == plan.steps - 1:
-                for seen_step, seen in st.unchecked_timesteps:
-                    self._check_timestep(seen_step, seen.timestep_value)
+                self._check_timesteps(st.unchecked_timesteps)
                 st.unchecked_timesteps.clear()
         grid = plan.model.tokens.grid
         if grid is not None and tuple(info.grid) != tuple(grid):
@@ -201,6 +201,19 @@ class PlanRuntime:
                 f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]} "
                 "(run.height/width); call it at the plan's resolution or make a plan for this one")
         self.forward = self._branches(info, step, layout)
+
+    def _check_timesteps(self, seen: list[tuple[int, Any]]) -> None:
+        """Check each (step, timestep argument). A tensor the pipeline passed at several steps (reused
+        in place) holds only its latest value: the earlier steps that passed it go unchecked."""
+        from ditlens.analyzer.adapters import timestep_float
+
+        def key(k: int, t: Any) -> Any:
+            return id(t) if isinstance(t, torch.Tensor) else ("step", k)
+
+        last_use = {key(k, t): k for k, (_, t) in enumerate(seen)}
+        for k, (step, timestep) in enumerate(seen):
+            if last_use[key(k, timestep)] == k:
+                self._check_timestep(step, timestep_float(timestep))
 
     def _check_timestep(self, step: int, value: float) -> None:
         expected = self.plan.run.timesteps[step]
