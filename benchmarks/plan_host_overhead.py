@@ -68,6 +68,48 @@ def syncs(pipe, kwargs: dict, device: str) -> Counter:
     return found
 
 
+def forward_host_us(pipe, kwargs: dict, runtime=None) -> dict[str, float]:
+    """Host µs per transformer forward (from its pre-hook to its hook: the diffusers hook chain, the
+    plan's step tracking and the graph launch) and, with a plan, in the runtime's begin/end_forward."""
+    spent = {"forward": 0.0, "begin+end_forward": 0.0}
+    count = [0]
+    start = [0.0]
+
+    def pre(module, args, kw):
+        start[0] = time.perf_counter()
+
+    def post(module, args, kw, out):
+        spent["forward"] += time.perf_counter() - start[0]
+        count[0] += 1
+
+    hooks = [pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True),
+             pipe.transformer.register_forward_hook(post, with_kwargs=True)]
+    originals = None
+    if runtime is not None:
+        originals = runtime.begin_forward, runtime.end_forward
+
+        def begin(*a, **k):
+            t0 = time.perf_counter()
+            originals[0](*a, **k)
+            spent["begin+end_forward"] += time.perf_counter() - t0
+
+        def end():
+            t0 = time.perf_counter()
+            originals[1]()
+            spent["begin+end_forward"] += time.perf_counter() - t0
+
+        runtime.begin_forward, runtime.end_forward = begin, end
+    try:
+        with torch.inference_mode():
+            pipe(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        if originals is not None:
+            runtime.begin_forward, runtime.end_forward = originals
+    return {k: v / max(count[0], 1) * 1e6 for k, v in spent.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dit-xl-2-512")
@@ -111,6 +153,11 @@ def main() -> None:
               f"all-full plan {sum(plan_syncs.values())}")
         for where, n in (plan_syncs - base_syncs).most_common(10):
             print(f"  +{n:4d} {where}")
+        base_host = forward_host_us(model.pipe, kwargs)
+        with apply_plan(model.pipe, plan, count_flops=False) as handle:
+            plan_host = forward_host_us(model.pipe, kwargs, handle.runtime)
+        print("host µs per transformer forward: uncompressed " + ", ".join(f"{k} {v:.1f}" for k, v in base_host.items())
+              + "; all-full plan " + ", ".join(f"{k} {v:.1f}" for k, v in plan_host.items()))
         print("host profile, uncompressed:\n" + host_profile(model.pipe, kwargs, args.top))
         with apply_plan(model.pipe, plan, count_flops=False):
             print("host profile, all-full plan:\n" + host_profile(model.pipe, kwargs, args.top))

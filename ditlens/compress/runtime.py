@@ -30,7 +30,7 @@ Nothing is kept that no later step reads.
 from __future__ import annotations
 
 import inspect
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -134,14 +134,13 @@ class PlanRuntime:
         from ditlens.analyzer.capture import InterceptRoute
 
         self.routes = [InterceptRoute() for _ in plan.model.layers]
-
-    @cached_property
-    def graph_key(self) -> str:
-        """What tells this plan's CUDA graphs from other configurations' (worked out on first use)."""
         from ditlens.compress.graphs import plan_graph_key
 
-        return plan_graph_key(self.plan.to_json(),
-                              f"{self.backend}, flops {self.count_flops}, WA-RS refresh {self.warsr_refresh}")
+        # What tells this plan's CUDA graphs from other configurations'. Worked out here, with the
+        # schedule: serialising a DiT-XL plan takes milliseconds, which a pipeline call that syncs at
+        # every step (as diffusers' do) would otherwise pay in its first forward.
+        self.graph_key: str = plan_graph_key(
+            plan.to_json(), f"{backend}, flops {count_flops}, WA-RS refresh {warsr_refresh}")
 
     # -- CUDA graphs (ditlens.compress.graphs): a replayed forward runs none of the layer hooks ----
     def graph_snapshot(self) -> tuple[FlopsCounter | None, int]:
