@@ -10,6 +10,7 @@ the host work of hooks, interception, dispatch and launch preparation.
     python benchmarks/runtime_host.py                   # ms per forward: plain, all-full plan, WA-RS plan
     python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's host time goes
     python benchmarks/runtime_host.py --attend          # us per PlanRuntime.attend call of one WA-RS step
+    python benchmarks/runtime_host.py --replay          # us per forward when the forward is a graph replay
 
 The whole-pipeline figures swing by tens of percent on a shared 2-core VM; ``--attend`` times the
 runtime's own per-call path alone (best of 5 loops of 3000 calls), which is stable.
@@ -82,6 +83,56 @@ def time_attend() -> None:
     print(f"PlanRuntime.attend, WA-RS step, 16 heads, launch emulated: {best * 1e6:.1f} us per call")
 
 
+def time_replay(steps: int, calls: int, cprofile: int) -> None:
+    """Host µs per transformer forward that the plan's hooks add when the forward itself costs nothing:
+    under CUDA graphs the forward is a replay, and a pipeline that waits for the GPU at every step
+    (diffusers' DiT pipeline does) pays this host time on top of the GPU's (tiny-dit, forward stubbed)."""
+    from ditlens.compress import Plan, apply_plan
+    from ditlens.models import load_pipeline
+
+    pipe = load_pipeline("tiny-dit")
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    pipe(class_labels=[1], num_inference_steps=steps, output_type="np", guidance_scale=4.0)
+    hook.remove()
+    args, kwargs = seen[0]
+    with torch.inference_mode():
+        saved = pipe.transformer(*args, **kwargs)
+    pipe.transformer.forward = lambda *_, **__: saved  # a plan's hooks wrap this stub
+
+    def per_forward_us(n_calls: int) -> float:
+        best = float("inf")
+        for _ in range(n_calls):
+            t0 = time.perf_counter()
+            for s in range(steps):
+                pipe.scheduler._step_index = s if s else None  # what scheduler.step() leaves behind
+                with torch.inference_mode():
+                    pipe.transformer(*args, **kwargs)
+            best = min(best, time.perf_counter() - t0)
+        return best / steps * 1e6
+
+    bare = per_forward_us(calls)
+    full = Plan.uniform(pipe, steps, "full")
+    wars = Plan.uniform(pipe, steps, "full")
+    for s in range(1, steps):
+        for i, layer in enumerate(wars.model.layers):
+            if layer.kind == "self":
+                wars.set(s, i, "wars(4)")
+    print(f"tiny-dit, forward stubbed: host µs per transformer forward (best of {calls} x {steps} steps)")
+    print(f"  no plan        {bare:7.1f}")
+    for label, plan in (("all-full plan", full), ("WA-RS plan", wars)):
+        with apply_plan(pipe, plan, count_flops=False):
+            per_forward_us(1)  # the first call fills the WA-RS caches (the hooks of the stub run no layer)
+            us = per_forward_us(calls)
+            print(f"  {label:<14} {us:7.1f}  (+{us - bare:.1f})")
+            if cprofile and label == "WA-RS plan":
+                profiler = cProfile.Profile()
+                profiler.enable()
+                per_forward_us(3)
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28)
@@ -89,8 +140,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
     parser.add_argument("--attend", action="store_true", help="time the runtime's per-call path alone")
+    parser.add_argument("--replay", action="store_true",
+                        help="host time per forward with the forward stubbed (the host side of a graph replay)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.replay:
+        time_replay(50, 30, args.cprofile)
+        return
     emulate_gpu_kernels()
     if args.attend:
         time_attend()
