@@ -417,17 +417,25 @@ def test_lowering_runs_unpaying_wars_segments_dense(dit_pipe):
         assert handle.flops.core_fraction == 1.0
 
 
+def _recorded_timesteps(pipe, steps: int) -> list[float]:
+    """The timestep each transformer forward of one uncompressed tiny-dit call received."""
+    seen: list[float] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
+    try:
+        pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
     """Timesteps are read back from the device at steps 0 and 1 and the rest at the last step (no
     host-device wait at every step): a mismatch at step 0 or at a later step is refused either way."""
     import dataclasses
 
     steps = 5
-    seen: list[float] = []
-    hook = dit_pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
-    dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
-    hook.remove()
+    seen = _recorded_timesteps(dit_pipe, steps)
     plan = _uniform(dit_pipe, "dit", steps)
     for wrong_step in (0, 3):
         timesteps = list(seen)
@@ -449,11 +457,7 @@ def test_timestep_tensor_reused_in_place_is_not_a_mismatch(dit_pipe):
     import dataclasses
 
     steps = 5
-    seen: list[float] = []
-    hook = dit_pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).flatten()[0])), with_kwargs=True)
-    dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
-    hook.remove()
+    seen = _recorded_timesteps(dit_pipe, steps)
     shared = torch.zeros(2)
 
     def in_place(module, args, kwargs):

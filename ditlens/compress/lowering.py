@@ -137,11 +137,7 @@ def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs:
         raise DitlensError("measure_window_ratios times GPU kernels; pass a CUDA device (on the CPU, give "
                            "lower_unprofitable_wars a ratio of your own)")
     dtype = dtype or torch.bfloat16
-    grid = plan.model.tokens.grid
-    if grid is None:
-        raise DitlensError("the plan records no token grid (made without a resolution); rebuild it with height/width")
-    n_text = plan.model.tokens.n_text or 0
-    rows = 2 if plan.run.cfg_layout.startswith("batched") else 1
+    _token_grid(plan)  # refuse a plan without one before allocating anything
     H, D = plan.model.heads, plan.model.head_dim
     cache: dict[tuple, float] = {}
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if graphs else None  # > any GPU's L2
@@ -158,11 +154,10 @@ def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs:
         return (time.perf_counter() - t0) / repeats
 
     def ratio(layer: int, kind: str, window: int) -> float:
-        seq = layer_sequences(plan.model.layers[layer], grid, n_text)
-        lay = seq.layout
-        key = (seq.count * rows, lay.q_len, lay.n_text, lay.text_first, kind, window)
+        B, lay = _layer_call(plan, layer)
+        key = (B, lay.q_len, lay.n_text, lay.text_first, kind, window)
         if key not in cache:
-            B, L = key[0], lay.q_len
+            L = lay.q_len
             gen = torch.Generator(device=device).manual_seed(0)
             q, k, v, r = (torch.randn(B, L, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2)
                           for _ in range(4))
@@ -270,18 +265,28 @@ def _qkv_shape(input_shapes: Any) -> tuple[int, ...] | None:
     return q if q == k == v and len(q) == 4 else None
 
 
-def _self_attention_shapes(plan: Plan) -> set[tuple[int, ...]]:
-    """[B, H, L, D] of the attention calls of the layers that hold a WA-RS segment."""
+def _token_grid(plan: Plan) -> tuple[int, int, int]:
     grid = plan.model.tokens.grid
     if grid is None:
         raise DitlensError("the plan records no token grid (made without a resolution); rebuild it with height/width")
-    n_text = plan.model.tokens.n_text or 0
+    return grid
+
+
+def _layer_call(plan: Plan, layer: int) -> tuple[int, Any]:
+    """(batch, token layout) of one attention call of ``layer``: batch = sequences per sample times
+    the CFG rows of one forward."""
+    seq = layer_sequences(plan.model.layers[layer], _token_grid(plan), plan.model.tokens.n_text or 0)
     rows = 2 if plan.run.cfg_layout.startswith("batched") else 1
-    out = set()
-    for layer in sorted({seg.layer for seg in wars_segments(plan)}):
-        seq = layer_sequences(plan.model.layers[layer], grid, n_text)
-        out.add((seq.count * rows, plan.model.heads, seq.layout.q_len, plan.model.head_dim))
-    return out
+    return seq.count * rows, seq.layout
+
+
+def _self_attention_shapes(plan: Plan) -> set[tuple[int, ...]]:
+    """[B, H, L, D] of the attention calls of the layers that hold a WA-RS segment."""
+    shapes = set()
+    for layer in {seg.layer for seg in wars_segments(plan)}:
+        batch, layout = _layer_call(plan, layer)
+        shapes.add((batch, plan.model.heads, layout.q_len, plan.model.head_dim))
+    return shapes
 
 
 def calibrate_in_model(ratio: WindowRatio, plan: Plan, launches: InModelLaunches) -> WindowRatio:

@@ -206,12 +206,9 @@ class PlanRuntime:
         in place) holds only its latest value: the earlier steps that passed it go unchecked."""
         from ditlens.analyzer.adapters import timestep_float
 
-        def key(k: int, t: Any) -> Any:
-            return id(t) if isinstance(t, torch.Tensor) else ("step", k)
-
-        last_use = {key(k, t): k for k, (_, t) in enumerate(seen)}
+        last_use = {id(t): k for k, (_, t) in enumerate(seen) if isinstance(t, torch.Tensor)}
         for k, (step, timestep) in enumerate(seen):
-            if last_use[key(k, timestep)] == k:
+            if not isinstance(timestep, torch.Tensor) or last_use[id(timestep)] == k:
                 self._check_timestep(step, timestep_float(timestep))
 
     def _check_timestep(self, step: int, value: float) -> None:
