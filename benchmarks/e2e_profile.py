@@ -65,7 +65,54 @@ def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
             launches += evt.count
     return {"wall_ms": wall * 1e3, "plain_ms": sorted(plain)[len(plain) // 2] * 1e3, "gpu_ms": dict(by_family),
             "gpu_total_ms": sum(by_family.values()),
-            "kernels_per_step": launches / steps, "kernels": by_kernel}
+            "kernels_per_step": launches / steps, "kernels": by_kernel, "idle": idle_gaps(prof)}
+
+
+GAP_BUCKETS_US = (2.0, 10.0, 100.0)  # launch gaps inside a graph | bubbles | host waits between steps
+
+
+def idle_gaps(prof) -> dict:
+    """GPU idle time of a profiled call: the gaps between consecutive kernels (after merging
+    overlaps), bucketed by length, and the kernel pairs around the mid-sized gaps. Under CUDA
+    graphs a gap of a few µs is a kernel launch inside a replay; one of 100 µs and more is the
+    GPU waiting for the host (a sync per step); what lies between is a bubble worth explaining."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    buckets = {b: [0, 0.0] for b in (*GAP_BUCKETS_US, float("inf"))}
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    if not spans:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "buckets": {}, "pairs": []}
+    busy_end, last_name = spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        gap = start - busy_end
+        if gap > 0:
+            bucket = next(b for b in buckets if gap < b)
+            buckets[bucket][0] += 1
+            buckets[bucket][1] += gap / 1e3
+            if GAP_BUCKETS_US[0] <= gap < GAP_BUCKETS_US[-1]:
+                pair = pairs[(last_name[:48], name[:48])]
+                pair[0] += 1
+                pair[1] += gap / 1e3
+        if end >= busy_end:
+            busy_end, last_name = end, name
+    span = (busy_end - spans[0][0]) / 1e3
+    top = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:8]
+    return {"span_ms": span, "idle_ms": sum(v[1] for v in buckets.values()),
+            "buckets": {f"< {b:g} us": v for b, v in buckets.items()},
+            "pairs": [(a, b, n, ms) for (a, b), (n, ms) in top]}
+
+
+def idle_report(results: dict) -> list[str]:
+    """The idle-gap table of each profiled call, side by side, and the bubbles' kernel pairs."""
+    lines = ["GPU idle time between kernels (gaps after merging overlaps; count / ms over the call):"]
+    for name, r in results.items():
+        idle = r["idle"]
+        cells = "  ".join(f"{k}: {n} / {ms:.2f}" for k, (n, ms) in idle["buckets"].items())
+        lines.append(f"  {name:20s} span {idle['span_ms']:.1f} ms, idle {idle['idle_ms']:.2f} ms  ({cells})")
+    for name, r in results.items():
+        lines.append(f"  {name}: kernel pairs around {GAP_BUCKETS_US[0]:g}-{GAP_BUCKETS_US[-1]:g} us gaps (count, ms):")
+        lines += [f"    {n:5d} {ms:7.2f}  {a} -> {b}" for a, b, n, ms in r["idle"]["pairs"]]
+    return lines
 
 
 def kernel_differences(base: dict, other: dict, top: int) -> list[str]:
@@ -158,6 +205,7 @@ def main() -> None:
         print(f"{label:24s}" + "".join(f"{r[key]:17.1f} ms" for r in results.values()))
     print(f"{'kernels per step':24s}" + "".join(f"{r['kernels_per_step']:20.0f}" for r in results.values()))
     print("\n".join(kernel_differences(results["uncompressed again"], results["plan"], args.top)))
+    print("\n".join(idle_report(results)))
     print("\n".join(kernel_layouts(model)))
 
 

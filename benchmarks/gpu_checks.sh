@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -54,6 +54,8 @@ for name in "$@"; do
     e2e-profile-dit) part e2e-profile-dit-eager 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.34
                      part e2e-profile-dit-graphs 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 \
                        --fraction 0.34 --cuda-graphs ;;
+    e2e-profile-dit-graphs) part e2e-profile-dit-graphs 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 \
+                              --fraction 0.34 --cuda-graphs ;;
     tiles-2k) part tiles-2k 240 python3 benchmarks/small_shapes.py --out "$out/tiles_2k" --shapes PixArt-2K \
                 --window-sparsity 0.5 --variants dense,window \
                 --configs 128x64/4w/3s,128x64/4w/4s,128x32/4w/3s,64x64/4w/3s,128x64/8w/3s,128x128/8w/3s,128x64/4w/3s/tma ;;
