@@ -80,6 +80,7 @@ def idle_gaps(prof) -> dict:
                    if e.device_type == torch.autograd.DeviceType.CUDA)
     buckets = {b: [0, 0.0] for b in (*GAP_BUCKETS_US, float("inf"))}
     pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    long_pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])  # where the host waits fall
     if not spans:
         return {"span_ms": 0.0, "idle_ms": 0.0, "buckets": {}, "pairs": []}
     busy_end, last_name = spans[0][1], spans[0][2]
@@ -89,17 +90,19 @@ def idle_gaps(prof) -> dict:
             bucket = next(b for b in buckets if gap < b)
             buckets[bucket][0] += 1
             buckets[bucket][1] += gap / 1e3
-            if GAP_BUCKETS_US[0] <= gap < GAP_BUCKETS_US[-1]:
-                pair = pairs[(last_name[:48], name[:48])]
+            if gap >= GAP_BUCKETS_US[0]:
+                pair = (pairs if gap < GAP_BUCKETS_US[-1] else long_pairs)[(last_name[:48], name[:48])]
                 pair[0] += 1
                 pair[1] += gap / 1e3
         if end >= busy_end:
             busy_end, last_name = end, name
     span = (busy_end - spans[0][0]) / 1e3
-    top = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:8]
+    def top(found: dict) -> list:
+        return [(a, b, n, ms) for (a, b), (n, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])[:8]]
+
     return {"span_ms": span, "idle_ms": sum(v[1] for v in buckets.values()),
             "buckets": {f"< {b:g} us": v for b, v in buckets.items()},
-            "pairs": [(a, b, n, ms) for (a, b), (n, ms) in top]}
+            "pairs": top(pairs), "long_pairs": top(long_pairs)}
 
 
 def idle_report(results: dict) -> list[str]:
@@ -112,6 +115,8 @@ def idle_report(results: dict) -> list[str]:
     for name, r in results.items():
         lines.append(f"  {name}: kernel pairs around {GAP_BUCKETS_US[0]:g}-{GAP_BUCKETS_US[-1]:g} us gaps (count, ms):")
         lines += [f"    {n:5d} {ms:7.2f}  {a} -> {b}" for a, b, n, ms in r["idle"]["pairs"]]
+        lines.append(f"  {name}: kernel pairs around gaps of {GAP_BUCKETS_US[-1]:g} us and more (count, ms):")
+        lines += [f"    {n:5d} {ms:7.2f}  {a} -> {b}" for a, b, n, ms in r["idle"]["long_pairs"]]
     return lines
 
 

@@ -119,8 +119,12 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="the small CPU-sized model of e2e.py --smoke")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--plan", choices=("all-full", "wa-rs"), default="all-full",
+                        help="the plan set against the uncompressed model: every entry full (the runtime's own "
+                             "cost), or e2e.py's V1 WA-RS plan at --fraction")
+    parser.add_argument("--fraction", type=float, default=0.34, help="attention-FLOPs fraction of --plan wa-rs")
     args = parser.parse_args()
-    from e2e import null_plan
+    from e2e import null_plan, v1_plan
     from random_pipelines import e2e_model
 
     from ditlens.compress import apply_cuda_graphs, apply_plan
@@ -130,7 +134,10 @@ def main() -> None:
     kwargs = dict(model.call_kwargs, num_inference_steps=args.steps, output_type="np")
     if not args.model.startswith("dit"):
         kwargs.update(height=model.height, width=model.width)
-    plan, _ = null_plan(model, args.steps, 1.0)
+    if args.plan == "all-full":
+        plan, label = null_plan(model, args.steps, 1.0)
+    else:
+        plan, label = v1_plan(model, args.steps, args.fraction, False)
     graphs = apply_cuda_graphs(model.pipe) if args.cuda_graphs else contextlib.nullcontext()
     with graphs:
         for _ in range(2):  # an eager call, then the capture, of each configuration
@@ -144,23 +151,23 @@ def main() -> None:
                 planned.append(timed_call(model.pipe, kwargs, args.device))
         ratio = statistics.median(a / b for a, b in zip(plain, planned))
         print(f"{args.model}{' (CUDA graphs)' if args.cuda_graphs else ''}, {args.steps} steps: uncompressed "
-              f"{statistics.median(plain) * 1e3:.1f} ms, all-full plan {statistics.median(planned) * 1e3:.1f} ms, "
+              f"{statistics.median(plain) * 1e3:.1f} ms, {label} {statistics.median(planned) * 1e3:.1f} ms, "
               f"speed {ratio:.3f}x (median of {args.pairs} pairs)", flush=True)
         base_syncs = syncs(model.pipe, kwargs, args.device)
         with apply_plan(model.pipe, plan, count_flops=False):
             plan_syncs = syncs(model.pipe, kwargs, args.device)
         print(f"host-device synchronisations per call: uncompressed {sum(base_syncs.values())}, "
-              f"all-full plan {sum(plan_syncs.values())}")
+              f"{label} {sum(plan_syncs.values())}")
         for where, n in (plan_syncs - base_syncs).most_common(10):
             print(f"  +{n:4d} {where}")
         base_host = forward_host_us(model.pipe, kwargs)
         with apply_plan(model.pipe, plan, count_flops=False) as handle:
             plan_host = forward_host_us(model.pipe, kwargs, handle.runtime)
         print("host µs per transformer forward: uncompressed " + ", ".join(f"{k} {v:.1f}" for k, v in base_host.items())
-              + "; all-full plan " + ", ".join(f"{k} {v:.1f}" for k, v in plan_host.items()))
+              + f"; {label} " + ", ".join(f"{k} {v:.1f}" for k, v in plan_host.items()))
         print("host profile, uncompressed:\n" + host_profile(model.pipe, kwargs, args.top))
         with apply_plan(model.pipe, plan, count_flops=False):
-            print("host profile, all-full plan:\n" + host_profile(model.pipe, kwargs, args.top))
+            print(f"host profile, {label}:\n" + host_profile(model.pipe, kwargs, args.top))
 
 
 if __name__ == "__main__":
