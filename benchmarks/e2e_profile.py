@@ -65,7 +65,36 @@ def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
             launches += evt.count
     return {"wall_ms": wall * 1e3, "plain_ms": sorted(plain)[len(plain) // 2] * 1e3, "gpu_ms": dict(by_family),
             "gpu_total_ms": sum(by_family.values()),
-            "kernels_per_step": launches / steps, "kernels": by_kernel, "idle": idle_gaps(prof)}
+            "kernels_per_step": launches / steps, "kernels": by_kernel, "idle": idle_gaps(prof),
+            "longest_gap": longest_gap(prof)}
+
+
+def longest_gap(prof, around: int = 3) -> list[str]:
+    """The longest GPU idle gap of a profiled call: the kernels just before and after it, and every
+    host-side event (torch ops, CUDA runtime calls) that started while the GPU waited. Says whether
+    the host was busy (and with what) or had already launched the work the GPU was late to start."""
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
+    if len(kernels) < 2:
+        return []
+    # the once-per-call gaps around the host-to-device copies of the pipeline's set-up are not the question
+    best, busy_end, last = (0.0, 0), kernels[0].time_range.end, kernels[0]
+    for k, e in enumerate(kernels[1:], 1):
+        gap = e.time_range.start - busy_end
+        if gap > best[0] and "HtoD" not in e.name and "HtoD" not in last.name:
+            best = (gap, k)
+        if e.time_range.end >= busy_end:
+            busy_end, last = e.time_range.end, e
+    gap, k = best
+    t0 = kernels[k].time_range.start - gap
+    lines = [f"longest GPU gap {gap:.0f} us, at {t0 / 1e3:.3f} ms:"]
+    for e in kernels[max(0, k - around):k + around]:
+        lines.append(f"  gpu  {e.time_range.start / 1e3:10.3f} +{e.time_range.end - e.time_range.start:7.1f} us  {e.name[:80]}")
+    host = sorted((e for e in prof.events() if e.device_type != cuda and t0 - 50 <= e.time_range.start <= t0 + gap),
+                  key=lambda e: e.time_range.start)
+    for e in host[:60]:
+        lines.append(f"  host {e.time_range.start / 1e3:10.3f} +{e.time_range.end - e.time_range.start:7.1f} us  {e.name[:80]}")
+    return lines
 
 
 GAP_BUCKETS_US = (2.0, 10.0, 100.0)  # launch gaps inside a graph | bubbles | host waits between steps
@@ -211,6 +240,8 @@ def main() -> None:
     print(f"{'kernels per step':24s}" + "".join(f"{r['kernels_per_step']:20.0f}" for r in results.values()))
     print("\n".join(kernel_differences(results["uncompressed again"], results["plan"], args.top)))
     print("\n".join(idle_report(results)))
+    for name, r in results.items():
+        print(f"{name}: " + "\n".join(r["longest_gap"]))
     print("\n".join(kernel_layouts(model)))
 
 

@@ -417,6 +417,30 @@ def test_lowering_runs_unpaying_wars_segments_dense(dit_pipe):
         assert handle.flops.core_fraction == 1.0
 
 
+def test_lowering_runs_every_segment_dense_when_together_they_save_too_little(dit_pipe):
+    """Segments that pay one by one must also save ``min_saving_s`` together, or all run dense."""
+    from ditlens.compress.lowering import lower_unprofitable_wars
+
+    plan = _uniform(dit_pipe, "dit", 5)
+    H = plan.model.heads
+    for s, m in enumerate(["full", "wars(2)", "full", "wars(2)", "wars(2)"]):
+        plan.set(s, 0, m)  # per head: a 1-reuse segment (does not pay at 0.6) and a 2-reuse one (saves 0.2)
+    for s in range(1, 5):
+        plan.set(s, 1, ["wars(1)+asc"] + ["full"] * (H - 1))  # one 4-reuse segment: saves 4 - 5 x 0.6 = 1.0
+    plan.check_structure()
+    ratio = lambda layer, kind, w: 0.6  # noqa: E731
+    dense_s = 1e-3
+    saving = dense_s * (0.2 * H + 1.0)  # the paying segments' saving, in seconds, worked out by hand
+    enough = lower_unprofitable_wars(plan, ratio, dense_s=dense_s, min_saving_s=saving * 0.99)
+    alone = lower_unprofitable_wars(plan, ratio)
+    assert enough.saving_s == pytest.approx(saving) and not enough.too_small
+    assert enough.plan.to_dict()["methods"] == alone.plan.to_dict()["methods"] and len(enough.kept) == H + 1
+    short = lower_unprofitable_wars(plan, ratio, dense_s=dense_s, min_saving_s=saving * 1.01)
+    assert short.too_small and not short.kept and len(short.lowered) == 2 * H + 1
+    assert all(short.plan.methods[s][0] == "full" for s in range(5))
+    assert short.plan.methods[3][1] == ["asc"] + ["full"] * (H - 1)  # WA-RS+ASC keeps its ASC
+
+
 def _recorded_timesteps(pipe, steps: int) -> list[float]:
     """The timestep each transformer forward of one uncompressed tiny-dit call received."""
     seen: list[float] = []
@@ -742,6 +766,8 @@ def test_lowering_calibrates_in_the_model_on_cuda():
     assert launches.window_launches == 6 * len(selfs)
     assert launches.dense_launches == 2 * len(selfs)
     assert 0 < launches.window_s < 1 and 0 < launches.dense_s < 1
+    attention_s = launches.window_s * launches.window_launches + launches.dense_s * launches.dense_launches
+    assert attention_s < launches.call_s < 10  # the call's GPU time holds its attention launches
     micro = measure_window_ratios(plan, "cuda", torch.float16)
     calibrated = calibrate_in_model(micro, plan, launches)
     keys = {(seg.layer, seg.kind, seg.window) for seg in wars_segments(plan)}
@@ -749,8 +775,10 @@ def test_lowering_calibrates_in_the_model_on_cuda():
     assert sum(calibrated(*key) for key in keys) / len(keys) == pytest.approx(launches.ratio, rel=1e-9)
     low = lower_for_device(plan, "cuda", torch.float16, launches=launches)
     assert low.in_model is launches and "calibrated in the model" in low.summary()
-    by_hand = lower_unprofitable_wars(plan, lambda layer, kind, w: low.ratios[(layer, kind, w)])
+    by_hand = lower_unprofitable_wars(plan, lambda layer, kind, w: low.ratios[(layer, kind, w)],
+                                      dense_s=launches.dense_s, min_saving_s=0.01 * launches.call_s)
     assert by_hand.plan.to_dict()["methods"] == low.plan.to_dict()["methods"]
+    assert by_hand.too_small == low.too_small and by_hand.saving_s == pytest.approx(low.saving_s)
     assert all(r == pytest.approx(launches.ratio * micro(*key) / (sum(micro(*k) for k in keys) / len(keys)))
                for key, r in low.ratios.items())
 

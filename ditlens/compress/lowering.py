@@ -13,6 +13,13 @@ dense one (BENCHMARKS.md §2), so short segments make the model slower. :func:`l
 turns those into plain ``full`` (``asc`` kept), which is exact attention: quality can only improve,
 and the plan's FLOPs fraction, recomputed from the lowered plan, says what actually runs.
 
+A plan can pass that test segment by segment and still save next to nothing: at DiT-XL 512² the
+kept segments of V1's WA-RS plans save ~1 % of a call's GPU time, less than the runtime's own host
+work per forward (~0.1 ms on an H200) costs a pipeline that synchronises at every step, and less than
+the run-to-run spread of paired calls (BENCHMARKS.md §4). So when the in-model profile gives the
+call's GPU time, the kept segments must together save at least ``min_gain`` of it (1 % by default);
+otherwise every segment runs dense and the plan keeps only its other methods.
+
 The ratio comes from :func:`measure_window_ratios` (the kernels timed at each layer's call shape,
 in diffusers' ``[B, L, H, D]`` layout, by CUDA-graph replay or eagerly with the host) or from the
 caller (tests, other latency models). Timed alone, a short windowed launch looks cheaper than it is
@@ -50,8 +57,12 @@ class WarsSegment:
 
     def pays(self, ratio: float) -> bool:
         """Whether ``k`` reuses save more than the refresh's extra launch costs."""
+        return self.saving(ratio) > 0
+
+    def saving(self, ratio: float) -> float:
+        """Time saved, in dense launches: ``k`` dense products against ``k + 1`` windowed launches."""
         k = len(self.reuse_steps)
-        return (k + 1) * ratio < k
+        return k - (k + 1) * ratio
 
 
 @dataclass
@@ -63,11 +74,17 @@ class Lowering:
     kept: list[WarsSegment] = field(default_factory=list)
     ratios: dict[tuple[int, str, int], float] = field(default_factory=dict)
     in_model: "InModelLaunches | None" = None  # the profiled call that calibrated the ratios, if any
+    saving_s: float | None = None  # what the segments that pass one by one would save per call, if known
+    too_small: bool = False  # they all run dense: together they would save less than the minimum gain
 
     def summary(self) -> str:
         total = len(self.lowered) + len(self.kept)
         if not total:
             return "no WA-RS segments"
+        whole = ""
+        if self.too_small and self.in_model is not None:
+            whole = (f"; together the paying ones would save {self.saving_s * 1e3:.2f} ms of the call's "
+                     f"{self.in_model.call_s * 1e3:.0f} ms of GPU time, too little to pay for the runtime")
         steps = sum(len(s.reuse_steps) for s in self.lowered)
         ratios = ", ".join(f"{r:.2f}" for r in sorted(set(round(v, 2) for v in self.ratios.values())))
         calibration = ""
@@ -76,7 +93,7 @@ class Lowering:
             calibration = (f", calibrated in the model: {m.window_s * 1e6:.1f} µs per windowed launch "
                            f"against {m.dense_s * 1e6:.1f} µs per SDPA call")
         return (f"{len(self.lowered)} of {total} WA-RS segments run dense ({steps} WA-RS head-steps; "
-                f"windowed / dense launch time {ratios or 'not measured'}{calibration})")
+                f"windowed / dense launch time {ratios or 'not measured'}{calibration}{whole})")
 
 
 def wars_segments(plan: Plan) -> list[WarsSegment]:
@@ -89,17 +106,30 @@ def wars_segments(plan: Plan) -> list[WarsSegment]:
             for (i, h, refresh), steps in sorted(reads.items()) for last in [steps[-1][1]]]
 
 
-def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio) -> Lowering:
+def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio, *, dense_s: float | None = None,
+                            min_saving_s: float = 0.0) -> Lowering:
     """A copy of ``plan`` in which every WA-RS segment that does not pay (see the module doc) runs
-    ``full`` (``full+asc`` for WA-RS+ASC) at its reuse steps; the refresh then stores nothing."""
+    ``full`` (``full+asc`` for WA-RS+ASC) at its reuse steps; the refresh then stores nothing.
+
+    With ``dense_s`` (seconds of one dense launch), the segments that pay must together save at
+    least ``min_saving_s`` per call, or they run dense too."""
     lowered_plan = Plan.from_dict(plan.to_dict())
     result = Lowering(lowered_plan)
-    per_entry: dict[tuple[int, int], dict[int, str]] = {}
-    for seg in wars_segments(plan):
+    segments = wars_segments(plan)
+    for seg in segments:
         key = (seg.layer, seg.kind, seg.window)
         if key not in result.ratios:
             result.ratios[key] = float(ratio(*key))
-        if seg.pays(result.ratios[key]):
+    paying = [seg for seg in segments if seg.pays(result.ratios[(seg.layer, seg.kind, seg.window)])]
+    if dense_s is not None:
+        result.saving_s = dense_s * sum(seg.saving(result.ratios[(seg.layer, seg.kind, seg.window)]) for seg in paying)
+        result.too_small = bool(paying) and result.saving_s < min_saving_s
+        if result.too_small:
+            paying = []
+    kept = set(paying)
+    per_entry: dict[tuple[int, int], dict[int, str]] = {}
+    for seg in segments:
+        if seg in kept:
             result.kept.append(seg)
             continue
         result.lowered.append(seg)
@@ -212,6 +242,7 @@ class InModelLaunches:
     window_launches: int
     dense_s: float  # mean of one SDPA call at a WA-RS layer's self-attention shape
     dense_launches: int
+    call_s: float = 0.0  # device time of every kernel of the call
 
     @property
     def ratio(self) -> float:
@@ -236,8 +267,10 @@ def profile_attention_launches(run: Callable[[], Any], plan: Plan) -> InModelLau
         with torch.inference_mode():
             run()
         torch.cuda.synchronize()
-    window_us, windows, dense_us, dense = 0.0, 0, 0.0, 0
+    window_us, windows, dense_us, dense, call_us = 0.0, 0, 0.0, 0, 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            call_us += _device_us(evt, self_only=True)
         if evt.device_type == torch.autograd.DeviceType.CUDA and _WINDOW_KERNEL in evt.key:
             window_us += _device_us(evt, self_only=True)
             windows += evt.count
@@ -248,7 +281,7 @@ def profile_attention_launches(run: Callable[[], Any], plan: Plan) -> InModelLau
         raise DitlensError(f"the profiled call ran {windows} ditlens Triton launch(es) and {dense} SDPA call(s) at "
                            f"the plan's self-attention shapes {sorted(shapes)}: calibrate with the plan applied, on "
                            "CUDA, with the Triton backend, at the plan's resolution")
-    return InModelLaunches(window_us / windows * 1e-6, windows, dense_us / dense * 1e-6, dense)
+    return InModelLaunches(window_us / windows * 1e-6, windows, dense_us / dense * 1e-6, dense, call_us * 1e-6)
 
 
 def _device_us(evt: Any, self_only: bool) -> float:
@@ -311,13 +344,15 @@ def calibrate_in_model(ratio: WindowRatio, plan: Plan, launches: InModelLaunches
 
 
 def lower_for_device(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True,
-                     run: Callable[[Plan], Any] | None = None, launches: InModelLaunches | None = None) -> Lowering:
+                     run: Callable[[Plan], Any] | None = None, launches: InModelLaunches | None = None,
+                     min_gain: float = 0.01) -> Lowering:
     """:func:`lower_unprofitable_wars` with ratios measured on ``device``; the plan unchanged (every
     segment kept) off CUDA, where there is no kernel timing to go by.
 
     In-model calibration (:func:`calibrate_in_model`), optional: ``run(plan)`` calls the pipeline once
     with ``plan`` applied, eagerly, and that call is profiled; or ``launches`` from an earlier profile
-    of the same model and shape (``Lowering.in_model`` of another plan) is used again."""
+    of the same model and shape (``Lowering.in_model`` of another plan) is used again. With it, the
+    segments kept must together save ``min_gain`` of the call's GPU time (module doc)."""
     import torch
 
     if torch.device(device).type != "cuda":
@@ -327,6 +362,9 @@ def lower_for_device(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool
         launches = profile_attention_launches(lambda: run(plan), plan)
     if launches is not None:
         ratio = calibrate_in_model(ratio, plan, launches)
-    result = lower_unprofitable_wars(plan, ratio)
+    if launches is not None and launches.call_s > 0:
+        result = lower_unprofitable_wars(plan, ratio, dense_s=launches.dense_s, min_saving_s=min_gain * launches.call_s)
+    else:
+        result = lower_unprofitable_wars(plan, ratio)
     result.in_model = launches
     return result
