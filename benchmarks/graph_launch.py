@@ -5,8 +5,8 @@ in a pipeline call order (one configuration's 20 graphs after the other's).
 
     python benchmarks/graph_launch.py --model dit-xl-2-512 --fraction 0.34
 
-A slow launch of an idle GPU means the driver uploads the graph's work to the device at launch;
-uploading it ahead (``ditlens.compress.graphs`` does that after each capture) keeps it off the path.
+A slow launch of an idle GPU would mean the driver uploads the graph's work to the device at launch
+(uploading ahead would keep it off the path); on the H200 it does not (BENCHMARKS.md §4, session 11).
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def _cuda_driver():
     import ctypes
 
     return ctypes.CDLL("libcuda.so.1")
+
+
+def upload_graph(graph: torch.cuda.CUDAGraph) -> bool:
+    """cuGraphUpload of a captured graph for launches on the current stream."""
+    import ctypes
+
+    fn = _cuda_driver().cuGraphUpload
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return fn(graph.raw_cuda_graph_exec(), torch.cuda.current_stream().cuda_stream) == 0
 
 
 def triton_kernel_resources() -> list[str]:
@@ -102,7 +111,6 @@ def main() -> None:
     from random_pipelines import e2e_model
 
     from ditlens.compress import apply_cuda_graphs, apply_plan
-    from ditlens.compress.graphs import upload_graph
 
     model = e2e_model(args.model, "cuda", torch.bfloat16)
     kwargs = dict(model.call_kwargs, num_inference_steps=args.steps, output_type="latent")

@@ -166,29 +166,6 @@ class CudaGraphRunner:
         return _Forward(graph, output, runtime.graph_snapshot() if runtime is not None else None, constants)
 
 
-@lru_cache(maxsize=1)
-def _cu_graph_upload() -> Any:
-    """The driver's ``cuGraphUpload`` (None without a CUDA driver)."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL("libcuda.so.1").cuGraphUpload
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    return fn
-
-
-def upload_graph(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream | None = None) -> bool:
-    """Upload a captured graph's work to the device for launches on ``stream`` (the current one by
-    default), so that its next launch does not do it. Returns False where the driver cannot."""
-    fn = _cu_graph_upload()
-    if fn is None:
-        return False
-    stream = stream or torch.cuda.current_stream()
-    return fn(graph.raw_cuda_graph_exec(), stream.cuda_stream) == 0
-
-
 def _buffer_like(t: torch.Tensor) -> torch.Tensor:
     """A buffer ``t`` can be copied into: same strides, or contiguous where ``t`` overlaps itself
     (pipelines pass ``timestep.expand(batch)``, a view with stride 0)."""
