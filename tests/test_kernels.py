@@ -143,6 +143,25 @@ def test_split_head_dim_pays_less_than_next_power_of_two():
     assert split_head_dim(8) == (16, 0)
 
 
+def test_launch_configs_by_head_dim_and_plan():
+    from types import SimpleNamespace
+
+    from ditlens.kernels.triton_backend import _use_tma
+
+    # all-full launches at D = 128: 64-row tiles, one stage, descriptors (two programs per SM on Hopper)
+    assert default_config(128, interpret=False, all_full=True) == KernelConfig(64, 128, 4, 1, tma=True)
+    assert default_config(128, interpret=False) == KernelConfig(128, 128, 8, 3, tma=True)
+    assert default_config(72, interpret=False, all_full=True) == default_config(72, interpret=False)
+    # a split head dim in a one-stage config loads through pointers on the GPU (illegal access seen on
+    # an H200), and keeps descriptors in the interpreter, where the tests cover that path
+    gpu_72 = SimpleNamespace(is_cuda=True, shape=(1, 1, 8, 72), device=SimpleNamespace(index=0))
+    assert not _use_tma(gpu_72, KernelConfig(64, 128, 4, 1, tma=True))
+    import triton.language as tl
+
+    if hasattr(tl, "make_tensor_descriptor"):
+        assert _use_tma(torch.zeros(1, 1, 8, 72), KernelConfig(16, 16, 1, 1, tma=True))
+
+
 # --------------------------------------------------------------------------------------
 # Triton kernels vs the float64 reference
 # --------------------------------------------------------------------------------------
@@ -189,6 +208,28 @@ def test_triton_headwise_matches_reference_and_writes_every_element(device, case
             else:
                 err = _rel_err(out[:, h], ref[:, h])
                 assert err < _tol(dtype), (cfg, h, modes[h], windows[h], err)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("L, D", [(37, 72), (32, 128), (45, 64)])
+def test_all_full_launch_matches_reference(device, L, D):
+    # every head full: the kernel compiles without the window/arrow rules (one key range, only the last
+    # block masked at L); a partial and an exact last block, both K/V load paths, a split head dim
+    B, H = 2, 3
+    L = _scaled_len(L, device) if L % 16 else (L if device == "cpu" else L * 32)
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, device, seed=L + D)
+    modes = ["full"] * H
+    plan, layout = make_head_plan(modes, [0] * H, H, L), TokenLayout(L, 0, False)
+    assert plan.all_full
+    ref = headwise_attention_reference(q, k, v, modes=modes, windows=[0] * H, out_dtype=torch.float64)
+    base = CPU_TILES[1] if device == "cpu" else default_config(D, interpret=False, all_full=True)
+    for tma in (False, True):
+        out = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, config=replace(base, tma=tma), out=out)
+        assert not torch.isnan(out).any(), tma
+        assert _rel_err(out, ref) < _tol(torch.bfloat16), tma
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -279,11 +320,18 @@ def test_warsr_residual_and_fused_apply(device, text_first):
     assert not torch.isnan(full2).any() and not torch.isnan(res2).any()
     assert _rel_err(full2, ref_full) < _tol(dtype)
     assert ((res2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
-    # apply step on the same inputs: W + R must give back O
-    applied = torch.full_like(q, float("nan"))
-    headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=cfg, out=applied)
-    assert not torch.isnan(applied).any()
-    assert _rel_err(applied, ref_full) < 2 * _tol(dtype)
+    # apply step on the same inputs: W + R must give back O, with Q/K/V/O by pointer and by descriptor
+    base = cfg or default_config(D, interpret=False)
+    for tma in (False, True):
+        applied = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=replace(base, tma=tma), out=applied)
+        assert not torch.isnan(applied).any(), tma
+        assert _rel_err(applied, ref_full) < 2 * _tol(dtype), tma
+        r_tma = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=full2, config=replace(base, tma=tma), out=r_tma,
+                        subtract=True)
+        assert not torch.isnan(r_tma).any(), tma
+        assert ((r_tma.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype), tma
     if not text_first:
         return
     # public wrappers (two-pass default and the one-pass kernel) agree with the reference

@@ -110,7 +110,8 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
                   offs_d1, seg_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
                   HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                  KEY_BOUND_ONLY: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
@@ -118,7 +119,11 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
         k1 = _load_kv_tile(dk1, k_base, start_n, offs_n, offs_d1, D0, seg_hi, SK, HEAD_DIM, MASKED,
                            D0 + D1 > HEAD_DIM, USE_TMA)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
-    if MASKED:
+    if MASKED and KEY_BOUND_ONLY:  # a full head's last, partial key block: only keys past the end are out
+        qk = tl.where((offs_n < seg_hi)[None, :], qk * qk_scale, NEG_BIG)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_new[:, None]
+    elif MASKED:
         if band_only:  # image queries on image keys of a window/arrow head: the band is the whole rule
             diff = offs_m[:, None] - offs_n[None, :]
             allowed = (diff <= win) & (diff >= -win) & (offs_n < seg_hi)[None, :]
@@ -176,6 +181,29 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
 
 
 @triton.jit
+def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0, offs_d1, L,
+                     qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
+                     D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """A full head's query block: every key, unmasked blocks and one tail block masked at L. Without
+    the window/arrow rules in the kernel it needs far fewer registers (H200, D = 128: 158 against
+    255 with spills), so 64-row tiles run two programs per SM."""
+    n_full = L // BLOCK_N
+    for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                             j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale, False,
+                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
+    # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
+    # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200
+    for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
+        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                             j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale,
+                                             False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA,
+                                             True)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexpr):
     """Key intervals of one query block: A (text keys, or all keys for full heads), B (image keys).
 
@@ -225,12 +253,12 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-                        WARP_SPEC: tl.constexpr = False):
+                        WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
-    With USE_TMA (Hopper and later) K and V tiles come through per-head tensor descriptors, built
-    here on the device (the host provides their scratch through ``triton.set_allocator``)."""
+    With USE_TMA (Hopper and later) K and V tiles (and Q and O for unsplit head dims) go through
+    per-head tensor descriptors, built here on the device (the host provides their scratch through ``triton.set_allocator``)."""
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -259,40 +287,54 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
         v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
         if USE_TMA:
+            # Q and O through descriptors too: the copy engine puts Q in shared memory, where the
+            # tensor cores read it, instead of through registers (H200, D = 128 with 64-row tiles:
+            # 0.93x cuDNN with Q by descriptor, 0.84x with Q by pointer; benchmarks/d128_schedules.py)
             dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
             dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
-            if HAS_D1:
+            if HAS_D1:  # split head dims (D = 72) keep Q and O on pointers: the one PixArt-2K sweep with
+                # them on descriptors hit an illegal memory access (in a config that also fails without them)
                 dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
                                                 block_shape=[BLOCK_N, D1])
                 dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
                                                 block_shape=[BLOCK_N, D1])
+                q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+                q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
             else:
+                q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
+                                               block_shape=[BLOCK_M, D0]).load([m0, 0])
                 dk1 = dk0
                 dv1 = dv0
+                q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
         else:  # unused placeholders: the loads go through k_base / v_base
             dk0 = k_base
             dk1 = k_base
             dv0 = v_base
             dv1 = v_base
-        q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-        if HAS_D1:
-            q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-        else:
-            q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+            q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+            if HAS_D1:
+                q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+            else:
+                q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
         acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                               t_lo, t_hi, BLOCK_M)
-        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                               offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                               HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
-        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                               offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
-                                               img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                               HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+        if ALL_FULL:  # every head of the launch is full (the host checked): no per-head key ranges
+            acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                    offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
+                                                    D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+        else:
+            a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                                   t_lo, t_hi, BLOCK_M)
+            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                   offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
+                                                   img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0,
+                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                   offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
+                                                   img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0,
+                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
@@ -302,7 +344,11 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                 out0 = r0 - out0
             else:
                 out0 = out0 + r0
-        _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+        if USE_TMA and not HAS_D1:  # rows past L and columns past HEAD_DIM fall outside the descriptor
+            tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
+                                      block_shape=[BLOCK_M, D0]).store([m0, 0], out0.to(O.dtype.element_ty))
+        else:
+            _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
         if HAS_D1:
             out1 = acc1 * inv_l[:, None]
             if HAS_RESIDUAL:

@@ -105,6 +105,10 @@ class HeadPlan:
     def has_full(self) -> bool:
         return "full" in self.modes
 
+    @property
+    def all_full(self) -> bool:
+        return all(m == "full" for m in self.modes)
+
 
 def make_head_plan(modes: Sequence[str] | str, windows: Sequence[int] | int | None, n_heads: int,
                    seq_len: int) -> HeadPlan:

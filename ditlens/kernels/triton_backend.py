@@ -47,6 +47,13 @@ _GPU_CONFIGS: dict[int, KernelConfig] = {
     128: KernelConfig(128, 128, 8, 3, tma=True),
 }
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
+# Launches whose every head is full compile without the window/arrow rules (ALL_FULL) and need far
+# fewer registers: 64-row tiles with one stage then run two programs per SM, one's softmax overlapping
+# the other's GEMMs (benchmarks/d128_schedules.py, H200, FLUX-2K dense: 0.93x cuDNN for the minimal
+# kernel against 0.85x with 128x128 tiles).
+_ALL_FULL_CONFIGS: dict[int, KernelConfig] = {
+    128: KernelConfig(64, 128, 4, 1, tma=True),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,14 +86,16 @@ _TWO_SOFTMAX_CONFIG = KernelConfig(64, 64, 4, 3)
 
 
 def default_config(head_dim: int, interpret: bool, *, seq_len: int | None = None, windowed_only: bool = False,
-                   two_softmaxes: bool = False) -> KernelConfig:
-    """The tile config used when none is given: by padded head dim; for D <= 96 also by the launch
-    (``windowed_only``: no full head, with ``seq_len`` <= 4096; ``two_softmaxes``: the one-pass
-    WA-RS refresh)."""
+                   two_softmaxes: bool = False, all_full: bool = False) -> KernelConfig:
+    """The tile config used when none is given: by padded head dim and by the launch
+    (``all_full``: every head full; ``windowed_only``: no full head, with ``seq_len`` <= 4096, for
+    D <= 96; ``two_softmaxes``: the one-pass WA-RS refresh)."""
     if interpret:
         return _INTERPRETER_CONFIG
     d0, d1 = split_head_dim(head_dim)
     width = d0 + d1
+    if all_full and width in _ALL_FULL_CONFIGS:
+        return _ALL_FULL_CONFIGS[width]
     if width <= 96 and two_softmaxes:
         return _TWO_SOFTMAX_CONFIG
     if width <= 96 and windowed_only and seq_len is not None and seq_len <= _SHORT_SEQ_LEN:
@@ -196,8 +205,13 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def _use_tma(q: torch.Tensor, cfg: KernelConfig) -> bool:
     """Whether this launch loads K/V through tensor descriptors: asked for by the config, supported by
-    this triton, and a GPU with a copy engine for them (compute capability 9.0+) or the interpreter."""
+    this triton, and a GPU with a copy engine for them (compute capability 9.0+) or the interpreter;
+    not for a split head dim in a one-stage config on the GPU."""
     if not cfg.tma or not _triton_has_tensor_descriptors():
+        return False
+    if q.is_cuda and split_head_dim(q.shape[-1])[1] and cfg.num_stages == 1:
+        # H200, Triton 3.6: 64x128/4w/1s with descriptors at D = 72 (PixArt-2K) hits an illegal memory
+        # access; 2- and 3-stage configs run (BENCHMARKS.md §2, session 12). Pointer loads there.
         return False
     return not q.is_cuda or _compute_capability(q.device.index)[0] >= 9
 
@@ -259,7 +273,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full)
+    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full, all_full=plan.all_full)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
@@ -267,7 +281,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     tensors = (q, k, v, out, cache, res)
     strides = tuple(t.stride() for t in tensors)
     use_tma = _use_tma(q, cfg)
-    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma)
+    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, plan.all_full)
     meta = graph_constant(_plan_tensors(plan, layout, q.device))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
@@ -281,7 +295,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
 
 @functools.lru_cache(maxsize=256)
 def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool,
-                      has_residual: bool, subtract: bool, use_tma: bool) -> dict:
+                      has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False) -> dict:
     """The compile-time arguments of one launch shape (worked out once: a model makes the same few
     launches thousands of times, and on a fast GPU the host time per launch shows)."""
     d0, d1 = split_head_dim(head_dim)
@@ -289,7 +303,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
     return dict(
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
-        SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret,
+        SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
