@@ -1,0 +1,102 @@
+"""Registers, spills and shared memory of the head-wise kernel per launch kind and tile config,
+compiled for a GPU architecture on any machine (no GPU needed: Triton compiles for a target and
+its bundled ``cuobjdump`` reads the cubin).
+
+Why it matters: on Hopper a 64-row tile with one stage runs two programs per SM only when a program
+needs few enough registers, and one program's softmax then overlaps the other's GEMMs (the minimal
+kernel of ``benchmarks/d128_schedules.py`` reaches 0.93x cuDNN at FLUX-2K that way). The general
+launch (window/arrow rules compiled in) needs every register and spills; the all-full launch does not.
+::
+
+    python benchmarks/kernel_resources.py [--arch 90] [--head-dims 128,72] [--configs 64x128/4w/1s/tma,...]
+
+The figures are those of the Triton installed here, which may differ from the one on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_CONFIGS = "128x128/8w/3s/tma,64x128/4w/1s/tma,64x64/4w/3s/tma,128x64/4w/3s,128x64/4w/3s/tma"
+LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT)
+    "all-full": (True, False, False),
+    "mixed": (False, False, False),
+    "windowed + R": (False, True, False),
+}
+
+
+def compile_launch(head_dim: int, block_m: int, block_n: int, warps: int, stages: int, tma: bool, all_full: bool,
+                   residual: bool, subtract: bool, arch: int):
+    """The compiled headwise_fwd_kernel of one launch shape (contiguous [B, H, L, D] bf16 tensors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ditlens.kernels._triton_impl import headwise_fwd_kernel as fn
+    from ditlens.kernels.triton_backend import split_head_dim
+
+    d0, d1 = split_head_dim(head_dim)
+    constants = dict(HEAD_DIM=head_dim, SQ=head_dim, SK=head_dim, SV=head_dim, SO=head_dim, SC=head_dim, SR=head_dim,
+                     BLOCK_M=block_m, BLOCK_N=block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, HAS_RESIDUAL=residual,
+                     UPCAST=False, HINT_ALIGN=False, SUBTRACT=subtract, USE_TMA=tma, WARP_SPEC=False, ALL_FULL=all_full)
+    pointer = {"Q", "K", "V", "O", "C", "R"}
+    signature = {name: ("constexpr" if name in constants else "*bf16" if name in pointer
+                        else "*i32" if name in ("MODE", "WIN", "ORDER") else "fp32" if name == "qk_scale" else "i32")
+                 for name in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def resources(kernel) -> dict[str, int]:
+    """REG / STACK / SHARED of a compiled kernel, from cuobjdump --dump-resource-usage."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        text = subprocess.run([str(tool), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    found = dict(re.findall(r"(REG|STACK):(\d+)", text))
+    return {"registers": int(found.get("REG", -1)), "stack_bytes": int(found.get("STACK", -1)),
+            "shared_bytes": int(kernel.metadata.shared)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--head-dims", default="128,72")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    args = parser.parse_args()
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_{args.arch}, bf16, contiguous [B, H, L, D]")
+    print("| D | launch | config | registers | stack bytes | shared KiB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        for kind, (all_full, residual, subtract) in LAUNCH_KINDS.items():
+            for config in args.configs.split(","):
+                tiles, warps, stages, *flags = config.split("/")
+                bm, bn = (int(x) for x in tiles.split("x"))
+                try:
+                    kernel = compile_launch(head_dim, bm, bn, int(warps.rstrip("w")), int(stages.rstrip("s")),
+                                            "tma" in flags, all_full, residual, subtract, args.arch)
+                    r = resources(kernel)
+                except Exception as exc:  # e.g. shared memory over the limit: a row that says so
+                    print(f"| {head_dim} | {kind} | {config} | failed: {str(exc).splitlines()[0][:80]} | | |")
+                    continue
+                print(f"| {head_dim} | {kind} | {config} | {r['registers']} | {r['stack_bytes']} | "
+                      f"{r['shared_bytes'] / 1024:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
