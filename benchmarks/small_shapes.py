@@ -98,6 +98,7 @@ def main() -> None:
         window = HeadPlan(("window",) * H, (w,) * H)
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        sdpa_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
         print(f"{name}: SDPA {sdpa:.1f} µs", flush=True)
         for cfg in configs:
             out, r_out = torch.empty_like(q), torch.empty_like(q)
@@ -111,9 +112,15 @@ def main() -> None:
                                                   residual_out=r_out),
             }
             times = {key: bench(fn) if key in variants else float("nan") for key, fn in calls.items()}
+            # what was timed is right: the dense launch against SDPA (relative Frobenius error)
+            dense_err = float("nan")
+            if "dense" in variants and times["dense"] == times["dense"]:
+                calls["dense"]()
+                dense_err = ((out.float() - sdpa_out).norm() / sdpa_out.norm()).item()
             rows.append({"shape": name, "w": w, "config": _label(cfg), "sdpa_us": sdpa,
-                         **{f"{key}_us": t for key, t in times.items()}})
-            print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items()), flush=True)
+                         **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err})
+            print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items())
+                  + f"  dense err {dense_err:.1e}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))
