@@ -26,15 +26,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = "128x128/8w/3s/tma,64x128/4w/1s/tma,64x64/4w/3s/tma,128x64/4w/3s,128x64/4w/3s/tma"
-LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT)
-    "all-full": (True, False, False),
-    "mixed": (False, False, False),
-    "windowed + R": (False, True, False),
+LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT, SIMPLE_MASKS)
+    "all-full": (True, False, False, False),
+    "mixed": (False, False, False, False),
+    "mixed (simple masks)": (False, False, False, True),
+    "windowed + R": (False, True, False, False),
 }
 
 
 def compile_launch(head_dim: int, block_m: int, block_n: int, warps: int, stages: int, tma: bool, all_full: bool,
-                   residual: bool, subtract: bool, arch: int):
+                   residual: bool, subtract: bool, simple_masks: bool, arch: int):
     """The compiled headwise_fwd_kernel of one launch shape (contiguous [B, H, L, D] bf16 tensors)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -46,7 +47,8 @@ def compile_launch(head_dim: int, block_m: int, block_n: int, warps: int, stages
     d0, d1 = split_head_dim(head_dim)
     constants = dict(HEAD_DIM=head_dim, SQ=head_dim, SK=head_dim, SV=head_dim, SO=head_dim, SC=head_dim, SR=head_dim,
                      BLOCK_M=block_m, BLOCK_N=block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, HAS_RESIDUAL=residual,
-                     UPCAST=False, HINT_ALIGN=False, SUBTRACT=subtract, USE_TMA=tma, WARP_SPEC=False, ALL_FULL=all_full)
+                     UPCAST=False, HINT_ALIGN=False, SUBTRACT=subtract, USE_TMA=tma, WARP_SPEC=False, ALL_FULL=all_full,
+                     SIMPLE_MASKS=simple_masks)
     pointer = {"Q", "K", "V", "O", "C", "R"}
     signature = {name: ("constexpr" if name in constants else "*bf16" if name in pointer
                         else "*i32" if name in ("MODE", "WIN", "ORDER") else "fp32" if name == "qk_scale" else "i32")
@@ -76,20 +78,22 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--head-dims", default="128,72")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    parser.add_argument("--kinds", default=",".join(LAUNCH_KINDS), help=f"any of {', '.join(LAUNCH_KINDS)}")
     args = parser.parse_args()
+    kinds = {name: LAUNCH_KINDS[name] for name in args.kinds.split(",")}
     import triton
 
     print(f"Triton {triton.__version__}, sm_{args.arch}, bf16, contiguous [B, H, L, D]")
     print("| D | launch | config | registers | stack bytes | shared KiB |")
     print("| ---: | --- | --- | ---: | ---: | ---: |")
     for head_dim in (int(d) for d in args.head_dims.split(",")):
-        for kind, (all_full, residual, subtract) in LAUNCH_KINDS.items():
+        for kind, (all_full, residual, subtract, simple_masks) in kinds.items():
             for config in args.configs.split(","):
                 tiles, warps, stages, *flags = config.split("/")
                 bm, bn = (int(x) for x in tiles.split("x"))
                 try:
                     kernel = compile_launch(head_dim, bm, bn, int(warps.rstrip("w")), int(stages.rstrip("s")),
-                                            "tma" in flags, all_full, residual, subtract, args.arch)
+                                            "tma" in flags, all_full, residual, subtract, simple_masks, args.arch)
                     r = resources(kernel)
                 except Exception as exc:  # e.g. shared memory over the limit: a row that says so
                     print(f"| {head_dim} | {kind} | {config} | failed: {str(exc).splitlines()[0][:80]} | | |")

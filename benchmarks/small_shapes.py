@@ -30,21 +30,22 @@ CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2
 
 def _parse_config(text: str):
     """``"128x64/8w/3s"`` -> KernelConfig(128, 64, 8, 3); suffixes ``/tma`` (K/V through tensor
-    descriptors) and ``/ws`` (warp-specialized key loop), in any order."""
+    descriptors), ``/ws`` (warp-specialized key loop) and ``/sm`` (simple masks where the layout
+    allows), in any order."""
     from ditlens.kernels.triton_backend import KernelConfig
 
     tiles, warps, stages, *flags = text.strip().split("/")
-    unknown = set(flags) - {"tma", "ws"}
+    unknown = set(flags) - {"tma", "ws", "sm"}
     if unknown:
-        raise SystemExit(f"unknown config flag(s) {sorted(unknown)} in {text!r}; use /tma and /ws")
+        raise SystemExit(f"unknown config flag(s) {sorted(unknown)} in {text!r}; use /tma, /ws and /sm")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
-                        warp_specialize="ws" in flags)
+                        warp_specialize="ws" in flags, simple_masks="sm" in flags)
 
 
 def _label(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s" + ("/tma" if cfg.tma else "")
-            + ("/ws" if cfg.warp_specialize else ""))
+            + ("/ws" if cfg.warp_specialize else "") + ("/sm" if cfg.simple_masks else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:

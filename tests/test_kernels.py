@@ -43,6 +43,7 @@ from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
     headwise_triton,
+    masks_simplify,
     interpreting,
     split_head_dim,
     warsr_triton,
@@ -230,6 +231,38 @@ def test_all_full_launch_matches_reference(device, L, D):
         assert _rel_err(out, ref) < _tol(torch.bfloat16), tma
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
+
+
+# (L, n_text, text_first, boundary on a block edge): text/image boundary on a multiple of the query
+# block (16 rows on the CPU, 128 on CUDA) with text first and last, no text, and boundaries inside a
+# query block, where the launch must fall back to the whole pair rule
+SIMPLE_MASK_LAYOUTS = [(80, 32, True, True), (80, 16, False, True), (70, 0, False, True), (80, 20, True, False),
+                       (77, 11, False, False)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("geometry", SIMPLE_MASK_LAYOUTS, ids=lambda g: f"L{g[0]}-t{g[1]}{'first' if g[2] else 'last'}")
+def test_simple_masks_are_exact_where_they_apply(device, geometry):
+    L, n_text, text_first, aligned = geometry
+    if device != "cpu":
+        L, n_text = L * 32, n_text * 32 + (not aligned) * 3
+    modes = ["full", "window", "arrow", "skip", "arrow", "window"]
+    windows = [0, 3, 5, 0, 0, L // 3]
+    B, H, D = 1, len(modes), 24
+    q, k, v = _qkv(B, H, L, D, torch.float16, device, seed=L + n_text)
+    cached = torch.randn(B, H, L, D, device=device).to(torch.float16)
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, n_text, text_first)
+    ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_text, text_first=text_first,
+                                       cached=cached, out_dtype=torch.float64)
+    base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False)
+    cfg = replace(base, simple_masks=True)
+    assert masks_simplify(layout, cfg.block_m) == aligned
+    out = torch.full_like(q, float("nan"))
+    headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
+    assert not torch.isnan(out).any()
+    for h in range(H):
+        err = _rel_err(out[:, h], ref[:, h])
+        assert err < _tol(torch.float16), (h, modes[h], err)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

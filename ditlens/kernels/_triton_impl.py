@@ -111,7 +111,7 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
                   HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                   MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                  KEY_BOUND_ONLY: tl.constexpr = False):
+                  KEY_BOUND_ONLY: tl.constexpr = False, SIMPLE_MASKS: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
@@ -127,6 +127,8 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
         if band_only:  # image queries on image keys of a window/arrow head: the band is the whole rule
             diff = offs_m[:, None] - offs_n[None, :]
             allowed = (diff <= win) & (diff >= -win) & (offs_n < seg_hi)[None, :]
+        elif SIMPLE_MASKS:  # no query block holds both text and image rows: the key range is the whole rule
+            allowed = (offs_n < seg_hi)[None, :] & (offs_m >= 0)[:, None]
         else:
             allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
         qk = tl.where(allowed, qk * qk_scale, NEG_BIG)
@@ -153,9 +155,11 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                     offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
                     HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                     BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+                    SIMPLE_MASKS: tl.constexpr = False):
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
-    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule.
+    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule
+    (the key range alone with SIMPLE_MASKS, exact when no query block mixes text and image rows).
     WARP_SPEC warp-specializes the unmasked loop, the one that carries dense heads."""
     n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
@@ -166,7 +170,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA)
+                                             HAS_D1, True, UPCAST, USE_TMA, False, SIMPLE_MASKS)
     for j in tl.range(j_first, j_end, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
@@ -176,7 +180,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA)
+                                             HAS_D1, True, UPCAST, USE_TMA, False, SIMPLE_MASKS)
     return acc0, acc1, m_i, l_i
 
 
@@ -253,7 +257,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-                        WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False):
+                        WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
+                        SIMPLE_MASKS: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -330,11 +335,11 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
             acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                    offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
                                                    img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0,
-                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, SIMPLE_MASKS)
             acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                    offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
                                                    img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0,
-                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, SIMPLE_MASKS)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
