@@ -57,8 +57,9 @@ def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr
     q_row = row0 + mb * BLOCK_M
     dtype = dq.dtype
     if DEVICE_DESC:  # per-head descriptors, rows relative to the head
-        dk = tl.make_tensor_descriptor(K + row0.to(tl.int64) * D, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
-        dv = tl.make_tensor_descriptor(V + row0.to(tl.int64) * D, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+        head = row0.to(tl.int64) * D
+        dk = tl.make_tensor_descriptor(K + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+        dv = tl.make_tensor_descriptor(V + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
         kv0 = 0
     else:
         kv0 = row0

@@ -190,8 +190,9 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     """A full head's query block: every key, unmasked blocks and one tail block masked at L. Without
-    the window/arrow rules in the kernel it needs far fewer registers (H200, D = 128: 158 against
-    255 with spills), so 64-row tiles run two programs per SM."""
+    the window/arrow rules in the kernel it needs far fewer registers (sm_90, D = 128, 64x128 tiles:
+    160 against 255 with spills; benchmarks/kernel_resources.py), so 64-row tiles run two programs
+    per SM."""
     n_full = L // BLOCK_N
     for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
@@ -263,7 +264,9 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
     With USE_TMA (Hopper and later) K and V tiles (and Q and O for unsplit head dims) go through
-    per-head tensor descriptors, built here on the device (the host provides their scratch through ``triton.set_allocator``)."""
+    per-head tensor descriptors, built here on the device (the host provides their scratch through
+    ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys); SIMPLE_MASKS: no
+    query block mixes text and image rows (see _attend_segment)."""
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -294,7 +297,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         if USE_TMA:
             # Q and O through descriptors too: the copy engine puts Q in shared memory, where the
             # tensor cores read it, instead of through registers (H200, D = 128 with 64-row tiles:
-            # 0.93x cuDNN with Q by descriptor, 0.84x with Q by pointer; benchmarks/d128_schedules.py)
+            # 0.93x cuDNN with Q by descriptor, 0.83x with Q and O by pointer; benchmarks/d128_schedules.py)
             dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
             dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
             if HAS_D1:  # split head dims (D = 72) keep Q and O on pointers: the one PixArt-2K sweep with
