@@ -122,7 +122,8 @@ def time_replay(steps: int, calls: int, cprofile: int) -> None:
     print(f"  no plan        {bare:7.1f}")
     for label, plan in (("all-full plan", full), ("WA-RS plan", wars)):
         with apply_plan(pipe, plan, count_flops=False):
-            per_forward_us(1)  # the first call fills the WA-RS caches (the hooks of the stub run no layer)
+            per_forward_us(1)  # the first call starts the plan's call tracking; the stub runs no layer, so the
+            # caches stay empty, as under graph replay (a new call clears them and replays run no hook)
             us = per_forward_us(calls)
             print(f"  {label:<14} {us:7.1f}  (+{us - bare:.1f})")
             if cprofile and label == "WA-RS plan":
