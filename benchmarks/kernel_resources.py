@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from small_shapes import _parse_config  # noqa: E402  (the "128x64/4w/3s/tma" config strings)
+
 DEFAULT_CONFIGS = "128x128/8w/3s/tma,64x128/4w/1s/tma,64x64/4w/3s/tma,128x64/4w/3s,128x64/4w/3s/tma"
 LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT, SIMPLE_MASKS)
     "all-full": (True, False, False, False),
@@ -34,28 +36,26 @@ LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT, SIMPLE_MASKS)
 }
 
 
-def compile_launch(head_dim: int, block_m: int, block_n: int, warps: int, stages: int, tma: bool, all_full: bool,
-                   residual: bool, subtract: bool, simple_masks: bool, arch: int):
-    """The compiled headwise_fwd_kernel of one launch shape (contiguous [B, H, L, D] bf16 tensors)."""
+def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract: bool, simple_masks: bool, arch: int):
+    """The compiled headwise_fwd_kernel of one launch (contiguous [B, H, L, D] bf16 tensors), with the
+    compile-time arguments ditlens' own launch would pass."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from ditlens.kernels._triton_impl import headwise_fwd_kernel as fn
-    from ditlens.kernels.triton_backend import split_head_dim
+    from ditlens.kernels.triton_backend import _launch_constants
 
-    d0, d1 = split_head_dim(head_dim)
-    constants = dict(HEAD_DIM=head_dim, SQ=head_dim, SK=head_dim, SV=head_dim, SO=head_dim, SC=head_dim, SR=head_dim,
-                     BLOCK_M=block_m, BLOCK_N=block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, HAS_RESIDUAL=residual,
-                     UPCAST=False, HINT_ALIGN=False, SUBTRACT=subtract, USE_TMA=tma, WARP_SPEC=False, ALL_FULL=all_full,
-                     SIMPLE_MASKS=simple_masks)
+    strides = ((8 * head_dim, 4 * head_dim, head_dim, 1),) * 6  # any contiguous [B, H, L, D] (L = 4, H = 2)
+    constants = dict(_launch_constants(head_dim, strides, cfg, False, residual, subtract, cfg.tma, all_full,
+                                       simple_masks))
+    options = dict(num_warps=constants.pop("num_warps"), num_stages=constants.pop("num_stages"))
     pointer = {"Q", "K", "V", "O", "C", "R"}
     signature = {name: ("constexpr" if name in constants else "*bf16" if name in pointer
                         else "*i32" if name in ("MODE", "WIN", "ORDER") else "fp32" if name == "qk_scale" else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resources(kernel) -> dict[str, int]:
@@ -89,11 +89,9 @@ def main() -> None:
     for head_dim in (int(d) for d in args.head_dims.split(",")):
         for kind, (all_full, residual, subtract, simple_masks) in kinds.items():
             for config in args.configs.split(","):
-                tiles, warps, stages, *flags = config.split("/")
-                bm, bn = (int(x) for x in tiles.split("x"))
                 try:
-                    kernel = compile_launch(head_dim, bm, bn, int(warps.rstrip("w")), int(stages.rstrip("s")),
-                                            "tma" in flags, all_full, residual, subtract, simple_masks, args.arch)
+                    kernel = compile_launch(head_dim, _parse_config(config), all_full, residual, subtract,
+                                            simple_masks, args.arch)
                     r = resources(kernel)
                 except Exception as exc:  # e.g. shared memory over the limit: a row that says so
                     print(f"| {head_dim} | {kind} | {config} | failed: {str(exc).splitlines()[0][:80]} | | |")

@@ -111,7 +111,7 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
                   HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                   MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                  KEY_BOUND_ONLY: tl.constexpr = False, SIMPLE_MASKS: tl.constexpr = False):
+                  SIMPLE_MASKS: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
@@ -119,11 +119,7 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
         k1 = _load_kv_tile(dk1, k_base, start_n, offs_n, offs_d1, D0, seg_hi, SK, HEAD_DIM, MASKED,
                            D0 + D1 > HEAD_DIM, USE_TMA)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
-    if MASKED and KEY_BOUND_ONLY:  # a full head's last, partial key block: only keys past the end are out
-        qk = tl.where((offs_n < seg_hi)[None, :], qk * qk_scale, NEG_BIG)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_new[:, None]
-    elif MASKED:
+    if MASKED:
         if band_only:  # image queries on image keys of a window/arrow head: the band is the whole rule
             diff = offs_m[:, None] - offs_n[None, :]
             allowed = (diff <= win) & (diff >= -win) & (offs_n < seg_hi)[None, :]
@@ -170,7 +166,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA, False, SIMPLE_MASKS)
+                                             HAS_D1, True, UPCAST, USE_TMA, SIMPLE_MASKS)
     for j in tl.range(j_first, j_end, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
@@ -180,7 +176,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
                                              img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA, False, SIMPLE_MASKS)
+                                             HAS_D1, True, UPCAST, USE_TMA, SIMPLE_MASKS)
     return acc0, acc1, m_i, l_i
 
 
@@ -199,7 +195,8 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                                              j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale, False,
                                              HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
     # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
-    # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200
+    # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200.
+    # Not a band block, and with simple masks its rule is the key range alone: keys past L are out.
     for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale,
@@ -267,6 +264,11 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     per-head tensor descriptors, built here on the device (the host provides their scratch through
     ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys); SIMPLE_MASKS: no
     query block mixes text and image rows (see _attend_segment)."""
+    # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
+    # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
+    # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
+    # them on descriptors hit an illegal memory access (in a config that also fails without them).
+    QO_DESC: tl.constexpr = USE_TMA and not HAS_D1
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -295,35 +297,30 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
         k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
         v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
         if USE_TMA:
-            # Q and O through descriptors too: the copy engine puts Q in shared memory, where the
-            # tensor cores read it, instead of through registers (H200, D = 128 with 64-row tiles:
-            # 0.93x cuDNN with Q by descriptor, 0.83x with Q and O by pointer; benchmarks/d128_schedules.py)
             dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
             dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
-            if HAS_D1:  # split head dims (D = 72) keep Q and O on pointers: the one PixArt-2K sweep with
-                # them on descriptors hit an illegal memory access (in a config that also fails without them)
+            if HAS_D1:
                 dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
                                                 block_shape=[BLOCK_N, D1])
                 dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
                                                 block_shape=[BLOCK_N, D1])
-                q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-                q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
             else:
-                q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
-                                               block_shape=[BLOCK_M, D0]).load([m0, 0])
                 dk1 = dk0
                 dv1 = dv0
-                q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
         else:  # unused placeholders: the loads go through k_base / v_base
             dk0 = k_base
             dk1 = k_base
             dv0 = v_base
             dv1 = v_base
+        if QO_DESC:
+            q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
+                                           block_shape=[BLOCK_M, D0]).load([m0, 0])
+        else:
             q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-            if HAS_D1:
-                q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-            else:
-                q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+        if HAS_D1:
+            q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+        else:
+            q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
         acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
@@ -352,7 +349,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                 out0 = r0 - out0
             else:
                 out0 = out0 + r0
-        if USE_TMA and not HAS_D1:  # rows past L and columns past HEAD_DIM fall outside the descriptor
+        if QO_DESC:  # rows past L and columns past HEAD_DIM fall outside the descriptor: not written
             tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
                                       block_shape=[BLOCK_M, D0]).store([m0, 0], out0.to(O.dtype.element_ty))
         else:

@@ -287,7 +287,8 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full, all_full=plan.all_full)
+    all_full = plan.all_full
+    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full, all_full=all_full)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
@@ -296,7 +297,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     strides = tuple(t.stride() for t in tensors)
     use_tma = _use_tma(q, cfg)
     simple_masks = cfg.simple_masks and masks_simplify(layout, cfg.block_m)
-    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, plan.all_full,
+    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
                                   simple_masks)
     meta = graph_constant(_plan_tensors(plan, layout, q.device))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
