@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh | d128 | tiles-sm.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -64,11 +64,14 @@ for name in "$@"; do
                   --configs 128x128/8w/3s/tma,128x128/8w/3s/tma/ws,128x128/8w/2s/tma/ws,128x64/4w/3s/tma/ws,128x128/4w/3s/tma/ws,128x64/8w/3s/tma/ws,128x128/8w/3s/ws ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     d128) part d128 300 python3 benchmarks/d128_schedules.py --out "$out/d128" ;;
-    tiles-sm) for s in 0.5 0.75; do  # simple masks (KernelConfig.simple_masks) against the default windowed launch
-                part "tiles-sm-flux-$s" 200 python3 benchmarks/small_shapes.py --out "$out/tiles_sm_flux_$s" --shapes FLUX-2K \
-                  --window-sparsity "$s" --variants window \
-                  --configs 128x128/8w/3s/tma,128x128/8w/3s/tma/sm,64x128/4w/1s/tma/sm,64x64/4w/3s/tma/sm
-              done ;;
+    tiles-rows) for s in 0.5 0.75; do  # windowed launches at the 2K shapes: one loop per segment (/1l) against three
+                  part "tiles-rows-flux-$s" 200 python3 benchmarks/small_shapes.py --out "$out/tiles_rows_flux_$s" \
+                    --shapes FLUX-2K --window-sparsity "$s" --variants window,arrow \
+                    --configs 128x128/8w/3s/tma,128x128/8w/3s/tma/1l,64x128/4w/1s/tma/r168/1l
+                  part "tiles-rows-pixart-$s" 200 python3 benchmarks/small_shapes.py --out "$out/tiles_rows_pixart_$s" \
+                    --shapes PixArt-2K --window-sparsity "$s" --variants window \
+                    --configs 128x64/4w/3s,128x64/4w/3s/1l,128x64/4w/3s/tma/1l
+                done ;;
     kernels-2k) part kernels-2k 300 python3 benchmarks/kernels.py --no-tune --shapes PixArt-2K FLUX-2K \
                   --out "$out/kernels_2k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \

@@ -28,15 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from small_shapes import _parse_config  # noqa: E402  (the "128x64/4w/3s/tma" config strings)
 
 DEFAULT_CONFIGS = "128x128/8w/3s/tma,64x128/4w/1s/tma,64x64/4w/3s/tma,128x64/4w/3s,128x64/4w/3s/tma"
-LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT, SIMPLE_MASKS)
-    "all-full": (True, False, False, False),
-    "mixed": (False, False, False, False),
-    "mixed (simple masks)": (False, False, False, True),
-    "windowed + R": (False, True, False, False),
+LAUNCH_KINDS = {  # name: (ALL_FULL, HAS_RESIDUAL, SUBTRACT)
+    "all-full": (True, False, False),
+    "mixed": (False, False, False),
+    "windowed + R": (False, True, False),
 }
 
 
-def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract: bool, simple_masks: bool, arch: int):
+def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract: bool, arch: int):
     """The compiled headwise_fwd_kernel of one launch (contiguous [B, H, L, D] bf16 tensors), with the
     compile-time arguments ditlens' own launch would pass."""
     import triton
@@ -47,9 +46,8 @@ def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract:
     from ditlens.kernels.triton_backend import _launch_constants
 
     strides = ((8 * head_dim, 4 * head_dim, head_dim, 1),) * 6  # any contiguous [B, H, L, D] (L = 4, H = 2)
-    constants = dict(_launch_constants(head_dim, strides, cfg, False, residual, subtract, cfg.tma, all_full,
-                                       simple_masks))
-    options = dict(num_warps=constants.pop("num_warps"), num_stages=constants.pop("num_stages"))
+    constants = dict(_launch_constants(head_dim, strides, cfg, False, residual, subtract, cfg.tma, all_full))
+    options = {key: constants.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in constants}
     pointer = {"Q", "K", "V", "O", "C", "R"}
     signature = {name: ("constexpr" if name in constants else "*bf16" if name in pointer
                         else "*i32" if name in ("MODE", "WIN", "ORDER") else "fp32" if name == "qk_scale" else "i32")
@@ -87,11 +85,11 @@ def main() -> None:
     print("| D | launch | config | registers | stack bytes | shared KiB |")
     print("| ---: | --- | --- | ---: | ---: | ---: |")
     for head_dim in (int(d) for d in args.head_dims.split(",")):
-        for kind, (all_full, residual, subtract, simple_masks) in kinds.items():
+        for kind, (all_full, residual, subtract) in kinds.items():
             for config in args.configs.split(","):
                 try:
                     kernel = compile_launch(head_dim, _parse_config(config), all_full, residual, subtract,
-                                            simple_masks, args.arch)
+                                            args.arch)
                     r = resources(kernel)
                 except Exception as exc:  # e.g. shared memory over the limit: a row that says so
                     print(f"| {head_dim} | {kind} | {config} | failed: {str(exc).splitlines()[0][:80]} | | |")

@@ -5,9 +5,10 @@ a graph: kernel time only), bf16, against SDPA in the same run.
 
     python benchmarks/small_shapes.py --out DIR        # writes small_shapes.json and prints a table
 
-Variants: dense; ``window(w)`` on every head; the WA-RS apply step ``W + R`` (residual added in the
-epilogue); the WA-RS refresh's extra launch ``R = O - W`` (subtracting from a given ``O``, which
-the model's SDPA computed); the one-pass refresh that computes ``O`` and ``R`` together.
+Variants: dense; ``window(w)`` on every head; ``arrow`` on every head, its w skipping the same share
+of all pairs as the window (text pairs kept, as benchmarks/kernels.py's sparsity rows); the WA-RS
+apply step ``W + R`` (residual added in the epilogue); the WA-RS refresh's extra launch ``R = O - W``
+(subtracting from a given ``O``, which the model's SDPA computed); the one-pass refresh that computes ``O`` and ``R`` together.
 """
 
 from __future__ import annotations
@@ -24,28 +25,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # B, H, L, D, e2e window w, text tokens first (the 2K rows of benchmarks/kernels.py: w from --window-sparsity)
 SHAPES = {"DiT-512": (2, 16, 1024, 72, 64, 0), "PixArt-1K": (2, 16, 4096, 72, 256, 0),
           "PixArt-2K": (2, 16, 16384, 72, 0, 0), "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512)}
-VARIANTS = ("dense", "window", "W+R", "R=O-W", "O,R fused")
+VARIANTS = ("dense", "window", "arrow", "W+R", "R=O-W", "O,R fused")
 CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2w/2s"
 
 
 def _parse_config(text: str):
     """``"128x64/8w/3s"`` -> KernelConfig(128, 64, 8, 3); suffixes ``/tma`` (K/V through tensor
-    descriptors), ``/ws`` (warp-specialized key loop) and ``/sm`` (simple masks where the layout
-    allows), in any order."""
+    descriptors), ``/ws`` (warp-specialized unmasked key loop), ``/eN`` (edge loops pipelined N deep) and
+    ``/rN`` (at most N registers per thread) and ``/1l`` (one loop per key segment), in any order."""
     from ditlens.kernels.triton_backend import KernelConfig
 
     tiles, warps, stages, *flags = text.strip().split("/")
-    unknown = set(flags) - {"tma", "ws", "sm"}
-    if unknown:
-        raise SystemExit(f"unknown config flag(s) {sorted(unknown)} in {text!r}; use /tma, /ws and /sm")
+    edge = [f for f in flags if f[:1] == "e" and f[1:].isdigit()]
+    regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
+    unknown = set(flags) - {"tma", "ws", "1l"} - set(edge) - set(regs)
+    if unknown or len(edge) > 1 or len(regs) > 1:
+        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, one /eN and one /rN")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
-                        warp_specialize="ws" in flags, simple_masks="sm" in flags)
+                        warp_specialize="ws" in flags, edge_stages=int(edge[0][1:]) if edge else None,
+                        max_registers=int(regs[0][1:]) if regs else None, one_loop="1l" in flags)
 
 
 def _label(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s" + ("/tma" if cfg.tma else "")
-            + ("/ws" if cfg.warp_specialize else "") + ("/sm" if cfg.simple_masks else ""))
+            + ("/ws" if cfg.warp_specialize else "") + (f"/e{cfg.edge_stages}" if cfg.edge_stages else "")
+            + (f"/r{cfg.max_registers}" if cfg.max_registers else "") + ("/1l" if cfg.one_loop else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:
@@ -59,6 +64,16 @@ def band_window(L: int, sparsity: float) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def arrow_window(L: int, n_text: int, sparsity: float) -> int | None:
+    """Half-width of an arrow head (every pair with a text token kept, the band on image pairs) that
+    skips ``sparsity`` of all L^2 pairs; None when the text pairs alone keep more than 1 - sparsity."""
+    from ditlens.kernels.patterns import window_for_sparsity
+
+    n = L - n_text
+    band_target = (1.0 - sparsity) * L * L - (L * L - n * n)
+    return window_for_sparsity(n, 1.0 - band_target / (n * n)) if band_target > 0 else None
 
 
 def main() -> None:
@@ -89,14 +104,17 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         B, H, L, D, w, n_text = SHAPES[name]
+        sparsity = 0.5 if args.window_sparsity is None else args.window_sparsity
         if args.window_sparsity is not None or not w:
-            w = band_window(L, 0.5 if args.window_sparsity is None else args.window_sparsity)
+            w = band_window(L, sparsity)
+        w_arrow = arrow_window(L, n_text, sparsity) or 0
         g = torch.Generator("cuda").manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         residual = torch.randn_like(q)
         layout = TokenLayout(L, n_text, True)
         dense = HeadPlan(("full",) * H, (0,) * H)
         window = HeadPlan(("window",) * H, (w,) * H)
+        arrow = HeadPlan(("arrow",) * H, (w_arrow,) * H)
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         sdpa_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
@@ -106,6 +124,7 @@ def main() -> None:
             calls = {
                 "dense": lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out),
                 "window": lambda: headwise_triton(q, k, v, window, layout, scale, config=cfg, out=out),
+                "arrow": lambda: headwise_triton(q, k, v, arrow, layout, scale, config=cfg, out=out),
                 "W+R": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg, out=out),
                 "R=O-W": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
                                                  out=out, subtract=True),
@@ -118,20 +137,20 @@ def main() -> None:
             if "dense" in variants and times["dense"] == times["dense"]:
                 calls["dense"]()
                 dense_err = ((out.float() - sdpa_out).norm() / sdpa_out.norm()).item()
-            rows.append({"shape": name, "w": w, "config": _label(cfg), "sdpa_us": sdpa,
+            rows.append({"shape": name, "w": w, "w_arrow": w_arrow, "config": _label(cfg), "sdpa_us": sdpa,
                          **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err})
             print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items())
                   + f"  dense err {dense_err:.1e}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))
-    print("| shape | config | SDPA µs | dense µs | window(w) µs | W + R µs | R = O - W µs | refresh: SDPA, then "
-          "R = O - W µs | refresh: O and R in one pass µs |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| shape | config | SDPA µs | dense µs | window(w) µs | arrow(w) µs | W + R µs | R = O - W µs | "
+          "refresh: SDPA, then R = O - W µs | refresh: O and R in one pass µs |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['shape']} (w={r['w']}) | {r['config']} | {r['sdpa_us']:.1f} | {r['dense_us']:.1f} | "
-              f"{r['window_us']:.1f} | {r['W+R_us']:.1f} | {r['R=O-W_us']:.1f} | "
-              f"{r['sdpa_us'] + r['R=O-W_us']:.1f} | {r['O,R fused_us']:.1f} |")
+        print(f"| {r['shape']} (w={r['w']}, arrow {r['w_arrow']}) | {r['config']} | {r['sdpa_us']:.1f} | "
+              f"{r['dense_us']:.1f} | {r['window_us']:.1f} | {r['arrow_us']:.1f} | {r['W+R_us']:.1f} | "
+              f"{r['R=O-W_us']:.1f} | {r['sdpa_us'] + r['R=O-W_us']:.1f} | {r['O,R fused_us']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
     headwise_triton,
-    masks_simplify,
     interpreting,
     split_head_dim,
     warsr_triton,
@@ -235,14 +234,17 @@ def test_all_full_launch_matches_reference(device, L, D):
 
 # (L, n_text, text_first, boundary on a block edge): text/image boundary on a multiple of the query
 # block (16 rows on the CPU, 128 on CUDA) with text first and last, no text, and boundaries inside a
-# query block, where the launch must fall back to the whole pair rule
-SIMPLE_MASK_LAYOUTS = [(80, 32, True, True), (80, 16, False, True), (70, 0, False, True), (80, 20, True, False),
-                       (77, 11, False, False)]
+# query block, whose rows then follow different rules in the same edge block
+ROW_INTERVAL_LAYOUTS = [(80, 32, True, True), (80, 16, False, True), (70, 0, False, True), (80, 20, True, False),
+                        (77, 11, False, False)]
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("geometry", SIMPLE_MASK_LAYOUTS, ids=lambda g: f"L{g[0]}-t{g[1]}{'first' if g[2] else 'last'}")
-def test_simple_masks_are_exact_where_they_apply(device, geometry):
+@pytest.mark.parametrize("loops", [dict(edge_stages=None), dict(edge_stages=1), dict(one_loop=True)],
+                         ids=["edges-pipelined", "edges-1-stage", "one-loop"])
+@pytest.mark.parametrize("geometry", ROW_INTERVAL_LAYOUTS,
+                         ids=lambda g: f"L{g[0]}-t{g[1]}{'first' if g[2] else 'last'}")
+def test_row_interval_masks_are_exact_for_every_mode_and_boundary(device, geometry, loops):
     L, n_text, text_first, aligned = geometry
     if device != "cpu":
         L, n_text = L * 32, n_text * 32 + (not aligned) * 3
@@ -255,8 +257,9 @@ def test_simple_masks_are_exact_where_they_apply(device, geometry):
     ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_text, text_first=text_first,
                                        cached=cached, out_dtype=torch.float64)
     base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False)
-    cfg = replace(base, simple_masks=True)
-    assert masks_simplify(layout, cfg.block_m) == aligned
+    cfg = replace(base, **loops)
+    boundary = layout.image_start if text_first else layout.image_end
+    assert (n_text == 0 or boundary % cfg.block_m == 0) == aligned, "the geometry tests what it says"
     out = torch.full_like(q, float("nan"))
     headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
     assert not torch.isnan(out).any()

@@ -19,7 +19,8 @@ segment A holds the text keys (or all keys for a full head), segment B the image
 (the band ``[q - w, q + w]`` clipped to the image run, or all image keys when an arrow
 head's block contains text queries). Each segment is walked in ``BLOCK_N`` steps from its
 start and split into masked head blocks, an unmasked run of blocks that every row of the
-query block attends entirely, and masked tail blocks: element masks only on edge blocks.
+query block attends entirely, and masked tail blocks: element masks only on edge blocks, and
+there each row's keys in the segment are one interval (``_row_keys``), two compares per score.
 """
 
 import triton
@@ -91,42 +92,67 @@ def _store_tile(base, tile, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, 
 
 
 @triton.jit
-def _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi):
-    """Element mask of one head (see patterns.py): full=0, window=1, arrow=2, skip=3."""
-    q_img = (offs_m >= img_lo) & (offs_m < img_hi)
-    k_img = (offs_n >= img_lo) & (offs_n < img_hi)
-    diff = offs_m[:, None] - offs_n[None, :]
-    band = q_img[:, None] & k_img[None, :] & (diff <= win) & (diff >= -win)
-    both_text = (~q_img)[:, None] & (~k_img)[None, :]
-    mixed = q_img[:, None] ^ k_img[None, :]
+def _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L):
+    """Per query row, the keys it attends as two intervals (see patterns.py; modes full=0, window=1,
+    arrow=2, skip=3): [lo_a, hi_a) in segment A (text keys, or every key for full heads) and
+    [lo_b, hi_b) in segment B (image keys: the row's band, or all of them for an arrow head's
+    text rows). Edge blocks mask with these bounds alone: two compares per score whatever the
+    head's mode, and exact also in query blocks that mix text and image rows."""
     is_full = mode == 0
-    keep_text = mode != 3
-    keep_mixed = (mode == 0) | (mode == 2)
-    return band | is_full | (both_text & keep_text) | (mixed & keep_mixed)
+    is_arrow = mode == 2
+    img_row = (offs_m >= img_lo) & (offs_m < img_hi)
+    txt_row = (offs_m >= t_lo) & (offs_m < t_hi)
+    a_on = is_full | is_arrow | txt_row
+    lo_a = tl.where(a_on, tl.where(is_full, 0, t_lo), 0)
+    hi_a = tl.where(a_on, tl.where(is_full, L, t_hi), 0)
+    band = (~is_full) & img_row
+    b_on = band | (is_arrow & txt_row)
+    lo_b = tl.where(b_on, tl.where(band, tl.maximum(img_lo, offs_m - win), img_lo), 0)
+    hi_b = tl.where(b_on, tl.where(band, tl.minimum(img_hi, offs_m + win + 1), img_hi), 0)
+    return lo_a, hi_a, lo_b, hi_b
 
 
 @triton.jit
-def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, start_n, offs_m, offs_d0,
-                  offs_d1, seg_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
-                  HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-                  BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                  SIMPLE_MASKS: tl.constexpr = False):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, seg_hi, SK, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
-    qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
+def _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, row_hi, HEAD_DIM: tl.constexpr,
+                  SK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, ROW_MASK: tl.constexpr,
+                  UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """Raw scores Q·Kᵀ of the key block at start_n (pointer loads masked at row_hi with ROW_MASK)."""
+    k0 = _load_kv_tile(dk0, k_base, start_n, offs_n, offs_d0, 0, row_hi, SK, HEAD_DIM, ROW_MASK, D0 > HEAD_DIM,
+                       USE_TMA)
+    qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], offs_n.shape[0]], dtype=tl.float32), UPCAST)
     if HAS_D1:
-        k1 = _load_kv_tile(dk1, k_base, start_n, offs_n, offs_d1, D0, seg_hi, SK, HEAD_DIM, MASKED,
+        k1 = _load_kv_tile(dk1, k_base, start_n, offs_n, offs_d1, D0, row_hi, SK, HEAD_DIM, ROW_MASK,
                            D0 + D1 > HEAD_DIM, USE_TMA)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
+    return qk
+
+
+@triton.jit
+def _block_pv(acc0, acc1, p, alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0, offs_d1, row_hi,
+              HEAD_DIM: tl.constexpr, SV: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+              ROW_MASK: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """acc · alpha + P·V of the key block at start_n (P already in the inputs' dtype)."""
+    v0 = _load_kv_tile(dv0, v_base, start_n, offs_n, offs_d0, 0, row_hi, SV, HEAD_DIM, ROW_MASK, D0 > HEAD_DIM,
+                       USE_TMA)
+    acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
+    if HAS_D1:
+        v1 = _load_kv_tile(dv1, v_base, start_n, offs_n, offs_d1, D0, row_hi, SV, HEAD_DIM, ROW_MASK,
+                           D0 + D1 > HEAD_DIM, USE_TMA)
+        acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
+    return acc0, acc1
+
+
+@triton.jit
+def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, start_n, offs_d0, offs_d1,
+                  seg_hi, row_lo, row_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key block of the online softmax; with MASKED, row i keeps the keys in [row_lo[i], row_hi[i])."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    qk = _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, seg_hi, HEAD_DIM, SK, D0, D1,
+                       HAS_D1, MASKED, UPCAST, USE_TMA)
     if MASKED:
-        if band_only:  # image queries on image keys of a window/arrow head: the band is the whole rule
-            diff = offs_m[:, None] - offs_n[None, :]
-            allowed = (diff <= win) & (diff >= -win) & (offs_n < seg_hi)[None, :]
-        elif SIMPLE_MASKS:  # no query block holds both text and image rows: the key range is the whole rule
-            allowed = (offs_n < seg_hi)[None, :] & (offs_m >= 0)[:, None]
-        else:
-            allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & (offs_n < seg_hi)[None, :]
+        allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
         qk = tl.where(allowed, qk * qk_scale, NEG_BIG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_new[:, None]
@@ -136,47 +162,74 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
     p = tl.math.exp2(qk)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(q0.dtype)
-    v0 = _load_kv_tile(dv0, v_base, start_n, offs_n, offs_d0, 0, seg_hi, SV, HEAD_DIM, MASKED, D0 > HEAD_DIM, USE_TMA)
-    acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
-    if HAS_D1:
-        v1 = _load_kv_tile(dv1, v_base, start_n, offs_n, offs_d1, D0, seg_hi, SV, HEAD_DIM, MASKED,
-                           D0 + D1 > HEAD_DIM, USE_TMA)
-        acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
+    acc0, acc1 = _block_pv(acc0, acc1, p.to(q0.dtype), alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0, offs_d1,
+                           seg_hi, HEAD_DIM, SV, D0, D1, HAS_D1, MASKED, UPCAST, USE_TMA)
     return acc0, acc1, m_new, l_i
 
 
 @triton.jit
-def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0,
-                    offs_d1, seg_lo, seg_hi, full_lo, full_hi, mode, win, img_lo, img_hi, qk_scale, band_only,
-                    HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
-                    SIMPLE_MASKS: tl.constexpr = False):
+def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, seg_lo,
+                    seg_hi, full_lo, full_hi, row_lo, row_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr,
+                    SV: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                    HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                    WARP_SPEC: tl.constexpr = False, EDGE_STAGES: tl.constexpr = 3):
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
-    edge blocks with the band alone as their mask when ``band_only``, else the head's whole rule
-    (the key range alone with SIMPLE_MASKS, exact when no query block mixes text and image rows).
-    WARP_SPEC warp-specializes the unmasked loop, the one that carries dense heads."""
+    edge blocks masked by the rows' key intervals [row_lo, row_hi). WARP_SPEC warp-specializes the
+    unmasked loop, the one that carries dense heads; EDGE_STAGES pipelines the (short) edge loops."""
     n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
     j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
     j_first = tl.minimum(j_first, n_blocks)
     j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
-    for j in range(0, j_first):
+    for j in tl.range(0, j_first, num_stages=EDGE_STAGES):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA, SIMPLE_MASKS)
+                                             seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST,
+                                             USE_TMA)
     for j in tl.range(j_first, j_end, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, False, UPCAST, USE_TMA)
-    for j in range(j_end, n_blocks):
+                                             seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST,
+                                             USE_TMA)
+    for j in tl.range(j_end, n_blocks, num_stages=EDGE_STAGES):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             seg_lo + j * BLOCK_N, offs_m, offs_d0, offs_d1, seg_hi, mode, win,
-                                             img_lo, img_hi, qk_scale, band_only, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                             HAS_D1, True, UPCAST, USE_TMA, SIMPLE_MASKS)
+                                             seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
+                                             qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST,
+                                             USE_TMA)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1,
+                             seg_lo, seg_hi, full_lo, full_hi, row_lo, row_hi, L, qk_scale, HEAD_DIM: tl.constexpr,
+                             SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
+                             D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """_attend_segment in one pipelined loop: edge blocks take the rows' key intervals as their mask in
+    a uniform branch, so they are prefetched like the others and the segment pays one pipeline fill.
+
+    Masked scores are -inf and a row whose keys are all masked so far keeps m = -inf, its exponent
+    taken against 0: masking with a finite -1e30 instead and subtracting a max made of it is not
+    exact once the compiler contracts ``qk * scale - m`` into an FMA (the product's rounding error,
+    ~1e21, reaches exp2: inf, then NaN), which the interpreter cannot show."""
+    n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_first = tl.minimum((tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
+    j_end = tl.minimum(tl.maximum(tl.maximum(full_hi - seg_lo, 0) // BLOCK_N, j_first), n_blocks)
+    for j in tl.range(0, n_blocks):
+        start_n = seg_lo + j * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        qk = _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, L, HEAD_DIM, SK, D0, D1,
+                           HAS_D1, True, UPCAST, USE_TMA)
+        if (j < j_first) | (j >= j_end):
+            allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0, acc1 = _block_pv(acc0, acc1, p.to(q0.dtype), alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0,
+                               offs_d1, L, HEAD_DIM, SV, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
+        m_i = m_new
     return acc0, acc1, m_i, l_i
 
 
@@ -185,23 +238,22 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                      qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """A full head's query block: every key, unmasked blocks and one tail block masked at L. Without
-    the window/arrow rules in the kernel it needs far fewer registers (sm_90, D = 128, 64x128 tiles:
-    160 against 255 with spills; benchmarks/kernel_resources.py), so 64-row tiles run two programs
-    per SM."""
+    """A full head's query block: every key, unmasked blocks and one tail block masked at L. One key
+    range and no per-head geometry: 160 registers (sm_90, D = 128, 64x128 tiles;
+    benchmarks/kernel_resources.py), so 64-row tiles run two programs per SM."""
     n_full = L // BLOCK_N
+    row_lo = offs_m * 0
+    row_hi = row_lo + L
     for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale, False,
+                                             j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
                                              HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
     # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
     # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200.
-    # Not a band block, and with simple masks its rule is the key range alone: keys past L are out.
     for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, 0, L, qk_scale,
-                                             False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA,
-                                             True)
+                                             j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
+                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
     return acc0, acc1, m_i, l_i
 
 
@@ -209,9 +261,8 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
 def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexpr):
     """Key intervals of one query block: A (text keys, or all keys for full heads), B (image keys).
 
-    Returns (a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band): each segment, its
-    sub-interval that every valid query row of the block attends entirely, and whether segment
-    B's edge blocks need only the band (a window/arrow head and no text query in the block).
+    Returns (a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi): each segment and its sub-interval
+    that every valid query row of the block attends entirely.
     """
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     is_full = mode == 0
@@ -239,8 +290,7 @@ def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexp
     b_full_ok = b_on & ~(has_txt_q & ~is_arrow)
     bf_lo = tl.where(b_full_ok, tl.where(has_img_q, core_lo, img_lo), 0)
     bf_hi = tl.where(b_full_ok, tl.where(has_img_q, core_hi, img_hi), 0)
-    b_band = (~is_full) & (~has_txt_q)
-    return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band
+    return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi
 
 
 # Sequence geometry is not specialised on (one compile serves every length); strides are,
@@ -256,14 +306,15 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
-                        SIMPLE_MASKS: tl.constexpr = False):
+                        EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
     With USE_TMA (Hopper and later) K and V tiles (and Q and O for unsplit head dims) go through
     per-head tensor descriptors, built here on the device (the host provides their scratch through
-    ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys); SIMPLE_MASKS: no
-    query block mixes text and image rows (see _attend_segment)."""
+    ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys); EDGE_STAGES:
+    the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
+    loop instead (see _attend_segment_one_loop)."""
     # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
     # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
     # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
@@ -330,16 +381,26 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                                                     offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
                                                     D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
         else:
-            a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi, b_band = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                                   t_lo, t_hi, BLOCK_M)
-            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                   offs_m, offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, mode, win,
-                                                   img_lo, img_hi, qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0,
-                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, SIMPLE_MASKS)
-            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                   offs_m, offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, mode, win,
-                                                   img_lo, img_hi, qk_scale, b_band, HEAD_DIM, SK, SV, BLOCK_N, D0,
-                                                   D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, SIMPLE_MASKS)
+            a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                           t_lo, t_hi, BLOCK_M)
+            lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
+            if ONE_LOOP:
+                acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+                    acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
+                    af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+                acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+                    acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
+                    bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+                l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
+            else:
+                acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                       offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
+                                                       HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                                       WARP_SPEC, EDGE_STAGES)
+                acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                       offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
+                                                       HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                                       WARP_SPEC, EDGE_STAGES)
         inv_l = 1.0 / l_i
         out0 = acc0 * inv_l[:, None]
         if HAS_RESIDUAL:
@@ -367,12 +428,12 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
 
 
 @triton.jit
-def _both_block(acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, start_n, offs_m, offs_d0,
-                offs_d1, L, mode, win, img_lo, img_hi, qk_scale,
+def _both_block(acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, start_n, offs_d0, offs_d1,
+                L, lo_a, hi_a, lo_b, hi_b, qk_scale,
                 HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
                 D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
     """One key block inside the windowed pattern: its scores, computed once, feed the full softmax
-    (keys past L masked) and the windowed one (the head's rule)."""
+    (keys past L masked) and the windowed one (the rows' key intervals of segments A and B)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_tile(k_base, offs_n, offs_d0, L, SK, HEAD_DIM, True, D0 > HEAD_DIM)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), UPCAST)
@@ -387,30 +448,30 @@ def _both_block(acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, 
     key_ok = (offs_n < L)[None, :]
     acc0, acc1, m_i, l_i = _online_update(acc0, acc1, m_i, l_i, tl.where(key_ok, qk, NEG_BIG), v0, v1,
                                           HAS_D1, UPCAST)
-    allowed = _pair_allowed(offs_m, offs_n, mode, win, img_lo, img_hi) & key_ok
+    n = offs_n[None, :]
+    allowed = ((n >= lo_a[:, None]) & (n < hi_a[:, None])) | ((n >= lo_b[:, None]) & (n < hi_b[:, None]))
     wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG), v0, v1,
                                               HAS_D1, UPCAST)
     return acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i
 
 
 @triton.jit
-def _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, j_lo, j_hi, offs_m, offs_d0, offs_d1, L, img_lo,
-                 img_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-                 BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                 UPCAST: tl.constexpr):
+def _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, j_lo, j_hi, offs_m, offs_d0, offs_d1, L, qk_scale,
+                 HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
     """Key blocks [j_lo, j_hi) outside the windowed pattern: the full softmax alone, unmasked except
     for the sequence's partial last block."""
     n_whole = L // BLOCK_N
+    row_lo = offs_m * 0
+    row_hi = row_lo + L
     for j in range(j_lo, tl.minimum(j_hi, n_whole)):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_base, k_base, v_base,
-                                             v_base, j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, img_lo, img_hi,
-                                             qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False,
-                                             UPCAST, False)
+                                             v_base, j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
+                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, False)
     for j in range(tl.maximum(j_lo, n_whole), j_hi):  # at most the one partial block
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_base, k_base, v_base,
-                                             v_base, j * BLOCK_N, offs_m, offs_d0, offs_d1, L, 0, 0, img_lo, img_hi,
-                                             qk_scale, False, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True,
-                                             UPCAST, False)
+                                             v_base, j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
+                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, False)
     return acc0, acc1, m_i, l_i
 
 
@@ -496,27 +557,28 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     wacc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     wm_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     wl_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_lo, a_hi, _, _, b_lo, b_hi, _, _, _ = _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M)
+    a_lo, a_hi, _, _, b_lo, b_hi, _, _ = _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M)
+    lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
     r1_lo, r1_hi, r2_lo, r2_hi = _windowed_block_ranges(a_lo, a_hi, b_lo, b_hi, BLOCK_N)
     for j in range(r1_lo, r1_hi):
         acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i = _both_block(
-            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_m, offs_d0,
-            offs_d1, L, mode, win, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_d0, offs_d1,
+            L, lo_a, hi_a, lo_b, hi_b, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
     for j in range(r2_lo, r2_hi):
         acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i = _both_block(
-            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_m, offs_d0,
-            offs_d1, L, mode, win, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
+            acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, v_base, j * BLOCK_N, offs_d0, offs_d1,
+            L, lo_a, hi_a, lo_b, hi_b, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST)
     # the rest of the keys feed the full softmax only: before, between and after the two ranges
     n_blocks = (L + BLOCK_N - 1) // BLOCK_N
     acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, 0, r1_lo, offs_m, offs_d0,
-                                        offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                        HAS_D1, UPCAST)
+                                        offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                        UPCAST)
     acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, r1_hi, r2_lo, offs_m, offs_d0,
-                                        offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1,
-                                        HAS_D1, UPCAST)
+                                        offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                        UPCAST)
     acc0, acc1, m_i, l_i = _full_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, r2_hi, n_blocks, offs_m,
-                                        offs_d0, offs_d1, L, img_lo, img_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0,
-                                        D1, HAS_D1, UPCAST)
+                                        offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1,
+                                        UPCAST)
     o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
     r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
     inv_l = 1.0 / l_i

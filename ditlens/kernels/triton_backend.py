@@ -34,13 +34,17 @@ class KernelConfig:
     # Triton's automatic warp specialization of the unmasked key loop (producer warps issue the loads,
     # consumer warp groups the dots); compiled GPU launches only, ignored by the interpreter.
     warp_specialize: bool = False
-    # Compile edge blocks with the band and the key range only, leaving out the text/arrow pair rule,
-    # when no query block holds both text and image rows (the text/image boundary on a multiple of
-    # block_m, or no text): exact there, and fewer registers (sm_90, D = 128, 64x128/4w/1s: 247
-    # without spills against 255 with). Launches that do not qualify compile the whole rule.
-    # Not yet timed on a GPU, so off by default.
-    simple_masks: bool = False
-
+    # Pipeline depth of the masked edge loops (one or two blocks per segment); None: num_stages. One
+    # stage was 3 % faster at PixArt-2K with pointer loads on an H200, but with tensor descriptors at
+    # D = 72 it hit an illegal memory access (BENCHMARKS.md §2, session 13), so not by default.
+    edge_stages: int | None = None
+    # Each key segment in one pipelined loop, its edge blocks masked in a uniform branch, instead of three
+    # loops. Exact on the CPU interpreter; not yet run on a GPU in this form (an earlier form that masked
+    # with a finite -1e30 was 2-5 % faster at the 2K shapes but wrote NaN rows once FMA contraction
+    # applied; BENCHMARKS.md §2, session 13), so not by default.
+    one_loop: bool = False
+    # Cap on registers per thread (ptxas maxnreg), e.g. to fit three 4-warp programs per SM (168).
+    max_registers: int | None = None
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
 # (bf16; benchmarks/results/kernels.md): 128x64 with 4 warps and pointer loads for D <= 96 (tensor
@@ -261,14 +265,6 @@ def _descriptor_scratch(device: torch.device):
             triton.set_allocator(previous)
 
 
-def masks_simplify(layout: TokenLayout, block_m: int) -> bool:
-    """Whether every query block of ``block_m`` rows holds text rows only or image rows only."""
-    if layout.n_text == 0 or layout.n_image == 0:
-        return True
-    boundary = layout.image_start if layout.text_first else layout.image_end
-    return boundary % block_m == 0
-
-
 def _layout_args(layout: TokenLayout) -> tuple[int, int, int, int]:
     return layout.image_start, layout.image_end, layout.text_start, layout.text_end
 
@@ -296,9 +292,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     tensors = (q, k, v, out, cache, res)
     strides = tuple(t.stride() for t in tensors)
     use_tma = _use_tma(q, cfg)
-    simple_masks = cfg.simple_masks and masks_simplify(layout, cfg.block_m)
-    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
-                                  simple_masks)
+    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full)
     meta = graph_constant(_plan_tensors(plan, layout, q.device))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
@@ -312,8 +306,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
 
 @functools.lru_cache(maxsize=256)
 def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool,
-                      has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False,
-                      simple_masks: bool = False) -> dict:
+                      has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False) -> dict:
     """The compile-time arguments of one launch shape (worked out once: a model makes the same few
     launches thousands of times, and on a fast GPU the host time per launch shows)."""
     d0, d1 = split_head_dim(head_dim)
@@ -322,8 +315,9 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
-        SIMPLE_MASKS=simple_masks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
 
 
 def warsr_two_pass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
