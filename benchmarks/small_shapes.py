@@ -1,7 +1,8 @@
 """GPU time of the head-wise kernels at the short sequences where DiT-XL 512² and PixArt 1024² run,
 per tile config: what a plan costs there once CUDA graphs remove the host (the e2e rows under
 graphs). Each variant is timed with ``triton.testing.do_bench_cudagraph`` (launches replayed from
-a graph: kernel time only), bf16, against SDPA in the same run.
+a graph: kernel time only), bf16, against SDPA in the same run, and checked: dense against SDPA,
+window and arrow against masked attention on sampled rows of one head.
 
     python benchmarks/small_shapes.py --out DIR        # writes small_shapes.json and prints a table
 
@@ -76,6 +77,24 @@ def arrow_window(L: int, n_text: int, sparsity: float) -> int | None:
     return window_for_sparsity(n, 1.0 - band_target / (n * n)) if band_target > 0 else None
 
 
+def sampled_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, w: int,
+                  layout, scale: float, n_rows: int = 1024) -> float:
+    """Relative error of head 0 of batch 0 of ``out`` against float32 masked attention, on ``n_rows``
+    query rows spread over the sequence plus the first and last 128 (edge blocks, partial tails); NaN
+    rows make it NaN. Cheap enough for the 2K shapes, where the dense reference is not."""
+    from ditlens.kernels.patterns import head_pattern
+
+    L = q.shape[2]
+    rows = torch.unique(torch.cat([torch.linspace(0, L - 1, n_rows, device=q.device).long(),
+                                   torch.arange(min(128, L), device=q.device),
+                                   torch.arange(max(L - 128, 0), L, device=q.device)]))
+    mask = head_pattern(mode, w, rows[:, None], torch.arange(L, device=q.device)[None, :], layout)
+    scores = (q[0, 0, rows].float() @ k[0, 0].float().T) * scale
+    ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v[0, 0].float()
+    got = out[0, 0, rows].float()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -137,10 +156,18 @@ def main() -> None:
             if "dense" in variants and times["dense"] == times["dense"]:
                 calls["dense"]()
                 dense_err = ((out.float() - sdpa_out).norm() / sdpa_out.norm()).item()
+            # and the windowed launches against masked attention on sampled rows (a kernel that writes NaN
+            # rows must not pass for a fast one)
+            errs = {}
+            for key, mode, width in (("window", "window", w), ("arrow", "arrow", w_arrow)):
+                if key in variants and times[key] == times[key]:
+                    calls[key]()
+                    errs[f"{key}_err"] = sampled_error(out, q, k, v, mode, width, layout, scale)
             rows.append({"shape": name, "w": w, "w_arrow": w_arrow, "config": _label(cfg), "sdpa_us": sdpa,
-                         **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err})
+                         **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err, **errs})
             print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items())
-                  + f"  dense err {dense_err:.1e}", flush=True)
+                  + f"  dense err {dense_err:.1e}" + "".join(f"  {key} {e:.1e}" for key, e in errs.items()),
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))
