@@ -9,7 +9,8 @@ window and arrow against masked attention on sampled rows of one head.
 Variants: dense; ``window(w)`` on every head; ``arrow`` on every head, its w skipping the same share
 of all pairs as the window (text pairs kept, as benchmarks/kernels.py's sparsity rows); the WA-RS
 apply step ``W + R`` (residual added in the epilogue); the WA-RS refresh's extra launch ``R = O - W``
-(subtracting from a given ``O``, which the model's SDPA computed); the one-pass refresh that computes ``O`` and ``R`` together.
+(subtracting from a given ``O``, which the model's SDPA computed); the one-pass refresh that
+computes ``O`` and ``R`` together.
 """
 
 from __future__ import annotations
