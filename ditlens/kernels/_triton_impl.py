@@ -113,6 +113,24 @@ def _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L):
 
 
 @triton.jit
+def _in_rows(offs_n, row_lo, row_hi):
+    """[rows, keys] mask: key offs_n[j] lies in row i's interval [row_lo[i], row_hi[i])."""
+    return (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+
+
+@triton.jit
+def _unmasked_run(seg_lo, seg_hi, full_lo, full_hi, BLOCK_N: tl.constexpr):
+    """(n_blocks, j_first, j_end): the segment [seg_lo, seg_hi) in BLOCK_N blocks from seg_lo, and the run
+    [j_first, j_end) of them inside [full_lo, full_hi), which every row attends entirely (no mask)."""
+    n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
+    j_first = tl.minimum(j_first, n_blocks)
+    j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
+    return n_blocks, j_first, j_end
+
+
+@triton.jit
 def _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, row_hi, HEAD_DIM: tl.constexpr,
                   SK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, ROW_MASK: tl.constexpr,
                   UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
@@ -152,8 +170,7 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
     qk = _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, seg_hi, HEAD_DIM, SK, D0, D1,
                        HAS_D1, MASKED, UPCAST, USE_TMA)
     if MASKED:
-        allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-        qk = tl.where(allowed, qk * qk_scale, NEG_BIG)
+        qk = tl.where(_in_rows(offs_n, row_lo, row_hi), qk * qk_scale, NEG_BIG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_new[:, None]
     else:
@@ -176,11 +193,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
     edge blocks masked by the rows' key intervals [row_lo, row_hi). WARP_SPEC warp-specializes the
     unmasked loop, the one that carries dense heads; EDGE_STAGES pipelines the (short) edge loops."""
-    n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
-    j_first = (tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
-    j_end = tl.maximum(full_hi - seg_lo, 0) // BLOCK_N
-    j_first = tl.minimum(j_first, n_blocks)
-    j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
+    n_blocks, j_first, j_end = _unmasked_run(seg_lo, seg_hi, full_lo, full_hi, BLOCK_N)
     for j in tl.range(0, j_first, num_stages=EDGE_STAGES):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
@@ -211,17 +224,14 @@ def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, 
     taken against 0: masking with a finite -1e30 instead and subtracting a max made of it is not
     exact once the compiler contracts ``qk * scale - m`` into an FMA (the product's rounding error,
     ~1e21, reaches exp2: inf, then NaN), which the interpreter cannot show."""
-    n_blocks = (tl.maximum(seg_hi - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N
-    j_first = tl.minimum((tl.maximum(full_lo - seg_lo, 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
-    j_end = tl.minimum(tl.maximum(tl.maximum(full_hi - seg_lo, 0) // BLOCK_N, j_first), n_blocks)
+    n_blocks, j_first, j_end = _unmasked_run(seg_lo, seg_hi, full_lo, full_hi, BLOCK_N)
     for j in tl.range(0, n_blocks):
         start_n = seg_lo + j * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, L, HEAD_DIM, SK, D0, D1,
                            HAS_D1, True, UPCAST, USE_TMA)
         if (j < j_first) | (j >= j_end):
-            allowed = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-            qk = tl.where(allowed, qk, float("-inf"))
+            qk = tl.where(_in_rows(offs_n, row_lo, row_hi), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
@@ -448,8 +458,7 @@ def _both_block(acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i, q0, q1, k_base, 
     key_ok = (offs_n < L)[None, :]
     acc0, acc1, m_i, l_i = _online_update(acc0, acc1, m_i, l_i, tl.where(key_ok, qk, NEG_BIG), v0, v1,
                                           HAS_D1, UPCAST)
-    n = offs_n[None, :]
-    allowed = ((n >= lo_a[:, None]) & (n < hi_a[:, None])) | ((n >= lo_b[:, None]) & (n < hi_b[:, None]))
+    allowed = _in_rows(offs_n, lo_a, hi_a) | _in_rows(offs_n, lo_b, hi_b)
     wacc0, wacc1, wm_i, wl_i = _online_update(wacc0, wacc1, wm_i, wl_i, tl.where(allowed, qk, NEG_BIG), v0, v1,
                                               HAS_D1, UPCAST)
     return acc0, acc1, m_i, l_i, wacc0, wacc1, wm_i, wl_i
