@@ -50,9 +50,10 @@ def _softmax_step(qk, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           D: tl.constexpr, SCHEDULE: tl.constexpr, DEVICE_DESC: tl.constexpr, PTR_IO: tl.constexpr,
-          WS: tl.constexpr):
+          WS: tl.constexpr, QO_DEVICE_DESC: tl.constexpr):
     """BLOCK_M query rows of one (batch, head); [B*H*L, D] tensor descriptors, or per-head ones
-    made on the device (DEVICE_DESC, as ditlens' kernel does), Q and O through pointers (PTR_IO)."""
+    made on the device (DEVICE_DESC for K and V, QO_DEVICE_DESC for Q and O too, as ditlens'
+    kernel does), Q and O through pointers (PTR_IO)."""
     row0 = bh * L
     q_row = row0 + mb * BLOCK_M
     dtype = dq.dtype
@@ -61,6 +62,10 @@ def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr
         dk = tl.make_tensor_descriptor(K + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
         dv = tl.make_tensor_descriptor(V + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_N, D])
         kv0 = 0
+        if QO_DEVICE_DESC:
+            dq = tl.make_tensor_descriptor(Q + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+            do = tl.make_tensor_descriptor(O + head, shape=[L, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+            q_row = mb * BLOCK_M
     else:
         kv0 = row0
     if SCHEDULE == 2:  # split: two halves of the query tile share every K/V tile
@@ -130,15 +135,15 @@ def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr
 
 def _dense_fn(dq, dk, dv, do, Q, K, V, O, L, n_mblocks, n_tiles, qk_scale, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, D: tl.constexpr, SCHEDULE: tl.constexpr, DEVICE_DESC: tl.constexpr,
-              PTR_IO: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr):
+              PTR_IO: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr, QO_DEVICE_DESC: tl.constexpr):
     if PERSISTENT:  # one program per SM walks the tiles, query block fastest (K/V of a head stay in L2)
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, tile % n_mblocks, tile // n_mblocks, BLOCK_M, BLOCK_N,
-                  D, SCHEDULE, DEVICE_DESC, PTR_IO, WS)
+                  D, SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC)
     else:
         pid = tl.program_id(0)
         _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, pid % n_mblocks, pid // n_mblocks, BLOCK_M, BLOCK_N, D,
-              SCHEDULE, DEVICE_DESC, PTR_IO, WS)
+              SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC)
 
 
 _dense_kernel = triton.jit(_dense_fn)
@@ -148,8 +153,9 @@ _dense_kernel_any_len = triton.jit(do_not_specialize=["L", "n_mblocks", "n_tiles
 SCHEDULES = {"base": 0, "lookahead": 1, "split": 2, "lazy": 3}
 # Options that make the minimal kernel more like ditlens' own launch (to find which costs the time),
 # or try Hopper features: device-side per-head descriptors, pointer loads of Q / stores of O, a
-# sequence length not specialised on, Triton's warp specialization, one persistent program per SM.
-OPTIONS = ("devdesc", "ptrio", "anylen", "ws", "persist")
+# sequence length not specialised on, Triton's warp specialization, one persistent program per SM,
+# Q and O through per-head device descriptors too (qodesc, with devdesc).
+OPTIONS = ("devdesc", "ptrio", "anylen", "ws", "persist", "qodesc")
 # "schedule/BMxBN/Ww/Ss[+option...]"; BM of "split" is both halves together
 VARIANTS = [
     "base/128x128/8w/3s", "base/128x128/8w/2s", "base/128x128/8w/4s", "base/128x64/8w/3s",
@@ -188,7 +194,8 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str) -> to
     kernel = _dense_kernel_any_len if "anylen" in options else _dense_kernel
     kernel[grid](*descs, q, k, v, o, L, n_mblocks, n_tiles, scale, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
                  SCHEDULE=SCHEDULES[schedule], DEVICE_DESC="devdesc" in options, PTR_IO="ptrio" in options,
-                 WS="ws" in options, PERSISTENT=persistent, num_warps=warps, num_stages=stages)
+                 WS="ws" in options, PERSISTENT=persistent, QO_DEVICE_DESC="qodesc" in options, num_warps=warps,
+                 num_stages=stages)
     return o
 
 

@@ -85,7 +85,8 @@ WARSR_SHAPES = ["PixArt-1K", "FLUX-1K"]
 
 
 def config_label(c: KernelConfig) -> str:
-    return f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
+    return (f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
+            + (f"/r{c.max_registers}" if c.max_registers else "") + ("/1l" if c.one_loop else ""))
 
 
 @dataclass
@@ -311,7 +312,9 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def run_shape(shape: Shape, cfg: KernelConfig, with_flex: bool = True) -> tuple[list[Row], dict]:
+def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) -> tuple[list[Row], dict]:
+    """Every plan of ``shape`` by SDPA, FlexAttention and ditlens (``cfg``, or None: each launch's own
+    default, what a user gets: the all-full config for the dense plan, the windowed one otherwise)."""
     q, k, v, cached = make_inputs(shape)
     lay = shape.layout()
     scale = shape.head_dim ** -0.5
@@ -439,9 +442,11 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
             lines.append(f"| {w['shape']} | {w['refresh_ms']:.3f} | {w.get('refresh_two_pass_ms', float('nan')):.3f} | "
                          f"{w['full_plus_window_ms']:.3f} | {w['apply_ms']:.3f} | {w['window_only_ms']:.3f} | "
                          f"{w['err_full']:.1e} | {w['err_residual']:.1e} | {w['err_apply']:.1e} |")
-    lines += ["", "Tile configs (BLOCK_M x BLOCK_N / warps / stages, /tma = K/V through tensor descriptors) chosen "
-              "per head dim by dense + 75 % time: " + ", ".join(f"D={d}: {config_label(c)}" for d, c in chosen.items()),
-              ""]
+    how = ("chosen per head dim by dense + 75 % time" if tune_rows else
+           "the built-in defaults of the windowed launches (dense plans: the all-full launch's own default)")
+    lines += ["", "Tile configs (BLOCK_M x BLOCK_N / warps / stages, /tma = K/V through tensor descriptors, /rN = "
+              f"at most N registers, /1l = one loop per key segment) {how}: "
+              + ", ".join(f"D={d}: {config_label(c)}" for d, c in chosen.items()), ""]
     if tune_rows:
         lines += ["| D | tuned on | config | dense ms | 75 % ms |", "| --- | --- | --- | ---: | ---: |"]
         for t in tune_rows:
@@ -600,9 +605,8 @@ def main() -> None:
     warsr: list[dict] = []
     for name in tqdm(args.shapes, desc="shapes"):
         shape = shapes_by_name[name]
-        cfg = chosen.get(shape.head_dim, KernelConfig())
         try:
-            r, info = run_shape(shape, cfg)
+            r, info = run_shape(shape, None if args.no_tune else chosen.get(shape.head_dim, KernelConfig()))
             rows += r
             infos[name] = info
             torch.cuda.empty_cache()  # the shape's tensors are gone with run_shape's frame

@@ -7,7 +7,8 @@ window and arrow against masked attention on sampled rows of one head.
     python benchmarks/small_shapes.py --out DIR        # writes small_shapes.json and prints a table
 
 Variants: dense; ``window(w)`` on every head; ``arrow`` on every head, its w skipping the same share
-of all pairs as the window (text pairs kept, as benchmarks/kernels.py's sparsity rows); the WA-RS
+of all pairs as the window (text pairs kept, as benchmarks/kernels.py's sparsity rows); ``mixed``, the
+heads in turn full, arrow (that w) and skip (kernels.py's mixed plan at the given sparsity); the WA-RS
 apply step ``W + R`` (residual added in the epilogue); the WA-RS refresh's extra launch ``R = O - W``
 (subtracting from a given ``O``, which the model's SDPA computed); the one-pass refresh that
 computes ``O`` and ``R`` together.
@@ -24,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# B, H, L, D, e2e window w, text tokens first (the 2K rows of benchmarks/kernels.py: w from --window-sparsity)
+# B, H, L, D, e2e window w, text first (FLUX and the 2K rows as benchmarks/kernels.py: w from --window-sparsity)
 SHAPES = {"DiT-512": (2, 16, 1024, 72, 64, 0), "PixArt-1K": (2, 16, 4096, 72, 256, 0),
-          "PixArt-2K": (2, 16, 16384, 72, 0, 0), "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512)}
-VARIANTS = ("dense", "window", "arrow", "W+R", "R=O-W", "O,R fused")
+          "PixArt-2K": (2, 16, 16384, 72, 0, 0), "FLUX-1K": (1, 24, 4096 + 512, 128, 0, 512),
+          "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512)}
+VARIANTS = ("dense", "window", "arrow", "mixed", "W+R", "R=O-W", "O,R fused")
 CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2w/2s"
 
 
@@ -135,6 +137,8 @@ def main() -> None:
         dense = HeadPlan(("full",) * H, (0,) * H)
         window = HeadPlan(("window",) * H, (w,) * H)
         arrow = HeadPlan(("arrow",) * H, (w_arrow,) * H)
+        mixed_modes = tuple(("full", "arrow", "skip")[h % 3] for h in range(H))
+        mixed = HeadPlan(mixed_modes, tuple(w_arrow if m == "arrow" else 0 for m in mixed_modes))
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         sdpa_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
@@ -145,6 +149,7 @@ def main() -> None:
                 "dense": lambda: headwise_triton(q, k, v, dense, layout, scale, config=cfg, out=out),
                 "window": lambda: headwise_triton(q, k, v, window, layout, scale, config=cfg, out=out),
                 "arrow": lambda: headwise_triton(q, k, v, arrow, layout, scale, config=cfg, out=out),
+                "mixed": lambda: headwise_triton(q, k, v, mixed, layout, scale, cached=residual, config=cfg, out=out),
                 "W+R": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg, out=out),
                 "R=O-W": lambda: headwise_triton(q, k, v, window, layout, scale, residual=residual, config=cfg,
                                                  out=out, subtract=True),
@@ -172,12 +177,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))
-    print("| shape | config | SDPA µs | dense µs | window(w) µs | arrow(w) µs | W + R µs | R = O - W µs | "
+    print("| shape | config | SDPA µs | dense µs | window(w) µs | arrow(w) µs | mixed µs | W + R µs | R = O - W µs | "
           "refresh: SDPA, then R = O - W µs | refresh: O and R in one pass µs |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['shape']} (w={r['w']}, arrow {r['w_arrow']}) | {r['config']} | {r['sdpa_us']:.1f} | "
-              f"{r['dense_us']:.1f} | {r['window_us']:.1f} | {r['arrow_us']:.1f} | {r['W+R_us']:.1f} | "
+              f"{r['dense_us']:.1f} | {r['window_us']:.1f} | {r['arrow_us']:.1f} | {r['mixed_us']:.1f} | "
+              f"{r['W+R_us']:.1f} | "
               f"{r['R=O-W_us']:.1f} | {r['sdpa_us'] + r['R=O-W_us']:.1f} | {r['O,R fused_us']:.1f} |")
 
 

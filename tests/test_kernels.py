@@ -150,7 +150,10 @@ def test_launch_configs_by_head_dim_and_plan():
 
     # all-full launches at D = 128: 64-row tiles, one stage, descriptors (two programs per SM on Hopper)
     assert default_config(128, interpret=False, all_full=True) == KernelConfig(64, 128, 4, 1, tma=True)
-    assert default_config(128, interpret=False) == KernelConfig(128, 128, 8, 3, tma=True)
+    # windowed launches with descriptors walk each key segment in one loop (D = 128 and the split D = 72)
+    assert default_config(128, interpret=False) == KernelConfig(64, 128, 4, 1, tma=True, one_loop=True,
+                                                                max_registers=168)
+    assert default_config(72, interpret=False) == KernelConfig(128, 64, 4, 3, tma=True, one_loop=True)
     assert default_config(72, interpret=False, all_full=True) == default_config(72, interpret=False)
     # a split head dim in a one-stage config loads through pointers on the GPU (illegal access seen on
     # an H200), and keeps descriptors in the interpreter, where the tests cover that path
@@ -160,6 +163,26 @@ def test_launch_configs_by_head_dim_and_plan():
 
     if hasattr(tl, "make_tensor_descriptor"):
         assert _use_tma(torch.zeros(1, 1, 8, 72), KernelConfig(16, 16, 1, 1, tma=True))
+
+
+def test_default_launch_without_descriptors_walks_three_loops(monkeypatch):
+    # one loop per segment pays off with descriptor loads only: a default config that loses them (an
+    # Ampere GPU, an old triton) falls back to three loops, while a config the caller gave is kept
+    from types import SimpleNamespace
+
+    from ditlens.kernels import triton_backend
+
+    plan = make_head_plan(["window", "arrow"], [3, 5], 2, 16384)
+    ampere = SimpleNamespace(is_cuda=True, shape=(1, 2, 16384, 72), device=SimpleNamespace(index=0))
+    monkeypatch.setattr(triton_backend, "_compute_capability", lambda index: (8, 0))
+    cfg, use_tma = triton_backend.launch_config(ampere, plan)
+    assert not use_tma and not cfg.one_loop and cfg.block_m == 128 and cfg.block_n == 64
+    given = KernelConfig(128, 64, 4, 3, tma=True, one_loop=True)
+    assert triton_backend.launch_config(ampere, plan, given) == (given, False)
+    if triton_backend._triton_has_tensor_descriptors():
+        monkeypatch.setattr(triton_backend, "_compute_capability", lambda index: (9, 0))
+        cfg, use_tma = triton_backend.launch_config(ampere, plan)
+        assert use_tma and cfg.one_loop
 
 
 # --------------------------------------------------------------------------------------

@@ -247,8 +247,9 @@ def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, 
 def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0, offs_d1, L,
                      qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """A full head's query block: every key, unmasked blocks and one tail block masked at L. One key
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr = False):
+    """A full head's query block: every key, unmasked blocks and one tail block masked at L (none when
+    the host says L is a multiple of BLOCK_N: KEYS_EVEN). One key
     range and no per-head geometry: 160 registers (sm_90, D = 128, 64x128 tiles;
     benchmarks/kernel_resources.py), so 64-row tiles run two programs per SM."""
     n_full = L // BLOCK_N
@@ -260,10 +261,11 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                                              HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
     # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
     # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200.
-    for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
-        acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                             j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
-                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
+    if not KEYS_EVEN:
+        for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
+            acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                 j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
+                                                 HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
     return acc0, acc1, m_i, l_i
 
 
@@ -316,20 +318,17 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
-                        EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False):
+                        EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
+                        KEYS_EVEN: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
     With USE_TMA (Hopper and later) K and V tiles (and Q and O for unsplit head dims) go through
     per-head tensor descriptors, built here on the device (the host provides their scratch through
-    ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys); EDGE_STAGES:
+    ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys), and KEYS_EVEN:
+    L is a multiple of BLOCK_N (no partial key block); EDGE_STAGES:
     the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
     loop instead (see _attend_segment_one_loop)."""
-    # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
-    # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
-    # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
-    # them on descriptors hit an illegal memory access (in a config that also fails without them).
-    QO_DESC: tl.constexpr = USE_TMA and not HAS_D1
     pid = tl.program_id(0)
     per_rank = B * n_mblocks
     rank = pid // per_rank
@@ -337,8 +336,6 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     b = rem // n_mblocks
     mb = rem - b * n_mblocks
     h = tl.load(ORDER + rank)
-    mode = tl.load(MODE + h)
-    win = tl.load(WIN + h)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     m0 = mb * BLOCK_M
@@ -346,95 +343,127 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
     o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
-    if mode == 3:
-        c_base = _head_base(C, b64, h64, stride_cb, stride_ch, HINT_ALIGN)
-        c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
-        _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
-        if HAS_D1:
-            c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-            _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+    if ALL_FULL:  # no skip heads and no per-head geometry: the compiled kernel holds the dense path alone
+        _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                            stride_vh, stride_rb, stride_rh, 0, 0, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m, offs_d0,
+                            offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N,
+                            D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, True,
+                            KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
     else:
-        q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
-        k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
-        v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
-        if USE_TMA:
-            dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
-            dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
+        mode = tl.load(MODE + h)
+        if mode == 3:
+            c_base = _head_base(C, b64, h64, stride_cb, stride_ch, HINT_ALIGN)
+            c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
+            _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
             if HAS_D1:
-                dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
-                                                block_shape=[BLOCK_N, D1])
-                dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
-                                                block_shape=[BLOCK_N, D1])
-            else:
-                dk1 = dk0
-                dv1 = dv0
-        else:  # unused placeholders: the loads go through k_base / v_base
-            dk0 = k_base
-            dk1 = k_base
-            dv0 = v_base
-            dv1 = v_base
-        if QO_DESC:
-            q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
-                                           block_shape=[BLOCK_M, D0]).load([m0, 0])
+                c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+                _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
         else:
-            q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+            win = tl.load(WIN + h)
+            _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                                stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
+                                offs_d0, offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR,
+                                BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT,
+                                USE_TMA, WARP_SPEC, False, KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
+
+
+@triton.jit
+def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                        stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
+                        offs_d0, offs_d1, qk_scale, OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, SO: tl.constexpr, SR: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                        HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                        HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
+                        WARP_SPEC: tl.constexpr, ALL_FULL: tl.constexpr, KEYS_EVEN: tl.constexpr,
+                        EDGE_STAGES: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """Attention of one query block of one (batch, head) that is not skipped, and its epilogue."""
+    # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
+    # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
+    # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
+    # them on descriptors hit an illegal memory access (in a config that also fails without them).
+    QO_DESC: tl.constexpr = USE_TMA and not HAS_D1
+    q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
+    k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
+    v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
+    if USE_TMA:
+        dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
+        dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
         if HAS_D1:
-            q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+            dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
+                                            block_shape=[BLOCK_N, D1])
+            dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
+                                            block_shape=[BLOCK_N, D1])
         else:
-            q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
-        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if ALL_FULL:  # every head of the launch is full (the host checked): no per-head key ranges
-            acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                    offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
-                                                    D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC)
+            dk1 = dk0
+            dv1 = dv0
+    else:  # unused placeholders: the loads go through k_base / v_base
+        dk0 = k_base
+        dk1 = k_base
+        dv0 = v_base
+        dv1 = v_base
+    if QO_DESC:
+        q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
+                                       block_shape=[BLOCK_M, D0]).load([m0, 0])
+    else:
+        q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
+    if HAS_D1:
+        q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+    else:
+        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALL_FULL:  # every head of the launch is full (the host checked): no per-head key ranges
+        acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
+                                                D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
+    else:
+        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                       t_lo, t_hi, BLOCK_M)
+        lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
+        if ONE_LOOP:
+            acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
+                af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+            acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
+                bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+            l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
         else:
-            a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                           t_lo, t_hi, BLOCK_M)
-            lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
-            if ONE_LOOP:
-                acc0, acc1, m_i, l_i = _attend_segment_one_loop(
-                    acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
-                    af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
-                acc0, acc1, m_i, l_i = _attend_segment_one_loop(
-                    acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
-                    bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
-                l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
-            else:
-                acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                       offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
-                                                       HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                                       WARP_SPEC, EDGE_STAGES)
-                acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                       offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
-                                                       HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                                       WARP_SPEC, EDGE_STAGES)
-        inv_l = 1.0 / l_i
-        out0 = acc0 * inv_l[:, None]
+            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                   offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
+                                                   HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                                   WARP_SPEC, EDGE_STAGES)
+            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                   offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
+                                                   HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                                   WARP_SPEC, EDGE_STAGES)
+    inv_l = 1.0 / l_i
+    out0 = acc0 * inv_l[:, None]
+    if HAS_RESIDUAL:
+        r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
+        r0 = _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
+        if SUBTRACT:
+            out0 = r0 - out0
+        else:
+            out0 = out0 + r0
+    if QO_DESC:  # rows past L and columns past HEAD_DIM fall outside the descriptor: not written
+        tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
+                                  block_shape=[BLOCK_M, D0]).store([m0, 0], out0.to(OUT_DTYPE))
+    else:
+        _store_tile(o_base, out0.to(OUT_DTYPE), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+    if HAS_D1:
+        out1 = acc1 * inv_l[:, None]
         if HAS_RESIDUAL:
-            r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-            r0 = _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
+            r_base1 = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
+            r1 = _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True, D0 + D1 > HEAD_DIM).to(tl.float32)
             if SUBTRACT:
-                out0 = r0 - out0
+                out1 = r1 - out1
             else:
-                out0 = out0 + r0
-        if QO_DESC:  # rows past L and columns past HEAD_DIM fall outside the descriptor: not written
-            tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
-                                      block_shape=[BLOCK_M, D0]).store([m0, 0], out0.to(O.dtype.element_ty))
-        else:
-            _store_tile(o_base, out0.to(O.dtype.element_ty), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
-        if HAS_D1:
-            out1 = acc1 * inv_l[:, None]
-            if HAS_RESIDUAL:
-                r_base1 = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-                r1 = _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True, D0 + D1 > HEAD_DIM).to(tl.float32)
-                if SUBTRACT:
-                    out1 = r1 - out1
-                else:
-                    out1 = out1 + r1
-            _store_tile(o_base, out1.to(O.dtype.element_ty), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                out1 = out1 + r1
+        _store_tile(o_base, out1.to(OUT_DTYPE), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
 
 
 @triton.jit

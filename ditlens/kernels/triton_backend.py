@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -39,22 +39,26 @@ class KernelConfig:
     # D = 72 it hit an illegal memory access (BENCHMARKS.md §2, session 13), so not by default.
     edge_stages: int | None = None
     # Each key segment in one pipelined loop, its edge blocks masked in a uniform branch, instead of three
-    # loops. Exact on the CPU interpreter; not yet run on a GPU in this form (an earlier form that masked
-    # with a finite -1e30 was 2-5 % faster at the 2K shapes but wrote NaN rows once FMA contraction
-    # applied; BENCHMARKS.md §2, session 13), so not by default.
+    # loops (masked head blocks, unmasked run, masked tail blocks), each of which drains and refills the
+    # copy pipeline. With K/V through descriptors it is the faster walk (H200, session 14: FLUX-2K window
+    # 1-3 %, PixArt-2K 4-5 %); with pointer loads every block pays the row masks and it was 1-3 % slower.
     one_loop: bool = False
     # Cap on registers per thread (ptxas maxnreg), e.g. to fit three 4-warp programs per SM (168).
     max_registers: int | None = None
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
-# (bf16; benchmarks/results/kernels.md): 128x64 with 4 warps and pointer loads for D <= 96 (tensor
-# descriptors were within +-3 % there, and slower on the 75 % window); 128x128 with 8 warps and
-# K/V through tensor descriptors for D = 128 (H200: 4 % faster dense, 6 % at 75 % sparsity).
+# and benchmarks/small_shapes.py (bf16, H200; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96, with
+# K/V through tensor descriptors and one loop per key segment for split head dims up to 80 (PixArt's
+# D = 72: 2K window 1.98x / 3.73x SDPA at 50 / 75 % against 1.89x / 3.58x with pointer loads and three
+# loops). D = 128: 64-row tiles with one stage, descriptors and one loop, capped at 168 registers so
+# that three 4-warp programs share an SM (FLUX-1K / 2K windows and arrows 2-9 % faster than 128x128 with
+# 8 warps and 3 stages; mixed plans within 1 %). Where descriptors are not available the launch falls back
+# to pointer loads, and a default config then walks three loops.
 _GPU_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(128, 64, 4, 3),
-    80: KernelConfig(128, 64, 4, 3),
+    80: KernelConfig(128, 64, 4, 3, tma=True, one_loop=True),
     96: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 128, 8, 3, tma=True),
+    128: KernelConfig(64, 128, 4, 1, tma=True, one_loop=True, max_registers=168),
 }
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 # Launches whose every head is full compile without the window/arrow rules (ALL_FULL) and need far
@@ -265,6 +269,19 @@ def _descriptor_scratch(device: torch.device):
             triton.set_allocator(previous)
 
 
+def launch_config(q: torch.Tensor, plan: HeadPlan, config: KernelConfig | None = None) -> tuple[KernelConfig, bool]:
+    """(config, K/V through descriptors) of a head-wise launch on q [B, H, L, D]: ``config`` as given, or
+    the default for the head dim, sequence and plan; a default that loses its descriptors (no copy
+    engine, or a triton without them) walks three loops per segment, the faster walk with pointer loads."""
+    B, H, L, D = q.shape
+    cfg = config or default_config(D, not q.is_cuda, seq_len=L, windowed_only=not plan.has_full,
+                                   all_full=plan.all_full)
+    use_tma = _use_tma(q, cfg)
+    if config is None and cfg.one_loop and not use_tma:
+        cfg = replace(cfg, one_loop=False)
+    return cfg, use_tma
+
+
 def _layout_args(layout: TokenLayout) -> tuple[int, int, int, int]:
     return layout.image_start, layout.image_end, layout.text_start, layout.text_end
 
@@ -284,15 +301,15 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     B, H, L, D = q.shape
     interpret = not q.is_cuda
     all_full = plan.all_full
-    cfg = config or default_config(D, interpret, seq_len=L, windowed_only=not plan.has_full, all_full=all_full)
+    cfg, use_tma = launch_config(q, plan, config)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
     res = _unit_last(residual) if residual is not None else out
     tensors = (q, k, v, out, cache, res)
     strides = tuple(t.stride() for t in tensors)
-    use_tma = _use_tma(q, cfg)
-    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full)
+    constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
+                                  all_full and L % cfg.block_n == 0)
     meta = graph_constant(_plan_tensors(plan, layout, q.device))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
@@ -306,7 +323,8 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
 
 @functools.lru_cache(maxsize=256)
 def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool,
-                      has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False) -> dict:
+                      has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False,
+                      keys_even: bool = False) -> dict:
     """The compile-time arguments of one launch shape (worked out once: a model makes the same few
     launches thousands of times, and on a fast GPU the host time per launch shows)."""
     d0, d1 = split_head_dim(head_dim)
@@ -315,6 +333,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
+        KEYS_EVEN=keys_even,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
