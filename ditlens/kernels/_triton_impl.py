@@ -13,14 +13,19 @@ bytes apart; diffusers' ``[B, L, H, D]`` views have head stride ``D``).
 Head dimension ``D`` is covered by two column tiles ``D0`` (a power of two) and ``D1``
 (16 or more, masked past ``D``), so ``D = 72`` costs 64 + 16 columns instead of 128.
 
-Per program (one query block of ``BLOCK_M`` rows of one (batch, head)), the keys to visit
-are at most two token intervals, computed analytically from the head's mode and window:
-segment A holds the text keys (or all keys for a full head), segment B the image keys
-(the band ``[q - w, q + w]`` clipped to the image run, or all image keys when an arrow
-head's block contains text queries). Each segment is walked in ``BLOCK_N`` steps from its
-start and split into masked head blocks, an unmasked run of blocks that every row of the
-query block attends entirely, and masked tail blocks: element masks only on edge blocks, and
-there each row's keys in the segment are one interval (``_row_keys``), two compares per score.
+Per program (one query block of ``BLOCK_M`` rows of one (batch, head)), a full head walks every
+key (``_attend_all_keys``: unmasked blocks, one tail block masked at L). For a window or arrow head
+the keys to visit are at most two token intervals, computed analytically from the head's mode and
+window: segment A holds the text keys, segment B the image keys (the band ``[q - w, q + w]``
+clipped to the image run, or all image keys when an arrow head's block contains text queries).
+Each segment is walked in ``BLOCK_N`` steps from its start and split into masked head blocks, an
+unmasked run of blocks that every row of the query block attends entirely, and masked tail
+blocks: element masks only on edge blocks, and there each row's keys in the segment are one
+interval (``_row_keys``), two compares per score. The walk is one loop per segment (the edge
+blocks masked in a uniform branch; the default with tensor descriptors) or three loops.
+
+Programs run the query blocks that hold text rows first, then the rest, heaviest head first
+(``_tile_of``): an arrow head's text rows attend every key and would otherwise finish last.
 """
 
 import triton
@@ -128,6 +133,22 @@ def _unmasked_run(seg_lo, seg_hi, full_lo, full_hi, BLOCK_N: tl.constexpr):
     j_first = tl.minimum(j_first, n_blocks)
     j_end = tl.minimum(tl.maximum(j_end, j_first), n_blocks)
     return n_blocks, j_first, j_end
+
+
+@triton.jit
+def _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
+    """A query block's second column tile of Q (zeros without a split head dim) and its empty online
+    softmax: accumulators, row max -inf, row sum 0."""
+    if HAS_D1:
+        q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+    else:
+        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return q1, acc0, acc1, m_i, l_i
 
 
 @triton.jit
@@ -305,6 +326,63 @@ def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexp
     return a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi
 
 
+@triton.jit
+def _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, m0, offs_m, offs_d0, offs_d1,
+                     mode, win, L, img_lo, img_hi, t_lo, t_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr,
+                     SV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
+                     D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                     WARP_SPEC: tl.constexpr, EDGE_STAGES: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """A window or arrow head's query block: its two key segments (_segments), edge blocks masked by the
+    rows' key intervals (_row_keys), walked in one loop per segment or in three."""
+    a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
+                                                                   t_lo, t_hi, BLOCK_M)
+    lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
+    if ONE_LOOP:
+        acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
+            af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+        acc0, acc1, m_i, l_i = _attend_segment_one_loop(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
+            bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
+    else:
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                               offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
+                                               HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                               WARP_SPEC, EDGE_STAGES)
+        acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                               offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
+                                               HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                               WARP_SPEC, EDGE_STAGES)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _tile_of(pid, B, n_mblocks, first_text_mb, end_text_mb):
+    """(head rank, batch, query block) of program ``pid``: first the query blocks holding text rows
+    [first_text_mb, end_text_mb) of every head (an arrow head's text rows attend every key: started
+    last, they would run on alone at the end), then every other block, heads in ORDER's rank (heaviest
+    first), batch, then query block fastest (neighbouring blocks share their K/V band in L2)."""
+    n_text_mb = end_text_mb - first_text_mb
+    n_heavy = (tl.num_programs(0) // (B * n_mblocks)) * B * n_text_mb
+    if pid < n_heavy:
+        per_rank = B * n_text_mb
+        rank = pid // per_rank
+        rem = pid - rank * per_rank
+        b = rem // n_text_mb
+        mb = first_text_mb + rem - b * n_text_mb
+    else:
+        n_rest = tl.maximum(n_mblocks - n_text_mb, 1)
+        p = pid - n_heavy
+        per_rank = B * n_rest
+        rank = p // per_rank
+        rem = p - rank * per_rank
+        b = rem // n_rest
+        j = rem - b * n_rest
+        mb = tl.where(j < first_text_mb, j, j + n_text_mb)
+    return rank, b, mb
+
+
 # Sequence geometry is not specialised on (one compile serves every length); strides are,
 # so the compiler still sees 16-byte aligned rows.
 @triton.jit(do_not_specialize=["B", "L", "img_lo", "img_hi", "t_lo", "t_hi", "n_mblocks"])
@@ -329,12 +407,10 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     L is a multiple of BLOCK_N (no partial key block); EDGE_STAGES:
     the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
     loop instead (see _attend_segment_one_loop)."""
-    pid = tl.program_id(0)
-    per_rank = B * n_mblocks
-    rank = pid // per_rank
-    rem = pid - rank * per_rank
-    b = rem // n_mblocks
-    mb = rem - b * n_mblocks
+    if ALL_FULL:  # every program does the same work: heads in order, query blocks fastest
+        rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0, 0)
+    else:
+        rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, t_lo // BLOCK_M, (t_hi + BLOCK_M - 1) // BLOCK_M)
     h = tl.load(ORDER + rank)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -407,39 +483,20 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                                        block_shape=[BLOCK_M, D0]).load([m0, 0])
     else:
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-    if HAS_D1:
-        q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-    else:
-        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
     if ALL_FULL:  # every head of the launch is full (the host checked): no per-head key ranges
         acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                 offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
                                                 D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
+    elif mode == 0:  # a full head of a mixed launch: the same walk, chosen per program
+        acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
+                                                D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, False)
     else:
-        a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
-                                                                       t_lo, t_hi, BLOCK_M)
-        lo_a, hi_a, lo_b, hi_b = _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L)
-        if ONE_LOOP:
-            acc0, acc1, m_i, l_i = _attend_segment_one_loop(
-                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
-                af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
-            acc0, acc1, m_i, l_i = _attend_segment_one_loop(
-                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
-                bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
-            l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
-        else:
-            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                   offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
-                                                   HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                                   WARP_SPEC, EDGE_STAGES)
-            acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                   offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
-                                                   HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                                   WARP_SPEC, EDGE_STAGES)
+        acc0, acc1, m_i, l_i = _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                                m0, offs_m, offs_d0, offs_d1, mode, win, L, img_lo, img_hi, t_lo,
+                                                t_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
+                                                UPCAST, USE_TMA, WARP_SPEC, EDGE_STAGES, ONE_LOOP)
     inv_l = 1.0 / l_i
     out0 = acc0 * inv_l[:, None]
     if HAS_RESIDUAL:
@@ -583,14 +640,7 @@ def warsr_fwd_kernel(Q, K, V, O, R, MODE, WIN,
     k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
     v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
     q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-    if HAS_D1:
-        q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-    else:
-        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
     wacc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     wacc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     wm_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
