@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from small_shapes import SHAPES, arrow_window, band_window  # noqa: E402
+from small_shapes import SHAPES, arrow_window, band_window, mixed_modes  # noqa: E402
 
 KERNEL_FILE = "ditlens/kernels/_triton_impl.py"
 
@@ -79,7 +79,7 @@ def main() -> None:
         sparse = "arrow" if n_text else "window"
         w = arrow_window(L, n_text, args.sparsity) if n_text else band_window(L, args.sparsity)
         modes = {"dense": ("full",) * H, "sparse": (sparse,) * H,
-                 "mixed": tuple(("full", sparse, "skip")[h % 3] for h in range(H))}
+                 "mixed": mixed_modes(H, sparse)}
         g = torch.Generator("cuda").manual_seed(0)
         q, k, v, cached = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
                            for _ in range(4))

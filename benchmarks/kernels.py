@@ -39,10 +39,10 @@ from ditlens.kernels import (  # noqa: E402
     TokenLayout,
     attended_pairs,
     band_pairs,
-    window_for_sparsity,
 )
 from ditlens.kernels.patterns import headwise_mask_mod_from_tensors, make_head_plan, MODE_CODE  # noqa: E402
 from ditlens.kernels.triton_backend import headwise_triton, warsr_triton, warsr_two_pass_triton  # noqa: E402
+from small_shapes import arrow_window, mixed_modes  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,8 @@ class Plan:
 def window_for_pair_sparsity(shape: Shape, sparsity: float) -> int | None:
     """Half-width w of the shape's sparse mode whose attended pairs (the band plus, for arrow, every
     pair with a text query or key) are (1 - sparsity) of all L^2 pairs; None when the text pairs
-    alone are more than that."""
-    L, n = shape.seq_len, shape.n_image
-    text_pairs = L * L - n * n  # arrow keeps every pair that involves a text token
-    band_target = (1.0 - sparsity) * L * L - text_pairs
-    if band_target <= 0:
-        return None
-    return window_for_sparsity(n, 1.0 - band_target / (n * n))
+    alone are more than that (small_shapes.arrow_window; a window head without text is the same band)."""
+    return arrow_window(shape.seq_len, shape.n_text, sparsity)
 
 
 def make_plans(shape: Shape) -> list[Plan]:
@@ -118,7 +113,7 @@ def make_plans(shape: Shape) -> list[Plan]:
         elif (w := window_for_pair_sparsity(shape, s)) is not None:  # else no such plan: text pairs exceed 1 - s
             plans.append(Plan(f"{shape.sparse_mode} {int(s * 100)}%", [shape.sparse_mode] * H, [w] * H, s))
     w75 = window_for_pair_sparsity(shape, 0.75)
-    modes = [("full", shape.sparse_mode, "skip")[h % 3] for h in range(H)]
+    modes = list(mixed_modes(H, shape.sparse_mode))
     plans.append(Plan("mixed 1/3 full, 1/3 75%, 1/3 skip", modes, [w75 if m != "full" else 0 for m in modes]))
     return plans
 

@@ -80,6 +80,11 @@ def arrow_window(L: int, n_text: int, sparsity: float) -> int | None:
     return window_for_sparsity(n, 1.0 - band_target / (n * n)) if band_target > 0 else None
 
 
+def mixed_modes(heads: int, sparse_mode: str) -> tuple[str, ...]:
+    """The mixed plan of kernels.py's tables: heads in turn full, ``sparse_mode`` and skip."""
+    return tuple(("full", sparse_mode, "skip")[h % 3] for h in range(heads))
+
+
 def sampled_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, w: int,
                   layout, scale: float, n_rows: int = 1024) -> float:
     """Relative error of head 0 of batch 0 of ``out`` against float32 masked attention, on ``n_rows``
@@ -137,8 +142,8 @@ def main() -> None:
         dense = HeadPlan(("full",) * H, (0,) * H)
         window = HeadPlan(("window",) * H, (w,) * H)
         arrow = HeadPlan(("arrow",) * H, (w_arrow,) * H)
-        mixed_modes = tuple(("full", "arrow", "skip")[h % 3] for h in range(H))
-        mixed = HeadPlan(mixed_modes, tuple(w_arrow if m == "arrow" else 0 for m in mixed_modes))
+        mixed_heads = mixed_modes(H, "arrow")
+        mixed = HeadPlan(mixed_heads, tuple(w_arrow if m == "arrow" else 0 for m in mixed_heads))
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         sdpa_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()

@@ -407,10 +407,9 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     L is a multiple of BLOCK_N (no partial key block); EDGE_STAGES:
     the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
     loop instead (see _attend_segment_one_loop)."""
-    if ALL_FULL:  # every program does the same work: heads in order, query blocks fastest
-        rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0, 0)
-    else:
-        rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, t_lo // BLOCK_M, (t_hi + BLOCK_M - 1) // BLOCK_M)
+    # text blocks first, except in all-full launches, where every program does the same work
+    rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
+                           0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
     h = tl.load(ORDER + rank)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -419,28 +418,23 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     offs_d0 = tl.arange(0, D0)
     offs_d1 = D0 + tl.arange(0, D1)
     o_base = _head_base(O, b64, h64, stride_ob, stride_oh, HINT_ALIGN)
-    if ALL_FULL:  # no skip heads and no per-head geometry: the compiled kernel holds the dense path alone
-        _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
-                            stride_vh, stride_rb, stride_rh, 0, 0, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m, offs_d0,
-                            offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N,
-                            D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, True,
-                            KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
+    # all-full launches: no skip heads and no per-head geometry; with mode the constant 0 the compiled
+    # kernel holds the dense path alone
+    mode = 0 if ALL_FULL else tl.load(MODE + h)
+    if mode == 3:
+        c_base = _head_base(C, b64, h64, stride_cb, stride_ch, HINT_ALIGN)
+        c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
+        _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
+        if HAS_D1:
+            c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
+            _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
     else:
-        mode = tl.load(MODE + h)
-        if mode == 3:
-            c_base = _head_base(C, b64, h64, stride_cb, stride_ch, HINT_ALIGN)
-            c0 = _load_tile(c_base, offs_m, offs_d0, L, SC, HEAD_DIM, True, D0 > HEAD_DIM)
-            _store_tile(o_base, c0, offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
-            if HAS_D1:
-                c1 = _load_tile(c_base, offs_m, offs_d1, L, SC, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
-                _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
-        else:
-            win = tl.load(WIN + h)
-            _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
-                                stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
-                                offs_d0, offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR,
-                                BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT,
-                                USE_TMA, WARP_SPEC, False, KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
+        win = 0 if ALL_FULL else tl.load(WIN + h)
+        _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                            stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
+                            offs_d0, offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M,
+                            BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC,
+                            KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
 
 
 @triton.jit
@@ -451,8 +445,8 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
-                        WARP_SPEC: tl.constexpr, ALL_FULL: tl.constexpr, KEYS_EVEN: tl.constexpr,
-                        EDGE_STAGES: tl.constexpr, ONE_LOOP: tl.constexpr):
+                        WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
+                        ONE_LOOP: tl.constexpr):
     """Attention of one query block of one (batch, head) that is not skipped, and its epilogue."""
     # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
     # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
@@ -484,14 +478,10 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
     else:
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
-    if ALL_FULL:  # every head of the launch is full (the host checked): no per-head key ranges
+    if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
         acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                 offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
                                                 D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
-    elif mode == 0:  # a full head of a mixed launch: the same walk, chosen per program
-        acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
-                                                D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, False)
     else:
         acc0, acc1, m_i, l_i = _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                 m0, offs_m, offs_d0, offs_d1, mode, win, L, img_lo, img_hi, t_lo,
