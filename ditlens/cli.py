@@ -94,6 +94,18 @@ def init_distributed(device: str) -> str:
     return device
 
 
+def leave_distributed() -> None:
+    """Destroy the process group that init_distributed joined. A gloo group left to the
+    interpreter's exit can abort the process ("terminate called without an active exception")
+    after its work is done, which torchrun reports as a failed rank."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _default_prompts(model: str) -> list[str]:
     from ditlens.models import default_prompts
 
@@ -234,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished prompts are in the trace; rerun with --resume", file=sys.stderr)
         return 130
+    finally:
+        leave_distributed()
 
 
 if __name__ == "__main__":
