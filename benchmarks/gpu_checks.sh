@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | short-mixed | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -77,6 +77,9 @@ for name in "$@"; do
     short-mixed) part short-mixed 200 python3 benchmarks/small_shapes.py --out "$out/short_mixed" --shapes DiT-512,PixArt-1K \
                    --window-sparsity 0.75 --variants dense,window,mixed \
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
+    window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py
+              part window2d 300 python3 benchmarks/window2d.py --out "$out/window2d" \
+                --configs 8x16/8x8/4w/2s,8x8/8x8/4w/3s,16x8/8x16/8w/2s,8x8/16x8/4w/2s ;;
     kernels-1k) part kernels-1k 200 python3 benchmarks/kernels.py --no-tune --shapes PixArt-1K FLUX-1K SD3-1K DiT-512 \
                   --out "$out/kernels_1k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \

@@ -676,7 +676,8 @@ def test_pipeline_on_cuda_kernels_agree_with_dense(family):
     for s in range(1, steps):
         for i, layer in enumerate(plan.model.layers):
             if layer.kind in ("self", "joint"):
-                cycle = ["window(2)", "arrow(3)", "ast", "full"] if s % 2 else ["arrow(1)", "window(0)", "full", "full" + asc]
+                cycle = (["window(2)", "arrow(3)", "ast", "window2d(1)"] if s % 2
+                         else ["arrow(1)", "window(0)", "full", "full" + asc])
                 plan.set(s, i, [cycle[h % 4].replace("full+asc", "asc") for h in range(d.heads)] if s < 3
                          else "window(1)" + asc)
     plan.check_structure()

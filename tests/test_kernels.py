@@ -17,9 +17,7 @@ if not torch.cuda.is_available():
 
 import itertools  # noqa: E402
 import random  # noqa: E402
-import subprocess  # noqa: E402
 from dataclasses import replace  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -491,8 +489,6 @@ def test_dispatch_and_errors():
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRETER, reason="the interpreter tests ran in this process")
 def test_interpreter_tests_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    from interpreter_support import rerun_under_interpreter
+
+    rerun_under_interpreter(__file__)

@@ -598,7 +598,13 @@ def _sdpa_params(args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def _fast_attention(q, k, v, kind: str, w: int, layout: CallLayout, scale: float | None, backend: str):
-    """ditlens.kernels when it is there (window/arrow), else FlexAttention; None: use the dense path."""
+    """ditlens.kernels when it is there (window/arrow, window2d on a grid), else FlexAttention; None: use
+    the dense path."""
+    if backend in ("auto", "kernels") and kind == "window2d" and scale is None and layout.grid is not None:
+        from ditlens.kernels.window2d import window2d_attention
+
+        return window2d_attention(q, k, v, radius=w, grid=layout.grid, n_text=layout.n_text,
+                                  text_first=layout.text_first)
     if backend in ("auto", "kernels") and kind in ("window", "arrow") and scale is None:
         try:
             from ditlens.kernels import headwise_attention  # type: ignore[attr-defined]

@@ -8,6 +8,9 @@ Main entry point, used by the compression runtime::
 Patterns (DESIGN.md §5; details in :mod:`ditlens.kernels.patterns`): ``full``; ``window(w)`` =
 image-image pairs with ``|i - j| <= w`` plus text-text pairs; ``arrow(w)`` = the band plus every
 pair with a text query or a text key; ``skip`` = copy the head's output from ``cached``.
+2D neighbourhoods on the token grid (``window2d(r)``) have their own call and kernel::
+
+    out = window2d_attention(q, k, v, radius=[8, 16, ...], grid=(64, 64), n_text=512, text_first=True)
 
 Backends: ``triton`` (one fused launch for all heads, block-sparse with analytic per-head key
 ranges; CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), ``flex`` (FlexAttention with
@@ -43,6 +46,13 @@ from ditlens.kernels.reference import (
     windowed_plus_residual_reference,
 )
 from ditlens.kernels.triton_backend import KernelConfig
+from ditlens.kernels.window2d import (
+    Window2dConfig,
+    window2d_attention,
+    window2d_attention_reference,
+    window2d_mask,
+    window2d_pairs,
+)
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +60,7 @@ __all__ = [
     "HeadPlan",
     "KernelConfig",
     "TokenLayout",
+    "Window2dConfig",
     "arrow_pattern",
     "attended_pairs",
     "attention_mask",
@@ -66,5 +77,9 @@ __all__ = [
     "window_for_sparsity",
     "window_pattern",
     "windowed_plus_residual",
+    "window2d_attention",
+    "window2d_attention_reference",
+    "window2d_mask",
+    "window2d_pairs",
     "windowed_plus_residual_reference",
 ]

@@ -94,6 +94,7 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     from ditlens.kernels import headwise_attention
+    from ditlens.kernels.window2d import window2d_attention
 
     cost = np.full((len(layers), len(candidates)), np.inf)
     full = np.zeros(len(layers))
@@ -112,6 +113,9 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
             def run():
                 if mode == "full" or kv_len != layout.q_len:
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                if mode == "window2d":
+                    return window2d_attention(q, k, v, radius=w, grid=layout.grid, n_text=layout.n_text,
+                                              text_first=layout.text_first)
                 return headwise_attention(q, k, v, modes=mode, windows=w, n_text=layout.n_text,
                                           text_first=layout.text_first)
             run()
@@ -138,10 +142,10 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
                 cost[i, j] = 0.0
             elif m.mask_kind == "full":
                 cost[i, j] = full[i] / cfg_rows * _rows_factor(m, cfg_rows)
-            elif m.mask_kind in ("window", "arrow"):
+            elif m.mask_kind in ("window", "arrow") or seq.layout.grid is not None:
                 cost[i, j] = (timed(seq.layout, seq.count, m.mask_kind, m.window) * _rows_factor(m, cfg_rows)
                               * _launches(m))
-            else:  # window2d has no kernel: FLOPs share of the full time
+            else:  # window2d off a grid (temporal attention) is refused by the plan: FLOPs share of the full time
                 share = head_core_flops(m, seq.layout, head_dim) / max(head_core_flops(FULL, seq.layout, head_dim), 1)
                 cost[i, j] = full[i] / cfg_rows * share * _rows_factor(m, cfg_rows)
     return LatencyModel("measured", list(candidates), cost, full)
