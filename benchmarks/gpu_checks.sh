@@ -79,7 +79,7 @@ for name in "$@"; do
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
     window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py
               part window2d 300 python3 benchmarks/window2d.py --out "$out/window2d" \
-                --configs 8x16/8x8/4w/2s,8x8/8x8/4w/3s,16x8/8x16/8w/2s,8x8/16x8/4w/2s ;;
+                --configs 16x8/8x8/4w/2s/tma,8x8/8x16/4w/2s/tma,8x8/8x8/4w/3s,8x8/8x8/4w/3s/tma,16x8/8x16/8w/2s ;;
     kernels-1k) part kernels-1k 200 python3 benchmarks/kernels.py --no-tune --shapes PixArt-1K FLUX-1K SD3-1K DiT-512 \
                   --out "$out/kernels_1k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \

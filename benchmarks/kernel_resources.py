@@ -9,6 +9,7 @@ launch (window/arrow rules compiled in) needs every register and spills; the all
 ::
 
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 128,72] [--configs 64x128/4w/1s/tma,...]
+    python benchmarks/kernel_resources.py --window2d [--configs 16x8/8x8/4w/2s,8x8/8x16/4w/2s/tma,...]
 
 The figures are those of the Triton installed here, which may differ from the one on the GPU machine.
 """
@@ -57,6 +58,27 @@ def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def compile_window2d(head_dim: int, cfg, has_text: bool, arch: int):
+    """The compiled window2d kernel of one launch (contiguous bf16 tensors) with ditlens' compile-time arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ditlens.kernels._triton_window2d import window2d_fwd_kernel as fn
+    from ditlens.kernels.triton_backend import split_head_dim
+
+    d0, d1 = split_head_dim(head_dim)
+    constants = dict(HEAD_DIM=head_dim, SQ=head_dim, SK=head_dim, SV=head_dim, SO=head_dim, TQ_R=cfg.q_rows,
+                     TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
+                     UPCAST=False, HINT_ALIGN=False, USE_TMA=cfg.tma, HAS_TEXT=has_text)
+    signature = {name: ("constexpr" if name in constants else "*bf16" if name in ("Q", "K", "V", "O")
+                        else "*i32" if name == "RAD" else "fp32" if name == "qk_scale" else "i32")
+                 for name in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
 def resources(kernel) -> dict[str, int]:
     """REG / STACK / SHARED of a compiled kernel, from cuobjdump --dump-resource-usage."""
     import triton
@@ -78,7 +100,11 @@ def main() -> None:
     parser.add_argument("--head-dims", default="128,72")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--kinds", default=",".join(LAUNCH_KINDS), help=f"any of {', '.join(LAUNCH_KINDS)}")
+    parser.add_argument("--window2d", action="store_true",
+                        help="the window2d kernel instead (configs QRxQC/KRxKC/Nw/Ss[/tma], with and without text)")
     args = parser.parse_args()
+    if args.window2d:
+        return window2d_table(args)
     kinds = {name: LAUNCH_KINDS[name] for name in args.kinds.split(",")}
     import triton
 
@@ -97,6 +123,30 @@ def main() -> None:
                     continue
                 print(f"| {head_dim} | {kind} | {config} | {r['registers']} | {r['stack_bytes']} | "
                       f"{r['shared_bytes'] / 1024:.0f} |", flush=True)
+
+
+def window2d_table(args: argparse.Namespace) -> None:
+    import triton
+
+    from window2d import parse_config  # benchmarks/window2d.py
+
+    configs = args.configs if args.configs != DEFAULT_CONFIGS else WINDOW2D_CONFIGS
+    print(f"Triton {triton.__version__}, sm_{args.arch}, bf16, contiguous [B, H, L, D], window2d kernel")
+    print("| D | text | config | registers | stack bytes | shared KiB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        for has_text in (False, True):
+            for config in configs.split(","):
+                try:
+                    r = resources(compile_window2d(head_dim, parse_config(config), has_text, args.arch))
+                except Exception as exc:
+                    print(f"| {head_dim} | {has_text} | {config} | failed: {str(exc).splitlines()[0][:80]} | | |")
+                    continue
+                print(f"| {head_dim} | {has_text} | {config} | {r['registers']} | {r['stack_bytes']} | "
+                      f"{r['shared_bytes'] / 1024:.0f} |", flush=True)
+
+
+WINDOW2D_CONFIGS = "16x8/8x8/4w/2s,8x8/8x16/4w/2s,8x8/8x8/4w/3s,16x8/8x8/4w/2s/tma,8x8/8x16/4w/2s/tma"
 
 
 if __name__ == "__main__":

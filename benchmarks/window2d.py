@@ -91,15 +91,15 @@ def window_for_pairs(shape: Shape, pairs: int) -> int:
 
 
 def parse_config(text: str) -> Window2dConfig:
-    """``QRxQC/KRxKC/Nw/Ss``, e.g. ``16x8/8x8/4w/2s``."""
-    q, k, w, s = text.split("/")
+    """``QRxQC/KRxKC/Nw/Ss[/tma]``, e.g. ``16x8/8x8/4w/2s`` or ``8x8/8x16/4w/2s/tma``."""
+    q, k, w, s, *rest = text.split("/")
     qr, qc = (int(x) for x in q.split("x"))
     kr, kc = (int(x) for x in k.split("x"))
-    return Window2dConfig(qr, qc, kr, kc, int(w.rstrip("w")), int(s.rstrip("s")))
+    return Window2dConfig(qr, qc, kr, kc, int(w.rstrip("w")), int(s.rstrip("s")), tma=rest == ["tma"])
 
 
 def label(c: Window2dConfig) -> str:
-    return f"{c.q_rows}x{c.q_cols}/{c.k_rows}x{c.k_cols}/{c.num_warps}w/{c.num_stages}s"
+    return f"{c.q_rows}x{c.q_cols}/{c.k_rows}x{c.k_cols}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
 
 
 def bench(fn) -> float:

@@ -77,13 +77,13 @@ CASES = [  # grid, n_text, text_first, per-head radii, head dim
     ((1, 9, 8), 5, False, [2, 20], 72),      # text last, split head dim, a radius covering the grid
     ((1, 12, 16), 0, False, [6, 3], 16),     # interior key tiles (no mask) next to edge tiles one column out
 ]
-CPU_TILES = [Window2dConfig(4, 4, 4, 4, 1, 1), Window2dConfig(2, 8, 8, 2, 1, 1)]
+CPU_TILES = [Window2dConfig(4, 4, 4, 4, 1, 1), Window2dConfig(2, 8, 8, 2, 1, 1), Window2dConfig(4, 4, 4, 4, 1, 1, tma=True)]
 
 
 @CPU_INTERPRETER
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("config", CPU_TILES, ids=["4x4-4x4", "2x8-8x2"])
+@pytest.mark.parametrize("config", CPU_TILES, ids=["4x4-4x4", "2x8-8x2", "4x4-4x4-tma"])
 def test_triton_matches_float64_reference(case, dtype, config):
     grid, n_text, text_first, radii, D = case
     L = grid[0] * grid[1] * grid[2] + n_text
@@ -163,17 +163,23 @@ GPU_CASES = [  # grid, n_text, text_first, radii, head dim
 ]
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_triton_matches_reference_on_gpu(case, dtype):
+def test_triton_matches_reference_on_gpu(case, dtype, tma):
+    from dataclasses import replace
+
+    from ditlens.kernels.window2d import default_window2d_config
+
     grid, n_text, text_first, radii, D = case
     L = grid[0] * grid[1] * grid[2] + n_text
     q, k, v = _qkv(2, len(radii), L, D, dtype, "cuda")
     layout = TokenLayout(L, n_text, text_first)
     out = torch.full_like(q, float("nan"))
-    window2d_triton(q, k, v, tuple(radii), grid, layout, D ** -0.5, out=out)
+    config = replace(default_window2d_config(D, False), tma=tma)
+    window2d_triton(q, k, v, tuple(radii), grid, layout, D ** -0.5, config, out=out)
     ref = window2d_attention_reference(q, k, v, radius=radii, grid=grid, n_text=n_text, text_first=text_first,
                                        out_dtype=torch.float64)
     assert not out.isnan().any()

@@ -13,8 +13,9 @@ their flattened positions (runs of ``TQ_C`` / ``TK_C`` consecutive tokens), so n
 and the output lands at the tokens' own positions. A query tile visits the key tiles that overlap
 its window grown by the radius (every frame), one pipelined loop; key tiles that every query of
 the tile attends entirely take no element mask, edge tiles mask ``|dr|, |dc| <= radius`` and keys
-past the grid. Text tokens attend text tokens only (DESIGN §5 for window2d in joint attention):
-one more program per ``BLOCK_M`` text rows, walking the text keys.
+past the grid. With USE_TMA the key tiles come through 3D tensor descriptors instead of gathers.
+Text tokens attend text tokens only (DESIGN §5 for window2d in joint attention): one more program
+per ``BLOCK_M`` text rows, walking the text keys in a second loop (compiled only with HAS_TEXT).
 """
 
 import triton
@@ -43,17 +44,33 @@ def _scatter_rows(base, tile, tok, ok, offs_cols, STRIDE: tl.constexpr, HEAD_DIM
 
 
 @triton.jit
-def _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_tok, k_ok, q_row, q_col, k_row, k_col, rad,
-                    masked, qk_scale, offs_d0, offs_d1, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
-                    D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr):
-    """One key block of the online softmax, its keys gathered at ``k_tok``. When ``masked`` (a runtime
-    flag, uniform over the program) a score is kept iff its key is valid and within ``rad`` of the
-    query in rows and in cols, else -inf; a row with no key so far keeps m = -inf and takes its
-    exponents against 0 (exact, as in _attend_segment_one_loop)."""
-    k0 = _gather_rows(k_base, k_tok, k_ok, offs_d0, SK, HEAD_DIM, D0 > HEAD_DIM)
+def _kv_tile(desc, base, tok, ok, frow, fcol, col0, offs_cols, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+             COL_MASK: tl.constexpr, FROM_DESC: tl.constexpr):
+    """One K or V block as [BLOCK_N, width]: with FROM_DESC the copy engine loads the grid tile at
+    (frame row ``frow``, col ``fcol``) through ``desc`` (rows past the frames, cols past the grid and
+    channels past HEAD_DIM read as zero), otherwise the rows ``tok`` are gathered."""
+    if FROM_DESC:
+        t = desc.load([frow, fcol, col0])
+        out = tl.reshape(t, [t.shape[0] * t.shape[1], t.shape[2]])
+    else:
+        out = _gather_rows(base, tok, ok, offs_cols, STRIDE, HEAD_DIM, COL_MASK)
+    return out
+
+
+@triton.jit
+def _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, frow, fcol, k_tok, k_ok,
+                    q_row, q_col, k_row, k_col, rad, masked, qk_scale, offs_d0, offs_d1, HEAD_DIM: tl.constexpr,
+                    SK: tl.constexpr, SV: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                    UPCAST: tl.constexpr, FROM_DESC: tl.constexpr):
+    """One key block of the online softmax, its keys at ``k_tok`` (gathered, or the grid tile at
+    (frow, fcol) through the descriptors with FROM_DESC). When ``masked`` (a runtime flag, uniform over
+    the program) a score is kept iff its key is valid and within ``rad`` of the query in rows and in
+    cols, else -inf; a row with no key so far keeps m = -inf and takes its exponents against 0 (exact,
+    as in _attend_segment_one_loop)."""
+    k0 = _kv_tile(dk0, k_base, k_tok, k_ok, frow, fcol, 0, offs_d0, SK, HEAD_DIM, D0 > HEAD_DIM, FROM_DESC)
     qk = _mm(q0, tl.trans(k0), tl.zeros([q0.shape[0], k_tok.shape[0]], dtype=tl.float32), UPCAST)
     if HAS_D1:
-        k1 = _gather_rows(k_base, k_tok, k_ok, offs_d1, SK, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        k1 = _kv_tile(dk1, k_base, k_tok, k_ok, frow, fcol, D0, offs_d1, SK, HEAD_DIM, D0 + D1 > HEAD_DIM, FROM_DESC)
         qk = _mm(q1, tl.trans(k1), qk, UPCAST)
     if masked:
         keep = (k_ok[None, :] & (tl.abs(q_row[:, None] - k_row[None, :]) <= rad)
@@ -65,10 +82,10 @@ def _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_tok, k_ok, q
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(q0.dtype)
-    v0 = _gather_rows(v_base, k_tok, k_ok, offs_d0, SV, HEAD_DIM, D0 > HEAD_DIM)
+    v0 = _kv_tile(dv0, v_base, k_tok, k_ok, frow, fcol, 0, offs_d0, SV, HEAD_DIM, D0 > HEAD_DIM, FROM_DESC)
     acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
     if HAS_D1:
-        v1 = _gather_rows(v_base, k_tok, k_ok, offs_d1, SV, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        v1 = _kv_tile(dv1, v_base, k_tok, k_ok, frow, fcol, D0, offs_d1, SV, HEAD_DIM, D0 + D1 > HEAD_DIM, FROM_DESC)
         acc1 = _mm(p, v1, acc1 * alpha[:, None], UPCAST)
     return acc0, acc1, m_new, l_i
 
@@ -80,13 +97,16 @@ def window2d_fwd_kernel(Q, K, V, O, RAD,
                         HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                         SO: tl.constexpr, TQ_R: tl.constexpr, TQ_C: tl.constexpr, TK_R: tl.constexpr,
                         TK_C: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                        UPCAST: tl.constexpr, HINT_ALIGN: tl.constexpr):
+                        UPCAST: tl.constexpr, HINT_ALIGN: tl.constexpr, USE_TMA: tl.constexpr = False,
+                        HAS_TEXT: tl.constexpr = True):
     """Grid: (query tiles of the image, F * n_tr * n_tc of them, then text blocks of TQ_R * TQ_C rows;
     B * H). RAD: int32 [H], each head's radius. Image tokens are ``[img_lo, img_lo + F * R * C)`` in
     frame-major, row-major order; text tokens ``[t_lo, t_hi)``.
 
-    Image and text programs share one loop: a text program is a tile whose rows and cols are all 0
-    (every distance 0, so its mask is the keys' validity) walking the text keys in runs of BLOCK_N."""
+    A text program is a tile whose rows and cols are all 0 (every distance 0, so its mask is the keys'
+    validity) walking the text keys in runs of BLOCK_N. USE_TMA: image K/V tiles come through 3D
+    tensor descriptors over the image tokens viewed as [F * R, C, D] (the host provides their scratch);
+    text keys are always gathered."""
     BLOCK_M: tl.constexpr = TQ_R * TQ_C
     BLOCK_N: tl.constexpr = TK_R * TK_C
     tile = tl.program_id(0)
@@ -131,27 +151,57 @@ def window2d_fwd_kernel(Q, K, V, O, RAD,
     kb0 = tl.maximum(c0 - rad, 0) // TK_C
     n_kb = tl.minimum(c_last + rad, C - 1) // TK_C - kb0 + 1
     per_frame = n_ka * n_kb
-    n_iter = tl.where(is_img, F * per_frame, tl.cdiv(t_hi - t_lo, BLOCK_N))
     u = e_n // TK_C
     w = e_n % TK_C
-    for j in tl.range(0, n_iter):
+    if USE_TMA:
+        k_img = k_base + img_lo * SK
+        v_img = v_base + img_lo * SV
+        dk0 = tl.make_tensor_descriptor(k_img, shape=[F * R, C, HEAD_DIM], strides=[C * SK, SK, 1],
+                                        block_shape=[TK_R, TK_C, D0])
+        dv0 = tl.make_tensor_descriptor(v_img, shape=[F * R, C, HEAD_DIM], strides=[C * SV, SV, 1],
+                                        block_shape=[TK_R, TK_C, D0])
+        if HAS_D1:
+            dk1 = tl.make_tensor_descriptor(k_img, shape=[F * R, C, HEAD_DIM], strides=[C * SK, SK, 1],
+                                            block_shape=[TK_R, TK_C, D1])
+            dv1 = tl.make_tensor_descriptor(v_img, shape=[F * R, C, HEAD_DIM], strides=[C * SV, SV, 1],
+                                            block_shape=[TK_R, TK_C, D1])
+        else:
+            dk1 = dk0
+            dv1 = dv0
+    else:  # unused placeholders: the loads gather through k_base / v_base
+        dk0 = k_base
+        dk1 = k_base
+        dv0 = v_base
+        dv1 = v_base
+    # image programs: the key tiles of every frame within reach
+    for j in tl.range(0, tl.where(is_img, F * per_frame, 0)):
         fk = j // per_frame
         rest = j - fk * per_frame
         kr0 = (ka0 + rest // n_kb) * TK_R
         kc0 = (kb0 + rest % n_kb) * TK_C
-        k_row = tl.where(is_img, kr0 + u, 0)
-        k_col = tl.where(is_img, kc0 + w, 0)
-        text_key = t_lo + j * BLOCK_N + e_n
-        k_ok = tl.where(is_img, (k_row < R) & (k_col < C), text_key < t_hi)
-        k_tok = tl.where(is_img, img_lo + fk * frame_len + k_row * C + k_col, text_key)
+        k_row = kr0 + u
+        k_col = kc0 + w
+        k_ok = (k_row < R) & (k_col < C)
+        k_tok = img_lo + fk * frame_len + k_row * C + k_col
         # every valid query of the tile attends every key of a whole key tile within reach: no mask
         kr_last = kr0 + TK_R - 1
         kc_last = kc0 + TK_C - 1
-        inside = (is_img & (kr_last < R) & (kc_last < C) & (r_last - kr0 <= rad) & (kr_last - r0 <= rad)
+        inside = ((kr_last < R) & (kc_last < C) & (r_last - kr0 <= rad) & (kr_last - r0 <= rad)
                   & (c_last - kc0 <= rad) & (kc_last - c0 <= rad))
-        acc0, acc1, m_i, l_i = _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_tok, k_ok, q_row,
-                                               q_col, k_row, k_col, rad, ~inside, qk_scale, offs_d0, offs_d1,
-                                               HEAD_DIM, SK, SV, D0, D1, HAS_D1, UPCAST)
+        acc0, acc1, m_i, l_i = _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
+                                               fk * R + kr0, kc0, k_tok, k_ok, q_row, q_col, k_row, k_col, rad,
+                                               ~inside, qk_scale, offs_d0, offs_d1, HEAD_DIM, SK, SV, D0, D1, HAS_D1,
+                                               UPCAST, USE_TMA)
+    # text programs: the text keys (rows and cols 0: the mask is the keys' validity); compiled only with
+    # text in the sequence (its gathers cost registers: benchmarks/kernel_resources.py --window2d)
+    if HAS_TEXT:
+        for j in tl.range(0, tl.where(is_img, 0, tl.cdiv(t_hi - t_lo, BLOCK_N))):
+            k_tok = t_lo + j * BLOCK_N + e_n
+            k_ok = k_tok < t_hi
+            acc0, acc1, m_i, l_i = _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
+                                                   dv1, 0, 0, k_tok, k_ok, q_row, q_col, e_n * 0, e_n * 0, rad, True,
+                                                   qk_scale, offs_d0, offs_d1, HEAD_DIM, SK, SV, D0, D1, HAS_D1,
+                                                   UPCAST, False)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows past the grid or the text attend nothing: not stored
     _scatter_rows(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), q_tok, q_ok, offs_d0, SO, HEAD_DIM,
                   D0 > HEAD_DIM)

@@ -12,6 +12,7 @@ function; the float64 reference materialises it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ class Window2dConfig:
     k_cols: int = 8
     num_warps: int = 4
     num_stages: int = 2
+    # image K/V tiles through 3D tensor descriptors (Hopper's copy engine; the interpreter too): no per-thread
+    # addresses for the gathers, which spill registers at D = 128 (benchmarks/kernel_resources.py)
+    tma: bool = False
 
     @property
     def block_m(self) -> int:
@@ -49,11 +53,12 @@ class Window2dConfig:
         return self.k_rows * self.k_cols
 
 
-# Not tuned on a GPU yet: 128-row query tiles (16 x 8) against 8 x 8 key tiles as the head-wise kernel's
-# 128 x 64 blocks for D <= 96, 64-row query tiles against 128-key tiles for D = 128.
+# Not timed on a GPU yet: chosen from the compiled resources (Triton 3.6, sm_90, `python
+# benchmarks/kernel_resources.py --window2d`): 64-row query tiles against 8 x 16 key tiles through
+# descriptors spill nothing at D = 72 and 32 bytes at D = 128 without text (gathers: 432 and 1,808).
 _GPU_CONFIGS: dict[int, Window2dConfig] = {
-    96: Window2dConfig(16, 8, 8, 8, 4, 2),
-    128: Window2dConfig(8, 8, 8, 16, 4, 2),
+    96: Window2dConfig(8, 8, 8, 16, 4, 2, tma=True),
+    128: Window2dConfig(8, 8, 8, 16, 4, 2, tma=True),
 }
 _INTERPRETER_CONFIG = Window2dConfig(4, 4, 4, 4, 1, 1)
 
@@ -223,7 +228,8 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
     ``out`` (optional, q's shape, unit stride on D) receives the result in place."""
     import importlib
 
-    from ditlens.kernels.triton_backend import (_needs_align_hint, _output, _unit_last, check_triton_inputs,
+    from ditlens.kernels.triton_backend import (_compute_capability, _descriptor_scratch, _needs_align_hint, _output,
+                                                _triton_has_tensor_descriptors, _unit_last, check_triton_inputs,
                                                 split_head_dim, triton_cdiv)
 
     reason = check_triton_inputs(q)
@@ -245,14 +251,18 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
     strides = tuple(t.stride() for t in tensors)
     n_tiles = frames * n_tr * n_tc + triton_cdiv(layout.n_text, cfg.block_m)
     kernel = importlib.import_module("ditlens.kernels._triton_window2d").window2d_fwd_kernel
-    kernel[(n_tiles, B * H)](
-        *tensors, rad, *(x for st in strides for x in st[:2]),
-        H, L, layout.image_start, layout.text_start, layout.text_end, frames, rows, cols, n_tr, n_tc,
-        scale * 1.4426950408889634,
-        HEAD_DIM=D, SQ=strides[0][2], SK=strides[1][2], SV=strides[2][2], SO=strides[3][2],
-        TQ_R=cfg.q_rows, TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-        UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    use_tma = cfg.tma and _triton_has_tensor_descriptors() and (
+        not q.is_cuda or _compute_capability(q.device.index)[0] >= 9)
+    with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
+        kernel[(n_tiles, B * H)](
+            *tensors, rad, *(x for st in strides for x in st[:2]),
+            H, L, layout.image_start, layout.text_start, layout.text_end, frames, rows, cols, n_tr, n_tc,
+            scale * 1.4426950408889634,
+            HEAD_DIM=D, SQ=strides[0][2], SK=strides[1][2], SV=strides[2][2], SO=strides[3][2],
+            TQ_R=cfg.q_rows, TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16),
+            HAS_D1=d1 > 0, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides), USE_TMA=use_tma,
+            HAS_TEXT=layout.n_text > 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
