@@ -114,15 +114,8 @@ def window2d_mask(radius: Sequence[int] | int, grid: Sequence[int], seq_len: int
 
 def window2d_pairs(radius: int, grid: Sequence[int], n_text: int = 0) -> int:
     """Exact attended pairs of one head: ``F^2 * band(rows, r) * band(cols, r) + n_text^2``."""
-    frames, rows, cols = normalize_grid(grid, _grid_size(grid))
+    frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
     return frames * frames * band_pairs(rows, radius) * band_pairs(cols, radius) + n_text * n_text
-
-
-def _grid_size(grid: Sequence[int]) -> int:
-    size = 1
-    for x in grid:
-        size *= int(x)
-    return size
 
 
 def window2d_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
