@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -43,7 +43,7 @@ for name in "$@"; do
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;
     v1) part v1 300 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v1-only \
-          --v1-naive-steps 3 --v1-micro-batch 2
+          --v1-naive-steps 3 --v1-micro-batch 2 --v1-every-candidate
         cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
     e2e-small) part e2e-small 540 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
                  --compile --repeats 3 --out "$out/e2e_small.json" ;;
@@ -80,6 +80,7 @@ for name in "$@"; do
     window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py
               part window2d 300 python3 benchmarks/window2d.py --out "$out/window2d" \
                 --configs 16x8/8x8/4w/2s/tma,8x8/8x16/4w/2s/tma,8x8/8x8/4w/3s,8x8/8x8/4w/3s/tma,16x8/8x16/8w/2s ;;
+    baselines) part baselines 150 python3 benchmarks/kernels.py --baselines --out "$out/baselines" ;;
     kernels-1k) part kernels-1k 200 python3 benchmarks/kernels.py --no-tune --shapes PixArt-1K FLUX-1K SD3-1K DiT-512 \
                   --out "$out/kernels_1k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \

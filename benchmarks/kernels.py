@@ -261,7 +261,11 @@ def xformers_time(q, k, v) -> float | None:
     except Exception:
         return None
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    return bench(lambda: xops.memory_efficient_attention(qt, kt, vt))
+    try:
+        return bench(lambda: xops.memory_efficient_attention(qt, kt, vt))
+    except Exception as exc:  # e.g. a wheel whose CUDA ops were built for another torch
+        print(f"  xformers: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+        return float("nan")
 
 
 def tune(shapes_by_name: dict[str, Shape]) -> tuple[dict[int, KernelConfig], list[dict]]:
@@ -553,6 +557,30 @@ def run_check(out_dir: str, header: dict) -> None:
     print("\n".join(lines))
 
 
+def run_baselines(out: str, header: dict, shapes: list[Shape]) -> None:
+    """Dense attention by every SDPA backend, xformers and ditlens' all-full launch (default config)."""
+    lines = [f"`{header['command']}`", "", f"{header['device']}, torch {header['torch']}, triton {header['triton']}; "
+             "bf16, dense, median of do_bench (ms); nan = refused the shape.", "",
+             "| shape | SDPA default | flash | cudnn | efficient | xformers | ditlens all-full | ditlens / SDPA |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    results = {}
+    for shape in tqdm(shapes, desc="shapes"):
+        q, k, v, _ = make_inputs(shape)
+        sdpa = sdpa_backends_times(q, k, v)
+        xf = xformers_time(q, k, v)
+        hp = make_head_plan(["full"] * shape.heads, [0] * shape.heads, shape.heads, shape.seq_len)
+        ours = bench(lambda: headwise_triton(q, k, v, hp, shape.layout(), shape.head_dim ** -0.5))
+        results[shape.name] = {"sdpa": sdpa, "xformers_ms": xf, "ditlens_ms": ours}
+        xf_cell = "not importable" if xf is None else f"{xf:.3f}"
+        lines.append(f"| {shape.name} | {sdpa['default']:.3f} | {sdpa['flash']:.3f} | {sdpa['cudnn']:.3f} | "
+                     f"{sdpa['efficient']:.3f} | {xf_cell} | {ours:.3f} | {sdpa['default'] / ours:.2f}x |")
+    with open(os.path.join(out, "baselines.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "baselines.json"), "w") as f:
+        json.dump({"header": header, "results": results}, f, indent=1)
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench_kernels", help="output folder")
@@ -561,6 +589,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
     ap.add_argument("--check", action="store_true", help="second-run checks only (see run_check)")
     ap.add_argument("--wait-file", default="", help="before timing, wait (up to 240 s) until this file exists")
+    ap.add_argument("--baselines", action="store_true",
+                    help="dense only: SDPA backends, xformers and the ditlens all-full launch per shape")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA device")
@@ -577,6 +607,10 @@ def main() -> None:
     }
     print(json.dumps(header), flush=True)
     t0 = time.time()
+    if args.baselines:
+        run_baselines(args.out, header, [s for s in SHAPES if s.name in args.shapes])
+        print(f"total {time.time() - t0:.0f}s")
+        return
     if args.check:
         if args.jobs > 0:
             run_pool(_check_warm_tasks(), args.jobs)

@@ -140,7 +140,7 @@ def run_shape(shape: Shape, sparsities: list[float], configs: list[Window2dConfi
         row = dict(shape=shape.name, sparsity=s, radius=r, kept=pairs / shape.seq_len ** 2, sdpa_ms=sdpa,
                    ideal=shape.seq_len ** 2 / pairs, configs={})
         for cfg in configs:
-            used = cfg or default_window2d_config(shape.head_dim, False)
+            used = cfg or default_window2d_config(shape.head_dim, False, shape.rows * shape.cols)
             out = window2d_triton(q, k, v, radii, grid, layout, scale, used)
             err = sampled_error(out, q, k, v, r, shape)
             ms = bench(lambda: window2d_triton(q, k, v, radii, grid, layout, scale, used))

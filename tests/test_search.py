@@ -144,6 +144,27 @@ def test_v1_naive_equals_block_cached():
     assert fast.block_runs < naive.block_runs
 
 
+def test_v1_every_candidate_reference_decides_the_same_with_more_trials():
+    """The authors' calibration loop (every strategy tried, the most compressive passing one kept)
+    is a speed reference only: it must choose the same plan and losses as Alg. 1's first-pass loop."""
+    pipe, prompts, ecfg = _setup("pixart")
+
+    def trials(result) -> int:
+        return int(dict(p.split("=", 1) for p in result.plan.provenance.notes.split("; "))["trials"])
+
+    naive = search_greedy(pipe, prompts, GreedyConfig(delta=0.3, window=2, naive=True, engine=ecfg))
+    every = search_greedy(pipe, prompts, GreedyConfig(delta=0.3, window=2, naive=True, every_candidate=True,
+                                                      engine=ecfg))
+    assert every.plan.methods == naive.plan.methods
+    np.testing.assert_array_equal(np.isnan(every.losses), np.isnan(naive.losses))
+    np.testing.assert_allclose(every.losses[~np.isnan(naive.losses)], naive.losses[~np.isnan(naive.losses)])
+    # a layer that took a strategy before the last one ran the rest too
+    passed_early = sum(m not in ("full", "full+asc") for step in naive.plan.methods for m in step)
+    assert passed_early > 0
+    assert trials(every) > trials(naive)
+    assert every.block_runs > naive.block_runs
+
+
 @pytest.mark.parametrize("method", ["v1", "v2"])
 def test_search_api_passes_every_setting_through(method):
     """search() gives the plan the method's own entry point gives for the same settings (steps,

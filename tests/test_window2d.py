@@ -164,11 +164,12 @@ GPU_CASES = [  # grid, n_text, text_first, radii, head dim
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
+@pytest.mark.parametrize("n_image", [64 * 64, 32 * 32], ids=["long-tiles", "short-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_triton_matches_reference_on_gpu(case, dtype, tma):
+def test_triton_matches_reference_on_gpu(case, dtype, n_image, tma):
     from dataclasses import replace
 
     from ditlens.kernels.window2d import default_window2d_config
@@ -178,7 +179,7 @@ def test_triton_matches_reference_on_gpu(case, dtype, tma):
     q, k, v = _qkv(2, len(radii), L, D, dtype, "cuda")
     layout = TokenLayout(L, n_text, text_first)
     out = torch.full_like(q, float("nan"))
-    config = replace(default_window2d_config(D, False), tma=tma)
+    config = replace(default_window2d_config(D, False, n_image), tma=tma)  # both GPU defaults, either load path
     window2d_triton(q, k, v, tuple(radii), grid, layout, D ** -0.5, config, out=out)
     ref = window2d_attention_reference(q, k, v, radius=radii, grid=grid, n_text=n_text, text_first=text_first,
                                        out_dtype=torch.float64)

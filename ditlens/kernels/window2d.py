@@ -53,13 +53,13 @@ class Window2dConfig:
         return self.k_rows * self.k_cols
 
 
-# Not timed on a GPU yet: chosen from the compiled resources (Triton 3.6, sm_90, `python
-# benchmarks/kernel_resources.py --window2d`): 64-row query tiles against 8 x 16 key tiles through
-# descriptors spill nothing at D = 72 and 32 bytes at D = 128 without text (gathers: 432 and 1,808).
-_GPU_CONFIGS: dict[int, Window2dConfig] = {
-    96: Window2dConfig(8, 8, 8, 16, 4, 2, tma=True),
-    128: Window2dConfig(8, 8, 8, 16, 4, 2, tma=True),
-}
+# Chosen from `bash benchmarks/gpu_checks.sh OUT window2d` (H200, Triton 3.6, session 16; BENCHMARKS.md §2):
+# 128-query tiles (16 x 8) against 8 x 8 key tiles through descriptors were fastest at 1,024 x 1,024
+# images for D = 72 and 128 (FLUX-2K 75 %: 2.90 ms against 3.75 ms for the earlier 8x8 / 8x16 guess);
+# grids of <= 32 x 32 tokens (DiT-512) run 64-query tiles with gathers and three stages.
+_GPU_CONFIG = Window2dConfig(16, 8, 8, 8, 4, 2, tma=True)
+_SHORT_GPU_CONFIG = Window2dConfig(8, 8, 8, 8, 4, 3)
+_SHORT_IMAGE_TOKENS = 32 * 32
 _INTERPRETER_CONFIG = Window2dConfig(4, 4, 4, 4, 1, 1)
 
 
@@ -202,16 +202,13 @@ def flex_window2d_block_mask(radii: tuple[int, ...], grid: Grid, layout: TokenLa
                                  device=device, BLOCK_SIZE=FLEX_BLOCK, _compile=torch.device(device).type == "cuda")
 
 
-def default_window2d_config(head_dim: int, interpret: bool) -> Window2dConfig:
-    from ditlens.kernels.triton_backend import split_head_dim
-
+def default_window2d_config(head_dim: int, interpret: bool, n_image: int | None = None) -> Window2dConfig:
+    """The tile config a launch uses when none is given (``n_image``: image tokens per frame and batch)."""
     if interpret:
         return _INTERPRETER_CONFIG
-    d0, d1 = split_head_dim(head_dim)
-    for width in sorted(_GPU_CONFIGS):
-        if d0 + d1 <= width:
-            return _GPU_CONFIGS[width]
-    return Window2dConfig(8, 8, 8, 8, 4, 1)
+    if n_image is not None and n_image <= _SHORT_IMAGE_TOKENS:
+        return _SHORT_GPU_CONFIG
+    return _GPU_CONFIG
 
 
 def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tuple[int, ...], grid: Grid,
@@ -230,7 +227,7 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    cfg = config or default_window2d_config(D, interpret)
+    cfg = config or default_window2d_config(D, interpret, grid[1] * grid[2])
     for name, size in (("query", cfg.block_m), ("key", cfg.block_n)):
         if size < 16 or size & (size - 1):
             raise DitlensError(f"window2d {name} tiles must hold a power of two >= 16 tokens, got {size}")

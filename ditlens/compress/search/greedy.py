@@ -13,7 +13,10 @@ Efficiency, without changing any decision:
   once the micro-batches run so far sum past the threshold, the remaining ones cannot bring it
   back under: the trial is rejected without running them.
 ``naive=True`` reruns the whole transformer on every prompt for every trial instead (the speed
-reference: Alg. 1 as written).
+reference: Alg. 1 as written). ``every_candidate=True`` also tries the strategies after the first
+that passes, keeping that first (most compressive) one: the DiTFastAttn authors' published
+calibration loop, which runs all four candidates per (step, layer) and keeps the last passing of the
+reversed list. Same decisions, more trials: the second speed reference.
 Strategies that cannot run are skipped: AST at step 0, WA-RS without an earlier full step of the
 layer (or with another window since it), ASC without CFG, windows on cross attention.
 """
@@ -59,6 +62,7 @@ class GreedyConfig:
     naive: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     early_reject: bool = True  # see the module docstring; off when naive
+    every_candidate: bool = False  # the authors' loop: try every strategy, keep the most compressive passing one
 
 
 class GreedyController:
@@ -124,9 +128,10 @@ class GreedyController:
                 (total,) = all_reduce_sums(total)
                 self.trials += 1
                 loss = total / count
-                if loss < threshold:
+                if loss < threshold and chosen is FULL:
                     chosen = method
                     self.losses[step, i] = loss
+                if chosen is not FULL and not self.config.every_candidate:
                     break
             engine.decide(i, (chosen,) * engine.heads)
             self.methods[step][i] = chosen.to_str()
@@ -152,7 +157,7 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     seconds = time.perf_counter() - start
     strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
-             f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}; "
+             f"every_candidate={config.every_candidate}; micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}; "
              f"rejected_early={controller.rejected_early}")
     prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
