@@ -157,8 +157,8 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     seconds = time.perf_counter() - start
     strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
-             f"every_candidate={config.every_candidate}; micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; trials={controller.trials}; "
-             f"rejected_early={controller.rejected_early}")
+             f"every_candidate={config.every_candidate}; micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; "
+             f"trials={controller.trials}; rejected_early={controller.rejected_early}")
     prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
