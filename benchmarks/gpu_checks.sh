@@ -7,6 +7,8 @@
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
+# The GPU machine lacks diffusers and transformers: `bash benchmarks/device_wheels.sh` builds the wheels to carry
+# (.whl) and says how to install them there.
 set -u -o pipefail
 out=${1:?usage: gpu_checks.sh OUTDIR PART...}
 shift
