@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ditlens.kernels import TokenLayout, attended_pairs  # noqa: E402
+from kernels import bench  # noqa: E402  (benchmarks/kernels.py: do_bench median, as its tables)
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import headwise_triton  # noqa: E402
 from ditlens.kernels.window2d import (  # noqa: E402
@@ -102,12 +103,6 @@ def label(c: Window2dConfig) -> str:
     return f"{c.q_rows}x{c.q_cols}/{c.k_rows}x{c.k_cols}/{c.num_warps}w/{c.num_stages}s" + ("/tma" if c.tma else "")
 
 
-def bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def sampled_error(out, q, k, v, radius: int, shape: Shape, n_rows: int = 512) -> float:
     """Relative error of head 0, batch 0, on sampled query rows (first and last 128 included)."""
     L = shape.seq_len
@@ -140,7 +135,7 @@ def run_shape(shape: Shape, sparsities: list[float], configs: list[Window2dConfi
         row = dict(shape=shape.name, sparsity=s, radius=r, kept=pairs / shape.seq_len ** 2, sdpa_ms=sdpa,
                    ideal=shape.seq_len ** 2 / pairs, configs={})
         for cfg in configs:
-            used = cfg or default_window2d_config(shape.head_dim, False, shape.rows * shape.cols)
+            used = cfg or default_window2d_config(False, shape.rows * shape.cols)
             out = window2d_triton(q, k, v, radii, grid, layout, scale, used)
             err = sampled_error(out, q, k, v, r, shape)
             ms = bench(lambda: window2d_triton(q, k, v, radii, grid, layout, scale, used))

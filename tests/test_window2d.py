@@ -179,7 +179,7 @@ def test_triton_matches_reference_on_gpu(case, dtype, n_image, tma):
     q, k, v = _qkv(2, len(radii), L, D, dtype, "cuda")
     layout = TokenLayout(L, n_text, text_first)
     out = torch.full_like(q, float("nan"))
-    config = replace(default_window2d_config(D, False, n_image), tma=tma)  # both GPU defaults, either load path
+    config = replace(default_window2d_config(False, n_image), tma=tma)  # both GPU defaults, either load path
     window2d_triton(q, k, v, tuple(radii), grid, layout, D ** -0.5, config, out=out)
     ref = window2d_attention_reference(q, k, v, radius=radii, grid=grid, n_text=n_text, text_first=text_first,
                                        out_dtype=torch.float64)

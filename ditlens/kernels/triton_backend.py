@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -61,6 +62,8 @@ _GPU_CONFIGS: dict[int, KernelConfig] = {
     128: KernelConfig(64, 128, 4, 1, tma=True, one_loop=True, max_registers=168),
 }
 _INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
+# the kernels take the softmax scale times log2(e): their exponentials are exp2
+LOG2E = math.log2(math.e)
 # Launches whose every head is full compile without the window/arrow rules (ALL_FULL) and need far
 # fewer registers: 64-row tiles with one stage then run two programs per SM, one's softmax overlapping
 # the other's GEMMs (benchmarks/d128_schedules.py, H200, FLUX-2K dense: 0.93x cuDNN for the minimal
@@ -218,7 +221,8 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def _use_tma(q: torch.Tensor, cfg: KernelConfig) -> bool:
-    """Whether this launch loads K/V through tensor descriptors: asked for by the config, supported by
+    """Whether this launch loads K/V through tensor descriptors (``cfg``: a KernelConfig, or any config
+    with ``tma`` and ``num_stages`` such as the window2d kernel's): asked for by the config, supported by
     this triton, and a GPU with a copy engine for them (compute capability 9.0+) or the interpreter;
     not for a split head dim in a one-stage config on the GPU."""
     if not cfg.tma or not _triton_has_tensor_descriptors():
@@ -317,7 +321,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
         kernel_module().headwise_fwd_kernel[(H * B * n_mblocks,)](
             *tensors, meta.mode, meta.window, meta.order,
             *(x for st in strides for x in st[:2]),
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634, **constants)
+            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E, **constants)
     return out
 
 
@@ -378,7 +382,7 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
         q, k, v, out, res, meta.mode, meta.window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * 1.4426950408889634,
+        H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E,
         HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
         HINT_ALIGN=_needs_align_hint(tuple(t.stride() for t in (q, k, v, out, res))),

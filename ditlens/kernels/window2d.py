@@ -148,7 +148,7 @@ def window2d_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rad
         scale: Softmax scale; defaults to ``head_dim ** -0.5``.
         backend: ``"auto"`` (Triton -> FlexAttention -> SDPA, as :func:`ditlens.kernels.resolve_backend`),
             ``"triton"``, ``"flex"``, ``"sdpa"`` or ``"reference"`` (float64 dense, slow).
-        config: Triton tiles (:class:`Window2dConfig`); default by head dim.
+        config: Triton tiles (:class:`Window2dConfig`); default by grid size.
 
     Returns:
         ``[batch, heads, seq_len, head_dim]`` in q's dtype (Triton: laid out like q).
@@ -202,9 +202,9 @@ def flex_window2d_block_mask(radii: tuple[int, ...], grid: Grid, layout: TokenLa
                                  device=device, BLOCK_SIZE=FLEX_BLOCK, _compile=torch.device(device).type == "cuda")
 
 
-def default_window2d_config(head_dim: int, interpret: bool, n_image: int | None = None) -> Window2dConfig:
+def default_window2d_config(interpret: bool, n_image: int | None = None) -> Window2dConfig:
     """The tile config a launch uses when none is given. ``n_image``: image tokens per frame (rows x cols).
-    ``head_dim`` picks nothing yet: the same tiles were fastest at D = 72 and 128."""
+    The same tiles were fastest at D = 72 and 128, so the head dim picks nothing."""
     if interpret:
         return _INTERPRETER_CONFIG
     if n_image is not None and n_image <= _SHORT_IMAGE_TOKENS:
@@ -219,16 +219,15 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
     ``out`` (optional, q's shape, unit stride on D) receives the result in place."""
     import importlib
 
-    from ditlens.kernels.triton_backend import (_compute_capability, _descriptor_scratch, _needs_align_hint, _output,
-                                                _triton_has_tensor_descriptors, _unit_last, check_triton_inputs,
-                                                split_head_dim, triton_cdiv)
+    from ditlens.kernels.triton_backend import (LOG2E, _descriptor_scratch, _needs_align_hint, _output, _unit_last,
+                                                _use_tma, check_triton_inputs, split_head_dim, triton_cdiv)
 
     reason = check_triton_inputs(q)
     if reason:
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    cfg = config or default_window2d_config(D, interpret, grid[1] * grid[2])
+    cfg = config or default_window2d_config(interpret, grid[1] * grid[2])
     for name, size in (("query", cfg.block_m), ("key", cfg.block_n)):
         if size < 16 or size & (size - 1):
             raise DitlensError(f"window2d {name} tiles must hold a power of two >= 16 tokens, got {size}")
@@ -242,13 +241,12 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
     strides = tuple(t.stride() for t in tensors)
     n_tiles = frames * n_tr * n_tc + triton_cdiv(layout.n_text, cfg.block_m)
     kernel = importlib.import_module("ditlens.kernels._triton_window2d").window2d_fwd_kernel
-    use_tma = cfg.tma and _triton_has_tensor_descriptors() and (
-        not q.is_cuda or _compute_capability(q.device.index)[0] >= 9)
+    use_tma = _use_tma(q, cfg)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
         kernel[(n_tiles, B * H)](
             *tensors, rad, *(x for st in strides for x in st[:2]),
             H, L, layout.image_start, layout.text_start, layout.text_end, frames, rows, cols, n_tr, n_tc,
-            scale * 1.4426950408889634,
+            scale * LOG2E,
             HEAD_DIM=D, SQ=strides[0][2], SK=strides[1][2], SV=strides[2][2], SO=strides[3][2],
             TQ_R=cfg.q_rows, TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16),
             HAS_D1=d1 > 0, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides), USE_TMA=use_tma,

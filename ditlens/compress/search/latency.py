@@ -142,7 +142,7 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
                 cost[i, j] = 0.0
             elif m.mask_kind == "full":
                 cost[i, j] = full[i] / cfg_rows * _rows_factor(m, cfg_rows)
-            elif m.mask_kind in ("window", "arrow") or seq.layout.grid is not None:
+            elif m.mask_kind in ("window", "arrow") or (m.mask_kind == "window2d" and seq.layout.grid is not None):
                 cost[i, j] = (timed(seq.layout, seq.count, m.mask_kind, m.window) * _rows_factor(m, cfg_rows)
                               * _launches(m))
             else:  # window2d off a grid (temporal attention) is refused by the plan: FLOPs share of the full time
