@@ -98,34 +98,48 @@ def time_replay(steps: int, calls: int, cprofile: int) -> None:
     args, kwargs = seen[0]
     with torch.inference_mode():
         saved = pipe.transformer(*args, **kwargs)
-    pipe.transformer.forward = lambda *_, **__: saved  # a plan's hooks wrap this stub
+    entered: list[float] = []
 
-    def per_forward_us(n_calls: int) -> float:
-        best = float("inf")
+    def stub(*_, **__):  # where a replay would be launched
+        entered.append(time.perf_counter())
+        return saved
+
+    pipe.transformer.forward = stub  # a plan's hooks wrap this stub
+
+    def per_forward_us(n_calls: int) -> tuple[float, float]:
+        """(host µs per forward, of which before the launch), each the best of n_calls calls."""
+        best, best_before = float("inf"), float("inf")
         for _ in range(n_calls):
+            entered.clear()
+            before = 0.0
             t0 = time.perf_counter()
             for s in range(steps):
                 pipe.scheduler._step_index = s if s else None  # what scheduler.step() leaves behind
+                start = time.perf_counter()
                 with torch.inference_mode():
                     pipe.transformer(*args, **kwargs)
+                before += entered[-1] - start
             best = min(best, time.perf_counter() - t0)
-        return best / steps * 1e6
+            best_before = min(best_before, before)
+        return best / steps * 1e6, best_before / steps * 1e6
 
-    bare = per_forward_us(calls)
+    bare, bare_before = per_forward_us(calls)
     full = Plan.uniform(pipe, steps, "full")
     wars = Plan.uniform(pipe, steps, "full")
     for s in range(1, steps):
         for i, layer in enumerate(wars.model.layers):
             if layer.kind == "self":
                 wars.set(s, i, "wars(4)")
-    print(f"tiny-dit, forward stubbed: host µs per transformer forward (best of {calls} x {steps} steps)")
-    print(f"  no plan        {bare:7.1f}")
+    print(f"tiny-dit, forward stubbed: host µs per transformer forward (best of {calls} x {steps} steps);"
+          " 'before launch': from the call to where a graph replay would be launched")
+    print(f"  {'':<14} {'total':>7}  {'before launch':>13}")
+    print(f"  {'no plan':<14} {bare:7.1f}  {bare_before:13.1f}")
     for label, plan in (("all-full plan", full), ("WA-RS plan", wars)):
         with apply_plan(pipe, plan, count_flops=False):
             per_forward_us(1)  # the first call starts the plan's call tracking; the stub runs no layer, so the
             # caches stay empty, as under graph replay (a new call clears them and replays run no hook)
-            us = per_forward_us(calls)
-            print(f"  {label:<14} {us:7.1f}  (+{us - bare:.1f})")
+            us, before = per_forward_us(calls)
+            print(f"  {label:<14} {us:7.1f}  {before:13.1f}  (+{us - bare:.1f} / +{before - bare_before:.1f})")
             if cprofile and label == "WA-RS plan":
                 profiler = cProfile.Profile()
                 profiler.enable()

@@ -373,6 +373,38 @@ def test_all_full_plan_is_bit_identical_and_removal_restores(dit_pipe):
     _no_ditlens_left(dit_pipe)
 
 
+def test_untouched_layers_carry_no_hook_and_checks_still_run(dit_pipe):
+    """Without FLOPs counting, a layer the plan never changes gets no hook (host time per forward); the
+    step bookkeeping then runs after the forward, and its run checks still refuse a mismatch."""
+    from ditlens.analyzer import hooks
+    from ditlens.compress.runtime import LAYER_HOOK
+
+    kw = lambda steps=3: pipeline_call_kwargs("dit", "class2", steps, 3.0, 0)
+    before = dit_pipe(**kw()).images
+    modules = lambda plan: [dit_pipe.transformer.get_submodule(layer.name) for layer in plan.model.layers]
+    plan = _uniform(dit_pipe, "dit", 3)
+    with apply_plan(dit_pipe, plan, count_flops=False) as handle:
+        assert handle.modules == [] and not any(hooks.has_hook(m, LAYER_HOOK) for m in modules(plan))
+        np.testing.assert_array_equal(dit_pipe(**kw()).images, before)
+        with pytest.raises(PlanMismatchError, match=r"3 steps.*runs 2"):
+            dit_pipe(**kw(2))
+        with pytest.raises(PlanMismatchError, match=r"run\.cfg_layout"):
+            dit_pipe(**pipeline_call_kwargs("dit", "class2", 3, 1.0, 0))
+        np.testing.assert_array_equal(dit_pipe(**kw()).images, before)  # the refused calls left no state
+    _no_ditlens_left(dit_pipe)
+    # one layer compressed at steps 1-2: only it is hooked, and the images equal those with every layer hooked
+    plan.set(1, 0, "wars(1)")
+    plan.set(2, 0, "ast")
+    with apply_plan(dit_pipe, plan) as handle:
+        assert handle.modules == modules(plan)
+        counted = dit_pipe(**kw()).images
+    with apply_plan(dit_pipe, plan, count_flops=False) as handle:
+        assert handle.modules == modules(plan)[:1]
+        np.testing.assert_array_equal(dit_pipe(**kw()).images, counted)
+    assert np.abs(counted - before).max() > 0
+    _no_ditlens_left(dit_pipe)
+
+
 def test_lowering_runs_unpaying_wars_segments_dense(dit_pipe):
     from ditlens.compress.flops import plan_core_fraction
     from ditlens.compress.lowering import WarsSegment, lower_unprofitable_wars, wars_segments
@@ -453,9 +485,11 @@ def _recorded_timesteps(pipe, steps: int) -> list[float]:
     return seen
 
 
-def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
+@pytest.mark.parametrize("count_flops", [True, False])
+def test_timestep_mismatch_is_refused_at_any_step(dit_pipe, count_flops):
     """Timesteps are read back from the device at steps 0 and 1 and the rest at the last step (no
-    host-device wait at every step): a mismatch at step 0 or at a later step is refused either way."""
+    host-device wait at every step): a mismatch at step 0 or at a later step is refused either way,
+    also where no layer carries a hook and the step bookkeeping runs after the forward."""
     import dataclasses
 
     steps = 5
@@ -465,11 +499,11 @@ def test_timestep_mismatch_is_refused_at_any_step(dit_pipe):
         timesteps = list(seen)
         timesteps[wrong_step] += 50.0
         plan.run = dataclasses.replace(plan.run, timesteps=timesteps)
-        with apply_plan(dit_pipe, plan):
+        with apply_plan(dit_pipe, plan, count_flops=count_flops):
             with pytest.raises(PlanMismatchError, match=rf"step {wrong_step} runs timestep .*run\.timesteps"):
                 dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
     plan.run = dataclasses.replace(plan.run, timesteps=list(seen))
-    with apply_plan(dit_pipe, plan):
+    with apply_plan(dit_pipe, plan, count_flops=count_flops):
         dit_pipe(**pipeline_call_kwargs("dit", "class1", steps, 3.0, 0))
     _no_ditlens_left(dit_pipe)
 

@@ -140,12 +140,15 @@ class CudaGraphRunner:
                 buffer.copy_(t)
         captured = inputs.forwards.get(st.forward_index)
         if captured is None:
+            if runtime is not None:  # its step bookkeeping reads timesteps back: not inside a capture
+                runtime.settle()
             captured = self._capture(original, leaves, spec, inputs.buffers, runtime)
             inputs.forwards[st.forward_index] = captured
             st.captures += 1
         captured.graph.replay()
         st.replays += 1
-        if runtime is not None:
+        if runtime is not None:  # the step bookkeeping after the launch, then the counters it resets
+            runtime.settle()
             runtime.restore_graph_snapshot(captured.runtime_snapshot)
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, captured.output)
 

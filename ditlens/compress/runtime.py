@@ -40,7 +40,7 @@ from torch import nn
 from ditlens.compress.flops import FlopsCounter
 from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, call_layout, dense_mask
 from ditlens.compress.plan import Plan
-from ditlens.compress.schedule import LayerStep, build_schedule
+from ditlens.compress.schedule import LayerStep, build_schedule, untouched_layers
 from ditlens.errors import DitlensError, PlanMismatchError
 from ditlens.kernels.graph_constants import graph_constant
 from ditlens.kernels.triton_backend import output_like
@@ -129,6 +129,8 @@ class PlanRuntime:
         self.state = RuntimeState()
         self.flops = FlopsCounter()
         self.forward: ForwardState | None = None
+        # (transformer, args, kwargs) of a forward whose step bookkeeping has not run yet (see settle)
+        self._pending: tuple[nn.Module, tuple, dict] | None = None
         self.attention_seconds = 0.0
         self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         from ditlens.analyzer.capture import InterceptRoute
@@ -154,6 +156,34 @@ class PlanRuntime:
         self.state.peak_bytes = max(self.state.peak_bytes, cache_bytes)
 
     # -- steps ---------------------------------------------------------------------------------
+    def defer_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A transformer forward starts; its step bookkeeping waits for :meth:`settle`, unless it may
+        read a timestep back from the GPU: a read waits for all work queued before it, so after the
+        forward's launch it would stall the host for the whole forward."""
+        self._pending = (transformer, args, kwargs)
+        if self._may_read_timestep():
+            self.settle()
+
+    def _may_read_timestep(self) -> bool:
+        """Whether the next forward's bookkeeping may read its timestep: where the scheduler keeps no
+        step index (the step is told by the timestep, see step_marker), at the first forward of a call,
+        and where the plan's timesteps are checked (steps 0, 1 and the last; see begin_forward)."""
+        if getattr(self.scheduler, "step_index", None) is None:
+            return True
+        step = self.state.step
+        return self.plan.run.timesteps is not None and (step < 1 or step + 1 >= self.plan.steps - 1)
+
+    def settle(self) -> None:
+        """Run the pending forward's step bookkeeping and run checks, once. The first layer that
+        consults the plan calls it, and so does a CUDA graph capture; a forward that never consults
+        the plan (a graph replay, or a plan that leaves every layer untouched) runs it after the
+        forward is enqueued, where the host work overlaps the GPU's instead of delaying it. That
+        matters where the pipeline waits for the GPU at every step (DiT-XL 512² under graphs)."""
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self.begin_forward(*pending)
+
     def begin_forward(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
         info = self.adapter.forward_info(transformer, args, kwargs)
         st, plan = self.state, self.plan
@@ -241,12 +271,15 @@ class PlanRuntime:
         return ForwardState(step, info.grid, "all", False, True)
 
     def end_forward(self) -> None:
+        self._pending = None  # a forward that raised before settling is not counted as a step
         # caches only grow or are replaced within a forward, so their size at its end is its peak
         self.state.note_peak()
         self.forward = None
 
     # -- layers --------------------------------------------------------------------------------
     def run_layer(self, index: int, module: nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._pending is not None:
+            self.settle()
         fwd = self.forward
         if fwd is None:
             return original(*args, **kwargs)
@@ -665,9 +698,11 @@ def _hook_classes() -> tuple[type, type]:
             self.handle = handle
 
         def new_forward(self, module, *args, **kwargs):
-            self.runtime.begin_forward(module, args, kwargs)
+            self.runtime.defer_forward(module, args, kwargs)
             try:
-                return self.fn_ref.original_forward(*args, **kwargs)
+                out = self.fn_ref.original_forward(*args, **kwargs)
+                self.runtime.settle()  # if no layer consulted the plan: now, while the GPU runs the forward
+                return out
             finally:
                 self.runtime.end_forward()
 
@@ -696,7 +731,7 @@ class PlanHandle:
     plan: Plan
     runtime: PlanRuntime
     transformer: nn.Module
-    modules: list[nn.Module]
+    modules: list[nn.Module]  # the attention modules that carry a layer hook
     linear_hooks: list[Any]
     removed: bool = False
 
@@ -765,12 +800,16 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
     runtime = PlanRuntime(plan, adapter, transformer, getattr(pipe, "scheduler", None), pipe, backend, count_flops,
                           warsr_refresh)
     modules = [transformer.get_submodule(layer.name) for layer in plan.model.layers]
+    # A layer the plan never changes gets no hook unless FLOPs are counted: every hook costs host time
+    # at every forward, and a host-bound step (DiT-XL 512² eager) is made of little else.
+    untouched = set() if count_flops else untouched_layers(runtime.schedule)
+    hooked = [index for index in range(len(modules)) if index not in untouched]
     step_cls, layer_cls = _hook_classes()
-    handle = PlanHandle(plan, runtime, transformer, modules, [])
+    handle = PlanHandle(plan, runtime, transformer, [modules[index] for index in hooked], [])
     try:
         hooks.attach(transformer, step_cls(runtime, handle), STEP_HOOK)
-        for index, module in enumerate(modules):
-            hooks.attach(module, layer_cls(runtime, index), LAYER_HOOK)
+        for index in hooked:
+            hooks.attach(modules[index], layer_cls(runtime, index), LAYER_HOOK)
         if count_flops:
             for module in modules:
                 for sub in module.modules():

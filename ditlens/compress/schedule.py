@@ -95,3 +95,10 @@ def build_schedule(plan: "Plan") -> list[list[LayerStep]]:
                     refresh.append((h, HeadMethod("wars", users[0].window, all(u.asc for u in users))))
             out[s][i] = LayerStep(False, heads, store_module, store_heads, tuple(refresh))
     return out
+
+
+def untouched_layers(schedule: list[list[LayerStep]]) -> set[int]:
+    """Layers whose original attention call runs unchanged at every step, nothing cached or skipped."""
+    n_layers = len(schedule[0]) if schedule else 0
+    return {i for i in range(n_layers)
+            if all(row[i].plain and not row[i].skip_module and not row[i].store_module for row in schedule)}
