@@ -35,6 +35,7 @@ both variants of the forward replayed from graphs; attention-module time is not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -199,25 +200,31 @@ def run_planned(model, kwargs: dict, plan, warsr_refresh: str) -> None:
 
 
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
-               warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, float]:
+               warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, list[float]]:
     """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after ``warmup`` calls of the plan
-    (under CUDA graphs: an eager call, then the capture).
+    (under CUDA graphs: an eager call, then the capture). ``plan=None``: both calls of each pair run the
+    uncompressed model (the A/A control: how far identical work drifts between paired calls).
 
     On a host-bound size the loop time of one machine drifts by tens of percent between calls
     (other tenants, clocks); within a pair both calls see the same drift, so the speedup is the
-    median of the per-pair ratios. Returns (uncompressed median, plan median, median ratio)."""
+    median of the per-pair ratios. Returns (uncompressed median, plan median, per-pair ratios)."""
     from ditlens.compress import apply_plan
 
-    with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh) as handle:
+    def applied():
+        if plan is None:
+            return contextlib.nullcontext(None)
+        return apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh)
+
+    with applied() as handle:
         for _ in range(warmup):
             time_call(model, kwargs, clock, device, handle)
     plain, planned = [], []
     for _ in range(repeats):
         plain.append(time_call(model, kwargs, clock, device))
-        with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=warsr_refresh) as handle:
+        with applied() as handle:
             planned.append(time_call(model, kwargs, clock, device, handle))
-    ratio = statistics.median(a.loop_s / b.loop_s for a, b in zip(plain, planned))
-    return median_timing(plain), median_timing(planned), ratio
+    ratios = [a.loop_s / b.loop_s for a, b in zip(plain, planned)]
+    return median_timing(plain), median_timing(planned), ratios
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,6 +298,11 @@ def null_plan(model, steps: int, target: float):
     plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
                         n_text=model.n_text or None, cfg_layout="none" if model.name.startswith("flux") else None)
     return plan, "all-full plan (runtime only)"
+
+
+def aa_control(model, steps: int, target: float):
+    """No plan: the row pairs the uncompressed model with itself (see run_paired)."""
+    return None, "uncompressed again (A/A control)"
 
 
 def v2_plan(model, steps: int, target: float):
@@ -410,12 +422,15 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
         in_model = None
         runs = [(sh, f) for sh in shapes for f in model.fractions]
-        if args.null_plan:  # every entry full: what applying a plan costs when it changes no attention call
-            runs.insert(0, ((null_plan, None), 1.0))
+        if args.null_plan:  # every entry full: what applying a plan costs when it changes no attention call,
+            # after the A/A control (no plan on either side of a pair): the noise of the paired ratios
+            runs[:0] = [((aa_control, None), 1.0), ((null_plan, None), 1.0)]
         for (shape, mix), fraction in runs:
             plan, label = shape(model, steps, fraction) if mix is None else shape(model, steps, fraction, mix)
+            if plan is None and repeats == 1:
+                continue  # the A/A control needs pairs
             lowered = ""
-            if args.lower_unprofitable:  # WA-RS segments that cost more than dense attention here run dense
+            if args.lower_unprofitable and plan is not None:  # WA-RS segments that cost more than dense run dense
                 # under graphs, calibrated by one profiled call of the model (the graph runner runs a new
                 # plan's first call eagerly), once per model and variant
                 low = lower_for_device(plan, args.device, dtype, graphs=graphed, launches=in_model,
@@ -427,11 +442,14 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                 if low.lowered:
                     lowered = f", {low.summary()}"
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
-            core = _fraction(plan)
+            core = 1.0 if plan is None else _fraction(plan)
             bound = share.bound(1.0 - core)
+            pairs = ""
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
-                ref, got, sl = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
-                                          args.warsr_refresh)
+                ref, got, ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
+                                              args.warsr_refresh)
+                sl = statistics.median(ratios)
+                pairs = f", pairs {min(ratios):.3f}-{max(ratios):.3f}x"
             else:
                 with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=args.warsr_refresh) as handle:
                     got = run_pipeline(model, kwargs, clock, args.device, repeats, handle, warmup)
@@ -439,8 +457,8 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             sp = (ref.pipeline_s + text_s) / (got.pipeline_s + text_s)
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
-                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}"))
-            print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.2f}x (bound {bound:.2f}x, "
+                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}{pairs}"))
+            print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.3f}x{pairs} (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()
         if graphs is not None:
@@ -495,7 +513,7 @@ def plot(out: Path, data: dict) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for res in data["models"]:
         rows = [r for r in res["rows"] if not r["compiled"] and not r.get("graphs")]
-        shapes = dict.fromkeys(r["plan"].split(" w=")[0] for r in rows[1:])
+        shapes = dict.fromkeys(r["plan"].split(" w=")[0] for r in rows[1:] if not r["plan"].startswith("uncompressed"))
         for k, shape in enumerate(shapes):
             line_rows = [rows[0]] + [r for r in rows[1:] if r["plan"].startswith(shape)]
             xs = [1 - r["core_fraction"] for r in line_rows]
