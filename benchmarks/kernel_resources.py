@@ -65,18 +65,16 @@ def compile_window2d(head_dim: int, cfg, has_text: bool, arch: int):
     from triton.compiler import ASTSource
 
     from ditlens.kernels._triton_window2d import window2d_fwd_kernel as fn
-    from ditlens.kernels.triton_backend import split_head_dim
+    from ditlens.kernels.window2d import window2d_launch_constants
 
-    d0, d1 = split_head_dim(head_dim)
-    constants = dict(HEAD_DIM=head_dim, SQ=head_dim, SK=head_dim, SV=head_dim, SO=head_dim, TQ_R=cfg.q_rows,
-                     TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-                     UPCAST=False, HINT_ALIGN=False, USE_TMA=cfg.tma, HAS_TEXT=has_text)
+    strides = ((16 * head_dim, 4 * head_dim, head_dim, 1),) * 4  # any contiguous [B, H, L, D] (L = 4, H = 4)
+    constants = dict(window2d_launch_constants(head_dim, strides, cfg, False, cfg.tma, has_text))
+    options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
     signature = {name: ("constexpr" if name in constants else "*bf16" if name in ("Q", "K", "V", "O")
                         else "*i32" if name == "RAD" else "fp32" if name == "qk_scale" else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resources(kernel) -> dict[str, int]:

@@ -234,6 +234,17 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
 
 
 @triton.jit
+def _softmax_step_inf(m_i, l_i, qk, qk_scale):
+    """(p, alpha, m_new, l_new) of one block of unscaled scores masked with -inf: a row whose keys are all
+    masked so far keeps m = -inf and takes its exponents against 0 (see _attend_segment_one_loop)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1,
                              seg_lo, seg_hi, full_lo, full_hi, row_lo, row_hi, L, qk_scale, HEAD_DIM: tl.constexpr,
                              SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
@@ -253,11 +264,7 @@ def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, 
                            HAS_D1, True, UPCAST, USE_TMA)
         if (j < j_first) | (j >= j_end):
             qk = tl.where(_in_rows(offs_n, row_lo, row_hi), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step_inf(m_i, l_i, qk, qk_scale)
         acc0, acc1 = _block_pv(acc0, acc1, p.to(q0.dtype), alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0,
                                offs_d1, L, HEAD_DIM, SV, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
         m_i = m_new
@@ -438,6 +445,29 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
 
 
 @triton.jit
+def _kv_descriptors(k_base, v_base, shape, k_strides, v_strides, block0, block1, HAS_D1: tl.constexpr,
+                    USE_TMA: tl.constexpr):
+    """(dk0, dk1, dv0, dv1): tensor descriptors of K and V for the head-dim column tiles D0 (``block0``) and
+    D1 (``block1``; the D0 ones again without a split), over ``shape`` with token-major ``*_strides``.
+    Without USE_TMA, unused placeholders: the loads go through k_base / v_base."""
+    if USE_TMA:
+        dk0 = tl.make_tensor_descriptor(k_base, shape=shape, strides=k_strides, block_shape=block0)
+        dv0 = tl.make_tensor_descriptor(v_base, shape=shape, strides=v_strides, block_shape=block0)
+        if HAS_D1:
+            dk1 = tl.make_tensor_descriptor(k_base, shape=shape, strides=k_strides, block_shape=block1)
+            dv1 = tl.make_tensor_descriptor(v_base, shape=shape, strides=v_strides, block_shape=block1)
+        else:
+            dk1 = dk0
+            dv1 = dv0
+    else:
+        dk0 = k_base
+        dk1 = k_base
+        dv0 = v_base
+        dv1 = v_base
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                         stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
                         offs_d0, offs_d1, qk_scale, OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -456,22 +486,8 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
     q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
     k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
     v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
-    if USE_TMA:
-        dk0 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1], block_shape=[BLOCK_N, D0])
-        dv0 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1], block_shape=[BLOCK_N, D0])
-        if HAS_D1:
-            dk1 = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[SK, 1],
-                                            block_shape=[BLOCK_N, D1])
-            dv1 = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[SV, 1],
-                                            block_shape=[BLOCK_N, D1])
-        else:
-            dk1 = dk0
-            dv1 = dv0
-    else:  # unused placeholders: the loads go through k_base / v_base
-        dk0 = k_base
-        dk1 = k_base
-        dv0 = v_base
-        dv1 = v_base
+    dk0, dk1, dv0, dv1 = _kv_descriptors(k_base, v_base, (L, HEAD_DIM), (SK, 1), (SV, 1), (BLOCK_N, D0),
+                                         (BLOCK_N, D1), HAS_D1, USE_TMA)
     if QO_DESC:
         q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
                                        block_shape=[BLOCK_M, D0]).load([m0, 0])

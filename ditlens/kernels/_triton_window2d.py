@@ -21,7 +21,7 @@ per ``BLOCK_M`` text rows, walking the text keys in a second loop (compiled only
 import triton
 import triton.language as tl
 
-from ditlens.kernels._triton_impl import _head_base, _mm, _softmax_start
+from ditlens.kernels._triton_impl import _head_base, _kv_descriptors, _mm, _softmax_start, _softmax_step_inf
 
 
 @triton.jit
@@ -76,11 +76,7 @@ def _gathered_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         keep = (k_ok[None, :] & (tl.abs(q_row[:, None] - k_row[None, :]) <= rad)
                 & (tl.abs(q_col[:, None] - k_col[None, :]) <= rad))
         qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_step_inf(m_i, l_i, qk, qk_scale)
     p = p.to(q0.dtype)
     v0 = _kv_tile(dv0, v_base, k_tok, k_ok, frow, fcol, 0, offs_d0, SV, HEAD_DIM, D0 > HEAD_DIM, FROM_DESC)
     acc0 = _mm(p, v0, acc0 * alpha[:, None], UPCAST)
@@ -153,26 +149,10 @@ def window2d_fwd_kernel(Q, K, V, O, RAD,
     per_frame = n_ka * n_kb
     u = e_n // TK_C
     w = e_n % TK_C
-    if USE_TMA:
-        k_img = k_base + img_lo * SK
-        v_img = v_base + img_lo * SV
-        dk0 = tl.make_tensor_descriptor(k_img, shape=[F * R, C, HEAD_DIM], strides=[C * SK, SK, 1],
-                                        block_shape=[TK_R, TK_C, D0])
-        dv0 = tl.make_tensor_descriptor(v_img, shape=[F * R, C, HEAD_DIM], strides=[C * SV, SV, 1],
-                                        block_shape=[TK_R, TK_C, D0])
-        if HAS_D1:
-            dk1 = tl.make_tensor_descriptor(k_img, shape=[F * R, C, HEAD_DIM], strides=[C * SK, SK, 1],
-                                            block_shape=[TK_R, TK_C, D1])
-            dv1 = tl.make_tensor_descriptor(v_img, shape=[F * R, C, HEAD_DIM], strides=[C * SV, SV, 1],
-                                            block_shape=[TK_R, TK_C, D1])
-        else:
-            dk1 = dk0
-            dv1 = dv0
-    else:  # unused placeholders: the loads gather through k_base / v_base
-        dk0 = k_base
-        dk1 = k_base
-        dv0 = v_base
-        dv1 = v_base
+    # image K/V viewed as [F * R, C, D]; without USE_TMA the loads gather through k_base / v_base
+    dk0, dk1, dv0, dv1 = _kv_descriptors(k_base + img_lo * SK, v_base + img_lo * SV, (F * R, C, HEAD_DIM),
+                                         (C * SK, SK, 1), (C * SV, SV, 1), (TK_R, TK_C, D0), (TK_R, TK_C, D1),
+                                         HAS_D1, USE_TMA)
     # image programs: the key tiles of every frame within reach
     for j in tl.range(0, tl.where(is_img, F * per_frame, 0)):
         fk = j // per_frame

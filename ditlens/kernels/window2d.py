@@ -13,6 +13,7 @@ function; the float64 reference materialises it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import functools
 import warnings
 from collections.abc import Sequence
@@ -217,10 +218,8 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the window2d kernel: one program per query tile (and per text block) per (batch, head);
     ``out`` (optional, q's shape, unit stride on D) receives the result in place."""
-    import importlib
-
-    from ditlens.kernels.triton_backend import (LOG2E, _descriptor_scratch, _needs_align_hint, _output, _unit_last,
-                                                _use_tma, check_triton_inputs, split_head_dim, triton_cdiv)
+    from ditlens.kernels.triton_backend import (LOG2E, _descriptor_scratch, _output, _unit_last, _use_tma,
+                                                check_triton_inputs, triton_cdiv)
 
     reason = check_triton_inputs(q)
     if reason:
@@ -228,31 +227,45 @@ def window2d_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radii: tu
     B, H, L, D = q.shape
     interpret = not q.is_cuda
     cfg = config or default_window2d_config(interpret, grid[1] * grid[2])
-    for name, size in (("query", cfg.block_m), ("key", cfg.block_n)):
-        if size < 16 or size & (size - 1):
-            raise DitlensError(f"window2d {name} tiles must hold a power of two >= 16 tokens, got {size}")
     frames, rows, cols = grid
     n_tr, n_tc = triton_cdiv(rows, cfg.q_rows), triton_cdiv(cols, cfg.q_cols)
-    d0, d1 = split_head_dim(D)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     rad = graph_constant(_radius_tensor(radii, q.device))
     tensors = (q, k, v, out)
     strides = tuple(t.stride() for t in tensors)
     n_tiles = frames * n_tr * n_tc + triton_cdiv(layout.n_text, cfg.block_m)
-    kernel = importlib.import_module("ditlens.kernels._triton_window2d").window2d_fwd_kernel
     use_tma = _use_tma(q, cfg)
+    constants = window2d_launch_constants(D, strides, cfg, interpret, use_tma, layout.n_text > 0)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-        kernel[(n_tiles, B * H)](
+        _window2d_kernel()[(n_tiles, B * H)](
             *tensors, rad, *(x for st in strides for x in st[:2]),
             H, L, layout.image_start, layout.text_start, layout.text_end, frames, rows, cols, n_tr, n_tc,
-            scale * LOG2E,
-            HEAD_DIM=D, SQ=strides[0][2], SK=strides[1][2], SV=strides[2][2], SO=strides[3][2],
-            TQ_R=cfg.q_rows, TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16),
-            HAS_D1=d1 > 0, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides), USE_TMA=use_tma,
-            HAS_TEXT=layout.n_text > 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            scale * LOG2E, **constants)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _window2d_kernel():
+    """The Triton kernel, imported on first use (so importing ditlens needs no triton)."""
+    return importlib.import_module("ditlens.kernels._triton_window2d").window2d_fwd_kernel
+
+
+@functools.lru_cache(maxsize=128)
+def window2d_launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: Window2dConfig,
+                              interpret: bool, use_tma: bool, has_text: bool) -> dict:
+    """The compile-time arguments of one window2d launch shape (``strides``: of q, k, v, out), worked out
+    once per shape as the head-wise launch's are (host time per launch shows on a fast GPU)."""
+    from ditlens.kernels.triton_backend import _needs_align_hint, split_head_dim
+
+    for name, size in (("query", cfg.block_m), ("key", cfg.block_n)):
+        if size < 16 or size & (size - 1):
+            raise DitlensError(f"window2d {name} tiles must hold a power of two >= 16 tokens, got {size}")
+    d0, d1 = split_head_dim(head_dim)
+    return dict(HEAD_DIM=head_dim, SQ=strides[0][2], SK=strides[1][2], SV=strides[2][2], SO=strides[3][2],
+                TQ_R=cfg.q_rows, TQ_C=cfg.q_cols, TK_R=cfg.k_rows, TK_C=cfg.k_cols, D0=d0, D1=max(d1, 16),
+                HAS_D1=d1 > 0, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides), USE_TMA=use_tma,
+                HAS_TEXT=has_text, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @functools.lru_cache(maxsize=64)
