@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -41,11 +41,15 @@ for name in "$@"; do
                        --cuda-graphs --repeats 3 --lower-unprofitable --out "$out/e2e_dit_lowered.json" ;;
     e2e-dit-null) part e2e-dit-null 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 --cuda-graphs \
                     --repeats 3 --null-plan --lower-unprofitable --out "$out/e2e_dit_null.json" ;;
+    e2e-2k-pixart) part e2e-2k-pixart 540 python3 benchmarks/e2e.py --device cuda --models pixart-sigma-xl-2048 \
+                     --out "$out/e2e_2k_pixart.json" ;;
+    e2e-2k-flux) part e2e-2k-flux 540 python3 benchmarks/e2e.py --device cuda --models flux-dev-2048 \
+                   --out "$out/e2e_2k_flux.json" ;;
     pairs) part pairs 60 python3 benchmarks/pair_stats.py --device cuda ;;
     overhead) part overhead 240 python3 benchmarks/profile_overhead.py --model pixart-sigma-xl --device cuda \
                 --steps 20 --repeats 2 --variants default,o-l1 ;;
-    v1) part v1 300 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v1-only \
-          --v1-naive-steps 3 --v1-micro-batch 2 --v1-every-candidate
+    v1) part v1 420 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v1-only \
+          --v1-naive-steps 3 --v1-micro-batch 2 --v1-every-candidate --v1-floor
         cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
     e2e-small) part e2e-small 540 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
                  --compile --repeats 3 --out "$out/e2e_small.json" ;;

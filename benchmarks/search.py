@@ -336,7 +336,8 @@ def _pixart_v2_times(pipe, prompts: list[str], result: ModelResult, target: floa
 
 def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: Callable[[str], None], *,
                size: int = 1024, steps: int = 20, n_prompts: int = 8, layers: int | None = None,
-               v1_only: bool = False, v1_micro_batch: int = 2, v1_every_candidate: bool = False) -> ModelResult:
+               v1_only: bool = False, v1_micro_batch: int = 2, v1_every_candidate: bool = False,
+               v1_floor: bool = False) -> ModelResult:
     """Search wall times on a PixArt-Σ-XL-sized transformer (1024², 20 steps, 8 prompts, random weights).
     ``size``/``steps``/``n_prompts``/``layers`` shrink it for a CPU smoke run of this code path only."""
     import random_pipelines
@@ -368,10 +369,16 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
     # threshold (early rejection); the naive search runs them all.
     # The third run is the DiTFastAttn authors' calibration loop: the naive search that also tries the
     # strategies after the first passing one (all four per step and layer), with the same decisions.
-    plans = []
+    # With v1_floor, a fourth run without early rejection records every trial's loss terms, from which
+    # greedy_floor works out the least work any exact search could have done (block runs).
+    from ditlens.compress.search.greedy_floor import exact_search_floor
+
+    plans, blocks = [], {}
     variants = {"": dict(naive=False), " naive (reruns the whole model)": dict(naive=True)}
     if v1_every_candidate:
         variants[" naive, every candidate (the authors' loop)"] = dict(naive=True, every_candidate=True)
+    if v1_floor:
+        variants[", block reuse only"] = dict(naive=False, early_reject=False)
     for label, flags in variants.items():
         t = time.perf_counter()
         found_v1 = search(pipe, prompts, method="v1", delta=v1_delta, steps=v1_steps,
@@ -382,13 +389,21 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
         result.search_times[key] = time.perf_counter() - t
         log(f"pixart: {key}: {result.search_times[key]:.1f} s")
         plans.append(found_v1.plan.methods)
+        blocks[key] = found_v1.block_runs
+        if flags.get("early_reject") is False:
+            floor = exact_search_floor(found_v1.trial_passes, v1_delta, found_v1.plan.n_layers)
+            base = found_v1.baseline_block_runs
+            blocks["oracle exact search, a micro-batch forward as the unit"] = base + floor.prompt
+            blocks["oracle exact search, a batch row as the unit"] = base + floor.row
+    result.settings["v1_block_runs"] = blocks
+    log(f"pixart: v1 block runs: {blocks}")
     # Alg. 1's decisions must not depend on block reuse; count the (step, layer) choices that differ
     # (bf16 on a GPU can put a loss on the other side of its threshold).
     def differing(a: list, b: list) -> int:
         return sum(x != y for step_a, step_b in zip(a, b) for x, y in zip(step_a, step_b))
 
     differ = differing(plans[0], plans[1])
-    if len(plans) == 3:
+    if v1_every_candidate:
         result.settings["v1_naive_vs_every_candidate_differing_decisions"] = differing(plans[1], plans[2])
     result.settings["v1_vs_naive_differing_decisions"] = differ
     log(f"pixart: v1 and naive v1 differ in {differ} (step, layer) decisions")
@@ -502,6 +517,8 @@ def main() -> int:
     parser.add_argument("--v1-naive-steps", type=int, default=4, help="pixart: steps of the V1 vs naive V1 timing")
     parser.add_argument("--v1-only", action="store_true", help="pixart: time only V1 against the naive V1")
     parser.add_argument("--v1-micro-batch", type=int, default=2, help="pixart: calibration prompts per V1 forward")
+    parser.add_argument("--v1-floor", action="store_true",
+                        help="pixart: also run V1 without early rejection and report the oracle exact-search floor")
     parser.add_argument("--v1-every-candidate", action="store_true",
                         help="pixart: also time the authors' calibration loop (naive, every candidate tried)")
     parser.add_argument("--smoke", action="store_true",
@@ -521,7 +538,7 @@ def main() -> int:
             shrink = dict(size=256, steps=4, n_prompts=2, layers=2) if args.smoke else {}
             result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps if not args.smoke else 2,
                                 log, v1_only=args.v1_only, v1_micro_batch=args.v1_micro_batch,
-                                v1_every_candidate=args.v1_every_candidate, **shrink)
+                                v1_every_candidate=args.v1_every_candidate, v1_floor=args.v1_floor, **shrink)
         elif name in EMBEDDED_SETTINGS:
             settings = EMBEDDED_SETTINGS[name]
             if args.calibration:

@@ -193,6 +193,120 @@ def test_v1_early_rejection_changes_no_decision():
     assert early.forward_passes < full.forward_passes
 
 
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_v1_accepted_trial_is_committed_without_a_rerun(family):
+    """An accepted trial's output cache and block output are installed when it is decided: later
+    trials rerun blocks only to commit layers that stayed full. Same plan as the naive search, and
+    the search's trajectory is the runtime's replay of its plan."""
+    pipe, prompts, ecfg = _setup(family)
+    ecfg = EngineConfig(**{**ecfg.__dict__, "micro_batch": 1})
+    fast = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, engine=ecfg))
+    naive = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, naive=True, engine=ecfg))
+    assert fast.plan.methods == naive.plan.methods
+    methods = [m for step in fast.plan.methods for m in step]
+    assert "full" in methods and any(m != "full" for m in methods)
+    after_accepted = [p for p in fast.trial_passes if p.layer > 0 and fast.plan.methods[p.step][p.layer - 1] != "full"]
+    assert after_accepted and all(p.block_runs == p.suffix_blocks for p in after_accepted)
+    reruns = sum(p.block_runs - p.suffix_blocks for p in fast.trial_passes)
+    assert reruns <= len({p.micro_batch for p in fast.trial_passes}) * methods.count("full")
+    np.testing.assert_allclose(_replay(pipe, prompts, ecfg, fast.plan), _images(fast.output), atol=1e-5)
+
+
+def _brute_rejection_units(losses, known, count, threshold):
+    """Fewest units whose loss sums (with the known part) reach the threshold, by enumeration."""
+    for n in range(len(losses) + 1):
+        for subset in itertools.combinations(losses, n):
+            if (known + sum(subset)) / count >= threshold:
+                return n
+    return len(losses)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_exact_search_floor_equals_enumeration(seed):
+    """The oracle floor of random synthetic trials against subset enumeration: a passing trial pays
+    every unit, a failing one the fewest that prove it fails; ASC and WA-RS-after-WA-RS+ASC cond rows
+    are free and counted from the start."""
+    from ditlens.compress.search.greedy import TrialPass
+    from ditlens.compress.search.greedy_floor import exact_search_floor
+
+    rng = np.random.default_rng(seed)
+    n_layers, delta, n_mb, elements = 4, 0.2, int(rng.integers(1, 4)), 5
+    branches = ("cond", "uncond")
+    passes, expected_prompt, expected_row, expected_all = [], 0.0, 0.0, 0.0
+    for layer in range(n_layers):
+        threshold = layer_threshold(layer, n_layers, delta)
+        suffix = n_layers - layer
+        for method in ["ast", "wars(2)+asc", "wars(2)", "asc"]:
+            rows = rng.uniform(0, 2.5 * threshold * elements, size=(n_mb, 2))
+            passes += [TrialPass(0, layer, method, k, branches, tuple(rows[k]), elements, suffix, suffix + 1)
+                       for k in range(n_mb)]
+            count = rows.size * elements
+            if rows.sum() / count < threshold:
+                expected_prompt += n_mb * suffix
+                free = method in ("asc", "wars(2)")
+                expected_row += (n_mb if free else 2 * n_mb) * suffix / 2
+                expected_all += n_mb * suffix
+                break
+            expected_prompt += suffix * _brute_rejection_units(list(rows.sum(axis=1)), 0.0, count, threshold)
+            if method in ("asc", "wars(2)"):  # cond rows known
+                n = _brute_rejection_units(list(rows[:, 1]), rows[:, 0].sum(), count, threshold)
+            else:
+                n = _brute_rejection_units(list(rows.ravel()), 0.0, count, threshold)
+            expected_row += n * suffix / 2
+            expected_all += _brute_rejection_units(list(rows.ravel()), 0.0, count, threshold) * suffix / 2
+    floor = exact_search_floor(passes, delta, n_layers)
+    assert floor.row_all_unknown == pytest.approx(expected_all)
+    assert floor.prompt == pytest.approx(expected_prompt)
+    assert floor.row == pytest.approx(expected_row)
+    assert floor.recorded == sum(p.block_runs for p in passes)
+
+
+def test_exact_search_floor_premises_and_bound():
+    """On a real search: the cond rows the floor counts as known carry the loss terms the search
+    measured for them (WA-RS+ASC's cond rows for WA-RS; the current state's cond rows for ASC), and
+    the floor is below what the search ran, with and without early rejection."""
+    from ditlens.compress.search.greedy_floor import exact_search_floor
+
+    pipe, prompts, ecfg = _setup("pixart")
+    ecfg = EngineConfig(**{**ecfg.__dict__, "micro_batch": 1})
+    delta = 0.01  # tight enough that AST fails and WA-RS+ASC, WA-RS and ASC run at some layers
+    full = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, early_reject=False, engine=ecfg))
+    early = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, engine=ecfg))
+    assert early.plan.methods == full.plan.methods
+    by_trial: dict = {}
+    for p in full.trial_passes:
+        by_trial.setdefault((p.step, p.layer, p.method), {})[p.micro_batch] = p
+    n_layers = full.plan.n_layers
+    checked = {"wars": 0, "asc": 0}
+    current = {}  # micro-batch -> cond-row loss of the current state at this step
+    for (step, layer, method), trial in by_trial.items():
+        cond = {k: [v for v, b in zip(p.row_sums, p.branches) if b == "cond"] for k, p in trial.items()}
+        if method == "wars(2)" and (step, layer, "wars(2)+asc") in by_trial:
+            before = by_trial[(step, layer, "wars(2)+asc")]
+            for k in trial:
+                np.testing.assert_allclose(cond[k], [v for v, b in zip(before[k].row_sums, before[k].branches)
+                                                     if b == "cond"], rtol=1e-9, atol=1e-12)
+            checked["wars"] += 1
+        if method == "asc":
+            for k in trial:
+                np.testing.assert_allclose(cond[k], current.get((step, k), [0.0] * len(cond[k])), rtol=1e-9, atol=1e-9)
+            checked["asc"] += 1
+        count = sum(len(p.row_sums) * p.row_elements for p in trial.values())
+        if sum(p.loss_sum for p in trial.values()) / count < layer_threshold(layer, n_layers, delta):
+            for k in trial:
+                current[(step, k)] = cond[k]
+    assert checked["wars"] > 0 and checked["asc"] > 0
+    floor = exact_search_floor(full.trial_passes, delta, n_layers)
+    assert floor.row <= floor.row_all_unknown <= floor.prompt < floor.recorded
+    assert floor.failing_loss_ratios and min(floor.failing_loss_ratios) >= 1.0
+    assert 0.0 < floor.failing_row_fraction <= 1.0
+    ran_suffixes = sum(p.suffix_blocks for p in early.trial_passes)
+    assert floor.prompt <= ran_suffixes <= sum(p.suffix_blocks for p in full.trial_passes)
+    assert full.baseline_block_runs == early.baseline_block_runs > 0
+    with pytest.raises(Exception, match="early_reject=False"):
+        exact_search_floor(early.trial_passes, delta, n_layers)
+
+
 # -- V2 ----------------------------------------------------------------------------------------
 
 

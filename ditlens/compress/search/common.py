@@ -99,6 +99,8 @@ class SearchResult:
     forward_passes: int = 0
     block_runs: int = 0
     output: Any = None  # the pipeline's output on the searched trajectory (calibration prompts)
+    trial_passes: list = field(default_factory=list)  # V1: every trial forward (greedy.TrialPass)
+    baseline_block_runs: int = 0  # V1: blocks run for the uncompressed output of each step
 
 
 def default_candidates(n_image: int, joint: bool, *, sparsities: Sequence[float] = DEFAULT_SPARSITIES,

@@ -11,6 +11,9 @@ How it avoids recomputation (generic over diffusers transformers, no per-family 
   per micro-batch once all of its attention layers are decided at this step. A later pass returns
   those cached outputs instead of running the blocks, so deciding layer i runs only the block of
   layer i (and, for V1's trials, the blocks after it).
+* A trial (V1) writes no cache, but keeps what committing it would write: its layer's output cache
+  and, once the rest of the block is decided, the block's output. Deciding the trial's methods
+  installs them, so the accepted trial's block is not run again to commit it.
 * A pass may stop right after a layer's attention (``_Stop``): V2 needs nothing after it.
 * Attention products are executed here from the call's own q, k, v (intercepted SDPA): the
   controller's per-head methods, or every candidate at once for V2's influences.
@@ -156,6 +159,9 @@ class SearchEngine:
         self.decided: dict[int, tuple[HeadMethod, ...]] = {}
         self.block_cache: dict[tuple[int, str], Any] = {}
         self.head_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        # (layer, methods) of a trial -> what committing it would write (see _keep_for_commit)
+        self.pending_heads: dict[tuple[int, tuple], list[tuple[tuple[int, int, int], torch.Tensor | None, torch.Tensor]]] = {}
+        self.pending_blocks: dict[tuple[int, tuple], dict[int, Any]] = {}
         self.residual: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.head_state = [[HeadState() for _ in range(self.heads)] for _ in self.layers]
         self.observer: Callable[..., None] | None = None
@@ -252,6 +258,8 @@ class SearchEngine:
         self._original_forward = original
         self.micro_batches = self._split(args, kwargs, info.batch)
         self.block_cache.clear()
+        self.pending_heads.clear()
+        self.pending_blocks.clear()
         self.decided = {}
         outputs = self.controller.run_step(self, self.step)
         merged = torch.empty((info.batch,) + tuple(first_tensor(outputs[0]).shape[1:]),
@@ -292,9 +300,25 @@ class SearchEngine:
             self.mb, self.pass_cfg = None, PassConfig()
 
     def decide(self, layer: int, methods: Sequence[HeadMethod]) -> None:
-        """Fix the methods of ``layer`` at this step (its caches are written from now on)."""
+        """Fix the methods of ``layer`` at this step (its caches are written from now on). When a
+        trial of these methods ran every micro-batch, what it kept for committing is installed."""
         methods = tuple(methods)
         self.decided[layer] = methods
+        heads, blocks = self.pending_heads.get((layer, methods)), self.pending_blocks.get((layer, methods))
+        if heads is not None and {key[2] for key, _, _ in heads} >= {mb.index for mb in self.micro_batches}:
+            for key, idx, values in heads:
+                if idx is None:
+                    continue  # nothing computed (output cache): nothing to write
+                cache = self.head_cache.get(key)
+                if cache is None:
+                    cache = self.head_cache[key] = torch.zeros_like(values)
+                cache[:, idx] = values[:, idx]
+            if blocks is not None and len(blocks) == len(self.micro_batches):
+                name = self.block_of[layer]
+                for mb_index, out in blocks.items():
+                    self.block_cache[(mb_index, name)] = out
+        self.pending_heads.clear()
+        self.pending_blocks.clear()
         for h, m in enumerate(methods):
             state = self.head_state[layer][h]
             if m.base == "full" and not m.asc:
@@ -316,8 +340,13 @@ class SearchEngine:
             return self.block_cache[key]
         self.block_runs += 1
         out = original(*args, **kwargs)
-        if self.config.reuse_blocks and all(i in self.decided for i in self.layers_of_block[name]):
-            self.block_cache[key] = out
+        if self.config.reuse_blocks:
+            undecided = [i for i in self.layers_of_block[name] if i not in self.decided]
+            if not undecided:
+                self.block_cache[key] = out
+            elif len(undecided) == 1 and undecided[0] in self.pass_cfg.trial and len(self.pass_cfg.trial) == 1:
+                i = undecided[0]
+                self.pending_blocks.setdefault((i, self.pass_cfg.trial[i]), {})[mb.index] = out
         return out
 
     def on_layer(self, index: int, original: Callable, args: tuple, kwargs: dict) -> Any:
@@ -423,9 +452,14 @@ class SearchEngine:
             idx = torch.tensor(heads, device=result.device)
             out[:, idx] = result[:, idx]
         assert out is not None
+        key = (index, call, self.mb.index)  # type: ignore[union-attr]
+        computing = [h for h, m in enumerate(methods) if m.computes]
+        if not commit and self.config.reuse_blocks and index in self.pass_cfg.trial:
+            # kept for decide(): what committing this call would write to the output cache (trial
+            # methods never refresh a residual: that is pure full attention)
+            idx = torch.tensor(computing, device=out.device) if computing else None
+            self.pending_heads.setdefault((index, methods), []).append((key, idx, out))
         if commit:
-            key = (index, call, self.mb.index)  # type: ignore[union-attr]
-            computing = [h for h, m in enumerate(methods) if m.computes]
             if computing:
                 idx = torch.tensor(computing, device=out.device)
                 cache = self.head_cache.get(key)

@@ -6,9 +6,12 @@ step t with every layer uncompressed. Then for every layer i in order, the strat
 L(O, O') on step t's transformer output is below ``(i + 1) / L · δ`` is kept (layers before i
 keep their choices at this step, layers after i run uncompressed), else the layer stays full.
 L is the A.2 mean relative absolute error (DESIGN §4, V1 loss), over all calibration prompts.
+Every trial forward is recorded with its loss terms per batch row (``TrialPass``), from which
+``greedy_floor`` bounds what any exact implementation could save.
 
 Efficiency, without changing any decision:
-* trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``);
+* trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``), and the trial
+  that is accepted leaves its block output and caches behind, so its block is not rerun to commit;
 * early rejection: the loss is a mean of non-negative terms over a known number of elements, so
   once the micro-batches run so far sum past the threshold, the remaining ones cannot bring it
   back under: the trial is rejected without running them.
@@ -48,11 +51,35 @@ def layer_threshold(i: int, n_layers: int, delta: float) -> float:
     return (i + 1) / n_layers * delta
 
 
-def v1_loss_sums(o: torch.Tensor, o_compressed: torch.Tensor) -> tuple[float, int]:
-    """(sum, count) of clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10) (summed over micro-batches)."""
+def v1_loss_row_sums(o: torch.Tensor, o_compressed: torch.Tensor) -> torch.Tensor:
+    """Per batch row: Σ clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10), float64 [rows]."""
     o, c = o.double(), o_compressed.double()
     ratio = ((o - c).abs() / (torch.maximum(o.abs(), c.abs()) + 1e-6)).clamp(0.0, LOSS_CLIP)
-    return float(ratio.sum()), ratio.numel()
+    return ratio.reshape(ratio.shape[0], -1).sum(dim=1)
+
+
+def v1_loss_sums(o: torch.Tensor, o_compressed: torch.Tensor) -> tuple[float, int]:
+    """(sum, count) of clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10) (summed over micro-batches)."""
+    return float(v1_loss_row_sums(o, o_compressed).sum()), o.numel()
+
+
+@dataclass(frozen=True)
+class TrialPass:
+    """One micro-batch of one V1 trial: what it cost and the loss terms it contributed, per batch row."""
+
+    step: int
+    layer: int
+    method: str
+    micro_batch: int
+    branches: tuple[str, ...]  # branch of every batch row ("cond" / "uncond")
+    row_sums: tuple[float, ...]  # Σ of the A.2 terms of every batch row
+    row_elements: int  # terms per batch row
+    suffix_blocks: int  # blocks from the trial layer's block to the last (what block reuse must run)
+    block_runs: int  # blocks this forward ran (the suffix, plus blocks rerun to commit earlier decisions)
+
+    @property
+    def loss_sum(self) -> float:
+        return float(sum(self.row_sums))
 
 
 @dataclass
@@ -72,6 +99,8 @@ class GreedyController:
         self.losses: np.ndarray | None = None
         self.trials = 0
         self.rejected_early = 0  # trials stopped before their last micro-batch
+        self.passes: list[TrialPass] = []  # every trial forward, in order
+        self.baseline_block_runs = 0  # blocks run for each step's uncompressed output O
         self.bar = None
         self.window: int | None = config.window
 
@@ -97,7 +126,9 @@ class GreedyController:
             self.methods = [["full"] * L for _ in range(engine.config.steps)]
             self.losses = np.full((engine.config.steps, L), np.nan)
             self.bar = engine.progress(engine.config.steps * L, "V1 greedy search")
+        runs_before = engine.block_runs
         baseline = [first_tensor(engine.forward(mb, PassConfig())) for mb in engine.micro_batches]
+        self.baseline_block_runs += engine.block_runs - runs_before
         (count,) = all_reduce_sums(sum(ref.numel() for ref in baseline))  # elements of the loss, all ranks
         early = self.config.early_reject and not self.config.naive
         # Micro-batches run in descending order of their last trial's loss: a trial that fails
@@ -115,8 +146,13 @@ class GreedyController:
                 methods = (method,) * engine.heads
                 skip = engine.block_pos[engine.block_of[i]]
                 for ran, k in enumerate(order, start=1):
-                    out = engine.forward(engine.micro_batches[k], PassConfig(trial={i: methods}, skip_before=skip))
-                    last_loss[k] = v1_loss_sums(baseline[k], first_tensor(out))[0]
+                    mb, runs_before = engine.micro_batches[k], engine.block_runs
+                    out = engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip))
+                    row_sums = v1_loss_row_sums(baseline[k], first_tensor(out))
+                    last_loss[k] = float(row_sums.sum())
+                    self.passes.append(TrialPass(step, i, method.to_str(), k, mb.branches, tuple(row_sums.tolist()),
+                                                 baseline[k][0].numel(), len(engine.blocks) - skip,
+                                                 engine.block_runs - runs_before))
                     total += last_loss[k]
                     if early and total / count >= threshold:  # the other terms are >= 0: rejected
                         self.rejected_early += ran < len(order)
@@ -162,7 +198,8 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
-                        engine.block_runs, output)
+                        engine.block_runs, output, controller.passes, controller.baseline_block_runs)
 
 
-__all__ = ["GreedyConfig", "search_greedy", "strategy_list", "layer_threshold", "v1_loss_sums"]
+__all__ = ["GreedyConfig", "TrialPass", "search_greedy", "strategy_list", "layer_threshold", "v1_loss_sums",
+           "v1_loss_row_sums"]
