@@ -378,7 +378,7 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
     if v1_every_candidate:
         variants[" naive, every candidate (the authors' loop)"] = dict(naive=True, every_candidate=True)
     if v1_floor:
-        variants[", block reuse only"] = dict(naive=False, early_reject=False)
+        variants[", block reuse only"] = dict(naive=False, early_reject=False, row_split=False)
     for label, flags in variants.items():
         t = time.perf_counter()
         found_v1 = search(pipe, prompts, method="v1", delta=v1_delta, steps=v1_steps,
@@ -390,6 +390,7 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
         log(f"pixart: {key}: {result.search_times[key]:.1f} s")
         plans.append(found_v1.plan.methods)
         blocks[key] = found_v1.block_runs
+        blocks[f"{key}, block work"] = found_v1.block_work  # weighted by the share of rows each block ran
         if flags.get("early_reject") is False:
             floor = exact_search_floor(found_v1.trial_passes, v1_delta, found_v1.plan.n_layers)
             base = found_v1.baseline_block_runs

@@ -42,8 +42,10 @@ def main() -> None:
     prompts = ([str(i % 10) for i in range(args.prompts)] if args.model == "tiny-dit" else
                [f"a red sneaker top left and a blue bag bottom right {i}" for i in range(args.prompts)])
     engine = EngineConfig(steps=args.steps, micro_batch=args.micro_batch, progress=False)
-    variants = {"V1 (block reuse + early rejection)": GreedyConfig(delta=args.delta, engine=engine),
-                "V1, block reuse only": GreedyConfig(delta=args.delta, early_reject=False, engine=engine),
+    variants = {"V1 (block reuse + early rejection + row split)": GreedyConfig(delta=args.delta, engine=engine),
+                "V1 without the row split": GreedyConfig(delta=args.delta, row_split=False, engine=engine),
+                "V1, block reuse only": GreedyConfig(delta=args.delta, early_reject=False, row_split=False,
+                                                     engine=engine),
                 "naive, every candidate (the DiTFastAttn authors' loop)": GreedyConfig(
                     delta=args.delta, naive=True, every_candidate=True, engine=engine),
                 "naive (whole model, every prompt, every trial)": GreedyConfig(delta=args.delta, naive=True,
@@ -52,7 +54,7 @@ def main() -> None:
     for name, config in variants.items():
         t0 = time.perf_counter()
         result = search_greedy(pipe, prompts, config)
-        if not config.early_reject and not config.naive:
+        if not config.early_reject and not config.naive and not config.row_split:
             floor = exact_search_floor(result.trial_passes, args.delta, result.plan.n_layers)
             baseline_blocks = result.baseline_block_runs
         if args.device.startswith("cuda"):
@@ -60,25 +62,26 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         plans.append(result.plan.methods)
         notes = dict(part.split("=", 1) for part in result.plan.provenance.notes.split("; ") if "=" in part)
-        rows.append((name, seconds, result.block_runs, result.forward_passes, notes.get("trials"),
+        rows.append((name, seconds, result.block_runs, result.block_work, result.forward_passes, notes.get("trials"),
                      notes.get("rejected_early", "0")))
     assert all(p == plans[0] for p in plans), "the variants chose different plans"
-    naive_s, naive_blocks = rows[-1][1], rows[-1][2]
-    authors_s = rows[-2][1]
+    naive_s, naive_work = rows[-1][1], rows[-1][3]
+    authors_s, authors_work = rows[-2][1], rows[-2][3]
     print(f"{args.model}, {args.prompts} prompts, {args.steps} steps, micro-batch {args.micro_batch}, δ={args.delta:g}, "
           f"{args.device}; same plan from every variant")
-    print("| search | seconds | ÷ naive | ÷ authors' loop | blocks run | ÷ naive | forwards | trials | rejected early |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, seconds, blocks, forwards, trials, early in rows:
-        print(f"| {name} | {seconds:.1f} | {seconds / naive_s:.2f} | {seconds / authors_s:.2f} | {blocks} | "
-              f"{blocks / naive_blocks:.2f} | {forwards} | {trials} | {early} |")
-    authors_blocks = rows[-2][2]
+    print("block work: block runs, each weighted by the share of its micro-batch's rows it ran (row split)")
+    print("| search | seconds | ÷ naive | ÷ authors' loop | blocks run | block work | ÷ naive | ÷ authors' loop | "
+          "forwards | trials | rejected early |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, seconds, blocks, work, forwards, trials, early in rows:
+        print(f"| {name} | {seconds:.1f} | {seconds / naive_s:.2f} | {seconds / authors_s:.2f} | {blocks} | {work:.0f} | "
+              f"{work / naive_work:.2f} | {work / authors_work:.2f} | {forwards} | {trials} | {early} |")
     assert floor is not None
     for name, work in (("oracle exact search, a micro-batch forward as the unit", floor.prompt),
                        ("oracle exact search, a batch row as the unit (known cond rows free)", floor.row)):
-        blocks = baseline_blocks + work
-        print(f"| {name} | — | — | — | {blocks:.0f} | {blocks / naive_blocks:.2f} "
-              f"(÷ authors' loop {blocks / authors_blocks:.2f}) | — | {floor.trials} | — |")
+        work += baseline_blocks
+        print(f"| {name} | — | — | — | — | {work:.0f} | {work / naive_work:.2f} | {work / authors_work:.2f} | — | "
+              f"{floor.trials} | — |")
     print(f"uncompressed output of every step: {baseline_blocks} block runs; trials of the block-reuse-only "
           f"variant: {floor.recorded:.0f} block runs (oracle {floor.prompt:.0f} / {floor.row:.0f}; row unit with no "
           f"row known: {floor.row_all_unknown:.0f})")

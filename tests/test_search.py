@@ -212,6 +212,25 @@ def test_v1_accepted_trial_is_committed_without_a_rerun(family):
     np.testing.assert_allclose(_replay(pipe, prompts, ecfg, fast.plan), _images(fast.output), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_v1_row_split_changes_no_loss(family):
+    """Trials that run only their uncond rows after their block (ASC, WA-RS after WA-RS+ASC) give the
+    same plan and the same accepted losses as computing every row, for less block work; the search's
+    trajectory is the runtime's replay of its plan."""
+    pipe, prompts, ecfg = _setup(family)
+    split = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, engine=ecfg))
+    whole = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, row_split=False, engine=ecfg))
+    assert split.plan.methods == whole.plan.methods
+    np.testing.assert_allclose(split.losses, whole.losses, rtol=1e-6)
+    for a, b in zip(split.trial_passes, whole.trial_passes):
+        assert (a.step, a.layer, a.method, a.micro_batch) == (b.step, b.layer, b.method, b.micro_batch)
+        np.testing.assert_allclose(a.row_sums, b.row_sums, rtol=1e-6, atol=1e-9)
+    split_methods = {p.method for p in split.trial_passes if p.block_work < p.block_runs}
+    assert split_methods and split_methods <= {"asc", "wars(2)"}
+    assert whole.block_work == whole.block_runs and split.block_work < whole.block_work
+    np.testing.assert_allclose(_replay(pipe, prompts, ecfg, split.plan), _images(split.output), atol=1e-5)
+
+
 def _brute_rejection_units(losses, known, count, threshold):
     """Fewest units whose loss sums (with the known part) reach the threshold, by enumeration."""
     for n in range(len(losses) + 1):
@@ -270,7 +289,9 @@ def test_exact_search_floor_premises_and_bound():
     pipe, prompts, ecfg = _setup("pixart")
     ecfg = EngineConfig(**{**ecfg.__dict__, "micro_batch": 1})
     delta = 0.01  # tight enough that AST fails and WA-RS+ASC, WA-RS and ASC run at some layers
-    full = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, early_reject=False, engine=ecfg))
+    # without the row split, every row of every trial is computed: the premises are checked, not assumed
+    full = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, early_reject=False, row_split=False,
+                                                     engine=ecfg))
     early = search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=2, engine=ecfg))
     assert early.plan.methods == full.plan.methods
     by_trial: dict = {}

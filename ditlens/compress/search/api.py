@@ -13,7 +13,8 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
            c: float | None = 1.5, candidates: Sequence[str] | str | None = None, latency: str = "flops",
            steps: int = 20, guidance: float | None = None, height: int | None = None, width: int | None = None,
            seed: int = 0, micro_batch: int = 4, window: int | None = None, naive: bool = False,
-           every_candidate: bool = False, early_reject: bool = True, progress: bool = True, call_kwargs: dict | None = None,
+           every_candidate: bool = False, early_reject: bool = True, row_split: bool = True, progress: bool = True,
+           call_kwargs: dict | None = None,
            budget_iterations: int = 10, sparsities: Sequence[float] | None = None) -> SearchResult:
     """Search a plan with ``method`` v1 | v2 | trace, at threshold ``delta`` or for a budget
     (``target_flops``: attention-core FLOPs fraction; ``target_latency``: modelled latency fraction).
@@ -40,7 +41,7 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
             from ditlens.compress.search.greedy import GreedyConfig, search_greedy
 
             config = GreedyConfig(delta=d, window=window, naive=naive, every_candidate=every_candidate,
-                                  early_reject=early_reject, engine=engine)
+                                  early_reject=early_reject, row_split=row_split, engine=engine)
             return search_greedy(pipe, prompts, config)
         from ditlens.compress.search.from_trace import search_from_trace
 

@@ -101,6 +101,7 @@ class SearchResult:
     output: Any = None  # the pipeline's output on the searched trajectory (calibration prompts)
     trial_passes: list = field(default_factory=list)  # V1: every trial forward (greedy.TrialPass)
     baseline_block_runs: int = 0  # V1: blocks run for the uncompressed output of each step
+    block_work: float = 0.0  # block runs, each weighted by the share of its micro-batch's rows it ran
 
 
 def default_candidates(n_image: int, joint: bool, *, sparsities: Sequence[float] = DEFAULT_SPARSITIES,

@@ -14,6 +14,8 @@ How it avoids recomputation (generic over diffusers transformers, no per-family 
 * A trial (V1) writes no cache, but keeps what committing it would write: its layer's output cache
   and, once the rest of the block is decided, the block's output. Deciding the trial's methods
   installs them, so the accepted trial's block is not run again to commit it.
+* A pass may run only some rows of its micro-batch from a given block on (``PassConfig.rows``), the
+  last block's output taking the other rows from a known output: V1's row split.
 * A pass may stop right after a layer's attention (``_Stop``): V2 needs nothing after it.
 * Attention products are executed here from the call's own q, k, v (intercepted SDPA): the
   controller's per-head methods, or every candidate at once for V2's influences.
@@ -69,6 +71,11 @@ class PassConfig:
     trial: dict[int, tuple[HeadMethod, ...]] = field(default_factory=dict)  # no cache writes
     observe: int | None = None  # layer whose candidates are measured (runs full, then stops)
     skip_before: int = 0  # block position: cached blocks before it return their cache
+    # Row split (V1): blocks from position ``rows_from`` on run only these rows of the micro-batch;
+    # the last block's output takes the other rows from ``known_last`` (their output is known).
+    rows: tuple[int, ...] | None = None
+    rows_from: int = 0
+    known_last: Any = None
 
 
 @dataclass
@@ -96,6 +103,18 @@ def _slice_batch(obj: Any, rows: torch.Tensor, batch: int) -> Any:
     if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
         return type(obj)(_slice_batch(v, rows, batch) for v in obj)
     return obj
+
+
+def _splice_rows(known: Any, part: Any, rows: torch.Tensor) -> Any:
+    """``known`` with its ``rows`` replaced by ``part`` (tuples and lists recursed)."""
+    if isinstance(part, torch.Tensor) and isinstance(known, torch.Tensor) and part.shape[0] == len(rows) \
+            and known.shape[1:] == part.shape[1:]:
+        out = known.clone()
+        out[rows.to(out.device)] = part
+        return out
+    if isinstance(part, (tuple, list)) and isinstance(known, (tuple, list)):
+        return type(part)(_splice_rows(k, p, rows) for k, p in zip(known, part))
+    return part
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -159,7 +178,7 @@ class SearchEngine:
         self.decided: dict[int, tuple[HeadMethod, ...]] = {}
         self.block_cache: dict[tuple[int, str], Any] = {}
         self.head_cache: dict[tuple[int, int, int], torch.Tensor] = {}
-        # (layer, methods) of a trial -> what committing it would write (see _keep_for_commit)
+        # (layer, methods) of a trial -> what committing it would write, installed by decide()
         self.pending_heads: dict[tuple[int, tuple], list[tuple[tuple[int, int, int], torch.Tensor | None, torch.Tensor]]] = {}
         self.pending_blocks: dict[tuple[int, tuple], dict[int, Any]] = {}
         self.residual: dict[tuple[int, int, int, int], torch.Tensor] = {}
@@ -169,6 +188,8 @@ class SearchEngine:
         self._original_forward: Callable | None = None
         self.forward_passes = 0
         self.block_runs = 0
+        self.block_work = 0.0  # block runs weighted by the share of the micro-batch's rows they ran
+        self.last_block_output: Any = None  # the last block's output of the latest pass (every row)
 
     # -- structure -----------------------------------------------------------------------------
     def _block_name(self, layer_name: str) -> str:
@@ -288,7 +309,11 @@ class SearchEngine:
 
     def forward(self, mb: MicroBatch, cfg: PassConfig | None = None) -> Any:
         """One transformer forward of micro-batch ``mb`` under ``cfg``; None when the pass stopped early."""
-        self.mb, self.pass_cfg = mb, cfg or PassConfig()
+        cfg = cfg or PassConfig()
+        if cfg.rows is not None and not 0 < len(cfg.rows) < len(mb.prompts):
+            raise DitlensError(f"a row split must keep some but not all of the micro-batch's {len(mb.prompts)} rows")
+        self.mb, self.pass_cfg = mb, cfg
+        self.last_block_output = None
         if not self.config.reuse_blocks:
             self.pass_cfg.skip_before = 0
         self.forward_passes += 1
@@ -335,12 +360,25 @@ class SearchEngine:
         mb = self.mb
         if mb is None:
             return original(*args, **kwargs)
-        key = (mb.index, name)
-        if self.block_pos[name] < self.pass_cfg.skip_before and key in self.block_cache:
+        key, cfg, last = (mb.index, name), self.pass_cfg, name == self.blocks[-1]
+        if self.block_pos[name] < cfg.skip_before and key in self.block_cache:
+            if last:
+                self.last_block_output = self.block_cache[key]
             return self.block_cache[key]
         self.block_runs += 1
+        split = cfg.rows is not None and self.block_pos[name] >= cfg.rows_from
+        if split:
+            batch, rows = len(mb.prompts), torch.tensor(cfg.rows, dtype=torch.long)
+            args, kwargs = _slice_batch(args, rows, batch), _slice_batch(kwargs, rows, batch)
+            self.block_work += len(cfg.rows) / batch
+        else:
+            self.block_work += 1.0
         out = original(*args, **kwargs)
-        if self.config.reuse_blocks:
+        if split and last:
+            out = _splice_rows(cfg.known_last, out, rows)
+        if last:
+            self.last_block_output = out
+        if self.config.reuse_blocks and not split:
             undecided = [i for i in self.layers_of_block[name] if i not in self.decided]
             if not undecided:
                 self.block_cache[key] = out

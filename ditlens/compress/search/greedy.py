@@ -12,6 +12,10 @@ Every trial forward is recorded with its loss terms per batch row (``TrialPass``
 Efficiency, without changing any decision:
 * trials reuse the cached outputs of the blocks before layer i (``reuse_blocks``), and the trial
   that is accepted leaves its block output and caches behind, so its block is not rerun to commit;
+* row split: after its own block, a trial runs only the rows whose output is not known already.
+  An ASC trial leaves the cond branch as in the current state, and a WA-RS trial runs the cond
+  branch exactly as the WA-RS+ASC trial before it: their cond rows are taken from that output
+  (the last block's), and only the uncond rows run the blocks after the trial's;
 * early rejection: the loss is a mean of non-negative terms over a known number of elements, so
   once the micro-batches run so far sum past the threshold, the remaining ones cannot bring it
   back under: the trial is rejected without running them.
@@ -76,6 +80,7 @@ class TrialPass:
     row_elements: int  # terms per batch row
     suffix_blocks: int  # blocks from the trial layer's block to the last (what block reuse must run)
     block_runs: int  # blocks this forward ran (the suffix, plus blocks rerun to commit earlier decisions)
+    block_work: float = 0.0  # the same, each block weighted by the share of the rows it ran (row split)
 
     @property
     def loss_sum(self) -> float:
@@ -90,6 +95,7 @@ class GreedyConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     early_reject: bool = True  # see the module docstring; off when naive
     every_candidate: bool = False  # the authors' loop: try every strategy, keep the most compressive passing one
+    row_split: bool = True  # trials run only the rows whose output is not known (module docstring); off when naive
 
 
 class GreedyController:
@@ -116,6 +122,19 @@ class GreedyController:
             return all(engine.wars_allowed(layer, h, method.window) for h in range(engine.heads))
         return True
 
+    def _known_cond_source(self, engine: SearchEngine, method: HeadMethod, k: int, current_last: list[Any],
+                           trial_last: dict[tuple[HeadMethod, int], Any]) -> Any:
+        """The last block's output that already holds the cond rows of this trial on micro-batch k,
+        or None. ASC leaves the cond branch as in the current state; WA-RS runs the cond branch as
+        the WA-RS+ASC trial of the same layer did."""
+        if not self.config.row_split or self.config.naive or engine.cfg_rows != 2:
+            return None
+        if method.base == "full" and method.asc:
+            return current_last[k]
+        if method.base == "wars" and not method.asc:
+            return trial_last.get((HeadMethod("wars", method.window, True), k))
+        return None
+
     def run_step(self, engine: SearchEngine, step: int) -> list[Any]:
         L = len(engine.layers)
         if self.bar is None:
@@ -127,7 +146,10 @@ class GreedyController:
             self.losses = np.full((engine.config.steps, L), np.nan)
             self.bar = engine.progress(engine.config.steps * L, "V1 greedy search")
         runs_before = engine.block_runs
-        baseline = [first_tensor(engine.forward(mb, PassConfig())) for mb in engine.micro_batches]
+        baseline, current_last = [], []  # current_last: last block's output of the current state
+        for mb in engine.micro_batches:
+            baseline.append(first_tensor(engine.forward(mb, PassConfig())))
+            current_last.append(engine.last_block_output)
         self.baseline_block_runs += engine.block_runs - runs_before
         (count,) = all_reduce_sums(sum(ref.numel() for ref in baseline))  # elements of the loss, all ranks
         early = self.config.early_reject and not self.config.naive
@@ -139,6 +161,7 @@ class GreedyController:
         for i in range(L):
             chosen = FULL
             threshold = layer_threshold(i, L, self.config.delta)
+            trial_last: dict[tuple[HeadMethod, int], Any] = {}  # (method, micro-batch) -> last block's output
             for method in strategy_list(self.window):
                 if not self.allowed(engine, step, i, method):
                     continue
@@ -146,13 +169,19 @@ class GreedyController:
                 methods = (method,) * engine.heads
                 skip = engine.block_pos[engine.block_of[i]]
                 for ran, k in enumerate(order, start=1):
-                    mb, runs_before = engine.micro_batches[k], engine.block_runs
-                    out = engine.forward(mb, PassConfig(trial={i: methods}, skip_before=skip))
+                    mb, runs_before, work_before = engine.micro_batches[k], engine.block_runs, engine.block_work
+                    cfg = PassConfig(trial={i: methods}, skip_before=skip)
+                    known = self._known_cond_source(engine, method, k, current_last, trial_last)
+                    if known is not None:
+                        cfg.rows = tuple(r for r, b in enumerate(mb.branches) if b != "cond")
+                        cfg.rows_from, cfg.known_last = skip + 1, known
+                    out = engine.forward(mb, cfg)
+                    trial_last[(method, k)] = engine.last_block_output
                     row_sums = v1_loss_row_sums(baseline[k], first_tensor(out))
                     last_loss[k] = float(row_sums.sum())
                     self.passes.append(TrialPass(step, i, method.to_str(), k, mb.branches, tuple(row_sums.tolist()),
                                                  baseline[k][0].numel(), len(engine.blocks) - skip,
-                                                 engine.block_runs - runs_before))
+                                                 engine.block_runs - runs_before, engine.block_work - work_before))
                     total += last_loss[k]
                     if early and total / count >= threshold:  # the other terms are >= 0: rejected
                         self.rejected_early += ran < len(order)
@@ -170,6 +199,8 @@ class GreedyController:
                 if chosen is not FULL and not self.config.every_candidate:
                     break
             engine.decide(i, (chosen,) * engine.heads)
+            if chosen is not FULL:  # the state now has layer i compressed (full: it is unchanged)
+                current_last = [trial_last.get((chosen, k)) for k in range(len(engine.micro_batches))]
             self.methods[step][i] = chosen.to_str()
             self.bar.update(1)
         return [engine.forward(mb, PassConfig(skip_before=len(engine.blocks))) for mb in engine.micro_batches]
@@ -193,12 +224,13 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
     seconds = time.perf_counter() - start
     strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
-             f"every_candidate={config.every_candidate}; micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; "
+             f"every_candidate={config.every_candidate}; row_split={config.row_split and not config.naive}; "
+             f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; "
              f"trials={controller.trials}; rejected_early={controller.rejected_early}")
     prov = provenance("v1-greedy", "v1_loss", config.delta, None, strategies, all_prompts(prompts), notes)
     plan = build_plan(engine, controller.methods, prov)
     return SearchResult(plan, seconds, None, strategies, [], controller.losses, engine.forward_passes,
-                        engine.block_runs, output, controller.passes, controller.baseline_block_runs)
+                        engine.block_runs, output, controller.passes, controller.baseline_block_runs, engine.block_work)
 
 
 __all__ = ["GreedyConfig", "TrialPass", "search_greedy", "strategy_list", "layer_threshold", "v1_loss_sums",
