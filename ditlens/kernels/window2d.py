@@ -13,8 +13,8 @@ function; the float64 reference materialises it.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import functools
+import importlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -136,6 +136,14 @@ def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
 
 
 @dataclass
+class _KeptWrites:
+    """What committing one micro-batch's trial pass would write."""
+
+    heads: list[tuple[tuple[int, int, int], torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, idx, out
+    block: Any = None  # the trial block's output, once the block's other layers are decided
+
+
+@dataclass
 class HeadState:
     """Decision history of one (layer, head) across steps (shared by all micro-batches)."""
 
@@ -155,6 +163,7 @@ class SearchEngine:
         self.prompts = list(prompts)
         self.config = config
         self.transformer: nn.Module = pipe.transformer
+        self.device = next(self.transformer.parameters()).device
         self.adapter = (registry or default_registry()).find(self.transformer)
         self.layers = self.adapter.attention_layers(self.transformer)
         self.heads, self.head_dim = self.adapter.heads(self.transformer)
@@ -178,9 +187,8 @@ class SearchEngine:
         self.decided: dict[int, tuple[HeadMethod, ...]] = {}
         self.block_cache: dict[tuple[int, str], Any] = {}
         self.head_cache: dict[tuple[int, int, int], torch.Tensor] = {}
-        # (layer, methods) of a trial -> what committing it would write, installed by decide()
-        self.pending_heads: dict[tuple[int, tuple], list[tuple[tuple[int, int, int], torch.Tensor | None, torch.Tensor]]] = {}
-        self.pending_blocks: dict[tuple[int, tuple], dict[int, Any]] = {}
+        # (layer, methods) of a trial -> micro-batch -> what committing it would write (decide() installs it)
+        self.kept: dict[tuple[int, tuple], dict[int, _KeptWrites]] = {}
         self.residual: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.head_state = [[HeadState() for _ in range(self.heads)] for _ in self.layers]
         self.observer: Callable[..., None] | None = None
@@ -190,6 +198,7 @@ class SearchEngine:
         self.block_runs = 0
         self.block_work = 0.0  # block runs weighted by the share of the micro-batch's rows they ran
         self.last_block_output: Any = None  # the last block's output of the latest pass (every row)
+        self._split_rows: torch.Tensor | None = None  # PassConfig.rows of the running pass, on the model's device
 
     # -- structure -----------------------------------------------------------------------------
     def _block_name(self, layer_name: str) -> str:
@@ -279,8 +288,7 @@ class SearchEngine:
         self._original_forward = original
         self.micro_batches = self._split(args, kwargs, info.batch)
         self.block_cache.clear()
-        self.pending_heads.clear()
-        self.pending_blocks.clear()
+        self.kept.clear()
         self.decided = {}
         outputs = self.controller.run_step(self, self.step)
         merged = torch.empty((info.batch,) + tuple(first_tensor(outputs[0]).shape[1:]),
@@ -314,6 +322,7 @@ class SearchEngine:
             raise DitlensError(f"a row split must keep some but not all of the micro-batch's {len(mb.prompts)} rows")
         self.mb, self.pass_cfg = mb, cfg
         self.last_block_output = None
+        self._split_rows = None if cfg.rows is None else torch.tensor(cfg.rows, dtype=torch.long, device=self.device)
         if not self.config.reuse_blocks:
             self.pass_cfg.skip_before = 0
         self.forward_passes += 1
@@ -329,27 +338,27 @@ class SearchEngine:
         trial of these methods ran every micro-batch, what it kept for committing is installed."""
         methods = tuple(methods)
         self.decided[layer] = methods
-        heads, blocks = self.pending_heads.get((layer, methods)), self.pending_blocks.get((layer, methods))
-        if heads is not None and {key[2] for key, _, _ in heads} >= {mb.index for mb in self.micro_batches}:
-            for key, idx, values in heads:
-                if idx is None:
-                    continue  # nothing computed (output cache): nothing to write
-                cache = self.head_cache.get(key)
-                if cache is None:
-                    cache = self.head_cache[key] = torch.zeros_like(values)
-                cache[:, idx] = values[:, idx]
-            if blocks is not None and len(blocks) == len(self.micro_batches):
-                name = self.block_of[layer]
-                for mb_index, out in blocks.items():
-                    self.block_cache[(mb_index, name)] = out
-        self.pending_heads.clear()
-        self.pending_blocks.clear()
+        kept = self.kept.get((layer, methods), {})
+        if len(kept) == len(self.micro_batches):
+            for mb_index, writes in kept.items():
+                for key, idx, values in writes.heads:
+                    cache = self.head_cache.get(key)
+                    if cache is None:
+                        cache = self.head_cache[key] = torch.zeros_like(values)
+                    cache[:, idx] = values[:, idx]
+                if writes.block is not None:
+                    self.block_cache[(mb_index, self.block_of[layer])] = writes.block
+        self.kept.clear()
         for h, m in enumerate(methods):
             state = self.head_state[layer][h]
             if m.base == "full" and not m.asc:
                 state.refreshed, state.wars_window = True, None
             elif m.base == "wars":
                 state.wars_window = m.window
+
+    def _kept_writes(self, layer: int, methods: tuple[HeadMethod, ...]) -> _KeptWrites:
+        """This micro-batch's kept writes for a trial of ``methods`` at ``layer``."""
+        return self.kept.setdefault((layer, methods), {}).setdefault(self.mb.index, _KeptWrites())  # type: ignore[union-attr]
 
     def wars_allowed(self, layer: int, head: int, window: int) -> bool:
         state = self.head_state[layer][head]
@@ -366,11 +375,12 @@ class SearchEngine:
                 self.last_block_output = self.block_cache[key]
             return self.block_cache[key]
         self.block_runs += 1
-        split = cfg.rows is not None and self.block_pos[name] >= cfg.rows_from
+        rows = self._split_rows
+        split = rows is not None and self.block_pos[name] >= cfg.rows_from
         if split:
-            batch, rows = len(mb.prompts), torch.tensor(cfg.rows, dtype=torch.long)
+            batch = len(mb.prompts)
             args, kwargs = _slice_batch(args, rows, batch), _slice_batch(kwargs, rows, batch)
-            self.block_work += len(cfg.rows) / batch
+            self.block_work += len(rows) / batch
         else:
             self.block_work += 1.0
         out = original(*args, **kwargs)
@@ -382,9 +392,9 @@ class SearchEngine:
             undecided = [i for i in self.layers_of_block[name] if i not in self.decided]
             if not undecided:
                 self.block_cache[key] = out
-            elif len(undecided) == 1 and undecided[0] in self.pass_cfg.trial and len(self.pass_cfg.trial) == 1:
+            elif len(undecided) == 1 and undecided[0] in cfg.trial and len(cfg.trial) == 1:
                 i = undecided[0]
-                self.pending_blocks.setdefault((i, self.pass_cfg.trial[i]), {})[mb.index] = out
+                self._kept_writes(i, cfg.trial[i]).block = out
         return out
 
     def on_layer(self, index: int, original: Callable, args: tuple, kwargs: dict) -> Any:
@@ -495,8 +505,9 @@ class SearchEngine:
         if not commit and self.config.reuse_blocks and index in self.pass_cfg.trial:
             # kept for decide(): what committing this call would write to the output cache (trial
             # methods never refresh a residual: that is pure full attention)
-            idx = torch.tensor(computing, device=out.device) if computing else None
-            self.pending_heads.setdefault((index, methods), []).append((key, idx, out))
+            writes = self._kept_writes(index, methods)
+            if computing:
+                writes.heads.append((key, torch.tensor(computing, device=out.device), out))
         if commit:
             if computing:
                 idx = torch.tensor(computing, device=out.device)

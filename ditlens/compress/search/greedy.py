@@ -55,6 +55,20 @@ def layer_threshold(i: int, n_layers: int, delta: float) -> float:
     return (i + 1) / n_layers * delta
 
 
+CURRENT_STATE = "current state"
+
+
+def known_cond_source(method: HeadMethod) -> HeadMethod | str | None:
+    """Where the output of a trial's cond rows is already computed: ``CURRENT_STATE`` for ASC (its cond
+    branch runs as in the current state), the WA-RS+ASC trial of the same window for WA-RS (the same
+    cond branch), else None."""
+    if method.base == "full" and method.asc:
+        return CURRENT_STATE
+    if method.base == "wars" and not method.asc:
+        return HeadMethod("wars", method.window, True)
+    return None
+
+
 def v1_loss_row_sums(o: torch.Tensor, o_compressed: torch.Tensor) -> torch.Tensor:
     """Per batch row: Σ clip(|O - O'| / (max(|O|, |O'|) + 1e-6), 0, 10), float64 [rows]."""
     o, c = o.double(), o_compressed.double()
@@ -124,16 +138,14 @@ class GreedyController:
 
     def _known_cond_source(self, engine: SearchEngine, method: HeadMethod, k: int, current_last: list[Any],
                            trial_last: dict[tuple[HeadMethod, int], Any]) -> Any:
-        """The last block's output that already holds the cond rows of this trial on micro-batch k,
-        or None. ASC leaves the cond branch as in the current state; WA-RS runs the cond branch as
-        the WA-RS+ASC trial of the same layer did."""
+        """The last block's output that already holds the cond rows of this trial on micro-batch k
+        (see known_cond_source), or None."""
         if not self.config.row_split or self.config.naive or engine.cfg_rows != 2:
             return None
-        if method.base == "full" and method.asc:
-            return current_last[k]
-        if method.base == "wars" and not method.asc:
-            return trial_last.get((HeadMethod("wars", method.window, True), k))
-        return None
+        source = known_cond_source(method)
+        if source is None:
+            return None
+        return current_last[k] if source == CURRENT_STATE else trial_last.get((source, k))
 
     def run_step(self, engine: SearchEngine, step: int) -> list[Any]:
         L = len(engine.layers)
@@ -234,4 +246,4 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
 
 
 __all__ = ["GreedyConfig", "TrialPass", "search_greedy", "strategy_list", "layer_threshold", "v1_loss_sums",
-           "v1_loss_row_sums"]
+           "v1_loss_row_sums", "known_cond_source", "CURRENT_STATE"]

@@ -31,8 +31,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from ditlens.compress.methods import HeadMethod, parse_method
-from ditlens.compress.search.greedy import TrialPass, layer_threshold
+from ditlens.compress.methods import parse_method
+from ditlens.compress.search.greedy import CURRENT_STATE, TrialPass, known_cond_source, layer_threshold
 from ditlens.errors import DitlensError
 
 
@@ -51,11 +51,8 @@ class SearchFloor:
 
 def _known_cond_rows(trial: list[TrialPass], tried_before: set[str]) -> set[tuple[int, int]]:
     """(micro-batch, row) pairs whose output an exact search already holds for this trial."""
-    method = parse_method(trial[0].method)
-    asc_only = method.base == "full" and method.asc
-    after_wars_asc = (method.base == "wars" and not method.asc
-                      and HeadMethod("wars", method.window, True).to_str() in tried_before)
-    if not (asc_only or after_wars_asc):
+    source = known_cond_source(parse_method(trial[0].method))
+    if source is None or (source != CURRENT_STATE and source.to_str() not in tried_before):
         return set()
     return {(p.micro_batch, r) for p in trial for r, b in enumerate(p.branches) if b == "cond"}
 
