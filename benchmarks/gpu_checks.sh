@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -83,6 +83,13 @@ for name in "$@"; do
     short-mixed) part short-mixed 200 python3 benchmarks/small_shapes.py --out "$out/short_mixed" --shapes DiT-512,PixArt-1K \
                    --window-sparsity 0.75 --variants dense,window,mixed \
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
+    split-mixed) part split-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "split_full or triton_headwise"
+                 part split-mixed-72 200 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" \
+                   --shapes DiT-512,PixArt-1K --window-sparsity 0.75 --variants dense,mixed \
+                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk3,128x64/4w/3s/tma/1l/sk4
+                 part split-mixed-128 200 python3 benchmarks/small_shapes.py --out "$out/split_mixed_128" \
+                   --shapes FLUX-1K,FLUX-2K --window-sparsity 0.75 --variants dense,mixed \
+                   --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/r168/1l/sk2,64x128/4w/1s/tma/r168/1l/sk4 ;;
     window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py
               part window2d 300 python3 benchmarks/window2d.py --out "$out/window2d" \
                 --configs 16x8/8x8/4w/2s/tma,8x8/8x16/4w/2s/tma,8x8/8x8/4w/3s,8x8/8x8/4w/3s/tma,16x8/8x16/8w/2s ;;

@@ -35,26 +35,30 @@ CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2
 
 def _parse_config(text: str):
     """``"128x64/8w/3s"`` -> KernelConfig(128, 64, 8, 3); suffixes ``/tma`` (K/V through tensor
-    descriptors), ``/ws`` (warp-specialized unmasked key loop), ``/eN`` (edge loops pipelined N deep) and
-    ``/rN`` (at most N registers per thread) and ``/1l`` (one loop per key segment), in any order."""
+    descriptors), ``/ws`` (warp-specialized unmasked key loop), ``/eN`` (edge loops pipelined N deep),
+    ``/rN`` (at most N registers per thread), ``/1l`` (one loop per key segment) and ``/skN`` (the full
+    heads of mixed launches in N key chunks), in any order."""
     from ditlens.kernels.triton_backend import KernelConfig
 
     tiles, warps, stages, *flags = text.strip().split("/")
     edge = [f for f in flags if f[:1] == "e" and f[1:].isdigit()]
     regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
-    unknown = set(flags) - {"tma", "ws", "1l"} - set(edge) - set(regs)
-    if unknown or len(edge) > 1 or len(regs) > 1:
-        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, one /eN and one /rN")
+    split = [f for f in flags if f[:2] == "sk" and f[2:].isdigit()]
+    unknown = set(flags) - {"tma", "ws", "1l"} - set(edge) - set(regs) - set(split)
+    if unknown or len(edge) > 1 or len(regs) > 1 or len(split) > 1:
+        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, one /eN, one /rN and one /skN")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
                         warp_specialize="ws" in flags, edge_stages=int(edge[0][1:]) if edge else None,
-                        max_registers=int(regs[0][1:]) if regs else None, one_loop="1l" in flags)
+                        max_registers=int(regs[0][1:]) if regs else None, one_loop="1l" in flags,
+                        split_full=int(split[0][2:]) if split else 1)
 
 
 def _label(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s" + ("/tma" if cfg.tma else "")
             + ("/ws" if cfg.warp_specialize else "") + (f"/e{cfg.edge_stages}" if cfg.edge_stages else "")
-            + (f"/r{cfg.max_registers}" if cfg.max_registers else "") + ("/1l" if cfg.one_loop else ""))
+            + (f"/r{cfg.max_registers}" if cfg.max_registers else "") + ("/1l" if cfg.one_loop else "")
+            + (f"/sk{cfg.split_full}" if cfg.split_full > 1 else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:
@@ -168,8 +172,16 @@ def main() -> None:
                 calls["dense"]()
                 dense_err = ((out.float() - sdpa_out).norm() / sdpa_out.norm()).item()
             # and the windowed launches against masked attention on sampled rows (a kernel that writes NaN
-            # rows must not pass for a fast one)
+            # rows must not pass for a fast one); the mixed launch's full heads against SDPA (split-K chunks
+            # merged right) and its skip heads against the cache they copy
             errs = {}
+            if "mixed" in variants and times["mixed"] == times["mixed"]:
+                calls["mixed"]()
+                full = [h for h, m in enumerate(mixed_heads) if m == "full"]
+                skip = [h for h, m in enumerate(mixed_heads) if m == "skip"]
+                errs["mixed_full_err"] = ((out[:, full].float() - sdpa_out[:, full]).norm()
+                                          / sdpa_out[:, full].norm()).item()
+                errs["mixed_skip_exact"] = float(torch.equal(out[:, skip], residual[:, skip]))
             for key, mode, width in (("window", "window", w), ("arrow", "arrow", w_arrow)):
                 if key in variants and times[key] == times[key]:
                     calls[key]()

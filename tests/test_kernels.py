@@ -253,6 +253,76 @@ def test_all_full_launch_matches_reference(device, L, D):
     assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
 
 
+# Mixed launches whose full heads run as key chunks merged by the last one to finish
+# (KernelConfig.split_full): (L, n_text, text_first) with text first, last and none; L not a multiple
+# of the key block; the largest split has more chunks than key blocks (empty chunks)
+SPLIT_LAYOUTS = [(45, 0, False), (70, 9, True), (61, 7, False)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("geometry", SPLIT_LAYOUTS, ids=lambda g: f"L{g[0]}-t{g[1]}{'first' if g[2] else 'last'}")
+def test_split_full_heads_match_reference(device, geometry):
+    L, n_text, text_first = geometry
+    L = _scaled_len(L, device)
+    n_text = n_text if device == "cpu" else n_text * 7
+    B, D = 2, (72 if n_text else 128)
+    modes, windows = ["full", "window", "skip", "arrow", "full"], [0, 5, 0, 3, 0]
+    H = len(modes)
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, device, seed=L)
+    # the later keys score far higher than the earlier ones: the chunks' row maxima differ by a lot, so a
+    # merge that did not rescale the chunks by 2^(m_c - max) would be far off
+    k[:, :, L // 2:] *= 4
+    cached, residual = (torch.randn(B, H, L, D, device=device).to(torch.bfloat16) for _ in range(2))
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, n_text, text_first)
+    ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_text, text_first=text_first,
+                                       cached=cached, out_dtype=torch.float64)
+    base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False)
+    n_key_blocks = -(-L // base.block_n)
+    for split in (2, 3, n_key_blocks + 2):
+        cfg = replace(base, split_full=split)
+        out = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
+        assert not torch.isnan(out).any(), f"unwritten or NaN output elements with {cfg}"
+        for h in range(H):
+            if modes[h] == "skip":
+                assert torch.equal(out[:, h], cached[:, h]), split
+            else:
+                assert _rel_err(out[:, h], ref[:, h]) < _tol(torch.bfloat16), (split, h, modes[h])
+    # the epilogue of a merged chunk: residual added (WA-RS apply) and subtracted (R = O - W)
+    cfg = replace(base, split_full=2)
+    for subtract in (False, True):
+        out = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, residual=residual, config=cfg, out=out,
+                        subtract=subtract)
+        full = [h for h in range(H) if modes[h] == "full"]
+        expected = residual[:, full].double() - ref[:, full] if subtract else ref[:, full] + residual[:, full].double()
+        assert _rel_err(out[:, full], expected) < _tol(torch.bfloat16), subtract
+
+
+def test_split_full_heads_program_ranks():
+    from ditlens.kernels.patterns import head_attended_pairs
+    from ditlens.kernels.triton_backend import _plan_tensors, full_head_split
+
+    modes, windows, L = ["window", "full", "skip", "full", "arrow"], [4, 0, 0, 0, 2], 100
+    plan, layout = make_head_plan(modes, windows, len(modes), L), TokenLayout(L, 10, True)
+    meta = _plan_tensors(plan, layout, torch.device("cpu"), 3)
+    order, part = meta.order.tolist(), meta.part.tolist()
+    # every full head once per chunk, every other head once, parts f * split + chunk for the full heads
+    assert sorted(order) == [0, 1, 1, 1, 2, 3, 3, 3, 4]
+    assert sorted(p for h, p in zip(order, part) if modes[h] == "full") == list(range(6))
+    assert {p // 3 for h, p in zip(order, part) if h == 1} == {0} and {p // 3 for h, p in zip(order, part) if h == 3} == {1}
+    # the programs by decreasing work: a chunk weighs a third of its head
+    work = [head_attended_pairs(modes[h], windows[h], layout) / (3 if modes[h] == "full" else 1) for h in order]
+    assert work == sorted(work, reverse=True) and order[-1] == 2
+    # no split without a full head, in all-full launches, or past one key block per chunk
+    cfg = KernelConfig(16, 16, 1, 1, split_full=4)
+    assert full_head_split(plan, L, cfg) == 4
+    assert full_head_split(plan, 20, cfg) == 2
+    assert full_head_split(make_head_plan(["full"] * 2, [0, 0], 2, L), L, cfg) == 1
+    assert full_head_split(make_head_plan(["window", "skip"], [3, 0], 2, L), L, cfg) == 1
+    assert full_head_split(plan, L, KernelConfig(16, 16, 1, 1)) == 1
+
+
 # (L, n_text, text_first, boundary on a block edge): text/image boundary on a multiple of the query
 # block (16 rows on the CPU, 128 on CUDA) with text first and last, no text, and boundaries inside a
 # query block, whose rows then follow different rules in the same edge block

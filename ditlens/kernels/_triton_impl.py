@@ -275,22 +275,34 @@ def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, 
 def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0, offs_d1, L,
                      qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
-                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr = False):
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr = False,
+                     j_lo=0, j_hi=0, KEY_RANGE: tl.constexpr = False):
     """A full head's query block: every key, unmasked blocks and one tail block masked at L (none when
     the host says L is a multiple of BLOCK_N: KEYS_EVEN). One key
     range and no per-head geometry: 160 registers (sm_90, D = 128, 64x128 tiles;
-    benchmarks/kernel_resources.py), so 64-row tiles run two programs per SM."""
+    benchmarks/kernel_resources.py), so 64-row tiles run two programs per SM.
+    With KEY_RANGE only key blocks [j_lo, j_hi) (one chunk of a split full head)."""
     n_full = L // BLOCK_N
     row_lo = offs_m * 0
     row_hi = row_lo + L
-    for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
+    if KEY_RANGE:
+        j_start = j_lo
+        j_mid = tl.minimum(j_hi, n_full)
+        j_tail = tl.maximum(j_lo, n_full)
+        j_end = j_hi
+    else:  # the constant start keeps the dense loop exactly as it was compiled before chunks existed
+        j_start = 0
+        j_mid = n_full
+        j_tail = n_full
+        j_end = (L + BLOCK_N - 1) // BLOCK_N
+    for j in tl.range(j_start, j_mid, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
                                              HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
     # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
     # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200.
     if not KEYS_EVEN:
-        for j in range(n_full, (L + BLOCK_N - 1) // BLOCK_N):
+        for j in range(j_tail, j_end):
             acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                  j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
                                                  HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
@@ -392,11 +404,11 @@ def _tile_of(pid, B, n_mblocks, first_text_mb, end_text_mb):
 
 # Sequence geometry is not specialised on (one compile serves every length); strides are,
 # so the compiler still sees 16-byte aligned rows.
-@triton.jit(do_not_specialize=["B", "L", "img_lo", "img_hi", "t_lo", "t_hi", "n_mblocks"])
-def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
+@triton.jit(do_not_specialize=["B", "L", "img_lo", "img_hi", "t_lo", "t_hi", "n_mblocks", "n_split_heads"])
+def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                         stride_ob, stride_oh, stride_cb, stride_ch, stride_rb, stride_rh,
-                        B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, qk_scale,
+                        B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, qk_scale,
                         HEAD_DIM: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                         SO: tl.constexpr, SC: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
@@ -404,7 +416,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
                         EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
-                        KEYS_EVEN: tl.constexpr = False):
+                        KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -413,7 +425,9 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
     ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys), and KEYS_EVEN:
     L is a multiple of BLOCK_N (no partial key block); EDGE_STAGES:
     the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
-    loop instead (see _attend_segment_one_loop)."""
+    loop instead (see _attend_segment_one_loop). SPLIT > 1: the full heads of a mixed launch split their
+    keys into SPLIT chunks, each chunk a program of its own (its ORDER rank; PART holds f * SPLIT + chunk,
+    f the head's index among the full heads), merged by the last to finish (see _merge_key_chunks)."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -437,11 +451,14 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER,
             _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
     else:
         win = 0 if ALL_FULL else tl.load(WIN + h)
+        # a chunk of a split full head: its tile among the split heads' query blocks, and its chunk
+        part = tl.load(PART + rank) if SPLIT > 1 else 0
+        tile = (b * n_split_heads + part // SPLIT) * n_mblocks + mb
         _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                             stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
-                            offs_d0, offs_d1, qk_scale, O.dtype.element_ty, HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M,
-                            BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST, HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC,
-                            KEYS_EVEN, EDGE_STAGES, ONE_LOOP)
+                            offs_d0, offs_d1, qk_scale, WS, WML, CNT, tile, part % SPLIT, O.dtype.element_ty,
+                            HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
+                            HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT)
 
 
 @triton.jit
@@ -470,14 +487,16 @@ def _kv_descriptors(k_base, v_base, shape, k_strides, v_strides, block0, block1,
 @triton.jit
 def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                         stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
-                        offs_d0, offs_d1, qk_scale, OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        offs_d0, offs_d1, qk_scale, WS, WML, CNT, tile, chunk, OUT_DTYPE: tl.constexpr,
+                        HEAD_DIM: tl.constexpr,
                         SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, SO: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
-                        ONE_LOOP: tl.constexpr):
-    """Attention of one query block of one (batch, head) that is not skipped, and its epilogue."""
+                        ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr):
+    """Attention of one query block of one (batch, head) that is not skipped, and its epilogue (for a
+    split full head: one chunk of its keys, and the epilogue only in the chunk that merges)."""
     # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
     # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
     # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
@@ -495,14 +514,90 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
     if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
-        acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
-                                                offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N,
-                                                D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
+        if SPLIT > 1:  # this chunk's share of the key blocks
+            n_blocks = (L + BLOCK_N - 1) // BLOCK_N
+            per_chunk = (n_blocks + SPLIT - 1) // SPLIT
+            j_lo = tl.minimum(chunk * per_chunk, n_blocks)
+            acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
+                                                    dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
+                                                    BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN,
+                                                    j_lo, tl.minimum(j_lo + per_chunk, n_blocks), True)
+        else:
+            acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
+                                                    dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
+                                                    BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
     else:
         acc0, acc1, m_i, l_i = _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                 m0, offs_m, offs_d0, offs_d1, mode, win, L, img_lo, img_hi, t_lo,
                                                 t_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
                                                 UPCAST, USE_TMA, WARP_SPEC, EDGE_STAGES, ONE_LOOP)
+    if SPLIT > 1:
+        if mode == 0:
+            acc0, acc1, l_i, merges = _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, tile, chunk, SPLIT,
+                                                        BLOCK_M, D0, D1, HAS_D1)
+        else:
+            merges = mode != 0  # (true) not split: this program writes its rows
+        if merges:
+            _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
+                      OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT,
+                      QO_DESC)
+    else:
+        _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
+                  OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT, QO_DESC)
+
+
+@triton.jit
+def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, tile, chunk, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
+    """Split-K merge of a full head's query block whose keys ran as SPLIT programs (chunks).
+
+    Each chunk stores its unnormalised accumulators and its row max and sum (fp32, WS / WML, padded to
+    BLOCK_M x (D0 + D1): no masks), then takes a ticket from the tile's counter (CNT, zeroed by the host
+    for each launch: a memset node under graph replay). The chunk that draws the last ticket has every
+    other chunk's partials behind the counter's acquire; it merges them (softmax rescaling by
+    2^(m_c - max)) and returns merges=True with the merged accumulators and sum.
+    An empty chunk (fewer key blocks than chunks) has m = -inf, l = 0 and weighs nothing."""
+    rows = tl.arange(0, BLOCK_M)
+    DP: tl.constexpr = D0 + D1 * HAS_D1  # the workspace's row: the padded head dim
+    cols0 = tl.arange(0, D0)
+    cols1 = D0 + tl.arange(0, D1)
+    slot = (tile * SPLIT + chunk).to(tl.int64)
+    ws = WS + slot * (BLOCK_M * DP)
+    tl.store(ws + rows[:, None] * DP + cols0[None, :], acc0)
+    if HAS_D1:
+        tl.store(ws + rows[:, None] * DP + cols1[None, :], acc1)
+    ml = WML + slot * (2 * BLOCK_M)
+    tl.store(ml + rows, m_i)
+    tl.store(ml + BLOCK_M + rows, l_i)
+    # every thread's partial stores happen before the one thread that takes the ticket releases them
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+    merges = ticket == SPLIT - 1
+    if merges:
+        first = (tile * SPLIT).to(tl.int64)
+        m_all = m_i
+        for c in tl.static_range(SPLIT):  # L2 reads (.cg): other SMs wrote these
+            m_all = tl.maximum(m_all, tl.load(WML + (first + c) * (2 * BLOCK_M) + rows, cache_modifier=".cg"))
+        acc0 = tl.zeros_like(acc0)
+        acc1 = tl.zeros_like(acc1)
+        l_i = tl.zeros_like(l_i)
+        for c in tl.static_range(SPLIT):
+            ml_c = WML + (first + c) * (2 * BLOCK_M)
+            weight = tl.math.exp2(tl.load(ml_c + rows, cache_modifier=".cg") - m_all)
+            l_i += tl.load(ml_c + BLOCK_M + rows, cache_modifier=".cg") * weight
+            ws_c = WS + (first + c) * (BLOCK_M * DP) + rows[:, None] * DP
+            acc0 += tl.load(ws_c + cols0[None, :], cache_modifier=".cg") * weight[:, None]
+            if HAS_D1:
+                acc1 += tl.load(ws_c + cols1[None, :], cache_modifier=".cg") * weight[:, None]
+    return acc0, acc1, l_i, merges
+
+
+@triton.jit
+def _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
+              OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, SO: tl.constexpr, SR: tl.constexpr,
+              BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, QO_DESC: tl.constexpr):
+    """acc / l (plus or minus the residual) stored to the output rows of one query block."""
     inv_l = 1.0 / l_i
     out0 = acc0 * inv_l[:, None]
     if HAS_RESIDUAL:

@@ -46,6 +46,13 @@ class KernelConfig:
     one_loop: bool = False
     # Cap on registers per thread (ptxas maxnreg), e.g. to fit three 4-warp programs per SM (168).
     max_registers: int | None = None
+    # Split-K for the full heads of a mixed launch (one that also has window, arrow or skip heads): each
+    # full head's query block runs as this many programs over consecutive key chunks, merged by the last
+    # to finish (fp32 partials in a workspace, one atomic ticket per query block). A full head's program
+    # is the launch's longest, and at short sequences (PixArt 1024², DiT-XL 512²) the last wave of them
+    # runs on while the other SMs idle (BENCHMARKS.md §2, session 17); shorter programs pack the waves.
+    # 1: off (all-full launches never split: every program there is equally long).
+    split_full: int = 1
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
 # and benchmarks/small_shapes.py (bf16, H200; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96, with
@@ -153,18 +160,37 @@ def _jit_modes() -> tuple[bool, bool]:
 class _PlanTensors:
     mode: torch.Tensor   # int32 [H]
     window: torch.Tensor  # int32 [H]
-    order: torch.Tensor   # int32 [H], heads by decreasing work (skip heads last)
+    # int32 [ranks]: the head of each program rank, by decreasing work (skip heads last); with split full
+    # heads a full head has one rank per key chunk, and ranks = H + (split - 1) * (number of full heads)
+    order: torch.Tensor
+    # int32 [ranks]: f * split + chunk for a rank of a split full head (f: its index among the full heads),
+    # 0 otherwise
+    part: torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device) -> _PlanTensors:
+def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, split: int = 1) -> _PlanTensors:
     cost = [head_attended_pairs(m, w, layout) for m, w in zip(plan.modes, plan.windows)]
-    order = sorted(range(plan.n_heads), key=lambda h: (-cost[h], h))
+    full_index = {h: f for f, h in enumerate(h for h, m in enumerate(plan.modes) if m == "full")}
+    # (cost of the program, head, chunk, part) per rank
+    ranks = [(cost[h] / split, h, c, full_index[h] * split + c) if split > 1 and h in full_index
+             else (cost[h], h, 0, 0)
+             for h in range(plan.n_heads) for c in range(split if split > 1 and h in full_index else 1)]
+    ranks.sort(key=lambda r: (-r[0], r[1], r[2]))
     return _PlanTensors(
         mode=torch.tensor(plan.mode_codes, dtype=torch.int32, device=device),
         window=torch.tensor(plan.windows, dtype=torch.int32, device=device),
-        order=torch.tensor(order, dtype=torch.int32, device=device),
+        order=torch.tensor([r[1] for r in ranks], dtype=torch.int32, device=device),
+        part=torch.tensor([r[3] for r in ranks], dtype=torch.int32, device=device),
     )
+
+
+def full_head_split(plan: HeadPlan, seq_len: int, cfg: KernelConfig) -> int:
+    """Key chunks per full head in this launch: ``cfg.split_full`` for a mixed launch with full heads, at
+    most one key block per chunk; 1 for all-full launches and plans without full heads."""
+    if cfg.split_full <= 1 or plan.all_full or not plan.has_full:
+        return 1
+    return max(1, min(cfg.split_full, triton_cdiv(seq_len, cfg.block_n)))
 
 
 def check_triton_inputs(q: torch.Tensor) -> str | None:
@@ -312,23 +338,40 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     res = _unit_last(residual) if residual is not None else out
     tensors = (q, k, v, out, cache, res)
     strides = tuple(t.stride() for t in tensors)
+    split = full_head_split(plan, L, cfg)
     constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
-                                  all_full and L % cfg.block_n == 0)
-    meta = graph_constant(_plan_tensors(plan, layout, q.device))
+                                  all_full and L % cfg.block_n == 0, split)
+    meta = graph_constant(_plan_tensors(plan, layout, q.device, split))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
+    n_split_heads = plan.modes.count("full") if split > 1 else 0
+    partials, row_stats, tickets = _split_workspace(B * n_split_heads * n_mblocks, split, cfg.block_m, D, out)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-        kernel_module().headwise_fwd_kernel[(H * B * n_mblocks,)](
-            *tensors, meta.mode, meta.window, meta.order,
+        kernel_module().headwise_fwd_kernel[(meta.order.numel() * B * n_mblocks,)](
+            *tensors, meta.mode, meta.window, meta.order, meta.part, partials, row_stats, tickets,
             *(x for st in strides for x in st[:2]),
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E, **constants)
+            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E, **constants)
     return out
+
+
+def _split_workspace(n_tiles: int, split: int, block_m: int, head_dim: int,
+                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partial accumulators, row max and sum, tickets) of the split full heads' ``n_tiles`` query blocks:
+    fp32 [n_tiles * split * block_m * (D0 + D1)], fp32 [n_tiles * split * 2 * block_m] and zeroed int32
+    [n_tiles], fresh for each launch. Without split heads, ``out`` stands in for all three (never read)."""
+    if n_tiles == 0:
+        return out, out, out
+    d0, d1 = split_head_dim(head_dim)
+    per_tile = split * block_m
+    return (torch.empty(n_tiles * per_tile * (d0 + d1), dtype=torch.float32, device=out.device),
+            torch.empty(n_tiles * per_tile * 2, dtype=torch.float32, device=out.device),
+            torch.zeros(n_tiles, dtype=torch.int32, device=out.device))
 
 
 @functools.lru_cache(maxsize=256)
 def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool,
                       has_residual: bool, subtract: bool, use_tma: bool, all_full: bool = False,
-                      keys_even: bool = False) -> dict:
+                      keys_even: bool = False, split: int = 1) -> dict:
     """The compile-time arguments of one launch shape (worked out once: a model makes the same few
     launches thousands of times, and on a fast GPU the host time per launch shows)."""
     d0, d1 = split_head_dim(head_dim)
@@ -337,7 +380,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
-        KEYS_EVEN=keys_even,
+        KEYS_EVEN=keys_even, SPLIT=split,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
