@@ -48,7 +48,7 @@ def compile_launch(head_dim: int, cfg, all_full: bool, residual: bool, subtract:
 
     strides = ((8 * head_dim, 4 * head_dim, head_dim, 1),) * 6  # any contiguous [B, H, L, D] (L = 4, H = 2)
     constants = dict(_launch_constants(head_dim, strides, cfg, False, residual, subtract, cfg.tma, all_full,
-                                         all_full, 1 if all_full else cfg.split_full))
+                                         all_full, cfg.split_full))
     options = {key: constants.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in constants}
     pointer = {"Q", "K", "V", "O", "C", "R"}
     signature = {name: ("constexpr" if name in constants else "*bf16" if name in pointer

@@ -253,9 +253,9 @@ def test_all_full_launch_matches_reference(device, L, D):
     assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
 
 
-# Mixed launches whose full heads run as key chunks merged by the last one to finish
-# (KernelConfig.split_full): (L, n_text, text_first) with text first, last and none; L not a multiple
-# of the key block; the largest split has more chunks than key blocks (empty chunks)
+# Launches whose full heads run as key chunks merged by the last one to finish (KernelConfig.split_full):
+# (L, n_text, text_first) with text first, last and none; L not a multiple of the key block; the
+# largest split has more chunks than key blocks (empty chunks)
 SPLIT_LAYOUTS = [(45, 0, False), (70, 9, True), (61, 7, False)]
 
 
@@ -278,8 +278,9 @@ def test_split_full_heads_match_reference(device, geometry):
                                        cached=cached, out_dtype=torch.float64)
     base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False)
     n_key_blocks = -(-L // base.block_n)
-    for split in (2, 3, n_key_blocks + 2):
-        cfg = replace(base, split_full=split)
+    # every full head split, then only the last one (the other runs whole in the same launch)
+    for split, split_heads in ((2, None), (3, None), (n_key_blocks + 2, None), (3, 1)):
+        cfg = replace(base, split_full=split, split_heads=split_heads)
         out = torch.full_like(q, float("nan"))
         headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
         assert not torch.isnan(out).any(), f"unwritten or NaN output elements with {cfg}"
@@ -287,40 +288,52 @@ def test_split_full_heads_match_reference(device, geometry):
             if modes[h] == "skip":
                 assert torch.equal(out[:, h], cached[:, h]), split
             else:
-                assert _rel_err(out[:, h], ref[:, h]) < _tol(torch.bfloat16), (split, h, modes[h])
+                assert _rel_err(out[:, h], ref[:, h]) < _tol(torch.bfloat16), (split, split_heads, h, modes[h])
     # the epilogue of a merged chunk: residual added (WA-RS apply) and subtracted (R = O - W)
     cfg = replace(base, split_full=2)
+    full = [h for h in range(H) if modes[h] == "full"]
     for subtract in (False, True):
         out = torch.full_like(q, float("nan"))
         headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, residual=residual, config=cfg, out=out,
                         subtract=subtract)
-        full = [h for h in range(H) if modes[h] == "full"]
         expected = residual[:, full].double() - ref[:, full] if subtract else ref[:, full] + residual[:, full].double()
         assert _rel_err(out[:, full], expected) < _tol(torch.bfloat16), subtract
+    # an all-full launch whose last heads split (a dense launch's partial last wave)
+    dense = make_head_plan(["full"] * H, [0] * H, H, L)
+    ref_dense = headwise_attention_reference(q, k, v, modes=["full"] * H, windows=[0] * H, out_dtype=torch.float64)
+    base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False, all_full=True)
+    out = torch.full_like(q, float("nan"))
+    headwise_triton(q, k, v, dense, layout, D ** -0.5, config=replace(base, split_full=3, split_heads=2), out=out)
+    assert not torch.isnan(out).any()
+    assert _rel_err(out, ref_dense) < _tol(torch.bfloat16)
 
 
 def test_split_full_heads_program_ranks():
     from ditlens.kernels.patterns import head_attended_pairs
     from ditlens.kernels.triton_backend import _plan_tensors, full_head_split
 
-    modes, windows, L = ["window", "full", "skip", "full", "arrow"], [4, 0, 0, 0, 2], 100
+    modes, windows, L = ["window", "full", "skip", "full", "arrow", "full"], [4, 0, 0, 0, 2, 0], 100
     plan, layout = make_head_plan(modes, windows, len(modes), L), TokenLayout(L, 10, True)
-    meta = _plan_tensors(plan, layout, torch.device("cpu"), 3)
-    order, part = meta.order.tolist(), meta.part.tolist()
-    # every full head once per chunk, every other head once, parts f * split + chunk for the full heads
-    assert sorted(order) == [0, 1, 1, 1, 2, 3, 3, 3, 4]
-    assert sorted(p for h, p in zip(order, part) if modes[h] == "full") == list(range(6))
-    assert {p // 3 for h, p in zip(order, part) if h == 1} == {0} and {p // 3 for h, p in zip(order, part) if h == 3} == {1}
-    # the programs by decreasing work: a chunk weighs a third of its head
-    work = [head_attended_pairs(modes[h], windows[h], layout) / (3 if modes[h] == "full" else 1) for h in order]
-    assert work == sorted(work, reverse=True) and order[-1] == 2
-    # no split without a full head, in all-full launches, or past one key block per chunk
+    for n_split, split_heads in ((3, [1, 3, 5]), (2, [3, 5])):
+        meta = _plan_tensors(plan, layout, torch.device("cpu"), 3, n_split)
+        order, part = meta.order.tolist(), meta.part.tolist()
+        # a split head once per chunk, every other head once; parts f * 3 + chunk, f counting the split
+        # heads in head order, -1 for the rest
+        assert sorted(order) == sorted(list(range(len(modes))) + split_heads * 2)
+        assert sorted(p for p in part if p >= 0) == list(range(3 * n_split))
+        for f, h in enumerate(split_heads):
+            assert {p // 3 for g, p in zip(order, part) if g == h} == {f}
+        assert all(p == -1 for g, p in zip(order, part) if g not in split_heads)
+        # programs by decreasing work: a chunk weighs a third of its head, so unsplit full heads run first
+        work = [head_attended_pairs(modes[h], windows[h], layout) / (3 if p >= 0 else 1) for h, p in zip(order, part)]
+        assert work == sorted(work, reverse=True) and order[-1] == 2
     cfg = KernelConfig(16, 16, 1, 1, split_full=4)
-    assert full_head_split(plan, L, cfg) == 4
-    assert full_head_split(plan, 20, cfg) == 2
-    assert full_head_split(make_head_plan(["full"] * 2, [0, 0], 2, L), L, cfg) == 1
-    assert full_head_split(make_head_plan(["window", "skip"], [3, 0], 2, L), L, cfg) == 1
-    assert full_head_split(plan, L, KernelConfig(16, 16, 1, 1)) == 1
+    assert full_head_split(plan, L, cfg) == (4, 3)
+    assert full_head_split(plan, L, replace(cfg, split_heads=2)) == (4, 2)
+    assert full_head_split(plan, 20, cfg) == (2, 3)  # at most one key block per chunk
+    assert full_head_split(make_head_plan(["full"] * 2, [0, 0], 2, L), L, cfg) == (4, 2)
+    assert full_head_split(make_head_plan(["window", "skip"], [3, 0], 2, L), L, cfg) == (1, 0)
+    assert full_head_split(plan, L, KernelConfig(16, 16, 1, 1)) == (1, 0)
 
 
 # (L, n_text, text_first, boundary on a block edge): text/image boundary on a multiple of the query

@@ -425,9 +425,10 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
     ``triton.set_allocator``). ALL_FULL: every head is full (see _attend_all_keys), and KEYS_EVEN:
     L is a multiple of BLOCK_N (no partial key block); EDGE_STAGES:
     the pipeline depth of the masked edge loops (see _attend_segment); ONE_LOOP: each segment in one
-    loop instead (see _attend_segment_one_loop). SPLIT > 1: the full heads of a mixed launch split their
-    keys into SPLIT chunks, each chunk a program of its own (its ORDER rank; PART holds f * SPLIT + chunk,
-    f the head's index among the full heads), merged by the last to finish (see _merge_key_chunks)."""
+    loop instead (see _attend_segment_one_loop). SPLIT > 1: some full heads (n_split_heads of them) split
+    their keys into SPLIT chunks, each chunk a program of its own (its own ORDER rank, where PART holds
+    f * SPLIT + chunk, f the head's index among the split heads; -1 for every other rank), merged by the
+    last to finish (see _merge_key_chunks)."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -451,12 +452,11 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
             _store_tile(o_base, c1, offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
     else:
         win = 0 if ALL_FULL else tl.load(WIN + h)
-        # a chunk of a split full head: its tile among the split heads' query blocks, and its chunk
-        part = tl.load(PART + rank) if SPLIT > 1 else 0
-        tile = (b * n_split_heads + part // SPLIT) * n_mblocks + mb
+        part = tl.load(PART + rank) if SPLIT > 1 else -1
         _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                             stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
-                            offs_d0, offs_d1, qk_scale, WS, WML, CNT, tile, part % SPLIT, O.dtype.element_ty,
+                            offs_d0, offs_d1, qk_scale, WS, WML, CNT, part, b * n_split_heads * n_mblocks + mb,
+                            n_mblocks, O.dtype.element_ty,
                             HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
                             HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT)
 
@@ -487,7 +487,8 @@ def _kv_descriptors(k_base, v_base, shape, k_strides, v_strides, block0, block1,
 @triton.jit
 def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                         stride_vh, stride_rb, stride_rh, mode, win, L, img_lo, img_hi, t_lo, t_hi, m0, offs_m,
-                        offs_d0, offs_d1, qk_scale, WS, WML, CNT, tile, chunk, OUT_DTYPE: tl.constexpr,
+                        offs_d0, offs_d1, qk_scale, WS, WML, CNT, part, block_base, n_mblocks,
+                        OUT_DTYPE: tl.constexpr,
                         HEAD_DIM: tl.constexpr,
                         SQ: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, SO: tl.constexpr, SR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
@@ -495,8 +496,10 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
                         ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr):
-    """Attention of one query block of one (batch, head) that is not skipped, and its epilogue (for a
-    split full head: one chunk of its keys, and the epilogue only in the chunk that merges)."""
+    """Attention of one query block of one (batch, head) that is not skipped, and its epilogue. For a chunk
+    of a split full head (``part`` >= 0: f * SPLIT + chunk) one chunk of its keys, and the epilogue only in
+    the chunk that merges; its query block is number ``block_base + f * n_mblocks`` among the split heads'
+    (``block_base``: this batch's first, plus the query block's index)."""
     # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
     # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
     # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
@@ -514,14 +517,15 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
     if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
-        if SPLIT > 1:  # this chunk's share of the key blocks
+        if SPLIT > 1:  # a chunk's share of the key blocks, or all of them for a head that is not split
             n_blocks = (L + BLOCK_N - 1) // BLOCK_N
             per_chunk = (n_blocks + SPLIT - 1) // SPLIT
-            j_lo = tl.minimum(chunk * per_chunk, n_blocks)
+            j_lo = tl.where(part >= 0, tl.minimum((part % SPLIT) * per_chunk, n_blocks), 0)
+            j_hi = tl.where(part >= 0, tl.minimum(j_lo + per_chunk, n_blocks), n_blocks)
             acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                                     dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
                                                     BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN,
-                                                    j_lo, tl.minimum(j_lo + per_chunk, n_blocks), True)
+                                                    j_lo, j_hi, True)
         else:
             acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                                     dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
@@ -532,11 +536,12 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                                                 t_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
                                                 UPCAST, USE_TMA, WARP_SPEC, EDGE_STAGES, ONE_LOOP)
     if SPLIT > 1:
+        merges = part < 0  # a rank that is not a chunk writes its rows
         if mode == 0:
-            acc0, acc1, l_i, merges = _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, tile, chunk, SPLIT,
-                                                        BLOCK_M, D0, D1, HAS_D1)
-        else:
-            merges = mode != 0  # (true) not split: this program writes its rows
+            if part >= 0:
+                acc0, acc1, l_i, merges = _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT,
+                                                            block_base + (part // SPLIT) * n_mblocks, part % SPLIT,
+                                                            SPLIT, BLOCK_M, D0, D1, HAS_D1)
         if merges:
             _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
                       OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT,
@@ -547,21 +552,21 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
 
 
 @triton.jit
-def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, tile, chunk, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
+def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
     """Split-K merge of a full head's query block whose keys ran as SPLIT programs (chunks).
 
     Each chunk stores its unnormalised accumulators and its row max and sum (fp32, WS / WML, padded to
-    BLOCK_M x (D0 + D1): no masks), then takes a ticket from the tile's counter (CNT, zeroed by the host
-    for each launch: a memset node under graph replay). The chunk that draws the last ticket has every
-    other chunk's partials behind the counter's acquire; it merges them (softmax rescaling by
-    2^(m_c - max)) and returns merges=True with the merged accumulators and sum.
+    BLOCK_M x (D0 + D1): no masks), then takes a ticket from its query block's counter (CNT[block],
+    zeroed by the host for each launch: a memset node under graph replay). The chunk that draws the
+    last ticket has every other chunk's partials behind the counter's acquire; it merges them (softmax
+    rescaling by 2^(m_c - max)) and returns merges=True with the merged accumulators and sum.
     An empty chunk (fewer key blocks than chunks) has m = -inf, l = 0 and weighs nothing."""
     rows = tl.arange(0, BLOCK_M)
     DP: tl.constexpr = D0 + D1 * HAS_D1  # the workspace's row: the padded head dim
     cols0 = tl.arange(0, D0)
     cols1 = D0 + tl.arange(0, D1)
-    slot = (tile * SPLIT + chunk).to(tl.int64)
+    slot = (block * SPLIT + chunk).to(tl.int64)
     ws = WS + slot * (BLOCK_M * DP)
     tl.store(ws + rows[:, None] * DP + cols0[None, :], acc0)
     if HAS_D1:
@@ -571,24 +576,28 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, tile, chunk, SPLIT: tl
     tl.store(ml + BLOCK_M + rows, l_i)
     # every thread's partial stores happen before the one thread that takes the ticket releases them
     tl.debug_barrier()
-    ticket = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(CNT + block, 1, sem="acq_rel", scope="gpu")
     merges = ticket == SPLIT - 1
-    if merges:
-        first = (tile * SPLIT).to(tl.int64)
-        m_all = m_i
-        for c in tl.static_range(SPLIT):  # L2 reads (.cg): other SMs wrote these
-            m_all = tl.maximum(m_all, tl.load(WML + (first + c) * (2 * BLOCK_M) + rows, cache_modifier=".cg"))
+    if merges:  # an online softmax over the chunks, in a loop (registers do not grow with SPLIT)
+        first = (block * SPLIT).to(tl.int64)
+        m_all = tl.zeros_like(m_i) - float("inf")
         acc0 = tl.zeros_like(acc0)
         acc1 = tl.zeros_like(acc1)
         l_i = tl.zeros_like(l_i)
-        for c in tl.static_range(SPLIT):
+        for c in range(SPLIT):  # L2 reads (.cg): other SMs wrote these
             ml_c = WML + (first + c) * (2 * BLOCK_M)
-            weight = tl.math.exp2(tl.load(ml_c + rows, cache_modifier=".cg") - m_all)
-            l_i += tl.load(ml_c + BLOCK_M + rows, cache_modifier=".cg") * weight
+            m_c = tl.load(ml_c + rows, cache_modifier=".cg")
+            m_new = tl.maximum(m_all, m_c)
+            # rows where every chunk so far is empty keep m = -inf: their weights are taken against 0
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_all - m_ref)
+            weight = tl.math.exp2(m_c - m_ref)
+            l_i = l_i * alpha + tl.load(ml_c + BLOCK_M + rows, cache_modifier=".cg") * weight
             ws_c = WS + (first + c) * (BLOCK_M * DP) + rows[:, None] * DP
-            acc0 += tl.load(ws_c + cols0[None, :], cache_modifier=".cg") * weight[:, None]
+            acc0 = acc0 * alpha[:, None] + tl.load(ws_c + cols0[None, :], cache_modifier=".cg") * weight[:, None]
             if HAS_D1:
-                acc1 += tl.load(ws_c + cols1[None, :], cache_modifier=".cg") * weight[:, None]
+                acc1 = acc1 * alpha[:, None] + tl.load(ws_c + cols1[None, :], cache_modifier=".cg") * weight[:, None]
+            m_all = m_new
     return acc0, acc1, l_i, merges
 
 

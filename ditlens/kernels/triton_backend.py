@@ -46,13 +46,16 @@ class KernelConfig:
     one_loop: bool = False
     # Cap on registers per thread (ptxas maxnreg), e.g. to fit three 4-warp programs per SM (168).
     max_registers: int | None = None
-    # Split-K for the full heads of a mixed launch (one that also has window, arrow or skip heads): each
-    # full head's query block runs as this many programs over consecutive key chunks, merged by the last
-    # to finish (fp32 partials in a workspace, one atomic ticket per query block). A full head's program
-    # is the launch's longest, and at short sequences (PixArt 1024², DiT-XL 512²) the last wave of them
-    # runs on while the other SMs idle (BENCHMARKS.md §2, session 17); shorter programs pack the waves.
-    # 1: off (all-full launches never split: every program there is equally long).
+    # Split-K for full heads: each query block of a split head runs as this many programs over consecutive
+    # key chunks, merged by the last to finish (fp32 partials in a workspace, one atomic ticket per query
+    # block). A full head's program is a mixed launch's longest, and at short sequences (PixArt 1024²,
+    # DiT-XL 512²) the last wave of them runs on while other SMs idle (BENCHMARKS.md §2, sessions 17 and
+    # 19); in a dense launch whose programs make a partial last wave (FLUX 1024²: 6.5 waves), splitting
+    # only the heads of that wave spreads it over every SM. 1: off.
     split_full: int = 1
+    # How many full heads split, the last ones by head index (their chunks run after every unsplit full
+    # head: the launch's tail); None: every full head.
+    split_heads: int | None = None
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
 # and benchmarks/small_shapes.py (bf16, H200; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96, with
@@ -161,21 +164,22 @@ class _PlanTensors:
     mode: torch.Tensor   # int32 [H]
     window: torch.Tensor  # int32 [H]
     # int32 [ranks]: the head of each program rank, by decreasing work (skip heads last); with split full
-    # heads a full head has one rank per key chunk, and ranks = H + (split - 1) * (number of full heads)
+    # heads a split head has one rank per key chunk, and ranks = H + (split - 1) * (number of split heads)
     order: torch.Tensor
-    # int32 [ranks]: f * split + chunk for a rank of a split full head (f: its index among the full heads),
-    # 0 otherwise
+    # int32 [ranks]: f * split + chunk for a rank of a split full head (f: its index among the split heads),
+    # -1 otherwise
     part: torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, split: int = 1) -> _PlanTensors:
+def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, split: int = 1,
+                  n_split_heads: int = 0) -> _PlanTensors:
     cost = [head_attended_pairs(m, w, layout) for m, w in zip(plan.modes, plan.windows)]
-    full_index = {h: f for f, h in enumerate(h for h, m in enumerate(plan.modes) if m == "full")}
-    # (cost of the program, head, chunk, part) per rank
-    ranks = [(cost[h] / split, h, c, full_index[h] * split + c) if split > 1 and h in full_index
-             else (cost[h], h, 0, 0)
-             for h in range(plan.n_heads) for c in range(split if split > 1 and h in full_index else 1)]
+    full = [h for h, m in enumerate(plan.modes) if m == "full"]
+    split_index = {h: f for f, h in enumerate(full[len(full) - n_split_heads:])} if split > 1 else {}
+    # (work of the program, head, chunk, part) per rank
+    ranks = [(cost[h] / split, h, c, split_index[h] * split + c) if h in split_index else (cost[h], h, 0, -1)
+             for h in range(plan.n_heads) for c in range(split if h in split_index else 1)]
     ranks.sort(key=lambda r: (-r[0], r[1], r[2]))
     return _PlanTensors(
         mode=torch.tensor(plan.mode_codes, dtype=torch.int32, device=device),
@@ -185,12 +189,13 @@ def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, spl
     )
 
 
-def full_head_split(plan: HeadPlan, seq_len: int, cfg: KernelConfig) -> int:
-    """Key chunks per full head in this launch: ``cfg.split_full`` for a mixed launch with full heads, at
-    most one key block per chunk; 1 for all-full launches and plans without full heads."""
-    if cfg.split_full <= 1 or plan.all_full or not plan.has_full:
-        return 1
-    return max(1, min(cfg.split_full, triton_cdiv(seq_len, cfg.block_n)))
+def full_head_split(plan: HeadPlan, seq_len: int, cfg: KernelConfig) -> tuple[int, int]:
+    """(key chunks per split head, number of split heads) of this launch: ``cfg.split_full`` chunks (at
+    most one per key block) for ``cfg.split_heads`` full heads (all when None); (1, 0) when nothing splits."""
+    n_full = plan.modes.count("full")
+    split = min(cfg.split_full, triton_cdiv(seq_len, cfg.block_n))
+    n_split = n_full if cfg.split_heads is None else min(cfg.split_heads, n_full)
+    return (split, n_split) if split > 1 and n_split > 0 else (1, 0)
 
 
 def check_triton_inputs(q: torch.Tensor) -> str | None:
@@ -338,13 +343,12 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     res = _unit_last(residual) if residual is not None else out
     tensors = (q, k, v, out, cache, res)
     strides = tuple(t.stride() for t in tensors)
-    split = full_head_split(plan, L, cfg)
+    split, n_split_heads = full_head_split(plan, L, cfg)
     constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
                                   all_full and L % cfg.block_n == 0, split)
-    meta = graph_constant(_plan_tensors(plan, layout, q.device, split))
+    meta = graph_constant(_plan_tensors(plan, layout, q.device, split, n_split_heads))
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
-    n_split_heads = plan.modes.count("full") if split > 1 else 0
     partials, row_stats, tickets = _split_workspace(B * n_split_heads * n_mblocks, split, cfg.block_m, D, out)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
         kernel_module().headwise_fwd_kernel[(meta.order.numel() * B * n_mblocks,)](
@@ -354,18 +358,18 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     return out
 
 
-def _split_workspace(n_tiles: int, split: int, block_m: int, head_dim: int,
+def _split_workspace(n_blocks: int, split: int, block_m: int, head_dim: int,
                      out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(partial accumulators, row max and sum, tickets) of the split full heads' ``n_tiles`` query blocks:
-    fp32 [n_tiles * split * block_m * (D0 + D1)], fp32 [n_tiles * split * 2 * block_m] and zeroed int32
-    [n_tiles], fresh for each launch. Without split heads, ``out`` stands in for all three (never read)."""
-    if n_tiles == 0:
+    """(partial accumulators, row max and sum, tickets) of the split heads' ``n_blocks`` query blocks:
+    fp32 [n_blocks * split * block_m * (D0 + D1)], fp32 [n_blocks * split * 2 * block_m] and zeroed int32
+    [n_blocks], fresh for each launch. Without split heads, ``out`` stands in for all three (never read)."""
+    if n_blocks == 0:
         return out, out, out
     d0, d1 = split_head_dim(head_dim)
-    per_tile = split * block_m
-    return (torch.empty(n_tiles * per_tile * (d0 + d1), dtype=torch.float32, device=out.device),
-            torch.empty(n_tiles * per_tile * 2, dtype=torch.float32, device=out.device),
-            torch.zeros(n_tiles, dtype=torch.int32, device=out.device))
+    rows = n_blocks * split * block_m
+    return (torch.empty(rows * (d0 + d1), dtype=torch.float32, device=out.device),
+            torch.empty(rows * 2, dtype=torch.float32, device=out.device),
+            torch.zeros(n_blocks, dtype=torch.int32, device=out.device))
 
 
 @functools.lru_cache(maxsize=256)
