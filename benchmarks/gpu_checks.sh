@@ -84,13 +84,13 @@ for name in "$@"; do
                    --window-sparsity 0.75 --variants dense,window,mixed \
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
     split-mixed) part split-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "split_full or triton_headwise"
-                 part split-mixed-72 240 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" \
+                 part split-mixed-72 300 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" --model \
                    --shapes DiT-512,PixArt-1K --window-sparsity 0.75 --variants dense,mixed \
-                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk3,128x64/4w/3s/tma/1l/sk4,128x64/4w/3s/tma/1l/sk2h2,128x64/4w/3s/tma/1l/sk2h3
-                 part split-dense-128 240 python3 benchmarks/small_shapes.py --out "$out/split_dense_128" \
+                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk4,128x64/4w/3s/tma/1l/sk3h2,128x64/4w/3s/tma/1l/sk6h2,128x64/4w/3s/tma/1l/sk7h2,128x64/4w/3s/tma/1l/sk8h2
+                 part split-dense-128 300 python3 benchmarks/small_shapes.py --out "$out/split_dense_128" --model \
                    --shapes FLUX-1K,FLUX-2K --window-sparsity 0.75 --variants dense \
-                   --configs 64x128/4w/1s/tma,64x128/4w/1s/tma/r168,64x128/4w/1s/tma/r168/sk2h2,64x128/4w/1s/tma/r168/sk2h4,64x128/4w/1s/tma/r168/sk3h2,64x128/4w/1s/tma/r168/sk2h1
-                 part split-mixed-128 200 python3 benchmarks/small_shapes.py --out "$out/split_mixed_128" \
+                   --configs 64x128/4w/1s/tma,64x128/4w/1s/tma/r168,64x128/4w/1s/tma/r168/sk2h2,64x128/4w/1s/tma/r168/sk2h4,64x128/4w/1s/tma/r168/sk3h2,64x128/4w/1s/tma/r168/sk2h1,64x128/4w/1s/tma/r168/sk5h2,64x128/4w/1s/tma/r168/sk8h2
+                 part split-mixed-128 200 python3 benchmarks/small_shapes.py --out "$out/split_mixed_128" --model \
                    --shapes FLUX-1K --window-sparsity 0.75 --variants mixed \
                    --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/r168/1l/sk2,64x128/4w/1s/tma/r168/1l/sk2h4 ;;
     window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py

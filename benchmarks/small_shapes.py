@@ -17,14 +17,19 @@ computes ``O`` and ``R`` together.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ditlens.kernels.patterns import HeadPlan, TokenLayout  # noqa: E402
 
 # B, H, L, D, e2e window w, text first (FLUX and the 2K rows as benchmarks/kernels.py: w from --window-sparsity)
 SHAPES = {"DiT-512": (2, 16, 1024, 72, 64, 0), "PixArt-1K": (2, 16, 4096, 72, 256, 0),
@@ -110,6 +115,94 @@ def sampled_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return ((got - ref).norm() / ref.norm()).item()
 
 
+@dataclass(frozen=True)
+class ShapePlans:
+    """One shape's token layout, windows and the plans of the variants."""
+
+    B: int
+    H: int
+    L: int
+    D: int
+    w: int
+    w_arrow: int
+    layout: TokenLayout
+    dense: HeadPlan
+    window: HeadPlan
+    arrow: HeadPlan
+    mixed: HeadPlan
+
+
+def shape_plans(name: str, window_sparsity: float | None) -> ShapePlans:
+    """The shape's plans: w from ``window_sparsity`` (or the e2e plans' w, 50 % where there is none), the
+    arrow's w skipping the same share of all pairs, the mixed plan full / arrow / skip in turn."""
+    B, H, L, D, w, n_text = SHAPES[name]
+    sparsity = 0.5 if window_sparsity is None else window_sparsity
+    if window_sparsity is not None or not w:
+        w = band_window(L, sparsity)
+    w_arrow = arrow_window(L, n_text, sparsity) or 0
+    mixed_heads = mixed_modes(H, "arrow")
+    return ShapePlans(B, H, L, D, w, w_arrow, TokenLayout(L, n_text, True), HeadPlan(("full",) * H, (0,) * H),
+                      HeadPlan(("window",) * H, (w,) * H), HeadPlan(("arrow",) * H, (w_arrow,) * H),
+                      HeadPlan(mixed_heads, tuple(w_arrow if m == "arrow" else 0 for m in mixed_heads)))
+
+
+@functools.lru_cache(maxsize=None)
+def programs_per_sm(head_dim: int, cfg, all_full: bool, arch: int) -> int:
+    """Resident programs per SM of the head-wise kernel compiled for ``arch`` (registers, shared memory)."""
+    from kernel_resources import compile_launch, resources
+
+    from ditlens.kernels.waves import resident_programs
+
+    res = resources(compile_launch(head_dim, cfg, all_full, False, False, arch))
+    return resident_programs(res["registers"], res["shared_bytes"], cfg.num_warps)
+
+
+def modeled_launch(plan: HeadPlan, layout: TokenLayout, batch: int, head_dim: int, cfg, arch: int, sms: int) -> dict:
+    """The wave model's makespan (key blocks) of one launch with ``cfg`` on a GPU of compute capability
+    ``arch`` (x10) with ``sms`` SMs: slots = SMs x the programs per SM that the kernel compiled for that
+    target (by the triton installed here) allows with its registers and shared memory."""
+    from ditlens.kernels.triton_backend import full_head_split
+    from ditlens.kernels.waves import makespan, program_work
+
+    split, n_split = full_head_split(plan, layout.seq_len, cfg)
+    per_sm = programs_per_sm(head_dim, cfg, plan.all_full, arch)
+    slots = sms * per_sm
+    work = program_work(plan, layout, batch, cfg.block_m, cfg.block_n, split, n_split)
+    return {"per_sm": per_sm, "slots": slots, "makespan": makespan(work, slots), "mean": sum(work) / slots}
+
+
+def print_model_table(rows: list[dict]) -> None:
+    """Measured and modelled times of each shape's configs, relative to the shape's first config."""
+    print("| shape | variant | config | programs per SM | measured µs | ÷ first config | modelled blocks | "
+          "÷ first config | ÷ work per slot |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for key in ("dense", "mixed"):
+        first: dict[str, dict] = {}
+        for r in rows:
+            model = r.get(f"{key}_model")
+            if model is None:
+                continue
+            base = first.setdefault(r["shape"], r)
+            measured = r.get(f"{key}_us", float("nan"))
+            print(f"| {r['shape']} | {key} | {r['config']} | {model['per_sm']} | {measured:.1f} | "
+                  f"{measured / base.get(f'{key}_us', float('nan')):.3f} | {model['makespan']:.1f} | "
+                  f"{model['makespan'] / base[f'{key}_model']['makespan']:.3f} | "
+                  f"{model['makespan'] / model['mean']:.3f} |")
+
+
+def model_only(args: argparse.Namespace, configs: list, variants: list[str]) -> None:
+    """The wave model's table without a GPU (kernels compiled for ``--arch``, ``--sms`` SMs)."""
+    rows = []
+    for name in args.shapes.split(","):
+        sp = shape_plans(name, args.window_sparsity)
+        for cfg in configs:
+            rows.append({"shape": name, "config": _label(cfg),
+                         **{f"{key}_model": modeled_launch(getattr(sp, key), sp.layout, sp.B, sp.D, cfg, args.arch,
+                                                           args.sms)
+                            for key in ("dense", "mixed") if key in variants}})
+    print_model_table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -119,13 +212,24 @@ def main() -> None:
     parser.add_argument("--window-sparsity", type=float, default=None,
                         help="window w skipping this share of all pairs instead of the e2e plans' w (PixArt-2K: 0.5)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--model", action="store_true",
+                        help="also the wave model's time of the dense and mixed launches (ditlens.kernels.waves), "
+                             "with the resident programs per SM of each config's compiled kernel")
+    parser.add_argument("--model-only", action="store_true",
+                        help="the wave model's table alone, on any machine (with --arch and --sms)")
+    parser.add_argument("--arch", type=int, default=90, help="--model-only: compute capability x10 (90: H100/H200)")
+    parser.add_argument("--sms", type=int, default=132, help="--model-only: SMs of the GPU (H100/H200 SXM: 132)")
     args = parser.parse_args()
     configs = [_parse_config(c) for c in (args.configs or CONFIGS).split(",")]
     variants = args.variants.split(",")
+    if args.model_only:
+        return model_only(args, configs, variants)
     from triton.testing import do_bench_cudagraph
 
-    from ditlens.kernels.patterns import HeadPlan, TokenLayout
     from ditlens.kernels.triton_backend import headwise_triton, warsr_triton
+
+    major, minor = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def bench(fn) -> float:
         try:
@@ -137,20 +241,12 @@ def main() -> None:
 
     rows = []
     for name in args.shapes.split(","):
-        B, H, L, D, w, n_text = SHAPES[name]
-        sparsity = 0.5 if args.window_sparsity is None else args.window_sparsity
-        if args.window_sparsity is not None or not w:
-            w = band_window(L, sparsity)
-        w_arrow = arrow_window(L, n_text, sparsity) or 0
+        sp = shape_plans(name, args.window_sparsity)
+        B, H, L, D, w, w_arrow, layout = sp.B, sp.H, sp.L, sp.D, sp.w, sp.w_arrow, sp.layout
+        dense, window, arrow, mixed, mixed_heads = sp.dense, sp.window, sp.arrow, sp.mixed, sp.mixed.modes
         g = torch.Generator("cuda").manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         residual = torch.randn_like(q)
-        layout = TokenLayout(L, n_text, True)
-        dense = HeadPlan(("full",) * H, (0,) * H)
-        window = HeadPlan(("window",) * H, (w,) * H)
-        arrow = HeadPlan(("arrow",) * H, (w_arrow,) * H)
-        mixed_heads = mixed_modes(H, "arrow")
-        mixed = HeadPlan(mixed_heads, tuple(w_arrow if m == "arrow" else 0 for m in mixed_heads))
         scale = D ** -0.5
         sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         sdpa_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
@@ -189,11 +285,16 @@ def main() -> None:
                 if key in variants and times[key] == times[key]:
                     calls[key]()
                     errs[f"{key}_err"] = sampled_error(out, q, k, v, mode, width, layout, scale)
+            models = {f"{key}_model": modeled_launch(plan, layout, B, D, cfg, major * 10 + minor, sms)
+                      for key, plan in (("dense", dense), ("mixed", mixed)) if args.model and key in variants}
             rows.append({"shape": name, "w": w, "w_arrow": w_arrow, "config": _label(cfg), "sdpa_us": sdpa,
-                         **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err, **errs})
+                         **{f"{key}_us": t for key, t in times.items()}, "dense_err_vs_sdpa": dense_err, **errs,
+                         **models})
             print(f"  {rows[-1]['config']:<17} " + "  ".join(f"{key} {t:6.1f}" for key, t in times.items())
                   + f"  dense err {dense_err:.1e}" + "".join(f"  {key} {e:.1e}" for key, e in errs.items()),
                   flush=True)
+    if args.model:
+        print_model_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
                                                            indent=1))

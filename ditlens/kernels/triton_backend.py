@@ -171,21 +171,28 @@ class _PlanTensors:
     part: torch.Tensor
 
 
-@functools.lru_cache(maxsize=256)
-def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, split: int = 1,
-                  n_split_heads: int = 0) -> _PlanTensors:
+def launch_ranks(plan: HeadPlan, layout: TokenLayout, split: int = 1, n_split_heads: int = 0) -> list[tuple[int, int]]:
+    """(head, part) of each program rank of a launch, heaviest first (ties by head, then chunk): the last
+    ``n_split_heads`` full heads (by head index) have ``split`` ranks each, one per key chunk, with part =
+    f * split + chunk (f: the head's index among the split heads); every other head one rank, part -1."""
     cost = [head_attended_pairs(m, w, layout) for m, w in zip(plan.modes, plan.windows)]
     full = [h for h, m in enumerate(plan.modes) if m == "full"]
     split_index = {h: f for f, h in enumerate(full[len(full) - n_split_heads:])} if split > 1 else {}
-    # (work of the program, head, chunk, part) per rank
     ranks = [(cost[h] / split, h, c, split_index[h] * split + c) if h in split_index else (cost[h], h, 0, -1)
              for h in range(plan.n_heads) for c in range(split if h in split_index else 1)]
     ranks.sort(key=lambda r: (-r[0], r[1], r[2]))
+    return [(h, part) for _, h, _, part in ranks]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_tensors(plan: HeadPlan, layout: TokenLayout, device: torch.device, split: int = 1,
+                  n_split_heads: int = 0) -> _PlanTensors:
+    ranks = launch_ranks(plan, layout, split, n_split_heads)
     return _PlanTensors(
         mode=torch.tensor(plan.mode_codes, dtype=torch.int32, device=device),
         window=torch.tensor(plan.windows, dtype=torch.int32, device=device),
-        order=torch.tensor([r[1] for r in ranks], dtype=torch.int32, device=device),
-        part=torch.tensor([r[3] for r in ranks], dtype=torch.int32, device=device),
+        order=torch.tensor([h for h, _ in ranks], dtype=torch.int32, device=device),
+        part=torch.tensor([part for _, part in ranks], dtype=torch.int32, device=device),
     )
 
 
