@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ditlens.kernels.patterns import HeadPlan, TokenLayout
+from ditlens.kernels.triton_backend import launch_ranks
 
 # A skip head's program copies block_m rows from the cache: about a tenth of a key block's time.
 SKIP_BLOCKS = 0.1
@@ -59,8 +60,6 @@ def program_work(plan: HeadPlan, layout: TokenLayout, batch: int, block_m: int, 
                  n_split_heads: int = 0) -> list[float]:
     """Each program's work in key blocks, in launch order (ranks heaviest first, then batch, then query
     block; the query blocks that hold text rows ahead of the rest, as ``_tile_of`` orders them)."""
-    from ditlens.kernels.triton_backend import launch_ranks
-
     n_mblocks = _cdiv(layout.seq_len, block_m)
     # the kernel's text query blocks [t_lo // block_m, cdiv(t_hi, block_m)); none in all-full launches
     text_blocks = (range(0) if plan.all_full
