@@ -29,7 +29,7 @@ part() {  # part NAME SECONDS COMMAND...
 for name in "$@"; do
   case $name in
     tests) part tests 420 python3 -m pytest -q -m gpu tests ;;  # ~230 s warm; Triton compiles take longer on a fresh machine
-    tests-runtime) part tests-runtime 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py ;;
+    tests-runtime) part tests-runtime 480 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py ;;
     graphs) part graphs 200 python3 -m pytest -q -m gpu tests/test_graphs.py ;;
     e2e-graphs) part e2e-graphs 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
                   --cuda-graphs --repeats 3 --out "$out/e2e_graphs.json" ;;
@@ -83,7 +83,7 @@ for name in "$@"; do
     short-mixed) part short-mixed 200 python3 benchmarks/small_shapes.py --out "$out/short_mixed" --shapes DiT-512,PixArt-1K \
                    --window-sparsity 0.75 --variants dense,window,mixed \
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
-    split-mixed) part split-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "split_full or triton_headwise"
+    split-mixed) part split-tests 300 python3 -m pytest -q -m gpu tests/test_kernels.py -k split_full  # ~12 new compiles
                  part split-mixed-72 300 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" --model \
                    --shapes DiT-512,PixArt-1K --window-sparsity 0.75 --variants dense,mixed \
                    --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk4,128x64/4w/3s/tma/1l/sk3h2,128x64/4w/3s/tma/1l/sk6h2,128x64/4w/3s/tma/1l/sk7h2,128x64/4w/3s/tma/1l/sk8h2
