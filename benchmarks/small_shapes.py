@@ -147,14 +147,27 @@ def shape_plans(name: str, window_sparsity: float | None) -> ShapePlans:
 
 
 @functools.lru_cache(maxsize=None)
-def programs_per_sm(head_dim: int, cfg, all_full: bool, arch: int) -> int:
-    """Resident programs per SM of the head-wise kernel compiled for ``arch`` (registers, shared memory)."""
+def programs_per_sm(head_dim: int, cfg, all_full: bool, arch: int, on_device: bool = False) -> tuple[int, int | None]:
+    """Resident programs per SM of the head-wise kernel compiled for ``arch``: (from its registers and shared
+    memory by ditlens.kernels.waves.resident_programs, from the CUDA driver's occupancy calculator when
+    ``on_device``, else None)."""
     from kernel_resources import compile_launch, resources
 
     from ditlens.kernels.waves import resident_programs
 
-    res = resources(compile_launch(head_dim, cfg, all_full, False, False, arch))
-    return resident_programs(res["registers"], res["shared_bytes"], cfg.num_warps)
+    kernel = compile_launch(head_dim, cfg, all_full, False, False, arch)
+    res = resources(kernel)
+    arithmetic = resident_programs(res["registers"], res["shared_bytes"], cfg.num_warps)
+    if not on_device:
+        return arithmetic, None
+    import ctypes
+
+    kernel._init_handles()  # loads the module and raises its dynamic shared memory limit
+    count = ctypes.c_int(-1)
+    ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(count), ctypes.c_void_p(kernel.function), ctypes.c_int(cfg.num_warps * 32),
+        ctypes.c_size_t(res["shared_bytes"]))
+    return arithmetic, count.value
 
 
 def modeled_launch(plan: HeadPlan, layout: TokenLayout, batch: int, head_dim: int, cfg, arch: int, sms: int) -> dict:
@@ -165,16 +178,18 @@ def modeled_launch(plan: HeadPlan, layout: TokenLayout, batch: int, head_dim: in
     from ditlens.kernels.waves import makespan, program_work
 
     split, n_split = full_head_split(plan, layout.seq_len, cfg)
-    per_sm = programs_per_sm(head_dim, cfg, plan.all_full, arch)
+    arithmetic, driver = programs_per_sm(head_dim, cfg, plan.all_full, arch, torch.cuda.is_available())
+    per_sm = driver if driver is not None and driver > 0 else arithmetic
     slots = sms * per_sm
     work = program_work(plan, layout, batch, cfg.block_m, cfg.block_n, split, n_split)
-    return {"per_sm": per_sm, "slots": slots, "makespan": makespan(work, slots), "mean": sum(work) / slots}
+    return {"per_sm": per_sm, "per_sm_arithmetic": arithmetic, "per_sm_driver": driver, "slots": slots,
+            "makespan": makespan(work, slots), "mean": sum(work) / slots}
 
 
 def print_model_table(rows: list[dict]) -> None:
     """Measured and modelled times of each shape's configs, relative to the shape's first config."""
-    print("| shape | variant | config | programs per SM | measured µs | ÷ first config | modelled blocks | "
-          "÷ first config | ÷ work per slot |")
+    print("| shape | variant | config | programs per SM (registers and shared memory / driver) | measured µs | "
+          "÷ first config | modelled blocks | ÷ first config | ÷ work per slot |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key in ("dense", "mixed"):
         first: dict[str, dict] = {}
@@ -184,7 +199,9 @@ def print_model_table(rows: list[dict]) -> None:
                 continue
             base = first.setdefault(r["shape"], r)
             measured = r.get(f"{key}_us", float("nan"))
-            print(f"| {r['shape']} | {key} | {r['config']} | {model['per_sm']} | {measured:.1f} | "
+            driver = model.get("per_sm_driver")
+            print(f"| {r['shape']} | {key} | {r['config']} | {model.get('per_sm_arithmetic', model['per_sm'])} / "
+                  f"{'—' if driver is None else driver} | {measured:.1f} | "
                   f"{measured / base.get(f'{key}_us', float('nan')):.3f} | {model['makespan']:.1f} | "
                   f"{model['makespan'] / base[f'{key}_model']['makespan']:.3f} | "
                   f"{model['makespan'] / model['mean']:.3f} |")
