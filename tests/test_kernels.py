@@ -334,6 +334,11 @@ def test_split_full_heads_program_ranks():
     assert full_head_split(make_head_plan(["full"] * 2, [0, 0], 2, L), L, cfg) == (4, 2)
     assert full_head_split(make_head_plan(["window", "skip"], [3, 0], 2, L), L, cfg) == (1, 0)
     assert full_head_split(plan, L, KernelConfig(16, 16, 1, 1)) == (1, 0)
+    assert full_head_split(plan, L, replace(cfg, split_heads=0)) == (1, 0)
+    with pytest.raises(DitlensError, match="split_full must be >= 1"):
+        KernelConfig(split_full=0)
+    with pytest.raises(DitlensError, match="split_heads None or >= 0"):
+        KernelConfig(split_full=2, split_heads=-1)
 
 
 # (L, n_text, text_first, boundary on a block edge): text/image boundary on a multiple of the query

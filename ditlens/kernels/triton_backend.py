@@ -50,12 +50,18 @@ class KernelConfig:
     # key chunks, merged by the last to finish (fp32 partials in a workspace, one atomic ticket per query
     # block). A full head's program is a mixed launch's longest, and at short sequences (PixArt 1024²,
     # DiT-XL 512²) the last wave of them runs on while other SMs idle (BENCHMARKS.md §2, sessions 17 and
-    # 19); in a dense launch whose programs make a partial last wave (FLUX 1024²: 6.5 waves), splitting
-    # only the heads of that wave spreads it over every SM. 1: off.
+    # 19); in a dense launch whose programs make a partial last wave (FLUX 1024²: 4.36 waves at three
+    # programs per SM), splitting only the heads of that wave spreads it over every SM
+    # (ditlens.kernels.waves models both). 1: off.
     split_full: int = 1
     # How many full heads split, the last ones by head index (their chunks run after every unsplit full
     # head: the launch's tail); None: every full head.
     split_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.split_full < 1 or (self.split_heads is not None and self.split_heads < 0):
+            raise DitlensError(f"KernelConfig(split_full={self.split_full}, split_heads={self.split_heads}): "
+                               "split_full must be >= 1 (1: no split) and split_heads None or >= 0")
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
 # and benchmarks/small_shapes.py (bf16, H200; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96, with
