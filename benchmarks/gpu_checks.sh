@@ -90,6 +90,9 @@ for name in "$@"; do
                  part split-dense-128 300 python3 benchmarks/small_shapes.py --out "$out/split_dense_128" --model \
                    --shapes FLUX-1K,FLUX-2K --window-sparsity 0.75 --variants dense \
                    --configs 64x128/4w/1s/tma,64x128/4w/1s/tma/r168,64x128/4w/1s/tma/r168/sk2h2,64x128/4w/1s/tma/r168/sk2h4,64x128/4w/1s/tma/r168/sk3h2,64x128/4w/1s/tma/r168/sk2h1,64x128/4w/1s/tma/r168/sk5h2,64x128/4w/1s/tma/r168/sk8h2
+                 part split-dense-64 200 python3 benchmarks/small_shapes.py --out "$out/split_dense_64" --model \
+                   --shapes SD3-1K --variants dense \
+                   --configs 128x64/4w/3s,128x64/4w/3s/sk2h2,128x64/4w/3s/sk4h2,128x64/4w/3s/sk5h2,128x64/4w/3s/sk8h2
                  part split-mixed-128 200 python3 benchmarks/small_shapes.py --out "$out/split_mixed_128" --model \
                    --shapes FLUX-1K --window-sparsity 0.75 --variants mixed \
                    --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/r168/1l/sk2,64x128/4w/1s/tma/r168/1l/sk2h4 ;;

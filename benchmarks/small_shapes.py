@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditlens.kernels.patterns import HeadPlan, TokenLayout  # noqa: E402
 
-# B, H, L, D, e2e window w, text first (FLUX and the 2K rows as benchmarks/kernels.py: w from --window-sparsity)
+# B, H, L, D, e2e window w, text tokens, placed first (FLUX and the 2K rows as benchmarks/kernels.py: w from
+# --window-sparsity; SD3 puts its text last, which only its windowed rows would notice)
 SHAPES = {"DiT-512": (2, 16, 1024, 72, 64, 0), "PixArt-1K": (2, 16, 4096, 72, 256, 0),
           "PixArt-2K": (2, 16, 16384, 72, 0, 0), "FLUX-1K": (1, 24, 4096 + 512, 128, 0, 512),
-          "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512)}
+          "FLUX-2K": (1, 24, 16384 + 512, 128, 0, 512), "SD3-1K": (2, 24, 4096 + 333, 64, 0, 333)}
 VARIANTS = ("dense", "window", "arrow", "mixed", "W+R", "R=O-W", "O,R fused")
 CONFIGS = "128x64/4w/3s,64x64/4w/3s,64x64/4w/2s,64x32/4w/2s,128x32/4w/3s,32x32/2w/2s"
 
