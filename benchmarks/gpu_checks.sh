@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -86,8 +86,8 @@ for name in "$@"; do
     split-mixed) part split-tests 300 python3 -m pytest -q -m gpu tests/test_kernels.py -k split_full  # ~12 new compiles
                  part split-mixed-72 300 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" --model \
                    --shapes DiT-512,PixArt-1K --window-sparsity 0.75 --variants dense,mixed \
-                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk4,128x64/4w/3s/tma/1l/sk3h2,128x64/4w/3s/tma/1l/sk6h2,128x64/4w/3s/tma/1l/sk7h2,128x64/4w/3s/tma/1l/sk8h2
-                 part split-dense-128 300 python3 benchmarks/small_shapes.py --out "$out/split_dense_128" --model \
+                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/sk2,128x64/4w/3s/tma/1l/sk4,128x64/4w/3s/tma/1l/sk3h2,128x64/4w/3s/tma/1l/sk6h2,128x64/4w/3s/tma/1l/sk7h2,128x64/4w/3s/tma/1l/sk8h2 ;;
+    split-dense) part split-dense-128 300 python3 benchmarks/small_shapes.py --out "$out/split_dense_128" --model \
                    --shapes FLUX-1K,FLUX-2K --window-sparsity 0.75 --variants dense \
                    --configs 64x128/4w/1s/tma,64x128/4w/1s/tma/r168,64x128/4w/1s/tma/r168/sk2h2,64x128/4w/1s/tma/r168/sk2h4,64x128/4w/1s/tma/r168/sk3h2,64x128/4w/1s/tma/r168/sk2h1,64x128/4w/1s/tma/r168/sk5h2,64x128/4w/1s/tma/r168/sk8h2
                  part split-dense-64 200 python3 benchmarks/small_shapes.py --out "$out/split_dense_64" --model \
