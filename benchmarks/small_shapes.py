@@ -174,9 +174,10 @@ def programs_per_sm(head_dim: int, cfg, all_full: bool, arch: int, on_device: bo
 def modeled_launch(plan: HeadPlan, layout: TokenLayout, batch: int, head_dim: int, cfg, arch: int, sms: int) -> dict:
     """The wave model's makespan (key blocks) of one launch with ``cfg`` on a GPU of compute capability
     ``arch`` (x10) with ``sms`` SMs: slots = SMs x the programs per SM that the kernel compiled for that
-    target (by the triton installed here) allows with its registers and shared memory."""
+    target (by the triton installed here) allows with its registers and shared memory; both bounds
+    (``makespan``: a program's speed never changes; ``makespan_shared``: an SM keeps its throughput)."""
     from ditlens.kernels.triton_backend import full_head_split
-    from ditlens.kernels.waves import makespan, program_work
+    from ditlens.kernels.waves import makespan, makespan_shared, program_work
 
     split, n_split = full_head_split(plan, layout.seq_len, cfg)
     arithmetic, driver = programs_per_sm(head_dim, cfg, plan.all_full, arch, torch.cuda.is_available())
@@ -184,13 +185,14 @@ def modeled_launch(plan: HeadPlan, layout: TokenLayout, batch: int, head_dim: in
     slots = sms * per_sm
     work = program_work(plan, layout, batch, cfg.block_m, cfg.block_n, split, n_split)
     return {"per_sm": per_sm, "per_sm_arithmetic": arithmetic, "per_sm_driver": driver, "slots": slots,
-            "makespan": makespan(work, slots), "mean": sum(work) / slots}
+            "makespan": makespan(work, slots), "makespan_shared": makespan_shared(work, sms, per_sm),
+            "mean": sum(work) / slots}
 
 
 def print_model_table(rows: list[dict]) -> None:
     """Measured and modelled times of each shape's configs, relative to the shape's first config."""
     print("| shape | variant | config | programs per SM (registers and shared memory / driver) | measured µs | "
-          "÷ first config | modelled blocks | ÷ first config | ÷ work per slot |")
+          "÷ first config | modelled blocks, fixed speed / shared SM | ÷ first config | ÷ work per slot |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key in ("dense", "mixed"):
         first: dict[str, dict] = {}
@@ -203,9 +205,11 @@ def print_model_table(rows: list[dict]) -> None:
             driver = model.get("per_sm_driver")
             print(f"| {r['shape']} | {key} | {r['config']} | {model.get('per_sm_arithmetic', model['per_sm'])} / "
                   f"{'—' if driver is None else driver} | {measured:.1f} | "
-                  f"{measured / base.get(f'{key}_us', float('nan')):.3f} | {model['makespan']:.1f} | "
-                  f"{model['makespan'] / base[f'{key}_model']['makespan']:.3f} | "
-                  f"{model['makespan'] / model['mean']:.3f} |")
+                  f"{measured / base.get(f'{key}_us', float('nan')):.3f} | "
+                  f"{model['makespan']:.1f} / {model['makespan_shared']:.1f} | "
+                  f"{model['makespan'] / base[f'{key}_model']['makespan']:.3f} / "
+                  f"{model['makespan_shared'] / base[f'{key}_model']['makespan_shared']:.3f} | "
+                  f"{model['makespan'] / model['mean']:.3f} / {model['makespan_shared'] / model['mean']:.3f} |")
 
 
 def model_only(args: argparse.Namespace, configs: list, variants: list[str]) -> None:

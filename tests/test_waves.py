@@ -12,6 +12,7 @@ from ditlens.kernels.waves import (
     MERGE_BLOCKS,
     choose_full_split,
     makespan,
+    makespan_shared,
     program_work,
     query_block_work,
     resident_programs,
@@ -25,6 +26,17 @@ def test_makespan_is_list_scheduling_in_launch_order():
     assert makespan([1] * 4 + [10], 4) == 11
     assert makespan([10] + [1] * 4, 4) == 10
     assert makespan([2.5], 8) == 2.5
+
+
+def test_shared_sm_bound_on_hand_cases():
+    # one SM with two slots: two programs share it (speed 1 each); one alone runs twice as fast
+    assert makespan_shared([2, 2], 1, 2) == 2
+    assert makespan_shared([2], 1, 2) == 1
+    # breadth first: on two SMs the third program joins SM 0, whose two then run at speed 1 (8 / 2)
+    assert makespan_shared([4, 4, 4], 2, 2) == 4
+    # no schedule beats the work per slot or the longest program alone on an SM
+    work = [5.0, 1.0, 3.0, 3.0, 2.0, 8.0, 1.0]
+    assert makespan_shared(work, 2, 3) >= max(sum(work) / 6, 8 / 3)
 
 
 def test_resident_programs_by_registers_and_shared_memory():
@@ -102,6 +114,9 @@ def test_flux_1k_dense_tail_split():
     choice = choose_full_split(plan, layout, 1, 64, 128, 396)
     assert choice.unsplit_makespan == 5 * 36
     assert choice.n_split_heads == 2 and choice.makespan <= 4 * 36 + 18 + MERGE_BLOCKS
+    # the other bound: the fifth wave's 144 programs go one per SM, then 12 SMs take a second; alone a
+    # program runs 3x faster (12 blocks' time), two share the SM (24)
+    assert makespan_shared(program_work(plan, layout, 1, 64, 128), 132, 3) == pytest.approx(4 * 36 + 24)
     # FLUX 2048²: 24 x 264 = 6,336 programs, exactly 16 waves: nothing to gain
     L = 16896
     plan, layout = make_head_plan(["full"] * H, [0] * H, H, L), TokenLayout(L, 512, True)

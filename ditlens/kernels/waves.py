@@ -107,6 +107,40 @@ def makespan(work: Sequence[float], slots: int) -> float:
     return max(free)
 
 
+def makespan_shared(work: Sequence[float], sms: int, per_sm: int) -> float:
+    """The other bound: an SM's programs share its throughput equally and the SM keeps all of it whatever
+    it holds (a program alone on an SM runs ``per_sm`` times faster). Programs go out in launch order, each
+    to the SM with the fewest resident programs (breadth first, as the hardware spreads a wave).
+    :func:`makespan` is the opposite bound (a program's speed never changes); a real SM lies between, a
+    program alone running faster but not ``per_sm`` times faster."""
+    import numpy as np
+
+    remaining = np.full((sms, per_sm), np.inf)
+    following = iter(work)
+
+    def dispatch() -> None:
+        resident = np.isfinite(remaining).sum(1)
+        while resident.min() < per_sm:
+            w = next(following, None)
+            if w is None:
+                return
+            sm = int(resident.argmin())
+            remaining[sm, int(np.argmax(~np.isfinite(remaining[sm])))] = w
+            resident[sm] += 1
+
+    dispatch()
+    elapsed = 0.0
+    while np.isfinite(remaining).any():
+        resident = np.isfinite(remaining).sum(1)
+        rate = per_sm / np.maximum(resident, 1)  # per program of each SM
+        step = (remaining.min(1) / rate).min()
+        elapsed += step
+        remaining -= step * rate[:, None]
+        remaining[remaining <= 1e-9 * max(1.0, elapsed)] = np.inf
+        dispatch()
+    return elapsed
+
+
 @dataclass(frozen=True)
 class SplitChoice:
     """The wave model's verdict for one launch (times in key blocks)."""
