@@ -15,21 +15,20 @@ skip heads' copies, the merge), which it takes as constants.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ditlens.kernels.patterns import HeadPlan, TokenLayout
-from ditlens.kernels.triton_backend import launch_ranks
+from ditlens.kernels.triton_backend import launch_ranks, triton_cdiv
 
 # A skip head's program copies block_m rows from the cache: about a tenth of a key block's time.
 SKIP_BLOCKS = 0.1
 # A chunk's partial store, ticket and (for the last) merge, in key blocks; a guess until timed.
 MERGE_BLOCKS = 0.5
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def query_block_work(mode: str, w: int, m0: int, layout: TokenLayout, block_m: int, block_n: int) -> float:
@@ -39,7 +38,7 @@ def query_block_work(mode: str, w: int, m0: int, layout: TokenLayout, block_m: i
     an arrow head's text rows), each walked in ``block_n`` steps from its start, as the kernel does."""
     L = layout.seq_len
     if mode == "full":
-        return float(_cdiv(L, block_n))
+        return float(triton_cdiv(L, block_n))
     if mode == "skip":
         return SKIP_BLOCKS
     m_last = min(m0 + block_m, L) - 1
@@ -53,20 +52,27 @@ def query_block_work(mode: str, w: int, m0: int, layout: TokenLayout, block_m: i
         image_keys = min(img_hi, rows_hi + w + 1) - max(img_lo, rows_lo - w)
     else:
         image_keys = 0
-    return float(_cdiv(text_keys, block_n) + _cdiv(max(image_keys, 0), block_n))
+    return float(triton_cdiv(text_keys, block_n) + triton_cdiv(max(image_keys, 0), block_n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_work(mode: str, w: int, layout: TokenLayout, block_m: int, block_n: int) -> tuple[float, ...]:
+    """query_block_work of each query block of one unsplit head (the same for every split tried)."""
+    return tuple(query_block_work(mode, w, m0, layout, block_m, block_n)
+                 for m0 in range(0, layout.seq_len, block_m))
 
 
 def program_work(plan: HeadPlan, layout: TokenLayout, batch: int, block_m: int, block_n: int, split: int = 1,
                  n_split_heads: int = 0) -> list[float]:
     """Each program's work in key blocks, in launch order (ranks heaviest first, then batch, then query
     block; the query blocks that hold text rows ahead of the rest, as ``_tile_of`` orders them)."""
-    n_mblocks = _cdiv(layout.seq_len, block_m)
+    n_mblocks = triton_cdiv(layout.seq_len, block_m)
     # the kernel's text query blocks [t_lo // block_m, cdiv(t_hi, block_m)); none in all-full launches
     text_blocks = (range(0) if plan.all_full
-                   else range(layout.text_start // block_m, _cdiv(layout.text_end, block_m)))
+                   else range(layout.text_start // block_m, triton_cdiv(layout.text_end, block_m)))
     mblock_order = list(text_blocks) + [mb for mb in range(n_mblocks) if mb not in text_blocks]
-    n_key_blocks = _cdiv(layout.seq_len, block_n)
-    per_chunk = _cdiv(n_key_blocks, split)
+    n_key_blocks = triton_cdiv(layout.seq_len, block_n)
+    per_chunk = triton_cdiv(n_key_blocks, split)
     ranks = launch_ranks(plan, layout, split, n_split_heads)
     work_of_rank = []
     for head, part in ranks:
@@ -75,9 +81,7 @@ def program_work(plan: HeadPlan, layout: TokenLayout, batch: int, block_m: int, 
             blocks = max(0, min(per_chunk, n_key_blocks - chunk * per_chunk))
             work_of_rank.append([blocks + MERGE_BLOCKS] * n_mblocks)
         else:
-            mode, w = plan.modes[head], plan.windows[head]
-            work_of_rank.append([query_block_work(mode, w, mb * block_m, layout, block_m, block_n)
-                                 for mb in range(n_mblocks)])
+            work_of_rank.append(_head_work(plan.modes[head], plan.windows[head], layout, block_m, block_n))
     # _tile_of: the text query blocks of every rank first (rank, batch, block), then the other blocks
     n_text = len(text_blocks)
     order = ([(r, mb) for r in range(len(ranks)) for _ in range(batch) for mb in mblock_order[:n_text]]
@@ -90,7 +94,7 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int, *, regi
     """Programs of one compiled kernel resident on an SM at once (Hopper's limits by default): registers
     are allocated per warp in units of 256 (8 per thread), and each program reserves 1 KiB of shared
     memory for the system besides its own."""
-    per_warp = _cdiv(registers * 32, 256) * 256
+    per_warp = triton_cdiv(registers * 32, 256) * 256
     by_registers = registers_per_sm // (per_warp * num_warps)
     by_shared = shared_per_sm // (shared_bytes + 1024)
     return max(0, min(by_registers, by_shared, warps_per_sm // num_warps, programs_per_sm))
@@ -113,8 +117,6 @@ def makespan_shared(work: Sequence[float], sms: int, per_sm: int) -> float:
     to the SM with the fewest resident programs (breadth first, as the hardware spreads a wave).
     :func:`makespan` is the opposite bound (a program's speed never changes); a real SM lies between, a
     program alone running faster but not ``per_sm`` times faster."""
-    import numpy as np
-
     remaining = np.full((sms, per_sm), np.inf)
     following = iter(work)
 
@@ -165,7 +167,7 @@ def choose_full_split(plan: HeadPlan, layout: TokenLayout, batch: int, block_m: 
     base = makespan(work, slots)
     best = SplitChoice(1, 0, base, base, sum(work) / slots)
     n_full = plan.modes.count("full")
-    for split in range(2, min(max_split, _cdiv(layout.seq_len, block_n)) + 1):
+    for split in range(2, min(max_split, triton_cdiv(layout.seq_len, block_n)) + 1):
         for n_split in range(1, n_full + 1):
             t = makespan(program_work(plan, layout, batch, block_m, block_n, split, n_split), slots)
             if t < best.makespan - 1e-9:
