@@ -278,9 +278,13 @@ def test_split_full_heads_match_reference(device, geometry):
                                        cached=cached, out_dtype=torch.float64)
     base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False)
     n_key_blocks = -(-L // base.block_n)
-    # every full head split, then only the last one (the other runs whole in the same launch)
-    for split, split_heads in ((2, None), (3, None), (n_key_blocks + 2, None), (3, 1)):
-        cfg = replace(base, split_full=split, split_heads=split_heads)
+    # every full head split, then only the last one (the other runs whole in the same launch: through the
+    # chunk loop with every key block, or with split_branch through the dense loop); the merge reads the
+    # partials through tensor descriptors when K/V go through them (tma)
+    for split, split_heads, branch, tma in ((2, None, False, False), (3, None, False, True),
+                                            (n_key_blocks + 2, None, False, False), (3, 1, False, False),
+                                            (3, 1, True, True)):
+        cfg = replace(base, split_full=split, split_heads=split_heads, split_branch=branch, tma=base.tma or tma)
         out = torch.full_like(q, float("nan"))
         headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
         assert not torch.isnan(out).any(), f"unwritten or NaN output elements with {cfg}"
@@ -288,7 +292,7 @@ def test_split_full_heads_match_reference(device, geometry):
             if modes[h] == "skip":
                 assert torch.equal(out[:, h], cached[:, h]), split
             else:
-                assert _rel_err(out[:, h], ref[:, h]) < _tol(torch.bfloat16), (split, split_heads, h, modes[h])
+                assert _rel_err(out[:, h], ref[:, h]) < _tol(torch.bfloat16), (cfg, h, modes[h])
     # the epilogue of a merged chunk: residual added (WA-RS apply) and subtracted (R = O - W)
     cfg = replace(base, split_full=2)
     full = [h for h in range(H) if modes[h] == "full"]
@@ -302,10 +306,12 @@ def test_split_full_heads_match_reference(device, geometry):
     dense = make_head_plan(["full"] * H, [0] * H, H, L)
     ref_dense = headwise_attention_reference(q, k, v, modes=["full"] * H, windows=[0] * H, out_dtype=torch.float64)
     base = CPU_TILES[0] if device == "cpu" else default_config(D, interpret=False, all_full=True)
-    out = torch.full_like(q, float("nan"))
-    headwise_triton(q, k, v, dense, layout, D ** -0.5, config=replace(base, split_full=3, split_heads=2), out=out)
-    assert not torch.isnan(out).any()
-    assert _rel_err(out, ref_dense) < _tol(torch.bfloat16)
+    for branch in (False, True):
+        out = torch.full_like(q, float("nan"))
+        headwise_triton(q, k, v, dense, layout, D ** -0.5, out=out,
+                        config=replace(base, split_full=3, split_heads=2, split_branch=branch))
+        assert not torch.isnan(out).any(), branch
+        assert _rel_err(out, ref_dense) < _tol(torch.bfloat16), branch
 
 
 def test_split_full_heads_program_ranks():

@@ -310,6 +310,23 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
 
 
 @triton.jit
+def _attend_key_chunk(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0, offs_d1, L,
+                      qk_scale, part, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
+                      BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                      UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+                      KEYS_EVEN: tl.constexpr, SPLIT: tl.constexpr):
+    """Chunk ``part % SPLIT`` of a split full head's key blocks (consecutive, ceil(blocks / SPLIT) each,
+    the last ones possibly empty); every key block when ``part`` < 0 (a head that is not split)."""
+    n_blocks = (L + BLOCK_N - 1) // BLOCK_N
+    per_chunk = (n_blocks + SPLIT - 1) // SPLIT
+    j_lo = tl.where(part >= 0, tl.minimum((part % SPLIT) * per_chunk, n_blocks), 0)
+    j_hi = tl.where(part >= 0, tl.minimum(j_lo + per_chunk, n_blocks), n_blocks)
+    return _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_m, offs_d0,
+                            offs_d1, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                            WARP_SPEC, KEYS_EVEN, j_lo, j_hi, True)
+
+
+@triton.jit
 def _segments(m0, L, mode, win, img_lo, img_hi, t_lo, t_hi, BLOCK_M: tl.constexpr):
     """Key intervals of one query block: A (text keys, or all keys for full heads), B (image keys).
 
@@ -416,7 +433,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
                         EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
-                        KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+                        KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1,
+                        SPLIT_BRANCH: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -428,7 +446,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
     loop instead (see _attend_segment_one_loop). SPLIT > 1: some full heads (n_split_heads of them) split
     their keys into SPLIT chunks, each chunk a program of its own (its own ORDER rank, where PART holds
     f * SPLIT + chunk, f the head's index among the split heads; -1 for every other rank), merged by the
-    last to finish (see _merge_key_chunks)."""
+    last to finish (see _merge_key_chunks); SPLIT_BRANCH: the other full heads keep the dense loop."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -458,7 +476,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                             offs_d0, offs_d1, qk_scale, WS, WML, CNT, part, b * n_split_heads * n_mblocks + mb,
                             n_mblocks, O.dtype.element_ty,
                             HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
-                            HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT)
+                            HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT,
+                            SPLIT_BRANCH)
 
 
 @triton.jit
@@ -495,7 +514,7 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
-                        ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr):
+                        ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BRANCH: tl.constexpr):
     """Attention of one query block of one (batch, head) that is not skipped, and its epilogue. For a chunk
     of a split full head (``part`` >= 0: f * SPLIT + chunk) one chunk of its keys, and the epilogue only in
     the chunk that merges; its query block is number ``block_base + f * n_mblocks`` among the split heads'
@@ -517,15 +536,22 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
     if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
-        if SPLIT > 1:  # a chunk's share of the key blocks, or all of them for a head that is not split
-            n_blocks = (L + BLOCK_N - 1) // BLOCK_N
-            per_chunk = (n_blocks + SPLIT - 1) // SPLIT
-            j_lo = tl.where(part >= 0, tl.minimum((part % SPLIT) * per_chunk, n_blocks), 0)
-            j_hi = tl.where(part >= 0, tl.minimum(j_lo + per_chunk, n_blocks), n_blocks)
-            acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
-                                                    dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
-                                                    BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN,
-                                                    j_lo, j_hi, True)
+        if SPLIT > 1 and SPLIT_BRANCH:  # a chunk walks its share, an unsplit head the dense loop
+            if part >= 0:
+                acc0, acc1, m_i, l_i = _attend_key_chunk(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1,
+                                                         dv0, dv1, offs_m, offs_d0, offs_d1, L, qk_scale, part,
+                                                         HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST,
+                                                         USE_TMA, WARP_SPEC, KEYS_EVEN, SPLIT)
+            else:
+                acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1,
+                                                        dv0, dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM,
+                                                        SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+                                                        WARP_SPEC, KEYS_EVEN)
+        elif SPLIT > 1:  # one loop with runtime bounds: a chunk's share, or every key block when part < 0
+            acc0, acc1, m_i, l_i = _attend_key_chunk(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
+                                                     dv1, offs_m, offs_d0, offs_d1, L, qk_scale, part, HEAD_DIM,
+                                                     SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC,
+                                                     KEYS_EVEN, SPLIT)
         else:
             acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                                     dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
@@ -541,7 +567,7 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
             if part >= 0:
                 acc0, acc1, l_i, merges = _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT,
                                                             block_base + (part // SPLIT) * n_mblocks, part % SPLIT,
-                                                            SPLIT, BLOCK_M, D0, D1, HAS_D1)
+                                                            SPLIT, BLOCK_M, D0, D1, HAS_D1, USE_TMA)
         if merges:
             _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
                       OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT,
@@ -553,7 +579,8 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
 
 @triton.jit
 def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
+                      BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                      USE_TMA: tl.constexpr):
     """Split-K merge of a full head's query block whose keys ran as SPLIT programs (chunks).
 
     Each chunk stores its unnormalised accumulators and its row max and sum (fp32, WS / WML, padded to
@@ -584,7 +611,7 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: t
         acc0 = tl.zeros_like(acc0)
         acc1 = tl.zeros_like(acc1)
         l_i = tl.zeros_like(l_i)
-        for c in range(SPLIT):  # L2 reads (.cg): other SMs wrote these
+        for c in range(SPLIT):  # L2 reads (.cg, or the copy engine, which skips L1): other SMs wrote these
             ml_c = WML + (first + c) * (2 * BLOCK_M)
             m_c = tl.load(ml_c + rows, cache_modifier=".cg")
             m_new = tl.maximum(m_all, m_c)
@@ -593,10 +620,21 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: t
             alpha = tl.math.exp2(m_all - m_ref)
             weight = tl.math.exp2(m_c - m_ref)
             l_i = l_i * alpha + tl.load(ml_c + BLOCK_M + rows, cache_modifier=".cg") * weight
-            ws_c = WS + (first + c) * (BLOCK_M * DP) + rows[:, None] * DP
-            acc0 = acc0 * alpha[:, None] + tl.load(ws_c + cols0[None, :], cache_modifier=".cg") * weight[:, None]
+            ws_c = WS + (first + c) * (BLOCK_M * DP)
+            if USE_TMA:  # the copy engine: no per-element addresses (D = 128 all-full: 170 -> 168 registers,
+                # no spill under a 168 cap; benchmarks/kernel_resources.py)
+                part0 = tl.make_tensor_descriptor(ws_c, shape=[BLOCK_M, DP], strides=[DP, 1],
+                                                  block_shape=[BLOCK_M, D0]).load([0, 0])
+            else:
+                part0 = tl.load(ws_c + rows[:, None] * DP + cols0[None, :], cache_modifier=".cg")
+            acc0 = acc0 * alpha[:, None] + part0 * weight[:, None]
             if HAS_D1:
-                acc1 = acc1 * alpha[:, None] + tl.load(ws_c + cols1[None, :], cache_modifier=".cg") * weight[:, None]
+                if USE_TMA:
+                    part1 = tl.make_tensor_descriptor(ws_c, shape=[BLOCK_M, DP], strides=[DP, 1],
+                                                      block_shape=[BLOCK_M, D1]).load([0, D0])
+                else:
+                    part1 = tl.load(ws_c + rows[:, None] * DP + cols1[None, :], cache_modifier=".cg")
+                acc1 = acc1 * alpha[:, None] + part1 * weight[:, None]
             m_all = m_new
     return acc0, acc1, l_i, merges
 

@@ -57,6 +57,11 @@ class KernelConfig:
     # How many full heads split, the last ones by head index (their chunks run after every unsplit full
     # head: the launch's tail); None: every full head.
     split_heads: int | None = None
+    # With split heads, the full heads that do not split walk their keys in the dense loop with its
+    # constant start (a runtime branch on the rank's chunk) instead of the chunk loop with runtime
+    # bounds, which cost every full program ~11 % on an H200 (FLUX-2K control, session 19). Two copies
+    # of the loop: with more than one stage, two sets of pipeline buffers (D = 72: 81 -> 141 KiB).
+    split_branch: bool = False
 
     def __post_init__(self) -> None:
         if self.split_full < 1 or (self.split_heads is not None and self.split_heads < 0):
@@ -397,7 +402,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16),
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
-        KEYS_EVEN=keys_even, SPLIT=split,
+        KEYS_EVEN=keys_even, SPLIT=split, SPLIT_BRANCH=cfg.split_branch and split > 1,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
