@@ -82,7 +82,7 @@ for name in "$@"; do
                   --out "$out/kernels_2k" ;;
     short-mixed) part short-mixed 200 python3 benchmarks/small_shapes.py --out "$out/short_mixed" --shapes DiT-512,PixArt-1K \
                    --window-sparsity 0.75 --variants dense,window,mixed \
-                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l ;;
+                   --configs 128x64/4w/3s/tma/1l,128x64/4w/3s,64x64/4w/2s,64x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l,128x64/8w/3s/tma/1l ;;  # 8w: no spill (Triton 3.6)
     split-mixed) part split-tests 300 python3 -m pytest -q -m gpu tests/test_kernels.py -k split_full  # ~12 new compiles
                  part split-mixed-72 300 python3 benchmarks/small_shapes.py --out "$out/split_mixed_72" --model \
                    --shapes DiT-512,PixArt-1K --window-sparsity 0.75 --variants dense,mixed \

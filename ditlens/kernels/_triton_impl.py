@@ -621,8 +621,8 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: t
             weight = tl.math.exp2(m_c - m_ref)
             l_i = l_i * alpha + tl.load(ml_c + BLOCK_M + rows, cache_modifier=".cg") * weight
             ws_c = WS + (first + c) * (BLOCK_M * DP)
-            if USE_TMA:  # the copy engine: no per-element addresses (D = 128 all-full: 170 -> 168 registers,
-                # no spill under a 168 cap; benchmarks/kernel_resources.py)
+            if USE_TMA:  # the copy engine: no per-element addresses (D = 128 all-full, Triton 3.6: 174 -> 168
+                # registers, no spill under a 168 cap; benchmarks/kernel_resources.py)
                 part0 = tl.make_tensor_descriptor(ws_c, shape=[BLOCK_M, DP], strides=[DP, 1],
                                                   block_shape=[BLOCK_M, D0]).load([0, 0])
             else:

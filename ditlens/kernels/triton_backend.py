@@ -59,8 +59,9 @@ class KernelConfig:
     split_heads: int | None = None
     # With split heads, the full heads that do not split walk their keys in the dense loop with its
     # constant start (a runtime branch on the rank's chunk) instead of the chunk loop with runtime
-    # bounds, which cost every full program ~11 % on an H200 (FLUX-2K control, session 19). Two copies
-    # of the loop: with more than one stage, two sets of pipeline buffers (D = 72: 81 -> 141 KiB).
+    # bounds. Two copies of the loop: with more than one stage, two sets of pipeline buffers (D = 72:
+    # 81 -> 141 KiB). On an H200 it did not recover the ~11 % every program of a split launch lost
+    # (FLUX-1K/2K dense, session 20: BENCHMARKS.md §2), so it is off.
     split_branch: bool = False
 
     def __post_init__(self) -> None:
