@@ -11,7 +11,11 @@ launch (window/arrow rules compiled in) needs every register and spills; the all
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 128,72] [--configs 64x128/4w/1s/tma,...]
     python benchmarks/kernel_resources.py --window2d [--configs 16x8/8x8/4w/2s,8x8/8x16/4w/2s/tma,...]
 
-The figures are those of the Triton installed here, which may differ from the one on the GPU machine.
+The figures are those of the Triton installed here, which may differ from the one on the GPU machine
+(Triton 3.6 there; 3.9 beside torch 2.13 here). For its figures, compile under that version in a throwaway venv::
+
+    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    /tmp/t36/bin/python benchmarks/kernel_resources.py ...
 """
 
 from __future__ import annotations

@@ -219,6 +219,8 @@ def test_triton_headwise_matches_reference_and_writes_every_element(device, case
     else:
         default = default_config(D, interpret=False)
         configs = [None, replace(default, tma=not default.tma)]
+    if split_head_dim(D)[1]:  # a split head dim: its Q and O through descriptors as well
+        configs.append(replace(configs[1] if device == "cpu" else default, tma=True, qo_tma_split_dim=True))
     for cfg in configs:
         out = torch.full_like(q, float("nan"))
         headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
@@ -244,11 +246,14 @@ def test_all_full_launch_matches_reference(device, L, D):
     assert plan.all_full
     ref = headwise_attention_reference(q, k, v, modes=modes, windows=[0] * H, out_dtype=torch.float64)
     base = CPU_TILES[1] if device == "cpu" else default_config(D, interpret=False, all_full=True)
-    for tma in (False, True):
+    for tma, qo in ((False, False), (True, False), (True, True)):  # qo: Q and O of a split head dim too
+        cfg = replace(base, tma=tma, qo_tma_split_dim=qo)
+        if qo and (not split_head_dim(D)[1] or (device == "cuda" and cfg.num_stages == 1)):
+            continue  # nothing to split, or a one-stage launch, where D = 72 runs by pointer anyway
         out = torch.full_like(q, float("nan"))
-        headwise_triton(q, k, v, plan, layout, D ** -0.5, config=replace(base, tma=tma), out=out)
-        assert not torch.isnan(out).any(), tma
-        assert _rel_err(out, ref) < _tol(torch.bfloat16), tma
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, config=cfg, out=out)
+        assert not torch.isnan(out).any(), cfg
+        assert _rel_err(out, ref) < _tol(torch.bfloat16), cfg
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
 
@@ -472,17 +477,18 @@ def test_warsr_residual_and_fused_apply(device, text_first):
     assert _rel_err(full2, ref_full) < _tol(dtype)
     assert ((res2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
     # apply step on the same inputs: W + R must give back O, with Q/K/V/O by pointer and by descriptor
+    # (D = 24 splits into 16 + 8 columns: with qo its Q and O go through descriptors as well)
     base = cfg or default_config(D, interpret=False)
-    for tma in (False, True):
+    for tma, qo in ((False, False), (True, False), (True, True)):
         applied = torch.full_like(q, float("nan"))
-        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=replace(base, tma=tma), out=applied)
-        assert not torch.isnan(applied).any(), tma
-        assert _rel_err(applied, ref_full) < 2 * _tol(dtype), tma
+        apply_cfg = replace(base, tma=tma, qo_tma_split_dim=qo)
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=apply_cfg, out=applied)
+        assert not torch.isnan(applied).any(), apply_cfg
+        assert _rel_err(applied, ref_full) < 2 * _tol(dtype), apply_cfg
         r_tma = torch.full_like(q, float("nan"))
-        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=full2, config=replace(base, tma=tma), out=r_tma,
-                        subtract=True)
-        assert not torch.isnan(r_tma).any(), tma
-        assert ((r_tma.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype), tma
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=full2, config=apply_cfg, out=r_tma, subtract=True)
+        assert not torch.isnan(r_tma).any(), apply_cfg
+        assert ((r_tma.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype), apply_cfg
     if not text_first:
         return
     # public wrappers (two-pass default and the one-pass kernel) agree with the reference

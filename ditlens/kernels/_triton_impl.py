@@ -137,10 +137,14 @@ def _unmasked_run(seg_lo, seg_hi, full_lo, full_hi, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
-    """A query block's second column tile of Q (zeros without a split head dim) and its empty online
-    softmax: accumulators, row max -inf, row sum 0."""
-    if HAS_D1:
+                   BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                   m0=0, QO_DESC: tl.constexpr = False):
+    """A query block's second column tile of Q (zeros without a split head dim; with QO_DESC through a
+    tensor descriptor, rows from m0) and its empty online softmax: accumulators, row max -inf, row sum 0."""
+    if HAS_D1 and QO_DESC:  # columns past HEAD_DIM and rows past L read as zero
+        q1 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
+                                       block_shape=[BLOCK_M, D1]).load([m0, D0])
+    elif HAS_D1:
         q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
     else:
         q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
@@ -434,7 +438,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
                         EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
                         KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1,
-                        SPLIT_BRANCH: tl.constexpr = False):
+                        SPLIT_BRANCH: tl.constexpr = False, QO_SPLIT: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -446,7 +450,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
     loop instead (see _attend_segment_one_loop). SPLIT > 1: some full heads (n_split_heads of them) split
     their keys into SPLIT chunks, each chunk a program of its own (its own ORDER rank, where PART holds
     f * SPLIT + chunk, f the head's index among the split heads; -1 for every other rank), merged by the
-    last to finish (see _merge_key_chunks); SPLIT_BRANCH: the other full heads keep the dense loop."""
+    last to finish (see _merge_key_chunks); SPLIT_BRANCH: the other full heads keep the dense loop.
+    QO_SPLIT: Q and O of a split head dim through descriptors too (with USE_TMA)."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -477,7 +482,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                             n_mblocks, O.dtype.element_ty,
                             HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
                             HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT,
-                            SPLIT_BRANCH)
+                            SPLIT_BRANCH, QO_SPLIT)
 
 
 @triton.jit
@@ -514,16 +519,18 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         HAS_D1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
-                        ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BRANCH: tl.constexpr):
+                        ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BRANCH: tl.constexpr,
+                        QO_SPLIT: tl.constexpr):
     """Attention of one query block of one (batch, head) that is not skipped, and its epilogue. For a chunk
     of a split full head (``part`` >= 0: f * SPLIT + chunk) one chunk of its keys, and the epilogue only in
     the chunk that merges; its query block is number ``block_base + f * n_mblocks`` among the split heads'
     (``block_base``: this batch's first, plus the query block's index)."""
     # Q and O go through descriptors with K and V: the copy engine puts Q in shared memory, where the
     # tensor cores read it (H200, D = 128, 64-row tiles: 0.93x cuDNN, 0.83x with Q and O by pointer;
-    # benchmarks/d128_schedules.py). Not for split head dims (D = 72): the one PixArt-2K sweep with
-    # them on descriptors hit an illegal memory access (in a config that also fails without them).
-    QO_DESC: tl.constexpr = USE_TMA and not HAS_D1
+    # benchmarks/d128_schedules.py). For split head dims (D = 72) only with QO_SPLIT (KernelConfig.
+    # qo_tma_split_dim): the one PixArt-2K sweep with them on descriptors hit an illegal memory access
+    # (in a config that also fails without them), and they have not been timed since.
+    QO_DESC: tl.constexpr = USE_TMA and (QO_SPLIT or not HAS_D1)
     q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
     k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
     v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
@@ -534,7 +541,8 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                                        block_shape=[BLOCK_M, D0]).load([m0, 0])
     else:
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
-    q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1)
+    q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1,
+                                              m0, QO_DESC)
     if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
         if SPLIT > 1 and SPLIT_BRANCH:  # a chunk walks its share, an unsplit head the dense loop
             if part >= 0:
@@ -668,7 +676,11 @@ def _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, of
                 out1 = r1 - out1
             else:
                 out1 = out1 + r1
-        _store_tile(o_base, out1.to(OUT_DTYPE), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        if QO_DESC:
+            tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
+                                      block_shape=[BLOCK_M, D1]).store([m0, D0], out1.to(OUT_DTYPE))
+        else:
+            _store_tile(o_base, out1.to(OUT_DTYPE), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
 
 
 @triton.jit

@@ -63,6 +63,11 @@ class KernelConfig:
     # 81 -> 141 KiB). On an H200 it did not recover the ~11 % every program of a split launch lost
     # (FLUX-1K/2K dense, session 20: BENCHMARKS.md §2), so it is off.
     split_branch: bool = False
+    # Q and O of a split head dim (D = 72: 64 + 16 columns) through tensor descriptors too, when K/V go
+    # through them. By pointer, their per-element addresses spill (Triton 3.6, D = 72, 128x64/4w/3s/tma/1l:
+    # all-full 255 registers + 168 B spilled -> 205, mixed 255 + 208 -> 239, WA-RS 255 + 248 -> 255 + 16;
+    # benchmarks/kernel_resources.py). Off until timed on a GPU (BENCHMARKS.md §2, session 20).
+    qo_tma_split_dim: bool = False
 
     def __post_init__(self) -> None:
         if self.split_full < 1 or (self.split_heads is not None and self.split_heads < 0):
@@ -404,6 +409,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
         KEYS_EVEN=keys_even, SPLIT=split, SPLIT_BRANCH=cfg.split_branch and split > 1,
+        QO_SPLIT=cfg.qo_tma_split_dim,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
