@@ -101,9 +101,10 @@ for name in "$@"; do
                     --configs 64x128/4w/1s/tma/r168,64x128/4w/1s/tma/r168/sk2h2,64x128/4w/1s/tma/r168/sk2h2b,64x128/4w/1s/tma/r168/sk2h4b,64x128/4w/1s/tma/r168/sk5h2b,64x128/4w/1s/tma/r168/sk8h2b
                   part split-branch-64 150 python3 benchmarks/small_shapes.py --out "$out/split_branch_64" --model \
                     --shapes SD3-1K --variants dense --configs 128x64/4w/3s,128x64/4w/3s/sk2h2,128x64/4w/3s/sk2h2b ;;
+    # D = 64 (SD3, CogVideoX): the default's pointer loads spill (Triton 3.6), descriptor configs do not
     d64) part d64 240 python3 benchmarks/small_shapes.py --out "$out/d64" --shapes SD3-1K --window-sparsity 0.75 \
+           --variants dense,window,arrow,mixed,W+R \
            --configs 128x64/4w/3s,128x64/4w/3s/tma/1l,128x64/4w/3s/tma,128x64/4w/2s/tma/1l,64x64/4w/3s/tma/1l,128x128/8w/3s/tma/1l ;;
-          # D = 64 (SD3, CogVideoX): the default's pointer loads spill (Triton 3.6), descriptors do not
     qo72) part qo72-tests 300 python3 -m pytest -q -m gpu tests/test_kernels.py \
             -k "matches_reference_and_writes or all_full_launch or warsr_residual"  # the /qo configs on the GPU first
           part qo72 300 python3 benchmarks/small_shapes.py --out "$out/qo72" --shapes DiT-512,PixArt-1K,PixArt-2K \
