@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -109,7 +109,9 @@ for name in "$@"; do
             -k "matches_reference_and_writes or all_full_launch or warsr_residual"  # the /qo configs on the GPU first
           part qo72 300 python3 benchmarks/small_shapes.py --out "$out/qo72" --shapes DiT-512,PixArt-1K,PixArt-2K \
             --window-sparsity 0.75 --variants dense,window,mixed,W+R,R=O-W \
-            --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/qo,64x64/4w/3s/tma/1l,64x64/4w/3s/tma/1l/qo ;;
+            --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/qo,128x64/4w/3s/tma/1l/qo/rt,64x64/4w/3s/tma/1l,64x64/4w/3s/tma/1l/qo ;;
+    rt128) part rt128 240 python3 benchmarks/small_shapes.py --out "$out/rt128" --shapes FLUX-1K,FLUX-2K \
+             --window-sparsity 0.75 --variants W+R,R=O-W --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/r168/1l/rt ;;
     window2d) part window2d-tests 200 python3 -m pytest -q -m gpu tests/test_window2d.py
               part window2d 300 python3 benchmarks/window2d.py --out "$out/window2d" \
                 --configs 16x8/8x8/4w/2s/tma,8x8/8x16/4w/2s/tma,8x8/8x8/4w/3s,8x8/8x8/4w/3s/tma,16x8/8x16/8w/2s ;;

@@ -46,23 +46,25 @@ def _parse_config(text: str):
     ``/rN`` (at most N registers per thread), ``/1l`` (one loop per key segment) and ``/skN`` or ``/skNhM``
     (full heads in N key chunks: all of them, or the last M; a trailing ``b``, e.g. ``/sk2h4b``, keeps the
     dense loop for the unsplit full heads: KernelConfig.split_branch) and ``/qo`` (Q and O of a split head dim
-    through descriptors too: KernelConfig.qo_tma_split_dim), in any order."""
+    through descriptors too: KernelConfig.qo_tma_split_dim) and ``/rt`` (the WA-RS residual through descriptors:
+    KernelConfig.residual_tma), in any order."""
     from ditlens.kernels.triton_backend import KernelConfig
 
     tiles, warps, stages, *flags = text.strip().split("/")
     edge = [f for f in flags if f[:1] == "e" and f[1:].isdigit()]
     regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
     split = [f for f in flags if re.fullmatch(r"sk\d+(h\d+)?b?", f)]
-    unknown = set(flags) - {"tma", "ws", "1l", "qo"} - set(edge) - set(regs) - set(split)
+    unknown = set(flags) - {"tma", "ws", "1l", "qo", "rt"} - set(edge) - set(regs) - set(split)
     if unknown or len(edge) > 1 or len(regs) > 1 or len(split) > 1:
-        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, /qo, one /eN, one /rN and one /skN")
+        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, /qo, /rt, one /eN, one /rN and one /skN")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
                         warp_specialize="ws" in flags, edge_stages=int(edge[0][1:]) if edge else None,
                         max_registers=int(regs[0][1:]) if regs else None, one_loop="1l" in flags,
                         split_full=int(re.match(r"sk(\d+)", split[0])[1]) if split else 1,
                         split_heads=int(split[0].rstrip("b").split("h")[1]) if split and "h" in split[0] else None,
-                        split_branch=bool(split) and split[0].endswith("b"), qo_tma_split_dim="qo" in flags)
+                        split_branch=bool(split) and split[0].endswith("b"), qo_tma_split_dim="qo" in flags,
+                        residual_tma="rt" in flags)
 
 
 def _label(cfg) -> str:
@@ -71,7 +73,8 @@ def _label(cfg) -> str:
             + (f"/r{cfg.max_registers}" if cfg.max_registers else "") + ("/1l" if cfg.one_loop else "")
             + (f"/sk{cfg.split_full}" if cfg.split_full > 1 else "")
             + (f"h{cfg.split_heads}" if cfg.split_full > 1 and cfg.split_heads is not None else "")
-            + ("b" if cfg.split_full > 1 and cfg.split_branch else "") + ("/qo" if cfg.qo_tma_split_dim else ""))
+            + ("b" if cfg.split_full > 1 and cfg.split_branch else "") + ("/qo" if cfg.qo_tma_split_dim else "")
+            + ("/rt" if cfg.residual_tma else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:

@@ -450,9 +450,9 @@ def test_warsr_one_pass_visits_every_key_block_once(device, geometry):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("text_first", [True, False])
-def test_warsr_residual_and_fused_apply(device, text_first):
-    B, H, L, D = 1, 3, _scaled_len(41, device), 24
+@pytest.mark.parametrize("text_first, D", [(True, 24), (False, 24), (False, 32)])
+def test_warsr_residual_and_fused_apply(device, text_first, D):
+    B, H, L = 1, 3, _scaled_len(41, device)
     n_text = 6 if device == "cpu" else 50
     dtype = torch.float16
     q, k, v = _qkv(B, H, L, D, dtype, device, seed=11)
@@ -477,11 +477,13 @@ def test_warsr_residual_and_fused_apply(device, text_first):
     assert _rel_err(full2, ref_full) < _tol(dtype)
     assert ((res2.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype)
     # apply step on the same inputs: W + R must give back O, with Q/K/V/O by pointer and by descriptor
-    # (D = 24 splits into 16 + 8 columns: with qo its Q and O go through descriptors as well)
+    # (D = 24 splits into 16 + 8 columns: with qo its Q and O go through descriptors as well, and with rt the
+    # residual wherever O does: at D = 32 whenever K/V do)
     base = cfg or default_config(D, interpret=False)
-    for tma, qo in ((False, False), (True, False), (True, True)):
+    for tma, qo, rt in ((False, False, False), (True, False, False), (True, True, False), (True, False, True),
+                        (True, True, True)):
         applied = torch.full_like(q, float("nan"))
-        apply_cfg = replace(base, tma=tma, qo_tma_split_dim=qo)
+        apply_cfg = replace(base, tma=tma, qo_tma_split_dim=qo, residual_tma=rt)
         headwise_triton(q, k, v, plan, layout, D ** -0.5, residual=res, config=apply_cfg, out=applied)
         assert not torch.isnan(applied).any(), apply_cfg
         assert _rel_err(applied, ref_full) < 2 * _tol(dtype), apply_cfg

@@ -97,6 +97,14 @@ def _store_tile(base, tile, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, 
 
 
 @triton.jit
+def _head_tile_desc(base, L, HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    WIDTH: tl.constexpr):
+    """A tensor descriptor over one head slice ``[L, HEAD_DIM]`` (row stride STRIDE) in tiles of
+    BLOCK_M x WIDTH: rows past L and columns past HEAD_DIM read as zero and are not written."""
+    return tl.make_tensor_descriptor(base, shape=[L, HEAD_DIM], strides=[STRIDE, 1], block_shape=[BLOCK_M, WIDTH])
+
+
+@triton.jit
 def _row_keys(offs_m, mode, win, img_lo, img_hi, t_lo, t_hi, L):
     """Per query row, the keys it attends as two intervals (see patterns.py; modes full=0, window=1,
     arrow=2, skip=3): [lo_a, hi_a) in segment A (text keys, or every key for full heads) and
@@ -142,8 +150,7 @@ def _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ: tl.constexpr, HEAD_DIM: t
     """A query block's second column tile of Q (zeros without a split head dim; with QO_DESC through a
     tensor descriptor, rows from m0) and its empty online softmax: accumulators, row max -inf, row sum 0."""
     if HAS_D1 and QO_DESC:  # columns past HEAD_DIM and rows past L read as zero
-        q1 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
-                                       block_shape=[BLOCK_M, D1]).load([m0, D0])
+        q1 = _head_tile_desc(q_base, L, HEAD_DIM, SQ, BLOCK_M, D1).load([m0, D0])
     elif HAS_D1:
         q1 = _load_tile(q_base, offs_m, offs_d1, L, SQ, HEAD_DIM, True, D0 + D1 > HEAD_DIM)
     else:
@@ -438,7 +445,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                         WARP_SPEC: tl.constexpr = False, ALL_FULL: tl.constexpr = False,
                         EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
                         KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1,
-                        SPLIT_BRANCH: tl.constexpr = False, QO_SPLIT: tl.constexpr = False):
+                        SPLIT_BRANCH: tl.constexpr = False, QO_SPLIT: tl.constexpr = False,
+                        R_TMA: tl.constexpr = False):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -451,7 +459,8 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
     their keys into SPLIT chunks, each chunk a program of its own (its own ORDER rank, where PART holds
     f * SPLIT + chunk, f the head's index among the split heads; -1 for every other rank), merged by the
     last to finish (see _merge_key_chunks); SPLIT_BRANCH: the other full heads keep the dense loop.
-    QO_SPLIT: Q and O of a split head dim through descriptors too (with USE_TMA)."""
+    QO_SPLIT: Q and O of a split head dim through descriptors too (with USE_TMA); R_TMA: the residual R
+    through descriptors wherever O goes through them."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -482,7 +491,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                             n_mblocks, O.dtype.element_ty,
                             HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
                             HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT,
-                            SPLIT_BRANCH, QO_SPLIT)
+                            SPLIT_BRANCH, QO_SPLIT, R_TMA)
 
 
 @triton.jit
@@ -520,7 +529,7 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
                         ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BRANCH: tl.constexpr,
-                        QO_SPLIT: tl.constexpr):
+                        QO_SPLIT: tl.constexpr, R_TMA: tl.constexpr):
     """Attention of one query block of one (batch, head) that is not skipped, and its epilogue. For a chunk
     of a split full head (``part`` >= 0: f * SPLIT + chunk) one chunk of its keys, and the epilogue only in
     the chunk that merges; its query block is number ``block_base + f * n_mblocks`` among the split heads'
@@ -531,14 +540,14 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
     # qo_tma_split_dim): the one PixArt-2K sweep with them on descriptors hit an illegal memory access
     # (in a config that also fails without them), and they have not been timed since.
     QO_DESC: tl.constexpr = USE_TMA and (QO_SPLIT or not HAS_D1)
+    R_DESC: tl.constexpr = QO_DESC and R_TMA  # KernelConfig.residual_tma
     q_base = _head_base(Q, b64, h64, stride_qb, stride_qh, HINT_ALIGN)
     k_base = _head_base(K, b64, h64, stride_kb, stride_kh, HINT_ALIGN)
     v_base = _head_base(V, b64, h64, stride_vb, stride_vh, HINT_ALIGN)
     dk0, dk1, dv0, dv1 = _kv_descriptors(k_base, v_base, (L, HEAD_DIM), (SK, 1), (SV, 1), (BLOCK_N, D0),
                                          (BLOCK_N, D1), HAS_D1, USE_TMA)
     if QO_DESC:
-        q0 = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[SQ, 1],
-                                       block_shape=[BLOCK_M, D0]).load([m0, 0])
+        q0 = _head_tile_desc(q_base, L, HEAD_DIM, SQ, BLOCK_M, D0).load([m0, 0])
     else:
         q0 = _load_tile(q_base, offs_m, offs_d0, L, SQ, HEAD_DIM, True, D0 > HEAD_DIM)
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1,
@@ -579,10 +588,11 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
         if merges:
             _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
                       OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT,
-                      QO_DESC)
+                      QO_DESC, R_DESC)
     else:
         _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
-                  OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT, QO_DESC)
+                  OUT_DTYPE, HEAD_DIM, SO, SR, BLOCK_M, D0, D1, HAS_D1, HAS_RESIDUAL, HINT_ALIGN, SUBTRACT, QO_DESC,
+                  R_DESC)
 
 
 @triton.jit
@@ -651,36 +661,44 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: t
 def _epilogue(acc0, acc1, l_i, R, o_base, b64, h64, stride_rb, stride_rh, m0, offs_m, offs_d0, offs_d1, L,
               OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, SO: tl.constexpr, SR: tl.constexpr,
               BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-              HAS_RESIDUAL: tl.constexpr, HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, QO_DESC: tl.constexpr):
-    """acc / l (plus or minus the residual) stored to the output rows of one query block."""
+              HAS_RESIDUAL: tl.constexpr, HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, QO_DESC: tl.constexpr,
+              R_DESC: tl.constexpr = False):
+    """acc / l (plus or minus the residual) stored to the output rows of one query block; O through
+    descriptors with QO_DESC (rows past L and columns past HEAD_DIM fall outside: not written), the
+    residual R with R_DESC."""
     inv_l = 1.0 / l_i
-    out0 = acc0 * inv_l[:, None]
-    if HAS_RESIDUAL:
-        r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-        r0 = _load_tile(r_base, offs_m, offs_d0, L, SR, HEAD_DIM, True, D0 > HEAD_DIM).to(tl.float32)
-        if SUBTRACT:
-            out0 = r0 - out0
-        else:
-            out0 = out0 + r0
-    if QO_DESC:  # rows past L and columns past HEAD_DIM fall outside the descriptor: not written
-        tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
-                                  block_shape=[BLOCK_M, D0]).store([m0, 0], out0.to(OUT_DTYPE))
+    r_base = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
+    out0 = _with_residual(acc0 * inv_l[:, None], r_base, m0, offs_m, offs_d0, 0, L, HEAD_DIM, SR, BLOCK_M, D0,
+                          D0 > HEAD_DIM, HAS_RESIDUAL, SUBTRACT, R_DESC)
+    if QO_DESC:
+        _head_tile_desc(o_base, L, HEAD_DIM, SO, BLOCK_M, D0).store([m0, 0], out0.to(OUT_DTYPE))
     else:
         _store_tile(o_base, out0.to(OUT_DTYPE), offs_m, offs_d0, L, SO, HEAD_DIM, D0 > HEAD_DIM)
     if HAS_D1:
-        out1 = acc1 * inv_l[:, None]
-        if HAS_RESIDUAL:
-            r_base1 = _head_base(R, b64, h64, stride_rb, stride_rh, HINT_ALIGN)
-            r1 = _load_tile(r_base1, offs_m, offs_d1, L, SR, HEAD_DIM, True, D0 + D1 > HEAD_DIM).to(tl.float32)
-            if SUBTRACT:
-                out1 = r1 - out1
-            else:
-                out1 = out1 + r1
+        out1 = _with_residual(acc1 * inv_l[:, None], r_base, m0, offs_m, offs_d1, D0, L, HEAD_DIM, SR, BLOCK_M, D1,
+                              D0 + D1 > HEAD_DIM, HAS_RESIDUAL, SUBTRACT, R_DESC)
         if QO_DESC:
-            tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[SO, 1],
-                                      block_shape=[BLOCK_M, D1]).store([m0, D0], out1.to(OUT_DTYPE))
+            _head_tile_desc(o_base, L, HEAD_DIM, SO, BLOCK_M, D1).store([m0, D0], out1.to(OUT_DTYPE))
         else:
             _store_tile(o_base, out1.to(OUT_DTYPE), offs_m, offs_d1, L, SO, HEAD_DIM, D0 + D1 > HEAD_DIM)
+
+
+@triton.jit
+def _with_residual(out, r_base, m0, offs_m, offs_cols, col0, L, HEAD_DIM: tl.constexpr, SR: tl.constexpr,
+                   BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   SUBTRACT: tl.constexpr, R_DESC: tl.constexpr):
+    """One column tile of the output: ``out``, ``out + R`` or ``R - out`` (SUBTRACT: WA-RS's R = O - W),
+    R's tile at columns [col0, col0 + WIDTH) loaded through a descriptor with R_DESC."""
+    if HAS_RESIDUAL:
+        if R_DESC:
+            r = _head_tile_desc(r_base, L, HEAD_DIM, SR, BLOCK_M, WIDTH).load([m0, col0]).to(tl.float32)
+        else:
+            r = _load_tile(r_base, offs_m, offs_cols, L, SR, HEAD_DIM, True, COL_MASK).to(tl.float32)
+        if SUBTRACT:
+            out = r - out
+        else:
+            out = out + r
+    return out
 
 
 @triton.jit

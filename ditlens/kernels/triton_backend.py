@@ -68,6 +68,11 @@ class KernelConfig:
     # all-full 255 registers + 168 B spilled -> 205, mixed 255 + 208 -> 239, WA-RS 255 + 248 -> 255 + 16;
     # benchmarks/kernel_resources.py). Off until timed on a GPU (BENCHMARKS.md §2, session 20).
     qo_tma_split_dim: bool = False
+    # The residual R of a WA-RS launch (added, or subtracted for R = O - W) through tensor descriptors
+    # wherever O goes through them (D = 128 with tma; D = 72 with qo_tma_split_dim too). By pointer it
+    # spills (Triton 3.6, windowed + R: D = 128 64x128/4w/1s/tma/1l/r168 168 registers + 360 B -> 168 + 40;
+    # D = 72 with qo_tma_split_dim 255 + 16 -> 241). Off until timed on a GPU.
+    residual_tma: bool = False
 
     def __post_init__(self) -> None:
         if self.split_full < 1 or (self.split_heads is not None and self.split_heads < 0):
@@ -409,7 +414,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
         KEYS_EVEN=keys_even, SPLIT=split, SPLIT_BRANCH=cfg.split_branch and split > 1,
-        QO_SPLIT=cfg.qo_tma_split_dim,
+        QO_SPLIT=cfg.qo_tma_split_dim, R_TMA=cfg.residual_tma,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
