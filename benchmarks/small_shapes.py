@@ -53,17 +53,17 @@ def _parse_config(text: str):
     tiles, warps, stages, *flags = text.strip().split("/")
     edge = [f for f in flags if f[:1] == "e" and f[1:].isdigit()]
     regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
-    split = [f for f in flags if re.fullmatch(r"sk\d+(h\d+)?b?", f)]
-    unknown = set(flags) - {"tma", "ws", "1l", "qo", "rt"} - set(edge) - set(regs) - set(split)
+    split = [m for m in (re.fullmatch(r"sk(\d+)(?:h(\d+))?(b?)", f) for f in flags) if m]
+    unknown = set(flags) - {"tma", "ws", "1l", "qo", "rt"} - set(edge) - set(regs) - {m[0] for m in split}
     if unknown or len(edge) > 1 or len(regs) > 1 or len(split) > 1:
         raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, /qo, /rt, one /eN, one /rN and one /skN")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
                         warp_specialize="ws" in flags, edge_stages=int(edge[0][1:]) if edge else None,
                         max_registers=int(regs[0][1:]) if regs else None, one_loop="1l" in flags,
-                        split_full=int(re.match(r"sk(\d+)", split[0])[1]) if split else 1,
-                        split_heads=int(split[0].rstrip("b").split("h")[1]) if split and "h" in split[0] else None,
-                        split_branch=bool(split) and split[0].endswith("b"), qo_tma_split_dim="qo" in flags,
+                        split_full=int(split[0][1]) if split else 1,
+                        split_heads=int(split[0][2]) if split and split[0][2] else None,
+                        split_branch=bool(split) and split[0][3] == "b", qo_tma_split_dim="qo" in flags,
                         residual_tma="rt" in flags)
 
 

@@ -99,8 +99,9 @@ def _store_tile(base, tile, offs_rows, offs_cols, row_hi, STRIDE: tl.constexpr, 
 @triton.jit
 def _head_tile_desc(base, L, HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
                     WIDTH: tl.constexpr):
-    """A tensor descriptor over one head slice ``[L, HEAD_DIM]`` (row stride STRIDE) in tiles of
-    BLOCK_M x WIDTH: rows past L and columns past HEAD_DIM read as zero and are not written."""
+    """A tensor descriptor over one ``[L, HEAD_DIM]`` slice (row stride STRIDE; a head's tokens, or a
+    split chunk's fp32 partials) in tiles of BLOCK_M x WIDTH: rows past L and columns past HEAD_DIM read
+    as zero and are not written."""
     return tl.make_tensor_descriptor(base, shape=[L, HEAD_DIM], strides=[STRIDE, 1], block_shape=[BLOCK_M, WIDTH])
 
 
@@ -553,18 +554,9 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
     q1, acc0, acc1, m_i, l_i = _softmax_start(q_base, q0, offs_m, offs_d1, L, SQ, HEAD_DIM, BLOCK_M, D0, D1, HAS_D1,
                                               m0, QO_DESC)
     if mode == 0:  # a full head (every head of an all-full launch, where mode is the constant 0): all keys
-        if SPLIT > 1 and SPLIT_BRANCH:  # a chunk walks its share, an unsplit head the dense loop
-            if part >= 0:
-                acc0, acc1, m_i, l_i = _attend_key_chunk(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1,
-                                                         dv0, dv1, offs_m, offs_d0, offs_d1, L, qk_scale, part,
-                                                         HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST,
-                                                         USE_TMA, WARP_SPEC, KEYS_EVEN, SPLIT)
-            else:
-                acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1,
-                                                        dv0, dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM,
-                                                        SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                                        WARP_SPEC, KEYS_EVEN)
-        elif SPLIT > 1:  # one loop with runtime bounds: a chunk's share, or every key block when part < 0
+        # with SPLIT > 1 a chunk walks its share in the ranged loop, and so does an unsplit full head (part
+        # < 0: every key block), unless SPLIT_BRANCH sends that one to the dense loop (a runtime branch)
+        if SPLIT > 1 and (not SPLIT_BRANCH or part >= 0):
             acc0, acc1, m_i, l_i = _attend_key_chunk(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                                      dv1, offs_m, offs_d0, offs_d1, L, qk_scale, part, HEAD_DIM,
                                                      SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC,
@@ -641,15 +633,13 @@ def _merge_key_chunks(acc0, acc1, m_i, l_i, WS, WML, CNT, block, chunk, SPLIT: t
             ws_c = WS + (first + c) * (BLOCK_M * DP)
             if USE_TMA:  # the copy engine: no per-element addresses (D = 128 all-full, Triton 3.6: 174 -> 168
                 # registers, no spill under a 168 cap; benchmarks/kernel_resources.py)
-                part0 = tl.make_tensor_descriptor(ws_c, shape=[BLOCK_M, DP], strides=[DP, 1],
-                                                  block_shape=[BLOCK_M, D0]).load([0, 0])
+                part0 = _head_tile_desc(ws_c, BLOCK_M, DP, DP, BLOCK_M, D0).load([0, 0])
             else:
                 part0 = tl.load(ws_c + rows[:, None] * DP + cols0[None, :], cache_modifier=".cg")
             acc0 = acc0 * alpha[:, None] + part0 * weight[:, None]
             if HAS_D1:
                 if USE_TMA:
-                    part1 = tl.make_tensor_descriptor(ws_c, shape=[BLOCK_M, DP], strides=[DP, 1],
-                                                      block_shape=[BLOCK_M, D1]).load([0, D0])
+                    part1 = _head_tile_desc(ws_c, BLOCK_M, DP, DP, BLOCK_M, D1).load([0, D0])
                 else:
                     part1 = tl.load(ws_c + rows[:, None] * DP + cols1[None, :], cache_modifier=".cg")
                 acc1 = acc1 * alpha[:, None] + part1 * weight[:, None]
