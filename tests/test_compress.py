@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ditlens.compress import Plan, apply_plan, parse_method, plan_flops, projection_flops, remove_plan
-from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask
+from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask, removes_pairs, widest_window
 from ditlens.compress.plan import LayerInfo, ModelFingerprint, RunSpec, TokenInfo
 from ditlens.compress.runtime import ForwardState, PlanRuntime
 from ditlens.errors import PlanMismatchError
@@ -310,6 +310,33 @@ def test_structure_refusals_name_the_problem():
         make_plan("self", 1, 4, [["full"], ["wars(1)"], ["wars(2)"]], "none", (1, 2, 2))
 
 
+@pytest.mark.parametrize("kind", ["window", "arrow", "window2d"])
+@pytest.mark.parametrize("n_text,text_first,grid", [(0, False, (1, 3, 5)), (4, True, (2, 3, 4)), (3, False, (2, 2, 3))])
+def test_widest_window_is_where_the_mask_keeps_every_pair(kind, n_text, text_first, grid):
+    L = grid[0] * grid[1] * grid[2] + n_text
+    layout = CallLayout(L, L, n_text, text_first, grid)
+    keep_all = ref_mask(kind, 10 * L, L, n_text, text_first, grid)
+    first = min(w for w in range(L + 1) if (ref_mask(kind, w, L, n_text, text_first, grid) == keep_all).all())
+    assert widest_window(kind, layout) == first
+    for w in range(first + 3):
+        assert removes_pairs(HeadMethod(kind, w), layout) == (w < first)
+
+
+def test_window_wider_than_the_sequence_is_refused():
+    # 3x3 tokens: window(8) already keeps every pair and is accepted; window(9) is wider than the sequence
+    make_plan("self", 2, 4, [["full", "full"], ["window(8)", "full"]], "none", (1, 3, 3))
+    with pytest.raises(PlanMismatchError, match=r"methods\[1\]\[0\] \(layer0\): window\(9\) is wider than the self "
+                       r"attention's sequence of 9 image tokens.*below 8"):
+        make_plan("self", 2, 4, [["full", "full"], ["window(9)", "full"]], "none", (1, 3, 3))
+    with pytest.raises(PlanMismatchError, match=r"wars\(12\).*12 image tokens"):  # joint: frames x rows x cols
+        make_plan("joint", 1, 4, [["full"], ["wars(12)"]], "none", (2, 2, 3), n_text=5, text_position="first")
+    make_plan("joint", 1, 4, [["full"], ["wars(11)"]], "none", (2, 2, 3), n_text=5, text_position="first")
+    with pytest.raises(PlanMismatchError, match=r"window2d\(3\).*a 3x2 token grid.*below 2"):
+        make_plan("self", 1, 4, [["window2d(3)"]], "none", (1, 3, 2))
+    with pytest.raises(PlanMismatchError, match=r"temporal attention's sequence of 3 image tokens"):  # over frames
+        make_plan("temporal", 1, 4, [["window(3)"]], "none", (3, 2, 2))
+
+
 def test_json_round_trip_and_schema_errors(tmp_path):
     plan = make_plan("self", 4, 8, MIXED, "batched_cond_first", (1, 4, 4))
     path = plan.save(tmp_path / "p.json")
@@ -566,6 +593,19 @@ def test_run_mismatches_are_refused(dit_pipe):
     with pytest.raises(PlanMismatchError, match="config_hash"):
         apply_plan(dit_pipe, tampered)
     _no_ditlens_left(dit_pipe)
+
+
+def test_window_wider_than_the_sequence_is_refused_at_run_time_for_a_plan_without_grid(dit_pipe):
+    d = DIMS["dit"]
+    n_image = d.grid[1] * d.grid[2]
+    plan = Plan.uniform(dit_pipe, 3, f"window({n_image})", guidance=3.0)  # no resolution given: no grid to check
+    assert plan.model.tokens.grid is None
+    with apply_plan(dit_pipe, plan):
+        with pytest.raises(PlanMismatchError, match=rf"window\({n_image}\) is wider than .*below {n_image - 1}"):
+            dit_pipe(**pipeline_call_kwargs("dit", "class1", 3, 3.0, 0))
+    _no_ditlens_left(dit_pipe)
+    with apply_plan(dit_pipe, Plan.uniform(dit_pipe, 3, f"window({n_image - 1})", guidance=3.0)):
+        dit_pipe(**pipeline_call_kwargs("dit", "class1", 3, 3.0, 0))  # keeps every pair, but fits: runs
 
 
 def test_plan_for_another_model_is_refused(dit_pipe):

@@ -16,6 +16,7 @@ from ditlens.compress.search.engine import EngineConfig, SearchEngine
 from ditlens.compress.search.greedy import GreedyConfig, layer_threshold, search_greedy, strategy_list, v1_loss_sums
 from ditlens.compress.search.headwise import HeadwiseConfig, search_headwise
 from ditlens.compress.search.milp import objective_value, solve_layer, total_influence
+from ditlens.errors import DitlensError
 
 STEPS = 3
 
@@ -346,6 +347,58 @@ def test_v2_trajectory_equals_runtime_replay_and_is_deterministic(family, cands)
     assert a.plan.flops is not None and a.plan.flops.attention_core_fraction < 1
 
 
+def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pair():
+    """Latte attends within each frame (spatial layers) and across frames (temporal layers): the
+    default window ladders are sized on one frame's tokens, not on the whole grid, and no searched
+    plan holds a window that keeps every pair of its layer (full attention at a window's price)."""
+    from ditlens.compress.flops import layer_sequences
+    from ditlens.compress.methods import WINDOWED, HeadMethod, removes_pairs
+    from ditlens.compress.search.common import DEFAULT_SPARSITIES
+    from ditlens.kernels import window_for_sparsity
+
+    pipe, prompts, ecfg = _setup("latte")
+    v2 = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, engine=ecfg))
+    v1 = search_greedy(pipe, prompts, GreedyConfig(delta=0.6, engine=ecfg))
+    grid = v2.plan.model.tokens.grid
+    frame = grid[1] * grid[2]
+    assert grid[0] > 1 and v2.plan.provenance.windows == sorted({window_for_sparsity(frame, s) for s in DEFAULT_SPARSITIES})
+    assert v1.plan.provenance.windows == [frame // 8]
+    kinds = {layer.kind for layer in v2.plan.model.layers}
+    assert {"self", "temporal"} <= kinds
+    windowed = 0
+    for plan in (v1.plan, v2.plan):
+        for s in range(plan.steps):
+            for i, layer in enumerate(plan.model.layers):
+                layout = layer_sequences(layer, grid, 0).layout
+                for method in plan.head_methods(s, i):
+                    if method.base in WINDOWED:
+                        windowed += 1
+                        assert removes_pairs(method, layout), (s, layer.name, method.to_str())
+    assert windowed > 0
+    # The rule itself: on 3 frames window(2) keeps every pair (left out), window(1) does not; one frame
+    # of 16 tokens takes both. V2 and from-trace see it as an infinite cost, V1 as a strategy not tried.
+    from types import SimpleNamespace
+
+    from ditlens.compress.search.greedy import GreedyController
+    from ditlens.compress.search.latency import flops_latency
+
+    layers = list(v2.plan.model.layers)
+    latency = flops_latency(layers, ["window(2)", "window(1)"], grid, 0, 8, 2)
+    engine = SimpleNamespace(layers=layers, grid=grid, cfg_rows=2, heads=2, wars_allowed=lambda *a: True)
+    for i, layer in enumerate(layers):
+        if layer.kind in ("self", "temporal"):
+            keeps_all = layer.kind == "temporal"
+            assert np.isinf(latency.cost[i, 0]) == keeps_all and latency.cost[i, 1] < latency.full[i]
+            assert GreedyController(GreedyConfig()).allowed(engine, 1, i, HeadMethod("wars", 2)) != keeps_all
+            assert GreedyController(GreedyConfig()).allowed(engine, 1, i, HeadMethod("wars", 1))
+    # A width that fits no layer (one frame has 16 tokens) is refused by name, in both searches.
+    with pytest.raises(DitlensError, match=r"candidate window\(15\) keeps every pair on every layer.*16 image tokens"
+                       r".*below 15"):
+        search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, candidates="ast,window(15)", engine=ecfg))
+    with pytest.raises(DitlensError, match=r"candidate wars\(15\) keeps every pair"):
+        search_greedy(pipe, prompts, GreedyConfig(delta=0.6, window=15, engine=ecfg))
+
+
 def test_v2_influence_against_dense_reference():
     """Step 0, layer 0: the recorded window influence equals a float64 recomputation from captured q, k, v."""
     from ditlens.analyzer.capture import AttentionInterceptor
@@ -478,7 +531,6 @@ def test_width_ladder_sets_the_default_candidates():
 
 def test_cli_sparsities_are_checked():
     from ditlens.compress.search.cli import _sparsities
-    from ditlens.errors import DitlensError
 
     assert _sparsities("0.25, 0.5,0.75") == (0.25, 0.5, 0.75)
     assert _sparsities(None) is None

@@ -102,7 +102,8 @@ class InfluenceRecorder:
 
     def __init__(self, layers: list[AttentionLayer], candidates: list[Candidate] | Callable[[int], list[Candidate]],
                  n_steps: int, n_heads: int) -> None:
-        """``candidates`` may be a function of the image token count, resolved at the first layer."""
+        """``candidates`` may be a function of the image token count of the longest self or joint
+        attention sequence, resolved at the first layer."""
         self.layers = layers
         self._candidates = candidates
         self.n_steps, self.n_heads = n_steps, n_heads
@@ -125,7 +126,9 @@ class InfluenceRecorder:
     def on_layer(self, layer_index: int, context: ForwardContext, tensors: GroupedTensors) -> None:
         if callable(self._candidates):
             grid = context.info.grid
-            self._candidates = self._candidates(grid[0] * grid[1] * grid[2])
+            from ditlens.compress.flops import longest_image_sequence
+
+            self._candidates = self._candidates(longest_image_sequence(self.layers, tuple(grid)))
         layer = self.layers[layer_index]
         out = _output(tensors)
         if out is None:

@@ -189,6 +189,21 @@ def band_pairs(n: int, w: int) -> int:
     return n * (2 * w + 1) - w * (w + 1)
 
 
+def widest_window(kind: str, layout: CallLayout) -> int:
+    """The half-width from which mask ``kind`` keeps every pair of ``layout``: ``n_image - 1`` for the 1D
+    band (window, arrow, wars), ``max(rows, cols) - 1`` for window2d (whose frames are unrestricted)."""
+    if kind == "window2d":
+        _, rows, cols = layout.grid if layout.grid else (1, 1, max(layout.n_image, 1))
+        return max(rows, cols) - 1
+    return max(layout.n_image - 1, 0)
+
+
+def removes_pairs(method: HeadMethod, layout: CallLayout) -> bool:
+    """Whether windowed ``method`` skips any pair of ``layout``; from :func:`widest_window` on, a window is
+    full attention with a window's overhead, so the searches leave it out there."""
+    return method.base in WINDOWED and method.window < widest_window(method.mask_kind, layout)
+
+
 def attended_pairs(method: HeadMethod, layout: CallLayout) -> int:
     """Exact attended (query, key) pairs of one head for one sequence (one batch row), before ASC."""
     if not method.computes:

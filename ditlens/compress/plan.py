@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
-from ditlens.compress.methods import HeadMethod, parse_method
+from ditlens.compress.methods import WINDOWED, HeadMethod, parse_method
 from ditlens.errors import DitlensError, PlanMismatchError
 
 SCHEMA_VERSION = 1
@@ -217,7 +217,7 @@ class Plan:
                     row.append([parsed.to_str() if h in head_list else "full" for h in range(model.heads)])
             methods.append(row)
         provenance = Provenance(search="uniform", ditlens_version=__version__, created=_now(),
-                                windows=[parsed.window] if parsed.window else [], notes=notes)
+                                windows=[parsed.window] if parsed.base in WINDOWED else [], notes=notes)
         plan = cls(model, run, methods, provenance)
         plan.check_structure()
         plan.flops = static_flops_summary(plan)
@@ -330,6 +330,37 @@ class Plan:
                     if s == 0 and method.base == "ast":
                         raise PlanMismatchError(f"{where}: AST at step 0 has no earlier output to reuse")
         self._check_residuals()
+        if model.tokens.grid is not None:
+            self.check_windows(tuple(model.tokens.grid))
+
+    def check_windows(self, grid: tuple[int, int, int]) -> None:
+        """Refuse a window wider than the sequence its layer attends over on ``grid`` (frames, rows,
+        cols): it keeps every pair, so it is full attention under another name, and most often a plan
+        written for another resolution or layer kind. The runtime calls this on the first forward of a
+        plan made without a grid."""
+        from ditlens.compress.flops import layer_sequences
+        from ditlens.compress.methods import widest_window
+
+        for i, layer in enumerate(self.model.layers):
+            layout = layer_sequences(layer, grid, 0).layout
+            seen: set[str] = set()
+            for s in range(self.steps):
+                entry = self.methods[s][i]
+                for text in ([entry] if isinstance(entry, str) else entry):
+                    if text in seen:
+                        continue
+                    seen.add(text)
+                    method = parse_method(text)
+                    if method.base not in WINDOWED:
+                        continue
+                    widest = widest_window(method.mask_kind, layout)
+                    if method.window > widest:
+                        extent = (f"a {layout.grid[1]}x{layout.grid[2]} token grid" if method.mask_kind == "window2d"
+                                  and layout.grid else f"{layout.n_image} image tokens")
+                        raise PlanMismatchError(
+                            f"methods[{s}][{i}] ({layer.name}): {method.to_str()} is wider than the {layer.kind} "
+                            f"attention's sequence of {extent} (from a half-width of {widest} it keeps every "
+                            f"pair); use 'full' or a half-width below {widest}")
 
     def residual_reads(self) -> Iterator[tuple[int, int, int, HeadMethod, int | None]]:
         """(layer, head, step, method, refresh step) of every WA-RS head-step. Its refresh is the

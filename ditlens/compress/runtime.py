@@ -131,6 +131,7 @@ class PlanRuntime:
         self.forward: ForwardState | None = None
         # (transformer, args, kwargs) of a forward whose step bookkeeping has not run yet (see settle)
         self._pending: tuple[nn.Module, tuple, dict] | None = None
+        self._windows_checked_on: tuple[int, ...] | None = None  # the grid a grid-less plan's windows passed
         self.attention_seconds = 0.0
         self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         from ditlens.analyzer.capture import InterceptRoute
@@ -229,6 +230,9 @@ class PlanRuntime:
                 f"plan was made for a token grid of {grid[0]}x{grid[1]}x{grid[2]} (frames x rows x cols, "
                 f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]} "
                 "(run.height/width); call it at the plan's resolution or make a plan for this one")
+        if grid is None and tuple(info.grid) != self._windows_checked_on:
+            plan.check_windows(tuple(info.grid))  # a plan made without a grid: its windows meet one here
+            self._windows_checked_on = tuple(info.grid)
         self.forward = self._branches(info, step, layout)
 
     def _check_timesteps(self, seen: list[tuple[int, Any]]) -> None:

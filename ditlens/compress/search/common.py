@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ditlens.compress.methods import parse_method
+from ditlens.compress.methods import WINDOWED, parse_method
 from ditlens.compress.plan import Plan, Provenance, RunSpec, model_fingerprint, static_flops_summary
 from ditlens.errors import DitlensError
 
@@ -138,6 +138,27 @@ def parse_candidate_list(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+def refuse_windows_wider_than_every_layer(candidates: Sequence[str], layers: Sequence[Any],
+                                          grid: tuple[int, int, int]) -> None:
+    """A windowed candidate that keeps every pair on every layer it could go to can save nothing:
+    most often a width written for another resolution. Refused at the search's first step, where the
+    grid is known."""
+    from ditlens.compress.flops import layer_sequences, longest_image_sequence
+    from ditlens.compress.methods import removes_pairs, widest_window
+    from ditlens.compress.plan import _defined_on
+
+    for text in candidates:
+        method = parse_method(text)
+        if method.base not in WINDOWED:
+            continue
+        layouts = [layer_sequences(layer, grid, 0).layout for layer in layers if _defined_on(method, layer.kind)]
+        if layouts and not any(removes_pairs(method, layout) for layout in layouts):
+            n = longest_image_sequence(list(layers), grid)
+            widest = max(widest_window(method.mask_kind, layout) for layout in layouts)
+            raise DitlensError(f"candidate {text} keeps every pair on every layer at this resolution (the longest "
+                               f"sequence has {n} image tokens); give a half-width below {widest}")
+
+
 def aggregate_influence(rse: np.ndarray, candidates: Sequence[str], branches: Sequence[str]) -> np.ndarray:
     """[prompt, branch, head, candidate] -> [head, candidate]: the mean over prompts and branches.
 
@@ -180,7 +201,7 @@ def provenance(search: str, metric: str, delta: float | None, c: float | None, c
 
     from ditlens import __version__
 
-    windows = sorted({parse_method(m).window for m in candidates if parse_method(m).window})
+    windows = sorted({parse_method(m).window for m in candidates if parse_method(m).base in WINDOWED})
     return Provenance(search=search, metric=metric, delta=delta, c=c, windows=windows,
                       calibration_prompts=list(prompts), ditlens_version=__version__,
                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)

@@ -37,9 +37,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ditlens.compress.methods import FULL, HeadMethod
+from ditlens.compress.flops import layer_sequences, longest_image_sequence
+from ditlens.compress.methods import FULL, HeadMethod, removes_pairs
 from ditlens.compress.search.common import (SearchResult, all_prompts, all_reduce_sums, build_plan, provenance,
-                                            shard_prompts)
+                                            refuse_windows_wider_than_every_layer, shard_prompts)
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, first_tensor
 
 LOSS_CLIP = 10.0
@@ -104,7 +105,7 @@ class TrialPass:
 @dataclass
 class GreedyConfig:
     delta: float = 0.05
-    window: int | None = None  # WA-RS half-width; None: 1/8 of the image tokens (V1's default)
+    window: int | None = None  # WA-RS half-width; None: 1/8 of a sequence's image tokens (V1's default)
     naive: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     early_reject: bool = True  # see the module docstring; off when naive
@@ -133,6 +134,8 @@ class GreedyController:
         if method.base == "wars":
             if kind == "cross":
                 return False
+            if not removes_pairs(method, layer_sequences(engine.layers[layer], engine.grid, 0).layout):
+                return False  # a window that keeps every pair of this layer (temporal attention over few frames)
             return all(engine.wars_allowed(layer, h, method.window) for h in range(engine.heads))
         return True
 
@@ -152,7 +155,9 @@ class GreedyController:
         if self.bar is None:
             grid = engine.grid
             if self.window is None:
-                self.window = max(1, grid[0] * grid[1] * grid[2] // 8)
+                self.window = max(1, longest_image_sequence(engine.layers, grid) // 8)
+            else:
+                refuse_windows_wider_than_every_layer([f"wars({self.window})"], engine.layers, grid)
             engine.config.residual_widths = (self.window,)
             self.methods = [["full"] * L for _ in range(engine.config.steps)]
             self.losses = np.full((engine.config.steps, L), np.nan)

@@ -23,9 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ditlens.compress.flops import longest_image_sequence
 from ditlens.compress.methods import FULL, parse_method
 from ditlens.compress.search.common import (DEFAULT_SPARSITIES, SearchResult, aggregate_influence, build_plan,
-                                            default_candidates, parse_candidate_list, provenance)
+                                            default_candidates, parse_candidate_list, provenance,
+                                            refuse_windows_wider_than_every_layer)
 from ditlens.compress.search.common import all_prompts, gather_prompt_rows, shard_prompts
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, layer_entry, safe_ratio
 from ditlens.compress.search.latency import LatencyModel, build_latency, method_allowed
@@ -59,12 +61,13 @@ class HeadwiseController:
     def _setup(self, engine: SearchEngine) -> None:
         cfg = self.config
         grid = engine.grid
-        n_image = grid[0] * grid[1] * grid[2]
+        n_image = longest_image_sequence(engine.layers, grid)
         joint = any(l.kind == "joint" for l in engine.layers)
         if cfg.candidates is None:
             self.candidates = default_candidates(n_image, joint, sparsities=cfg.sparsities, asc=False)
         else:
             self.candidates = parse_candidate_list(cfg.candidates)
+            refuse_windows_wider_than_every_layer(self.candidates, engine.layers, grid)
         self.parsed = [parse_method(m) for m in self.candidates]
         engine.config.residual_widths = tuple(sorted({m.window for m in self.parsed if m.base == "wars"}))
         self.branches = ["cond", "uncond"] if engine.cfg_rows == 2 else ["cond"]
@@ -91,7 +94,7 @@ class HeadwiseController:
         errs = np.full((rows, engine.heads, len(self.candidates)), np.nan)
         spread = None
         for m, method in enumerate(self.parsed):
-            if not method_allowed(self.candidates[m], layer, engine.cfg_rows == 2):
+            if not method_allowed(self.candidates[m], layer, engine.cfg_rows == 2, layout):
                 continue
             out = engine.method_output(index, call, method, func, params, layout, full)
             err, spread = engine.influence_parts(full, out)

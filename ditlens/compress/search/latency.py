@@ -22,16 +22,20 @@ from typing import Any
 import numpy as np
 
 from ditlens.compress.flops import head_core_flops, layer_sequences
-from ditlens.compress.methods import FULL, HeadMethod, parse_method
+from ditlens.compress.methods import FULL, WINDOWED, CallLayout, HeadMethod, parse_method, removes_pairs
 from ditlens.compress.plan import LayerInfo, _defined_on
 from ditlens.errors import DitlensError
 
 LATENCY_MODELS = ("flops", "measured")
 
 
-def method_allowed(method: str, layer: LayerInfo, has_cfg: bool) -> bool:
+def method_allowed(method: str, layer: LayerInfo, has_cfg: bool, layout: CallLayout | None = None) -> bool:
+    """Whether the searches may give ``method`` to a head of ``layer``: defined on its kind, CFG share
+    only with CFG, and (given the layer's ``layout``) a window only where it skips some pair."""
     parsed = parse_method(method)
     if parsed.asc and not has_cfg:
+        return False
+    if layout is not None and parsed.base in WINDOWED and not removes_pairs(parsed, layout):
         return False
     return _defined_on(parsed, layer.kind)
 
@@ -71,7 +75,7 @@ def flops_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple[in
         seq = layer_sequences(layer, grid, n_text)
         full[i] = head_core_flops(FULL, seq.layout, head_dim) * seq.count * cfg_rows
         for j, text in enumerate(candidates):
-            if method_allowed(text, layer, cfg_rows == 2):
+            if method_allowed(text, layer, cfg_rows == 2, seq.layout):
                 m = parse_method(text)
                 cost[i, j] = (head_core_flops(m, seq.layout, head_dim) * seq.count * _rows_factor(m, cfg_rows)
                               * _launches(m))
@@ -135,7 +139,7 @@ def measured_latency(layers: list[LayerInfo], candidates: list[str], grid: tuple
         seq = layer_sequences(layer, grid, n_text)
         full[i] = timed(seq.layout, seq.count, "full", 0) * cfg_rows
         for j, text in enumerate(candidates):
-            if not method_allowed(text, layer, cfg_rows == 2):
+            if not method_allowed(text, layer, cfg_rows == 2, seq.layout):
                 continue
             m = parse_method(text)
             if not m.computes:
