@@ -21,7 +21,7 @@ Two views:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ditlens.compress.methods import FULL, CallLayout, HeadMethod, attended_pairs
 
@@ -49,10 +49,10 @@ def layer_sequences(layer: "LayerInfo", grid: tuple[int, int, int], n_text: int)
     return LayerSequences(CallLayout(rows * cols, rows * cols, 0, False, (1, rows, cols)), frames)
 
 
-def longest_image_sequence(layers: "list[LayerInfo] | tuple[LayerInfo, ...]", grid: tuple[int, int, int]) -> int:
+def longest_image_sequence(layers: Iterable[Any], grid: tuple[int, int, int]) -> int:
     """Image tokens of the longest sequence a self or joint layer attends over: what window widths
     are sized against (all frames in joint 3D attention, one frame in per-frame self attention, as in
-    Latte, not the whole grid)."""
+    Latte, not the whole grid). ``layers``: LayerInfo or the adapters' AttentionLayer (kind, text_position)."""
     lengths = [layer_sequences(l, grid, 0).layout.n_image for l in layers if l.kind in ("self", "joint")]
     return max(lengths, default=grid[0] * grid[1] * grid[2])
 

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
-from ditlens.compress.methods import WINDOWED, HeadMethod, parse_method
+from ditlens.compress.methods import WINDOWED, HeadMethod, parse_method, widest_window
 from ditlens.errors import DitlensError, PlanMismatchError
 
 SCHEMA_VERSION = 1
@@ -339,7 +339,6 @@ class Plan:
         written for another resolution or layer kind. The runtime calls this on the first forward of a
         plan made without a grid."""
         from ditlens.compress.flops import layer_sequences
-        from ditlens.compress.methods import widest_window
 
         for i, layer in enumerate(self.model.layers):
             layout = layer_sequences(layer, grid, 0).layout

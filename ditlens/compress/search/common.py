@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ditlens.compress.methods import WINDOWED, parse_method
-from ditlens.compress.plan import Plan, Provenance, RunSpec, model_fingerprint, static_flops_summary
+from ditlens.compress.flops import layer_sequences, longest_image_sequence
+from ditlens.compress.methods import WINDOWED, parse_method, removes_pairs, widest_window
+from ditlens.compress.plan import Plan, Provenance, RunSpec, _defined_on, model_fingerprint, static_flops_summary
 from ditlens.errors import DitlensError
 
 DEFAULT_SPARSITIES = (0.5, 0.75, 0.9)
@@ -143,10 +144,6 @@ def refuse_windows_wider_than_every_layer(candidates: Sequence[str], layers: Seq
     """A windowed candidate that keeps every pair on every layer it could go to can save nothing:
     most often a width written for another resolution. Refused at the search's first step, where the
     grid is known."""
-    from ditlens.compress.flops import layer_sequences, longest_image_sequence
-    from ditlens.compress.methods import removes_pairs, widest_window
-    from ditlens.compress.plan import _defined_on
-
     for text in candidates:
         method = parse_method(text)
         if method.base not in WINDOWED:
