@@ -539,7 +539,18 @@ def _dense_band_attention(q, k, v, n_img, w, text_first_seq: bool):
     return np.einsum("hqk,hkd->hqd", p, v)
 
 
-@pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
+def _attended_sequences(kind: str, grid: tuple[int, int, int], n_tokens: int) -> list[np.ndarray]:
+    """Canonical token indices (frame-major image tokens, then text) of each sequence a layer attends
+    over: one per frame (self), one per grid position across frames (temporal), one in all (joint)."""
+    frames, hw = grid[0], grid[1] * grid[2]
+    if kind == "self":
+        return [np.arange(f * hw, (f + 1) * hw) for f in range(frames)]
+    if kind == "temporal":
+        return [np.arange(frames) * hw + p for p in range(hw)]
+    return [np.arange(n_tokens)]
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3", "flux", "latte"])
 def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path):
     from ditlens.traces.reader import Trace
 
@@ -555,6 +566,7 @@ def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path
         n_img = trace.tokens.n_image
         kinds = trace.attrs["layer_kinds"].split(",")
         checked = 0
+        windowed_kinds: set[str] = set()
         for b, branch in enumerate(trace.branches):
             for s in range(STEPS):
                 for l in range(len(trace.layers)):
@@ -574,16 +586,23 @@ def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path
                                 continue
                             other = raw["o"][trace.branches.index("cond"), s, l][:, rows]
                         else:
-                            if kinds[l] not in ("self", "joint"):
-                                assert np.isnan(value).all()
-                                continue
                             w = int(label[label.index("(") + 1:-1])
-                            other = _dense_band_attention(*(raw[t][b, s, l][:, rows] for t in "qkv"), n_img, w, False)
+                            sequences = _attended_sequences(kinds[l], trace.tokens.grid, int(rows.sum()))
+                            seq_img = n_img if kinds[l] == "joint" else len(sequences[0])
+                            if kinds[l] not in ("self", "temporal", "joint") or w >= seq_img - 1:
+                                assert np.isnan(value).all()  # cross attention, or a window keeping every pair
+                                continue
+                            q, k, v = (raw[t][b, s, l][:, rows] for t in "qkv")
+                            other = np.empty_like(o)
+                            for idx in sequences:
+                                other[:, idx] = _dense_band_attention(q[:, idx], k[:, idx], v[:, idx], seq_img, w, False)
+                            windowed_kinds.add(kinds[l])
                         expected = ((other - o) ** 2).sum(axis=(1, 2)) / denominator
                         np.testing.assert_allclose(value, expected, rtol=3e-2, atol=2e-4)
                         checked += 1
         assert checked >= 3 * len(labels)
         assert any(l.startswith(("window", "arrow")) for l in labels) and "ast" in labels and "asc" in labels
+        assert windowed_kinds and (family != "latte" or {"self", "temporal"} <= windowed_kinds)
 
 
 def test_attention_share_and_amdahl_bound(pipelines, tmp_path):

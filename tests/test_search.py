@@ -347,7 +347,7 @@ def test_v2_trajectory_equals_runtime_replay_and_is_deterministic(family, cands)
     assert a.plan.flops is not None and a.plan.flops.attention_core_fraction < 1
 
 
-def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pair():
+def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pair(tmp_path):
     """Latte attends within each frame (spatial layers) and across frames (temporal layers): the
     default window ladders are sized on one frame's tokens, not on the whole grid, and no searched
     plan holds a window that keeps every pair of its layer (full attention at a window's price)."""
@@ -356,25 +356,34 @@ def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pai
     from ditlens.compress.search.common import DEFAULT_SPARSITIES
     from ditlens.kernels import window_for_sparsity
 
+    from ditlens.analyzer.profiler import ProfileConfig, profile
+    from ditlens.compress.search.from_trace import search_from_trace
+
     pipe, prompts, ecfg = _setup("latte")
     v2 = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, engine=ecfg))
     v1 = search_greedy(pipe, prompts, GreedyConfig(delta=0.6, engine=ecfg))
+    extra = {k: v for k, v in ecfg.call_kwargs.items() if k != "output_type"}
+    trace = tmp_path / "latte.h5"
+    profile(pipe, prompts, trace, ProfileConfig(steps=STEPS, guidance=3.0, call_kwargs=extra, stat_keys=[], influence=True),
+            progress=False, log=lambda s: None)
+    offline = search_from_trace(trace, pipe, delta=0.5)  # window influences recorded per frame and per position
     grid = v2.plan.model.tokens.grid
     frame = grid[1] * grid[2]
     assert grid[0] > 1 and v2.plan.provenance.windows == sorted({window_for_sparsity(frame, s) for s in DEFAULT_SPARSITIES})
     assert v1.plan.provenance.windows == [frame // 8]
     kinds = {layer.kind for layer in v2.plan.model.layers}
     assert {"self", "temporal"} <= kinds
-    windowed = 0
-    for plan in (v1.plan, v2.plan):
+    assert offline.plan.provenance.windows == v2.plan.provenance.windows
+    windowed = set()
+    for plan in (v1.plan, v2.plan, offline.plan):
         for s in range(plan.steps):
             for i, layer in enumerate(plan.model.layers):
                 layout = layer_sequences(layer, grid, 0).layout
                 for method in plan.head_methods(s, i):
                     if method.base in WINDOWED:
-                        windowed += 1
+                        windowed.add((plan.provenance.search, layer.kind))
                         assert removes_pairs(method, layout), (s, layer.name, method.to_str())
-    assert windowed > 0
+    assert {("v2-from-trace", "self"), ("v2-from-trace", "temporal"), ("v2-headwise", "self")} <= windowed
     # The rule itself: on 3 frames window(2) keeps every pair (left out), window(1) does not; one frame
     # of 16 tokens takes both. V2 and from-trace see it as an infinite cost, V1 as a strategy not tried.
     from types import SimpleNamespace

@@ -14,7 +14,9 @@ Candidates (method strings of the compression runtime):
 
 - ``window(w)`` / ``arrow(w)``: the head attends the band |i - j| <= w over image tokens
   (``arrow`` for joint attention: text rows and columns kept). Computed from the layer's own
-  q, k, v through :func:`ditlens.kernels.headwise_attention`. Self and joint layers only.
+  q, k, v through :func:`ditlens.kernels.headwise_attention`, over the sequences the layer attends
+  (one frame in per-frame self attention, the frames of one position in temporal attention). Self,
+  temporal and joint layers; NaN where the window keeps every pair of the layer.
 - ``ast``: the output of the previous step is reused (NaN at step 0).
 - ``asc``: the uncond branch reuses the cond output of the same step (NaN on the cond branch).
 
@@ -74,19 +76,44 @@ def default_candidates(n_image: int, joint: bool, has_cfg: bool) -> list[Candida
     return out + [Candidate(method, w) for w in widths]
 
 
-def _sequence(tensors: GroupedTensors, name: str, layer: AttentionLayer, frames: int) -> torch.Tensor | None:
-    """The layer's tensor in its attention sequence order [batch, heads, L, D], or None where
-    the canonical layout is not one attention sequence (frames folded into the batch, as in
-    Latte's spatial layers; per-sample text lengths, as in Mochi)."""
+def _sequence(tensors: GroupedTensors, name: str, layer: AttentionLayer) -> torch.Tensor | None:
+    """The layer's tensor over every token it attends, [batch, heads, tokens, D]: the canonical image
+    tokens of self and temporal layers (frame-major; :func:`_attention_sequences` cuts them into the
+    sequences the layer attends over), text and image in sequence order for joint layers. None where
+    there is no such tensor (cross attention; per-sample text lengths, as in Mochi)."""
     image = tensors.image.get(name)
     text = tensors.text.get(name)
     if image is None or isinstance(text, list):
         return None
-    if layer.kind == "self":
-        return image if frames == 1 else None
+    if layer.kind in ("self", "temporal"):
+        return image
     if layer.kind == "joint" and text is not None:
         return torch.cat([text, image], dim=2) if layer.text_position == "first" else torch.cat([image, text], dim=2)
     return None
+
+
+def _attention_sequences(x: torch.Tensor, kind: str, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Canonical image tokens [b, H, frames*hw, D] (frame-major) -> the sequences a layer attends over:
+    [b*frames, H, hw, D] for per-frame self attention (Latte's spatial blocks), [b*hw, H, frames, D]
+    for temporal attention; joint layers and single frames unchanged."""
+    frames, hw = grid[0], grid[1] * grid[2]
+    b, h, _, d = x.shape
+    if kind == "self" and frames > 1:
+        return x.reshape(b, h, frames, hw, d).transpose(1, 2).reshape(b * frames, h, hw, d)
+    if kind == "temporal":
+        return x.reshape(b, h, frames, hw, d).permute(0, 3, 1, 2, 4).reshape(b * hw, h, frames, d)
+    return x
+
+
+def _canonical_tokens(x: torch.Tensor, kind: str, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`_attention_sequences`."""
+    frames, hw = grid[0], grid[1] * grid[2]
+    _, h, _, d = x.shape
+    if kind == "self" and frames > 1:
+        return x.reshape(-1, frames, h, hw, d).transpose(1, 2).reshape(-1, h, frames * hw, d)
+    if kind == "temporal":
+        return x.reshape(-1, hw, h, frames, d).permute(0, 2, 3, 1, 4).reshape(-1, h, frames * hw, d)
+    return x
 
 
 def _output(tensors: GroupedTensors) -> torch.Tensor | None:
@@ -147,7 +174,7 @@ class InfluenceRecorder:
 
         windowed = [c for c in self.candidates if c.method in ("window", "arrow")]
         if windowed:
-            q, k, v = (_sequence(tensors, n, layer, context.info.grid[0]) for n in ("q", "k", "v"))
+            q, k, v = (_sequence(tensors, n, layer) for n in ("q", "k", "v"))
             if q is not None and k is not None and v is not None:
                 self._windowed(layer, layer_index, context, order, index, q, k, v, o, share)
         for c_index, candidate in enumerate(self.candidates):
@@ -162,20 +189,24 @@ class InfluenceRecorder:
             self._previous[(layer_index, branch)] = o[i]
 
     def _windowed(self, layer, layer_index, context, order, index, q, k, v, o, share) -> None:
+        from ditlens.compress.methods import HeadMethod, call_layout, removes_pairs
         from ditlens.kernels import headwise_attention
 
-        n_text = 0 if layer.kind == "self" else q.shape[2] - context.info.grid[0] * context.info.grid[1] * context.info.grid[2]
+        grid = tuple(context.info.grid)
+        q, k, v = (_attention_sequences(t[index], layer.kind, grid) for t in (q, k, v))
+        layout = call_layout(layer, grid, q.shape[2], k.shape[2])
         # Canonical output order is image then text; the sequence may put text first.
-        text_first = layer.text_position == "first"
+        n_text, text_first = layout.n_text, layout.text_first
         for c_index, candidate in enumerate(self.candidates):
             if candidate.method not in ("window", "arrow"):
                 continue
             mode = candidate.method if layer.kind == "joint" else "window"
-            seq = headwise_attention(q[index], k[index], v[index], modes=mode, windows=candidate.window,
-                                     n_text=n_text, text_first=text_first)
+            if not removes_pairs(HeadMethod(mode, candidate.window), layout):
+                continue  # keeps every pair of this layer: not a candidate here (NaN), as in the searches
+            seq = headwise_attention(q, k, v, modes=mode, windows=candidate.window, n_text=n_text, text_first=text_first)
             if n_text and text_first:
                 seq = torch.cat([seq[:, :, n_text:], seq[:, :, :n_text]], dim=2)
-            values = share(seq, slice(None))
+            values = share(_canonical_tokens(seq, layer.kind, grid), slice(None))
             for i, branch in enumerate(order):
                 self._store(branch, context.step, layer_index, c_index, values[i])
 
