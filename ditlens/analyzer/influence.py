@@ -15,8 +15,9 @@ Candidates (method strings of the compression runtime):
 - ``window(w)`` / ``arrow(w)``: the head attends the band |i - j| <= w over image tokens
   (``arrow`` for joint attention: text rows and columns kept). Computed from the layer's own
   q, k, v through :func:`ditlens.kernels.headwise_attention`, over the sequences the layer attends
-  (one frame in per-frame self attention, the frames of one position in temporal attention). Self,
-  temporal and joint layers; NaN where the window keeps every pair of the layer.
+  (one frame in per-frame self attention, the frames of one position in temporal attention, one
+  sample where text lengths differ per sample, as in Mochi). Self, temporal and joint layers; NaN
+  where the window keeps every pair of the layer.
 - ``ast``: the output of the previous step is reused (NaN at step 0).
 - ``asc``: the uncond branch reuses the cond output of the same step (NaN on the cond branch).
 
@@ -76,20 +77,24 @@ def default_candidates(n_image: int, joint: bool, has_cfg: bool) -> list[Candida
     return out + [Candidate(method, w) for w in widths]
 
 
-def _sequence(tensors: GroupedTensors, name: str, layer: AttentionLayer) -> torch.Tensor | None:
+def _sequence(tensors: GroupedTensors, name: str, layer: AttentionLayer) -> torch.Tensor | list[torch.Tensor] | None:
     """The layer's tensor over every token it attends, [batch, heads, tokens, D]: the canonical image
     tokens of self and temporal layers (frame-major; :func:`_attention_sequences` cuts them into the
-    sequences the layer attends over), text and image in sequence order for joint layers. None where
-    there is no such tensor (cross attention; per-sample text lengths, as in Mochi)."""
+    sequences the layer attends over), text and image in sequence order for joint layers, or one
+    [1, heads, tokens_b, D] per batch row where text lengths differ per sample (Mochi). None for cross
+    attention."""
     image = tensors.image.get(name)
     text = tensors.text.get(name)
-    if image is None or isinstance(text, list):
+    if image is None:
         return None
     if layer.kind in ("self", "temporal"):
         return image
-    if layer.kind == "joint" and text is not None:
-        return torch.cat([text, image], dim=2) if layer.text_position == "first" else torch.cat([image, text], dim=2)
-    return None
+    if layer.kind != "joint" or text is None:
+        return None
+    first = layer.text_position == "first"
+    if isinstance(text, list):
+        return [torch.cat([t, image[b:b + 1]] if first else [image[b:b + 1], t], dim=2) for b, t in enumerate(text)]
+    return torch.cat([text, image], dim=2) if first else torch.cat([image, text], dim=2)
 
 
 def _attention_sequences(x: torch.Tensor, kind: str, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -193,20 +198,26 @@ class InfluenceRecorder:
         from ditlens.kernels import headwise_attention
 
         grid = tuple(context.info.grid)
-        q, k, v = (_attention_sequences(t[index], layer.kind, grid) for t in (q, k, v))
-        layout = call_layout(layer, grid, q.shape[2], k.shape[2])
-        # Canonical output order is image then text; the sequence may put text first.
-        n_text, text_first = layout.n_text, layout.text_first
+        per_sample = isinstance(q, list)  # text lengths differ per sample: one sequence per row
+        if per_sample:
+            groups = [(q[context.rows[b]], k[context.rows[b]], v[context.rows[b]]) for b in order]
+        else:
+            groups = [tuple(_attention_sequences(t[index], layer.kind, grid) for t in (q, k, v))]
+        layouts = [call_layout(layer, grid, g[0].shape[2], g[1].shape[2]) for g in groups]
         for c_index, candidate in enumerate(self.candidates):
             if candidate.method not in ("window", "arrow"):
                 continue
             mode = candidate.method if layer.kind == "joint" else "window"
-            if not removes_pairs(HeadMethod(mode, candidate.window), layout):
+            if not removes_pairs(HeadMethod(mode, candidate.window), layouts[0]):
                 continue  # keeps every pair of this layer: not a candidate here (NaN), as in the searches
-            seq = headwise_attention(q, k, v, modes=mode, windows=candidate.window, n_text=n_text, text_first=text_first)
-            if n_text and text_first:
-                seq = torch.cat([seq[:, :, n_text:], seq[:, :, :n_text]], dim=2)
-            values = share(_canonical_tokens(seq, layer.kind, grid), slice(None))
+            outs = []
+            for (gq, gk, gv), layout in zip(groups, layouts):
+                seq = headwise_attention(gq, gk, gv, modes=mode, windows=candidate.window, n_text=layout.n_text,
+                                         text_first=layout.text_first)
+                if layout.n_text and layout.text_first:  # canonical order: image tokens, then text
+                    seq = torch.cat([seq[:, :, layout.n_text:], seq[:, :, :layout.n_text]], dim=2)
+                outs.append(seq[:, :, :layout.n_image] if per_sample else seq)  # o: image tokens only there
+            values = share(_canonical_tokens(torch.cat(outs), layer.kind, grid), slice(None))
             for i, branch in enumerate(order):
                 self._store(branch, context.step, layer_index, c_index, values[i])
 
