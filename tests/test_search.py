@@ -333,6 +333,7 @@ def test_exact_search_floor_premises_and_bound():
 
 
 @pytest.mark.parametrize("family,cands", [("dit", "ast,asc,window(3),wars(2)"), ("sd3", "ast,asc,arrow(3),wars(2)"),
+                                          ("mochi", "ast,arrow(3),wars(2)"),
                                           ("pixart", "ast,asc,window(3)")])
 def test_v2_trajectory_equals_runtime_replay_and_is_deterministic(family, cands):
     pipe, prompts, ecfg = _setup(family)
@@ -406,6 +407,66 @@ def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pai
         search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, candidates="ast,window(15)", engine=ecfg))
     with pytest.raises(DitlensError, match=r"candidate wars\(15\) keeps every pair"):
         search_greedy(pipe, prompts, GreedyConfig(delta=0.6, window=15, engine=ecfg))
+
+
+def test_searches_on_a_model_that_attends_per_sample(tmp_path):
+    """Mochi's processor makes one attention call per batch sample, so the cond and uncond rows never
+    share a call: V2 measures each row's influence in its own call, CFG share is left out of every
+    search (the runtime cannot run it there) or refused when asked for, and the plans run."""
+    from ditlens.analyzer.profiler import ProfileConfig, profile
+    from ditlens.compress.search.from_trace import search_from_trace
+
+    pipe, prompts, ecfg = _setup("mochi")
+    v2 = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.5, engine=ecfg))
+    arrows = [m for m, c in enumerate(v2.candidates) if c.startswith("arrow")]
+    assert arrows and np.isfinite(v2.influence[:, :, 0][..., arrows]).all()  # every row, from its own call
+    v1 = search_greedy(pipe, prompts, GreedyConfig(delta=0.5, engine=ecfg))
+    extra = {k: v for k, v in ecfg.call_kwargs.items() if k != "output_type"}
+    trace = tmp_path / "mochi.h5"
+    profile(pipe, prompts, trace, ProfileConfig(steps=STEPS, guidance=3.0, call_kwargs=extra, stat_keys=[], influence=True),
+            progress=False, log=lambda s: None)
+    offline = search_from_trace(trace, pipe, delta=0.5)
+    assert "asc" not in offline.candidates
+    # A trace that recorded CFG share anyway (made before the rule), here with zero influence: still left out
+    from ditlens.compress.search.from_trace import INFLUENCE_AXES, INFLUENCE_PATH, read_influence
+    from ditlens.traces.reader import Trace
+    from ditlens.traces.writer import open_for_append
+
+    with Trace.open(trace) as opened:
+        data, labels, _ = read_influence(opened)
+    old = tmp_path / "old.h5"
+    old.write_bytes(trace.read_bytes())
+    writer = open_for_append(old)
+    writer.write_array(INFLUENCE_PATH + "_asc", np.concatenate([data, np.zeros_like(data[..., :1])], axis=-1),
+                       INFLUENCE_AXES, coords={"candidate": labels + ["asc"]})
+    writer.close()
+    import h5py
+
+    with h5py.File(old, "a") as f:
+        del f[INFLUENCE_PATH]
+        f.move(INFLUENCE_PATH + "_asc", INFLUENCE_PATH)
+    assert "asc" not in search_from_trace(old, pipe, delta=0.5).candidates
+    for result in (v1, v2, offline):
+        assert not any(m.asc for s in range(result.plan.steps) for i in range(result.plan.n_layers)
+                       for m in result.plan.head_methods(s, i))
+        assert any(m != "full" for step in result.plan.methods for m in step)
+        replay = _replay(pipe, prompts, ecfg, result.plan)
+        if result.output is not None:
+            np.testing.assert_allclose(replay, _images(result.output), atol=1e-5)
+    from types import SimpleNamespace
+
+    from ditlens.compress.methods import HeadMethod
+    from ditlens.compress.search.greedy import GreedyController
+
+    for per_sample in (True, False):  # V1 tries no ASC strategy there
+        stub = SimpleNamespace(layers=list(v1.plan.model.layers), cfg_rows=2, adapter=SimpleNamespace(attends_per_sample=per_sample))
+        assert GreedyController(GreedyConfig()).allowed(stub, 1, 0, HeadMethod("full", 0, True)) != per_sample
+    with pytest.raises(DitlensError, match=r"mochi attends one sample per attention call.*\+asc"):
+        search_headwise(pipe, prompts, HeadwiseConfig(delta=0.5, candidates="ast,asc", engine=ecfg))
+    with pytest.raises(DitlensError, match=r"mochi attends one sample per attention call.*asc"):
+        profile(pipe, prompts, tmp_path / "asc.h5", ProfileConfig(steps=STEPS, guidance=3.0, call_kwargs=extra, stat_keys=[],
+                                                                 influence=True, influence_candidates="ast,asc"),
+                progress=False, log=lambda s: None)
 
 
 def test_v2_influence_against_dense_reference():

@@ -110,6 +110,9 @@ class ModelAdapter:
         cfg_layout: how the family's pipeline runs classifier-free guidance (CFG_LAYOUTS).
         text_position: where text tokens sit in joint attention ("first"/"last"/"none").
         pipeline_kind: "text" (prompt strings) or "class" (class labels).
+        attends_per_sample: the attention processor makes one SDPA call per batch sample
+            (Mochi), so the cond and uncond rows never meet in one call and CFG share (ASC)
+            cannot run; the searches and the influence recorder leave it out.
     """
 
     family: str = ""
@@ -117,6 +120,7 @@ class ModelAdapter:
     cfg_layout: str = "batched_uncond_first"
     text_position: str = "none"
     pipeline_kind: str = "text"
+    attends_per_sample: bool = False
 
     # -- discovery ---------------------------------------------------------------------------
     def matches(self, transformer: nn.Module) -> bool:
@@ -450,6 +454,7 @@ class MochiAdapter(ModelAdapter):
     transformer_classes = ("MochiTransformer3DModel",)
     cfg_layout = "batched_uncond_first"
     text_position = "last"  # MochiAttnProcessor2_0: per sample, cat([video, valid text])
+    attends_per_sample = True
 
     def layer_kind(self, name, module):
         return "joint"

@@ -203,9 +203,14 @@ class Profiler:
         if self._candidates is not None:
             return self._candidates
         if self.config.influence_candidates:
-            return parse_candidates(self.config.influence_candidates)
+            chosen = parse_candidates(self.config.influence_candidates)
+            if self.adapter.attends_per_sample and any(c.method == "asc" for c in chosen):
+                raise DitlensError(f"{self.adapter.family} attends one sample per attention call, so CFG share (asc) "
+                                   "cannot run on it; drop asc from the influence candidates")
+            return chosen
         joint = any(layer.kind == "joint" for layer in self.layers)
-        return lambda n_image: default_candidates(n_image, joint, self.cfg_layout != "none")
+        has_cfg_share = self.cfg_layout != "none" and not self.adapter.attends_per_sample
+        return lambda n_image: default_candidates(n_image, joint, has_cfg_share)
 
     def _timesteps(self, seen: list[Any]) -> list[float]:
         """The scheduler's timestep values where it exposes them, else what the transformer saw

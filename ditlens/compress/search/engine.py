@@ -527,12 +527,24 @@ class SearchEngine:
         return out
 
     # -- influence -----------------------------------------------------------------------------
-    def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Per batch row of the micro-batch: ([rows, H] Σ (O'_h - O_h)², [rows] Σ (O - mean O)²)."""
+    def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor, call: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch row of the micro-batch: ([rows, H] Σ (O'_h - O_h)², [rows] Σ (O - mean O)²).
+        A layer that attends one sample per call (``adapter.attends_per_sample``) fills row ``call``
+        and leaves zeros in the others, so the sums over a forward's calls give every row once."""
         rows = len(self.mb.prompts)  # type: ignore[union-attr]
         B, H = full.shape[:2]
+        if B == 1 and rows > 1 and self.adapter.attends_per_sample:
+            err, spread = self.influence_parts_of_rows(full, candidate, 1)
+            err_all, spread_all = np.zeros((rows, H)), np.zeros(rows)
+            err_all[call], spread_all[call] = err[0], spread[0]
+            return err_all, spread_all
         if B % rows:
             raise DitlensError(f"attention call batch {B} is not a multiple of the micro-batch's {rows} rows")
+        return self.influence_parts_of_rows(full, candidate, rows)
+
+    @staticmethod
+    def influence_parts_of_rows(full: torch.Tensor, candidate: torch.Tensor, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        B, H = full.shape[:2]
         o = full.float().reshape(rows, B // rows, H, -1)
         c = candidate.float().reshape(rows, B // rows, H, -1)
         err = (c - o).pow(2).sum(dim=(1, 3))  # [rows, H]

@@ -129,6 +129,9 @@ def search_from_trace(trace_path: str | Path, pipe: Any, *, delta: float = 0.1, 
         data = data[..., [labels.index(m) for m in wanted]]
         labels = wanted
     adapter = (registry or default_registry()).find(pipe.transformer)
+    if adapter.attends_per_sample:  # CFG share cannot run there (older traces recorded it)
+        keep = [i for i, m in enumerate(labels) if not parse_method(m).asc]
+        data, labels = data[..., keep], [labels[i] for i in keep]
     layers = adapter.attention_layers(pipe.transformer)
     if [l.name for l in layers] != list(header.layers):
         raise DitlensError("the trace was recorded on another model (layer names differ); pass the model it was made with")

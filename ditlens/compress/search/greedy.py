@@ -127,7 +127,7 @@ class GreedyController:
 
     def allowed(self, engine: SearchEngine, step: int, layer: int, method: HeadMethod) -> bool:
         kind = engine.layers[layer].kind
-        if method.asc and engine.cfg_rows != 2:
+        if method.asc and (engine.cfg_rows != 2 or engine.adapter.attends_per_sample):
             return False
         if method.base == "ast":
             return step > 0

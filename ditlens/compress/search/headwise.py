@@ -32,6 +32,7 @@ from ditlens.compress.search.common import all_prompts, gather_prompt_rows, shar
 from ditlens.compress.search.engine import EngineConfig, PassConfig, SearchEngine, layer_entry, safe_ratio
 from ditlens.compress.search.latency import LatencyModel, build_latency, method_allowed
 from ditlens.compress.search.milp import solve_layer
+from ditlens.errors import DitlensError
 
 
 @dataclass
@@ -68,6 +69,9 @@ class HeadwiseController:
         else:
             self.candidates = parse_candidate_list(cfg.candidates)
             refuse_windows_wider_than_every_layer(self.candidates, engine.layers, grid)
+            if engine.adapter.attends_per_sample and any(parse_method(m).asc for m in self.candidates):
+                raise DitlensError(f"{engine.adapter.family} attends one sample per attention call, so CFG share "
+                                   "(+asc) cannot run on it; drop it from the candidates")
         self.parsed = [parse_method(m) for m in self.candidates]
         engine.config.residual_widths = tuple(sorted({m.window for m in self.parsed if m.base == "wars"}))
         self.branches = ["cond", "uncond"] if engine.cfg_rows == 2 else ["cond"]
@@ -94,13 +98,14 @@ class HeadwiseController:
         errs = np.full((rows, engine.heads, len(self.candidates)), np.nan)
         spread = None
         for m, method in enumerate(self.parsed):
-            if not method_allowed(self.candidates[m], layer, engine.cfg_rows == 2, layout):
+            if not method_allowed(self.candidates[m], layer, engine.cfg_rows == 2 and not engine.adapter.attends_per_sample,
+                                  layout):
                 continue
             out = engine.method_output(index, call, method, func, params, layout, full)
-            err, spread = engine.influence_parts(full, out)
+            err, spread = engine.influence_parts(full, out, call)
             errs[:, :, m] = err
         if spread is None:
-            _, spread = engine.influence_parts(full, full)
+            _, spread = engine.influence_parts(full, full, call)
         key = engine.mb.index
         if key in self._acc:
             e0, s0 = self._acc[key]
