@@ -529,21 +529,23 @@ class SearchEngine:
     # -- influence -----------------------------------------------------------------------------
     def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor, call: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Per batch row of the micro-batch: ([rows, H] Σ (O'_h - O_h)², [rows] Σ (O - mean O)²).
-        A layer that attends one sample per call (``adapter.attends_per_sample``) fills row ``call``
-        and leaves zeros in the others, so the sums over a forward's calls give every row once."""
+        A layer that attends one sample per call (``adapter.attends_per_sample``; its processor walks the
+        batch in order, so call ``c`` holds row ``c``) fills row ``call`` and leaves zeros in the others:
+        the sums over a forward's calls then give every row once."""
         rows = len(self.mb.prompts)  # type: ignore[union-attr]
         B, H = full.shape[:2]
         if B == 1 and rows > 1 and self.adapter.attends_per_sample:
-            err, spread = self.influence_parts_of_rows(full, candidate, 1)
+            err, spread = self._row_parts(full, candidate, 1)
             err_all, spread_all = np.zeros((rows, H)), np.zeros(rows)
             err_all[call], spread_all[call] = err[0], spread[0]
             return err_all, spread_all
         if B % rows:
             raise DitlensError(f"attention call batch {B} is not a multiple of the micro-batch's {rows} rows")
-        return self.influence_parts_of_rows(full, candidate, rows)
+        return self._row_parts(full, candidate, rows)
 
     @staticmethod
-    def influence_parts_of_rows(full: torch.Tensor, candidate: torch.Tensor, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def _row_parts(full: torch.Tensor, candidate: torch.Tensor, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``influence_parts`` of a call whose batch holds ``rows`` rows, each B // rows samples long."""
         B, H = full.shape[:2]
         o = full.float().reshape(rows, B // rows, H, -1)
         c = candidate.float().reshape(rows, B // rows, H, -1)
