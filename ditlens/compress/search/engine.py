@@ -527,7 +527,7 @@ class SearchEngine:
         return out
 
     # -- influence -----------------------------------------------------------------------------
-    def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor, call: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def influence_parts(self, full: torch.Tensor, candidate: torch.Tensor, call: int) -> tuple[np.ndarray, np.ndarray]:
         """Per batch row of the micro-batch: ([rows, H] Σ (O'_h - O_h)², [rows] Σ (O - mean O)²).
         A layer that attends one sample per call (``adapter.attends_per_sample``; its processor walks the
         batch in order, so call ``c`` holds row ``c``) fills row ``call`` and leaves zeros in the others:
