@@ -30,12 +30,20 @@ def _int_list(text: str | None) -> list[int] | None:
 
 def _call_arg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
-    if not sep:
+    if not sep or not key:
         raise DitlensError(f"--call-arg {text!r}: write KEY=VALUE (VALUE as JSON, or a plain string)")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def call_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """The pipeline arguments of repeated ``--call-arg KEY=VALUE`` options."""
+    return dict(_call_arg(a) for a in items or [])
+
+
+CALL_ARG_HELP = "extra pipeline argument KEY=VALUE (JSON value), e.g. num_frames=49; repeatable"
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -66,7 +74,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                            seed=args.seed, raw=raw, resume=args.resume, overwrite=args.overwrite,
                            influence=args.influence, influence_candidates=args.influence_candidates,
                            stat_keys=select_stat_keys(args.metrics, args.tensors), prompt_offset=args.prompt_offset,
-                           call_kwargs=dict(_call_arg(a) for a in args.call_arg or []))
+                           call_kwargs=call_kwargs(args.call_arg))
     registry = default_registry(args.adapter or [])
     device = init_distributed(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bands at 50/75/90%% sparsity)")
     p.add_argument("--resume", action="store_true", help="continue a partial trace")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace")
-    p.add_argument("--call-arg", action="append", help="extra pipeline argument KEY=VALUE (JSON value)")
+    p.add_argument("--call-arg", action="append", help=CALL_ARG_HELP)
     p.add_argument("--adapter", action="append", help="extra model adapter, package.module:Class")
     p.set_defaults(func=cmd_profile)
 

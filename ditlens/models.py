@@ -31,7 +31,7 @@ def embedded_models() -> tuple[str, ...]:
 def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """``spec``: an embedded model (``tiny-dit``), a folder written by ``save_pretrained``, or a hub id.
 
-    Hub ids load through diffusers' own ``from_pretrained`` (from the local cache when offline)."""
+    Hub ids load through diffusers' own ``from_pretrained`` from the local cache only: nothing is downloaded."""
     if spec in embedded_models():
         from ditlens import zoo
 
@@ -46,7 +46,7 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
             f"{spec} is a folder without model_index.json: ditlens needs a whole diffusers pipeline "
             "(save it with pipe.save_pretrained)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         known = ", ".join(embedded_models()) or "none installed"
         raise DitlensError(

@@ -721,6 +721,54 @@ def test_validate_and_export(dit_pipe, tmp_path):
     _no_ditlens_left(dit_pipe)
 
 
+def test_validate_refuses_another_models_plan_before_running_anything(dit_pipe):
+    """Another model's plan is refused by name before the two uncompressed runs (it used to fail
+    inside them, or after them, with an AttributeError from a missing submodule)."""
+    from ditlens.compress.validate import validate
+
+    runs = []
+    sd3 = build_tiny_pipeline("sd3")
+    plan = _uniform(dit_pipe, "dit", 2, "window(2)")
+    call = lambda prompt, seed: runs.append(prompt) or pipeline_call_kwargs("sd3", prompt, 2, 3.0, seed)
+    with pytest.raises(PlanMismatchError, match="plan is for model family 'dit' but the pipeline is 'sd3'"):
+        validate(sd3, plan, ["a cat"], call)
+    assert runs == []
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "latte", "mochi"])
+def test_validate_pipeline_runs_a_video_plan_at_its_frame_count(family, tmp_path):
+    """validate_pipeline asks the pipeline for the plan's frame count (each pipeline's default is
+    another length), passes the caller's pipeline arguments through, and a run at another length is
+    refused naming the frame count."""
+    from ditlens.compress.validate import validate_pipeline
+
+    pipe = build_tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    kw = pipeline_call_kwargs(family, "a cat", 2, 3.0, 0)
+    frames_arg = "video_length" if family == "latte" else "num_frames"
+    extra = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "generator", "prompt", "guidance_scale",
+                                                       "height", "width", "output_type", frames_arg)}
+    plan = _uniform(pipe, family, 2, "ast", frames=DIMS[family].latent_frames)
+    assert plan.model.tokens.grid[0] > 1
+    report = validate_pipeline(pipe, plan, ["a cat"], call_kwargs=extra)
+    assert 0 < report.flops["attention_core_fraction"] < 1
+    if family == "latte":
+        return  # Latte's temporal position embedding is made for one length: another cannot run at all
+    longer = {**extra, frames_arg: kw[frames_arg] + {"cogvideox": 8, "mochi": 12}[family]}
+    with pytest.raises(PlanMismatchError, match=r"another frame count \(run.frames\)"):
+        validate_pipeline(pipe, plan, ["a cat"], call_kwargs=longer)
+
+
+def test_validate_pipeline_takes_numeric_class_labels():
+    """Class labels given as numbers (as profile and search take them) reach the classifier metrics."""
+    from ditlens.compress.validate import validate_pipeline
+    from ditlens.models import load_pipeline
+
+    pipe = load_pipeline("tiny-dit")
+    report = validate_pipeline(pipe, Plan.uniform(pipe, 2, "full"), ["1", "7"])
+    assert report.classifier.get("accuracy_full") is not None
+
+
 def test_validate_reports_a_plan_slower_than_the_model():
     from ditlens.compress.validate import ValidationReport
 

@@ -535,6 +535,54 @@ def test_from_trace_equals_online(tmp_path):
     assert offline.plan.provenance.search == "v2-from-trace"
 
 
+def test_from_trace_plan_runs_on_flux_with_true_cfg_and_the_trace_run_is_kept(tmp_path):
+    """A trace stores the scheduler's timesteps; FLUX's transformer receives them divided by 1000.
+    A plan searched from a FLUX trace (true CFG: the only search that reaches it) runs, a plan for
+    another schedule is still refused, and a search from a trace refuses run settings other than the
+    trace's instead of ignoring them."""
+    from ditlens.analyzer.profiler import ProfileConfig, profile
+    from ditlens.compress.search.api import search
+    from ditlens.compress.search.from_trace import search_from_trace
+    from ditlens.errors import PlanMismatchError
+
+    pipe = build_tiny_pipeline("flux", 0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = pipeline_call_kwargs("flux", "a cat", STEPS, 3.0, 0)
+    extra = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "generator", "prompt", "output_type")}
+    trace = tmp_path / "flux.h5"
+    profile(pipe, ["a cat", "a dog"], trace, ProfileConfig(steps=STEPS, call_kwargs=extra, stat_keys=[], influence=True),
+            progress=False, log=lambda s: None)
+    plan = search_from_trace(trace, pipe, delta=0.5).plan
+    assert any(m != "full" for step in plan.methods for m in step)
+    assert plan.run.timesteps[0] > 1.0  # the scheduler's values, not the transformer's
+    with apply_plan(pipe, plan, backend="dense"):
+        pipe(**pipeline_call_kwargs("flux", "a red bag", STEPS, 3.0, 1))
+    import dataclasses
+
+    plan.run = dataclasses.replace(plan.run, timesteps=tuple(t + 5.0 for t in plan.run.timesteps))
+    with pytest.raises(PlanMismatchError, match="step 0 runs timestep"):
+        with apply_plan(pipe, plan, backend="dense"):
+            pipe(**pipeline_call_kwargs("flux", "a red bag", STEPS, 3.0, 1))
+    with pytest.raises(DitlensError, match=r"plans for the run the trace recorded, not --steps 7 \(the trace has 3\)"):
+        search(pipe, [], method="trace", trace=str(trace), steps=7)
+    with pytest.raises(DitlensError, match=r"not --height 64 \(the trace has"):
+        search(pipe, [], method="trace", trace=str(trace), height=64)
+    with pytest.raises(DitlensError, match="--call-arg"):
+        search(pipe, [], method="trace", trace=str(trace), call_kwargs={"true_cfg_scale": 3.0})
+    assert search(pipe, [], method="trace", trace=str(trace), steps=STEPS, delta=0.5).plan.methods == plan.methods
+
+
+def test_engine_refuses_an_empty_micro_batch(tmp_path):
+    from ditlens.cli import main
+
+    for bad in (0, -1):
+        with pytest.raises(DitlensError, match="micro_batch must be at least 1"):
+            EngineConfig(micro_batch=bad)
+        assert main(["search", "--model", "tiny-dit", "--method", "v2", "--micro-batch", str(bad),
+                     "--out", str(tmp_path / "p.json")]) == 2
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_from_trace_uncompressed_influence_reuses_a_cache_one_step_only():
     from ditlens.compress.search.from_trace import solve_from_influence
     from ditlens.compress.plan import LayerInfo

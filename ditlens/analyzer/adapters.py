@@ -204,6 +204,20 @@ class ModelAdapter:
         per_token = self.pixels_per_token(transformer, pipeline)
         return (max(1, frames // pt), height // per_token, width // per_token)
 
+    def frame_kwargs(self, pipeline: Any, token_frames: int) -> dict[str, int]:
+        """The pipeline argument that gives ``token_frames`` frames of tokens: its frame parameter
+        (``num_frames`` or ``video_length``) at the fewest video frames that do. Empty for a pipeline
+        without one (an image model)."""
+        params = inspect.signature(pipeline.__call__).parameters
+        name = next((n for n in ("num_frames", "video_length") if n in params), None)
+        if name is None:
+            return {}
+        transformer = pipeline.transformer
+        for frames in range(1, 64 * token_frames + 64):
+            if self.grid_for_size(transformer, 64, 64, frames, pipeline)[0] == token_frames:
+                return {name: frames}
+        raise DitlensError(f"{self.family}: no frame count gives {token_frames} frames of tokens; pass it with --call-arg")
+
     def vae_scale(self, transformer: nn.Module) -> int:
         return 8
 

@@ -7,17 +7,19 @@ from typing import Any
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ditlens.cli import call_kwargs
     from ditlens.compress.plan import Plan
     from ditlens.compress.validate import validate_pipeline
     from ditlens.models import default_prompts, load_pipeline, parse_dtype
 
     plan = Plan.load(args.plan)
+    extra = call_kwargs(args.call_arg)
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
     if args.lower_unprofitable:
         plan = _lowered(plan, args)
     prompts = list(args.prompt or []) or default_prompts(args.model, args.num_prompts)
     report = validate_pipeline(pipe, plan, prompts, seed=args.seed, model_name=args.model, plan_name=args.plan,
-                               out_dir=args.out)
+                               out_dir=args.out, call_kwargs=extra)
     print(report.markdown())
     print(f"wrote {args.out}/validate.json, validate.md, grid.png")
     return 0
@@ -51,6 +53,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from ditlens.cli import CALL_ARG_HELP  # registered by ditlens.cli once it is loaded
+
     p = sub.add_parser("validate", help="run prompts with and without a plan; quality, FLOPs, latency, memory")
     p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
     p.add_argument("--plan", required=True, help="plan JSON")
@@ -60,6 +64,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="validate_out", help="folder for validate.json, validate.md, grid.png")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--call-arg", action="append",
+                   help=CALL_ARG_HELP + " (the plan's steps, guidance, size and frame count are passed already)")
     p.add_argument("--lower-unprofitable", action="store_true",
                    help="on CUDA, run dense the WA-RS segments whose timed kernels cannot pay for their refresh "
                         "(validates, and writes, plan_lowered.json)")
@@ -70,4 +76,6 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="folder for the bundle (or a .json path with --json-only)")
     p.add_argument("--json-only", action="store_true", help="write only the canonical JSON")
     p.set_defaults(func=cmd_export)
-    __import__("ditlens.compress.search.cli", fromlist=["register_search"]).register_search(sub)
+    from ditlens.compress.search.cli import register_search
+
+    register_search(sub)

@@ -226,10 +226,12 @@ class PlanRuntime:
                 st.unchecked_timesteps.clear()
         grid = plan.model.tokens.grid
         if grid is not None and tuple(info.grid) != tuple(grid):
+            what = ("frame count (run.frames)" if tuple(info.grid[1:]) == tuple(grid[1:]) else
+                    "resolution (run.height/width)")
             raise PlanMismatchError(
                 f"plan was made for a token grid of {grid[0]}x{grid[1]}x{grid[2]} (frames x rows x cols, "
-                f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]} "
-                "(run.height/width); call it at the plan's resolution or make a plan for this one")
+                f"{plan.run.height}x{plan.run.width} pixels) but the pipeline runs {info.grid[0]}x{info.grid[1]}x{info.grid[2]}: "
+                f"another {what}; call it as the plan was made or make a plan for this one")
         if grid is None and tuple(info.grid) != self._windows_checked_on:
             plan.check_windows(tuple(info.grid))  # a plan made without a grid: its windows meet one here
             self._windows_checked_on = tuple(info.grid)
@@ -247,7 +249,14 @@ class PlanRuntime:
 
     def _check_timestep(self, step: int, value: float) -> None:
         expected = self.plan.run.timesteps[step]
-        if abs(expected - value) > 1e-3 * max(1.0, abs(value)):
+
+        def close(x: float) -> bool:
+            return abs(expected - x) <= 1e-3 * max(1.0, abs(x))
+
+        # Online searches record what the transformer receives; plans from a trace record the
+        # scheduler's values (the trace's axis), which some families rescale (FLUX: t / 1000).
+        schedule = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if not close(value) and not (schedule is not None and step < len(schedule) and close(float(schedule[step]))):
             raise PlanMismatchError(
                 f"step {step} runs timestep {value:g} but the plan was made for {expected:g} "
                 "(run.timesteps): another scheduler setting, step count or resolution")

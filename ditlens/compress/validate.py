@@ -170,6 +170,11 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
              model_name: str = "", plan_name: str = "", out_dir: str | Path | None = None,
              classifier_labels: Sequence[int] | None = None) -> ValidationReport:
     """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``."""
+    from ditlens.analyzer.adapters import default_registry
+
+    # refuse another model's plan before the two uncompressed runs (apply_plan would, after them)
+    adapter = default_registry().find(pipe.transformer)
+    plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
     _run(pipe, call, prompts[:1], seed, modules)  # warm-up, so the first timed run pays no one-off costs
     full, t_full, a_full, m_full = _run(pipe, call, prompts, seed, modules)
@@ -211,25 +216,32 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
 
 
 def validate_pipeline(pipe: Any, plan: Plan, prompts: Sequence[str], *, seed: int = 0, model_name: str = "",
-                      plan_name: str = "", out_dir: str | Path | None = None) -> ValidationReport:
-    """:func:`validate` with the pipeline calls of the plan's run (steps, guidance, size) built by
-    the model's adapter; class-conditional prompts also give the classifier's expected labels."""
+                      plan_name: str = "", out_dir: str | Path | None = None,
+                      call_kwargs: dict[str, Any] | None = None) -> ValidationReport:
+    """:func:`validate` with the pipeline calls of the plan's run (steps, guidance, size, and the
+    frame count of a video plan) built by the model's adapter; ``call_kwargs`` pass through to every
+    call. Class-conditional prompts also give the classifier's expected labels."""
     import torch
 
-    from ditlens.analyzer.adapters import default_registry
+    from ditlens.analyzer.adapters import _class_label, default_registry
 
     adapter = default_registry().find(pipe.transformer)
     run = plan.run
+    extra = dict(call_kwargs or {})
+    grid = plan.model.tokens.grid
+    if grid is not None and grid[0] > 1:
+        extra = {**adapter.frame_kwargs(pipe, grid[0]), **extra}
 
     def call(prompt: str, prompt_seed: int) -> dict[str, Any]:
         kwargs = adapter.call_kwargs(pipe, prompt, run.steps, run.guidance, run.height, run.width,
                                      torch.Generator(device="cpu").manual_seed(prompt_seed))
+        kwargs.update(extra)
         kwargs["output_type"] = "np"
         return kwargs
 
     labels = None
-    if adapter.pipeline_kind == "class" and hasattr(pipe, "get_label_ids"):
-        labels = [int(pipe.get_label_ids([p])[0]) for p in prompts]
+    if adapter.pipeline_kind == "class":
+        labels = [_class_label(pipe, p) for p in prompts]
     return validate(pipe, plan, prompts, call, seed=seed, model_name=model_name, plan_name=plan_name, out_dir=out_dir,
                     classifier_labels=labels)
 

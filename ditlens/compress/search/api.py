@@ -11,13 +11,15 @@ from ditlens.errors import DitlensError
 def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: float | None = None,
            target_flops: float | None = None, target_latency: float | None = None, trace: str | None = None,
            c: float | None = 1.5, candidates: Sequence[str] | str | None = None, latency: str = "flops",
-           steps: int = 20, guidance: float | None = None, height: int | None = None, width: int | None = None,
+           steps: int | None = None, guidance: float | None = None, height: int | None = None, width: int | None = None,
            seed: int = 0, micro_batch: int = 4, window: int | None = None, naive: bool = False,
            every_candidate: bool = False, early_reject: bool = True, row_split: bool = True, progress: bool = True,
            call_kwargs: dict | None = None,
            budget_iterations: int = 10, sparsities: Sequence[float] | None = None) -> SearchResult:
     """Search a plan with ``method`` v1 | v2 | trace, at threshold ``delta`` or for a budget
     (``target_flops``: attention-core FLOPs fraction; ``target_latency``: modelled latency fraction).
+    ``steps`` (default 20), ``guidance``, ``height``, ``width`` and ``call_kwargs`` are the run of an
+    online search; a search from a trace takes the trace's run and refuses others.
     ``sparsities``: V2 online, image-pair sparsities of the default arrow/window candidates
     (default 0.5, 0.75, 0.9; ignored when ``candidates`` is given)."""
     from ditlens.compress.search.budget import search_for_budget
@@ -27,7 +29,9 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
         raise DitlensError(f"unknown search method {method!r}; use v1, v2 or trace")
     if method == "trace" and not trace:
         raise DitlensError("--method trace needs --trace T (a trace recorded with `ditlens profile --influence`)")
-    engine = EngineConfig(steps=steps, guidance=guidance, height=height, width=width, seed=seed,
+    if method == "trace":
+        check_trace_run(trace, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs)
+    engine = EngineConfig(steps=20 if steps is None else steps, guidance=guidance, height=height, width=width, seed=seed,
                           micro_batch=micro_batch, progress=progress, call_kwargs=dict(call_kwargs or {}))
 
     def run(d: float) -> SearchResult:
@@ -59,6 +63,29 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
     result.plan.provenance.notes += (f"; budget target={'flops' if target_latency is None else 'latency'} {target:g}, "
                                      f"achieved {outcome.achieved:.4f}, δ tried {len(outcome.evaluations)}")
     return result
+
+
+def check_trace_run(trace: str | None, *, steps: int | None = None, guidance: float | None = None,
+                    height: int | None = None, width: int | None = None, call_kwargs: dict | None = None) -> None:
+    """Refuse run settings a search from ``trace`` cannot honour: it plans for the run the trace
+    recorded (it runs no pipeline)."""
+    if call_kwargs:
+        raise DitlensError("--method trace runs no pipeline, so pipeline arguments (--call-arg) do not apply; "
+                           "they belong to the profile that recorded the trace")
+    if not trace:
+        return
+    from ditlens.traces import Trace
+
+    with Trace.open(trace) as opened:
+        header = opened.header
+    recorded = {"steps": header.steps, "guidance": header.guidance_scale, "height": header.height,
+                "width": header.width}
+    given = {"steps": steps, "guidance": guidance, "height": height, "width": width}
+    differ = [f"--{k} {v:g} (the trace has {recorded[k]:g})" for k, v in given.items()
+              if v is not None and recorded[k] is not None and float(v) != float(recorded[k])]
+    if differ:
+        raise DitlensError(f"a search from a trace plans for the run the trace recorded, not {', '.join(differ)}; "
+                           "drop the option or profile that run")
 
 
 def _latency_measure(pipe: Any, kind: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ditlens.errors import DitlensError
+
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
@@ -18,8 +20,6 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _sparsities(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
-    from ditlens.errors import DitlensError
-
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -30,11 +30,17 @@ def _sparsities(text: str | None) -> tuple[float, ...] | None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ditlens.cli import init_distributed
+    from ditlens.cli import call_kwargs, init_distributed
     from ditlens.compress.search import api
     from ditlens.compress.search.common import data_parallel
     from ditlens.models import load_pipeline, parse_dtype
 
+    extra = call_kwargs(args.call_arg)
+    if args.micro_batch < 1:
+        raise DitlensError(f"--micro-batch must be at least 1, got {args.micro_batch}")
+    if args.method == "trace":
+        api.check_trace_run(args.trace, steps=args.steps, guidance=args.guidance, height=args.height,
+                            width=args.width, call_kwargs=extra)
     device = init_distributed(args.device)  # torchrun: prompts are sharded over ranks, losses reduced
     pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
     pipe.set_progress_bar_config(disable=True)
@@ -43,7 +49,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                          target_latency=args.target_latency, trace=args.trace, c=args.c, candidates=args.candidates,
                          latency=args.latency, steps=args.steps, guidance=args.guidance, height=args.height,
                          width=args.width, seed=args.seed, micro_batch=args.micro_batch, window=args.window,
-                         naive=args.naive, progress=data_parallel()[0] == 0, sparsities=_sparsities(args.sparsities))
+                         naive=args.naive, progress=data_parallel()[0] == 0, sparsities=_sparsities(args.sparsities),
+                         call_kwargs=extra)
     if data_parallel()[0] != 0:
         return 0  # every rank holds the same plan; rank 0 writes it
     outcome.plan.save(args.out)
@@ -56,6 +63,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def register_search(sub: Any) -> None:
+    from ditlens.cli import CALL_ARG_HELP  # registered by ditlens.cli once it is loaded
+
     p = sub.add_parser("search", help="search a compression plan (V1 greedy, V2 head-wise, or from a trace)")
     p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
     p.add_argument("--method", choices=("v1", "v2", "trace"), default="v2")
@@ -74,10 +83,11 @@ def register_search(sub: Any) -> None:
     p.add_argument("--naive", action="store_true", help="V1: rerun the whole transformer per trial (reference)")
     p.add_argument("--prompt", action="append", help="calibration prompt (repeatable)")
     p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; --method trace: the trace's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--call-arg", action="append", help=CALL_ARG_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-batch", type=int, default=4, help="calibration prompts per forward")
     p.add_argument("--device", default="cpu")

@@ -63,6 +63,12 @@ class EngineConfig:
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # passed through to the pipeline
     prompt_offset: int = 0  # global index of the first prompt (data-parallel shards): seeds are per prompt
 
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise DitlensError(f"micro_batch must be at least 1 calibration prompt per forward, got {self.micro_batch}")
+        if self.steps < 1:
+            raise DitlensError(f"steps must be at least 1, got {self.steps}")
+
 
 @dataclass
 class PassConfig:
@@ -298,7 +304,7 @@ class SearchEngine:
         return _replace_first(outputs[0], merged)
 
     def _split(self, args: tuple, kwargs: dict, batch: int) -> list[MicroBatch]:
-        P, size = len(self.prompts), max(1, self.config.micro_batch)
+        P, size = len(self.prompts), self.config.micro_batch
         first = "cond" if self.cfg_layout in ("batched_cond_first", "none") else "uncond"
         second = "uncond" if first == "cond" else "cond"
         out = []
