@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -254,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished prompts are in the trace; rerun with --resume", file=sys.stderr)
         return 130
+    except Exception as err:  # the pipeline's own errors (a missing --call-arg, a size off its bins): one line
+        if os.environ.get("DITLENS_TRACEBACK"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"error: {type(err).__name__}: {first[:500]} (the whole traceback: rerun with DITLENS_TRACEBACK=1)",
+              file=sys.stderr)
+        return 1
     finally:
         leave_distributed()
 

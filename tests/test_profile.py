@@ -487,6 +487,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["profile", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o.h5"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+    # an error of the pipeline itself (here an argument it does not take) is one line too, with its type
+    assert main(["profile", "--model", "tiny-dit", "--out", str(tmp_path / "p.h5"), "--prompt", "1", "--steps", "1",
+                 "--call-arg", "bogus=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: TypeError:") and "bogus" in err and "DITLENS_TRACEBACK=1" in err
 
 
 def test_analyze_and_compare(pipelines, tmp_path):
