@@ -344,7 +344,18 @@ def test_json_round_trip_and_schema_errors(tmp_path):
     assert again.to_dict() == plan.to_dict()
     data = json.loads(path.read_text())
     data["methods"][1][0][0] = "wndow(2)"
-    with pytest.raises(PlanMismatchError, match=r"methods\.1\.0"):
+    with pytest.raises(PlanMismatchError, match=r"plan methods at step 1, layer 0, head 0: unknown method 'wndow'; "
+                                                r"use one of full, window"):
+        Plan.from_dict(data)
+    data["methods"][1][0] = "arrow"
+    with pytest.raises(PlanMismatchError, match=r"at step 1, layer 0: method 'arrow' needs a half-width"):
+        Plan.from_dict(data)
+    data["methods"][1][0] = 7
+    with pytest.raises(PlanMismatchError, match=r"at step 1, layer 0: a method is a string"):
+        Plan.from_dict(data)
+    data = json.loads(path.read_text())
+    data["model"]["heads"] = "many"
+    with pytest.raises(PlanMismatchError, match=r"plan field model\.heads"):
         Plan.from_dict(data)
     data = json.loads(path.read_text())
     data["schema_version"] = 2

@@ -456,7 +456,18 @@ def _schema_check(data: dict[str, Any]) -> None:
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
-        path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        where = list(err.absolute_path)
+        if where[:1] == ["methods"] and len(where) in (3, 4):
+            # a method the schema's patterns reject: say what is wrong with it, and where
+            cell = f"step {where[1]}, layer {where[2]}"
+            entries = ([(f"{cell}, head {h}", m) for h, m in enumerate(err.instance)] if isinstance(err.instance, list)
+                       else [(cell + (f", head {where[3]}" if len(where) == 4 else ""), err.instance)])
+            for at, method in entries:
+                try:
+                    parse_method(method)
+                except DitlensError as bad:
+                    raise PlanMismatchError(f"plan methods at {at}: {bad}") from None
+        path = ".".join(str(p) for p in where) or "(top level)"
         raise PlanMismatchError(f"plan field {path}: {err.message.splitlines()[0][:200]}")
 
 
