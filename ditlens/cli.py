@@ -21,6 +21,8 @@ def _int_list(text: str | None) -> list[int] | None:
         for part in text.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise DitlensError(f"index range {part.strip()!r} in {text!r} runs backwards: write it as {hi.strip()}-{lo.strip()}")
                 out.extend(range(int(lo), int(hi) + 1))
             elif part.strip():
                 out.append(int(part))
@@ -60,6 +62,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
     from ditlens.analyzer.profiler import select_stat_keys
+    from ditlens.traces.writer import check_can_write
     from ditlens.models import load_pipeline, parse_dtype
 
     prompts = _prompts(args)
@@ -77,6 +80,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                            stat_keys=select_stat_keys(args.metrics, args.tensors), prompt_offset=args.prompt_offset,
                            call_kwargs=call_kwargs(args.call_arg))
     registry = default_registry(args.adapter or [])
+    check_can_write(args.out, probe_lock=False)  # before the model loads (minutes for a large one); torchrun ranks
+    # start together, so the lock is probed later, on each rank's own shard
     device = init_distributed(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
     result = profile(pipe, prompts, args.out, config, registry=registry, model_id=args.model)
@@ -160,7 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from ditlens.traces.merge import merge_traces
 
-    out = merge_traces(args.shards, args.out)
+    out = merge_traces(args.shards, args.out, overwrite=args.overwrite, allow_partial=args.allow_partial)
     print(f"wrote {out}")
     return 0
 
@@ -222,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace_b")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("merge", help="merge trace shards (same model and run, other prompts) into one trace")
-    p.add_argument("shards", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("shards", nargs="+", help="traces in prompt order (each shard's --prompt-offset where the last ended)")
+    p.add_argument("--out", required=True, help="the merged trace")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-partial", action="store_true", help="take only the finished prompts of unfinished shards")
     p.set_defaults(func=cmd_merge)
     for register in _extra_commands():
         register(sub)

@@ -40,13 +40,15 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
         return pipe
     from diffusers import DiffusionPipeline
 
+    from ditlens.zoo import dtype_keyword
+
     path = Path(spec)
     if path.exists() and not (path / "model_index.json").exists():
         raise DitlensError(
             f"{spec} is a folder without model_index.json: ditlens needs a whole diffusers pipeline "
             "(save it with pipe.save_pretrained)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=True, **{dtype_keyword(): dtype})
     except (OSError, ValueError) as err:
         known = ", ".join(embedded_models()) or "none installed"
         raise DitlensError(

@@ -19,6 +19,7 @@ import torch
 from tiny_models import FAMILIES, build_tiny, build_tiny_pipeline, pipeline_call_kwargs
 
 from ditlens.analyzer import ProfileConfig, RawRequest, default_registry, profile
+from ditlens.analyzer.profiler import select_stat_keys
 from ditlens.errors import DitlensError, UnknownModelError
 from ditlens.traces.format import all_stat_keys
 
@@ -440,6 +441,91 @@ def test_resume_with_other_steps_names_the_field(pipelines, tmp_path):
     config.steps, config.resume = 4, True
     with pytest.raises(DitlensError, match="steps"):
         profile(pipelines("dit"), ["1", "2", "3"], out, config, progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("family", ["latte", "mochi"])
+def test_resume_and_merge_across_prompts_of_other_text_lengths(family, pipelines, tmp_path):
+    """Latte and Mochi keep each prompt's own text tokens: a trace of a short prompt resumes with a
+    longer one, and shards made on each merge, both equal to one run of the two prompts (resume and
+    merge refused the other text length as another run). Shards out of prompt order are refused."""
+    from ditlens.traces.merge import merge_traces
+    from ditlens.traces.reader import Trace
+
+    pipe, quiet = pipelines(family), dict(progress=False, log=lambda s: None)
+    short, longer = "a cat", "a dog on a red sofa in a sunny living room"
+    single, resumed, a, b = (tmp_path / f"{n}.h5" for n in ("single", "resumed", "a", "b"))
+    profile(pipe, [short, longer], single, run_config(family), **quiet)
+    profile(pipe, [short], resumed, run_config(family), **quiet)
+    profile(pipe, [short, longer], resumed, run_config(family, resume=True), **quiet)
+    profile(pipe, [short], a, run_config(family), **quiet)
+    profile(pipe, [longer], b, run_config(family, prompt_offset=1), **quiet)
+    with Trace.open(a) as ta, Trace.open(b) as tb:
+        assert ta.tokens.n_text < tb.tokens.n_text  # the premise: the two prompts differ in text length
+    merged = merge_traces([a, b], tmp_path / "merged.h5")
+    with Trace.open(single) as one:
+        for other in (resumed, merged):
+            with Trace.open(other) as trace:
+                assert list(trace.prompts) == [short, longer]
+                for key in one.stat_keys():
+                    np.testing.assert_array_equal(trace.stat(*key).data, one.stat(*key).data, err_msg=str(key))
+    import shutil
+
+    again = shutil.copy(b, tmp_path / "b2.h5")  # the second shard given twice: prompt 1 again, not 2
+    with pytest.raises(DitlensError, match=r"b2\.h5 starts at prompt 1 .* end at prompt 2; give the shards in prompt order"):
+        merge_traces([a, b, again], tmp_path / "m2.h5")
+
+
+def test_resume_with_other_recording_options_is_refused_before_any_compute(pipelines, tmp_path):
+    """Resuming with other statistics, influence, raw selection, pipeline arguments or prompt
+    offset is refused naming the option, before a prompt is computed; candidates not named are the
+    trace's own."""
+    pipe, quiet = pipelines("pixart"), dict(progress=False, log=lambda s: None)
+    out = tmp_path / "t.h5"
+    first = dict(stat_keys=select_stat_keys("l1,ssim", None), influence=True, influence_candidates="ast,window(3)",
+                 raw=RawRequest(tensors=("o",), layers=[1]))
+    profile(pipe, ["a cat"], out, run_config("pixart", **first), **quiet)
+    before = out.read_bytes()
+    calls = []
+    counter = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for change, message in [
+                (dict(stat_keys=select_stat_keys("l1", None)), "pass the --metrics and --tensors of the first run"),
+                (dict(influence=False), "records per-head influence; pass --influence"),
+                (dict(influence_candidates="ast,window(2)"), "influence candidates are ast,window\\(3\\)"),
+                (dict(raw=None), "records raw tensors; pass --raw o"),
+                (dict(raw=RawRequest(tensors=("o",), layers=[0])), "raw selection differs"),
+                (dict(prompt_offset=3), "prompt_offset=0 but this run has 3")]:
+            config = run_config("pixart", **{**first, **change, "resume": True})
+            with pytest.raises(DitlensError, match=message):
+                profile(pipe, ["a cat", "a dog"], out, config, **quiet)
+        config = run_config("pixart", **first, resume=True)
+        config.call_kwargs["max_sequence_length"] = config.call_kwargs["max_sequence_length"] + 1
+        with pytest.raises(DitlensError, match="cannot resume: the trace has call.max_sequence_length="):
+            profile(pipe, ["a cat", "a dog"], out, config, **quiet)
+        assert calls == [] and out.read_bytes() == before
+    finally:
+        counter.remove()
+    result = profile(pipe, ["a cat", "a dog"], out, run_config("pixart", **{**first, "influence_candidates": None},
+                                                              resume=True), **quiet)
+    assert result.n_new == 1
+
+
+def test_bad_output_paths_and_selections_are_refused_before_any_compute(pipelines, tmp_path):
+    from ditlens.cli import _int_list
+
+    pipe, quiet = pipelines("dit"), dict(progress=False, log=lambda s: None)
+    (tmp_path / "file.h5").write_bytes(b"")
+    with pytest.raises(DitlensError, match="cannot make the folder of"):
+        profile(pipe, ["1"], tmp_path / "file.h5" / "t.h5", run_config("dit"), **quiet)
+    with pytest.raises(DitlensError, match="is a directory"):
+        profile(pipe, ["1"], tmp_path, run_config("dit"), **quiet)
+    with pytest.raises(DitlensError, match="runs backwards: write it as 0-1"):
+        _int_list("1-0")
+    with pytest.raises(DitlensError, match="--raw-layers selects nothing"):
+        profile(pipe, ["1"], tmp_path / "t.h5", run_config("dit", raw=RawRequest(layers=[])), **quiet)
+    with pytest.raises(DitlensError, match="--token-stride must be >= 1"):
+        profile(pipe, ["1"], tmp_path / "t.h5", run_config("dit", raw=RawRequest(token_stride=0)), **quiet)
+    assert not (tmp_path / "t.h5").exists()
 
 
 def test_raw_byte_cap_refuses_before_writing(pipelines, tmp_path):

@@ -607,6 +607,22 @@ def test_resume_refuses_other_settings(tmp_path: Path, field: str, value: object
     assert_prompts_intact(path, 2)
 
 
+def test_run_mismatch_compares_pipeline_arguments_and_per_prompt_text_lengths() -> None:
+    """Pipeline arguments (``call.*`` attrs) recorded by both headers must agree; a header marked
+    ``text_tokens=per_prompt`` (a pipeline that trims each prompt's text) may differ in n_text only."""
+    from ditlens.traces.format import run_mismatch
+
+    base = make_header(extra={"call.true_cfg_scale": 4.0, "call.max_sequence_length": 8})
+    assert run_mismatch(base, make_header(extra={"call.true_cfg_scale": 4.0})) is None
+    assert run_mismatch(base, make_header(extra={"call.true_cfg_scale": 9.0})) == ("call.true_cfg_scale", "4.0", "9.0")
+    longer = TokenInfo(n_image=16, n_text=11, text_position="last", grid=(1, 4, 4))
+    assert run_mismatch(make_header(), make_header(tokens=longer))[0] == "tokens"
+    per_prompt = {"text_tokens": "per_prompt"}
+    assert run_mismatch(make_header(extra=per_prompt), make_header(tokens=longer, extra=per_prompt)) is None
+    other_grid = TokenInfo(n_image=16, n_text=11, text_position="last", grid=(1, 2, 8))
+    assert run_mismatch(make_header(extra=per_prompt), make_header(tokens=other_grid, extra=per_prompt))[0] == "tokens"
+
+
 def test_resume_checks_done_prompts_and_grows_the_prompt_axis(tmp_path: Path) -> None:
     path = write_trace(tmp_path / "t.h5", 2, n_prompts=3)
     other = make_header(3)

@@ -113,6 +113,9 @@ class ModelAdapter:
         attends_per_sample: the attention processor makes one SDPA call per batch sample
             (Mochi), so the cond and uncond rows never meet in one call and CFG share (ASC)
             cannot run; the searches and the influence recorder leave it out.
+        text_tokens_per_prompt: the pipeline trims the text to each prompt's length (Latte's
+            masked features, Mochi's valid tokens), so a trace's text-token count is the first
+            prompt's and runs of other prompts (resume, merge) may differ in it.
     """
 
     family: str = ""
@@ -121,6 +124,7 @@ class ModelAdapter:
     text_position: str = "none"
     pipeline_kind: str = "text"
     attends_per_sample: bool = False
+    text_tokens_per_prompt: bool = False
 
     # -- discovery ---------------------------------------------------------------------------
     def matches(self, transformer: nn.Module) -> bool:
@@ -317,7 +321,16 @@ def _class_label(pipeline: Any, prompt: str) -> int:
         try:
             return int(pipeline.get_label_ids([text])[0])
         except (KeyError, ValueError) as err:
-            raise DitlensError(f"unknown class label {text!r}: {err}") from None
+            # diffusers' message lists every label (25 KB for ImageNet): name a few close ones instead
+            import difflib
+
+            names = [str(n) for n in getattr(pipeline, "labels", {}) or {}]
+            close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
+            if not names:
+                raise DitlensError(f"unknown class label {text!r}: {str(err).splitlines()[0][:200]}") from None
+            hint = f"; close: {', '.join(repr(c) for c in close)}" if close else ""
+            raise DitlensError(f"unknown class label {text!r}: give a class number or one of the model's {len(names)} "
+                               f"label names{hint}") from None
     raise DitlensError(f"class-conditional pipeline {type(pipeline).__name__} needs integer class labels, got {text!r}")
 
 
@@ -447,6 +460,7 @@ class LatteAdapter(ModelAdapter):
     family = "latte"
     transformer_classes = ("LatteTransformer3DModel",)
     cfg_layout = "batched_uncond_first"
+    text_tokens_per_prompt = True  # encode_prompt(mask_feature=True) keeps the prompt's own tokens
 
     def layer_kind(self, name: str, module: nn.Module) -> str:
         if name.startswith("temporal_transformer_blocks"):
@@ -469,6 +483,7 @@ class MochiAdapter(ModelAdapter):
     cfg_layout = "batched_uncond_first"
     text_position = "last"  # MochiAttnProcessor2_0: per sample, cat([video, valid text])
     attends_per_sample = True
+    text_tokens_per_prompt = True
 
     def layer_kind(self, name, module):
         return "joint"

@@ -22,7 +22,8 @@ from ditlens.analyzer.influence import (INFLUENCE_AXES, INFLUENCE_PATH, Candidat
                                         default_candidates, parse_candidates)
 from ditlens.analyzer.stats import PromptStatistics, RawCapture
 from ditlens.errors import DitlensError
-from ditlens.traces.format import PromptArray, RawSelection, StatKey, TokenInfo, TraceHeader, all_stat_keys
+from ditlens.traces.format import (CALL_ATTR_PREFIX, TEXT_TOKENS_ATTR, PromptArray, RawSelection, StatKey, TokenInfo,
+                                   TraceHeader, all_stat_keys)
 
 
 @dataclass
@@ -93,6 +94,8 @@ def select_stat_keys(metrics: str | Sequence[str] | None = None, tensors: str | 
 def _resolve_indices(selected: Sequence[int] | None, size: int, what: str) -> tuple[int, ...]:
     if selected is None:
         return tuple(range(size))
+    if not selected:
+        raise DitlensError(f"--raw-{what} selects nothing; give indices like 0,2,5-7 or leave it out for all")
     bad = [i for i in selected if not 0 <= i < size]
     if bad:
         raise DitlensError(f"--raw-{what} {bad} out of range: the model has {size} {what} (0..{size - 1})")
@@ -253,12 +256,16 @@ class Profiler:
                       "influence_trajectory": "uncompressed"} if self._candidates else {}),
                    **({"attention_share": self.share.share, "forward_seconds": self.share.step_seconds}
                       if self.share is not None else {}),
-                   **{f"call.{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},
+                   **({TEXT_TOKENS_ATTR: "per_prompt"} if self.adapter.text_tokens_per_prompt else {}),
+                   "prompt_offset": int(cfg.prompt_offset),
+                   **{f"{CALL_ATTR_PREFIX}{k}": v for k, v in self.last_call.items() if k != "guidance_scale"}},
         )
 
 
-def _check_resume(existing: TraceHeader, profiler: Profiler, prompts: list[str]) -> None:
-    """Refuse to resume a trace of another model or run, naming the field (before any compute)."""
+def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
+    """Refuse to resume a trace of another model, run or recording, naming the field or option
+    (before any compute). Influence candidates the run does not name are taken from the trace."""
+    existing: TraceHeader = trace.header
     cfg = profiler.config
     checks = {
         "model_id": (existing.model_id, profiler.model_id),
@@ -266,6 +273,9 @@ def _check_resume(existing: TraceHeader, profiler: Profiler, prompts: list[str])
         "steps": (existing.steps, cfg.steps),
         "seed": (existing.seed, cfg.seed),
         "layers": (list(existing.layers), [layer.name for layer in profiler.layers]),
+        "prompt_offset": (int(existing.extra.get("prompt_offset", cfg.prompt_offset)), cfg.prompt_offset),
+        **{f"{CALL_ATTR_PREFIX}{k}": (existing.extra[f"{CALL_ATTR_PREFIX}{k}"], v) for k, v in cfg.call_kwargs.items()
+           if f"{CALL_ATTR_PREFIX}{k}" in existing.extra},
     }
     for field_name, (old, new) in checks.items():
         if old != new:
@@ -274,6 +284,37 @@ def _check_resume(existing: TraceHeader, profiler: Profiler, prompts: list[str])
     for i, (old, new) in enumerate(zip(done, prompts)):
         if old != new:
             raise DitlensError(f"cannot resume: prompt {i} in the trace is {old!r} but this run has {new!r}")
+    # what is recorded per prompt must be recorded the same way for the rest
+    want = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in existing.branches]
+    have = list(trace.stat_keys())
+    if sorted(want) != sorted(have):
+        def names(keys: list) -> str:
+            return ",".join(sorted({k[3] for k in keys})) + " of " + ",".join(sorted({k[1] for k in keys}))
+
+        raise DitlensError(f"cannot resume: the trace records {names(have)} but this run asks for {names(want)}; "
+                           "pass the --metrics and --tensors of the first run")
+    recorded_influence = INFLUENCE_PATH in trace.prompt_arrays()
+    if recorded_influence != bool(cfg.influence):
+        raise DitlensError("cannot resume: the trace " + ("records" if recorded_influence else "has no") +
+                           " per-head influence; " + ("pass --influence" if recorded_influence else "drop --influence"))
+    if recorded_influence:
+        labels = str(existing.extra.get("influence_candidates", ""))
+        if cfg.influence_candidates and [c.label for c in parse_candidates(cfg.influence_candidates)] != labels.split(","):
+            raise DitlensError(f"cannot resume: the trace's influence candidates are {labels}, not "
+                               f"{cfg.influence_candidates}; pass those or drop --influence-candidates")
+        profiler._candidates = parse_candidates(labels)
+    raw = trace.raw_selection()
+    if (raw is None) != (cfg.raw is None):
+        raise DitlensError("cannot resume: the trace " + ("has no" if raw is None else "records") + " raw tensors; " +
+                           ("drop --raw" if raw is None else f"pass --raw {','.join(raw.tensors)} and its selection"))
+    if raw is not None:
+        asked = (tuple(cfg.raw.tensors), _resolve_indices(cfg.raw.steps, cfg.steps, "steps"),
+                 _resolve_indices(cfg.raw.layers, len(profiler.layers), "layers"),
+                 _resolve_indices(cfg.raw.heads, profiler.n_heads, "heads"))
+        stride = raw.tokens[1] - raw.tokens[0] if len(raw.tokens) > 1 else cfg.raw.token_stride
+        if asked != (raw.tensors, raw.steps, raw.layers, raw.heads) or stride != cfg.raw.token_stride:
+            raise DitlensError("cannot resume: the trace's raw selection differs from this run's; pass the --raw, "
+                               "--raw-steps, --raw-layers, --raw-heads and --token-stride of the first run")
 
 
 def profile(pipeline: Any, prompts: Sequence[str], out: str | Path, config: ProfileConfig | None = None, *,
@@ -353,20 +394,22 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
     from tqdm.auto import tqdm
 
     from ditlens.traces.reader import Trace
-    from ditlens.traces.writer import TraceWriter
+    from ditlens.traces.writer import TraceWriter, check_can_write
 
     config = config or ProfileConfig()
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise DitlensError("no prompts given: pass --prompt (repeatable) or --prompts-file")
     out = Path(out)
+    check_can_write(out)
     profiler = Profiler(pipeline, config, registry=registry, model_id=model_id)
+    profiler._raw_capture()  # a bad --raw or --token-stride is refused before any compute
     resuming = config.resume and out.exists()
     start = 0
     if resuming:
         with Trace.open(out) as existing:
             start = existing.n_done
-            _check_resume(existing.header, profiler, prompts)
+            _check_resume(existing, profiler, prompts)
             if existing.has("/raw/index/token"):
                 profiler.raw_tokens = int(existing.tokens.n_image + existing.tokens.n_text)
         log(f"resuming {out}: {start} of {len(prompts)} prompts already done")
@@ -378,8 +421,13 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                                 _resolve_indices(config.raw.layers, len(profiler.layers), "layers"),
                                 _resolve_indices(config.raw.heads, profiler.n_heads, "heads"),
                                 tuple(range(0, grid[0] * grid[1] * grid[2], config.raw.token_stride)), profiler.head_dim)
-        log(f"raw capture estimate (image tokens only): {_human(estimate.nbytes(len(prompts), 2))} "
+        log(f"raw capture estimate (image tokens, two CFG branches): {_human(estimate.nbytes(len(prompts), 2))} "
             f"for {len(prompts)} prompts (cap {_human(config.raw.max_bytes)})")
+        low = estimate.nbytes(len(prompts), 1)  # the least it can be: one branch, no text token
+        if low > config.raw.max_bytes:
+            raise DitlensError(
+                f"raw capture needs at least {_human(low)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
+                "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
 
     if config.attention_share and start < len(prompts):
         from ditlens.analyzer.amdahl import measure_attention_share

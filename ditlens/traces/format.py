@@ -26,6 +26,7 @@ The prompt axis always has the length of the planned prompt list; only the first
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -269,19 +270,33 @@ class TraceHeader:
         }
 
 
+# Root attr (value "per_prompt") of a trace whose pipeline trims the text to each prompt's length:
+# tokens.n_text is then the first prompt's, and runs of other prompts may differ in it.
+TEXT_TOKENS_ATTR = "text_tokens"
+CALL_ATTR_PREFIX = "call."  # root attrs of the scalar pipeline arguments a run passed
+
+
 def run_mismatch(recorded: TraceHeader, wanted: TraceHeader) -> tuple[str, str, str] | None:
-    """First field of :data:`RUN_FIELDS` where two headers differ, as
-    (field, recorded value, wanted value) for a message; None when they agree."""
+    """First field of :data:`RUN_FIELDS`, or pipeline argument (``call.*`` attrs, compared where
+    both headers record them), where two headers differ, as (field, recorded value, wanted value)
+    for a message; None when they agree."""
+    per_prompt_text = "per_prompt" in (recorded.extra.get(TEXT_TOKENS_ATTR), wanted.extra.get(TEXT_TOKENS_ATTR))
     for name in RUN_FIELDS:
         a, b = getattr(recorded, name), getattr(wanted, name)
         if name == "guidance_scale":
             same = math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-12)
         elif name in ("layers", "branches"):
             same = list(a) == list(b)
+        elif name == "tokens" and per_prompt_text:
+            same = dataclasses.replace(a, n_text=0) == dataclasses.replace(b, n_text=0)
         else:
             same = a == b
         if not same:
             return name, _describe(a), _describe(b)
+    calls = [k for k in recorded.extra if k.startswith(CALL_ATTR_PREFIX) and k in wanted.extra]
+    for key in sorted(calls):
+        if recorded.extra[key] != wanted.extra[key]:
+            return key, repr(recorded.extra[key]), repr(wanted.extra[key])
     return None
 
 

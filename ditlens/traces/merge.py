@@ -26,7 +26,8 @@ def merge_traces(
     """Write ``out`` holding the finished prompts of every shard, concatenated in shard order.
 
     The shards must come from the same run settings (model, steps, guidance, size, seed,
-    layers, branches, heads, tokens, timesteps) and record the same statistics, raw
+    layers, branches, heads, tokens, timesteps, pipeline arguments), follow each other in
+    prompt order (each shard's ``--prompt-offset`` where the last ended), and record the same statistics, raw
     selection and per-prompt arrays. Derived arrays (``write_array``) aggregate over a
     shard's prompts, so they are not carried over: run the analysis again on the merged
     trace. A shard with unfinished prompts is refused unless ``allow_partial``, in which
@@ -48,7 +49,14 @@ def merge_traces(
         raw = first.raw_selection()
         arrays = _prompt_array_specs(first)
         timesteps: np.ndarray | None = None
+        next_offset = _prompt_offset(first)
         for trace in traces:
+            offset = _prompt_offset(trace)
+            if offset is not None and next_offset is not None and offset != next_offset:
+                raise DitlensError(
+                    f"cannot merge: {trace.path} starts at prompt {offset} (--prompt-offset) but the shards before it "
+                    f"end at prompt {next_offset}; give the shards in prompt order, each starting where the last ended")
+            next_offset = None if offset is None else offset + trace.n_done
             if not trace.complete and not allow_partial:
                 raise DitlensError(
                     f"shard {trace.path} has {trace.n_done} of {len(trace.header.prompts)} prompts done: "
@@ -93,6 +101,12 @@ def merge_traces(
                     progress.update(1)
             progress.close()
     return target
+
+
+def _prompt_offset(trace: Trace) -> int | None:
+    """Global index of the shard's first prompt (its seeds start there); None in older traces."""
+    value = trace.header.extra.get("prompt_offset")
+    return None if value is None else int(value)
 
 
 def _same_file(a: Path, b: Path) -> bool:

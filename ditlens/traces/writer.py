@@ -453,8 +453,8 @@ class TraceWriter:
         if target.is_dir():
             raise DitlensError(f"{target} is a directory: give a file path for the trace")
         if target.exists() and not overwrite:
-            raise DitlensError(f"{target} already exists: pass --overwrite to replace it or --resume to continue it")
-        target.parent.mkdir(parents=True, exist_ok=True)
+            raise DitlensError(f"{target} already exists: pass --overwrite to replace it (or, profiling, --resume to continue it)")
+        check_can_write(target)
         lock = _WriterLock(target)
         lock.acquire()
         _remove_stale_temps(target)
@@ -854,6 +854,29 @@ def _safe_prompts(n_done: int) -> str:
     if n_done == 0:
         return "no prompt was finished yet"
     return f"the {n_done} finished prompt{'s' if n_done > 1 else ''} {'are' if n_done > 1 else 'is'} safe"
+
+
+def check_can_write(path: str | os.PathLike, *, probe_lock: bool = True) -> None:
+    """Refuse, before any model runs, a trace path that cannot be written: a folder, a folder that
+    cannot be made or written in, or (``probe_lock``) a trace another ditlens process is writing.
+    Processes that start together on one path (torchrun ranks) must not probe its lock."""
+    target = Path(path)
+    if target.is_dir():
+        raise DitlensError(f"{target} is a directory: give a file path for the trace")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DitlensError(f"cannot make the folder of {target} ({_first_line(error)}): choose another path") from None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise DitlensError(f"cannot write in {target.parent} (permission denied): choose another path")
+    if not probe_lock:
+        return
+    lock = _WriterLock(target)
+    try:
+        lock.acquire()
+    except OSError as error:
+        raise _io_error(error, f"locking {target}", "choose another path") from None
+    lock.release()
 
 
 def _io_error(error: OSError, action: str, advice: str) -> DitlensError:

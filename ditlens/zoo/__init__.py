@@ -36,7 +36,7 @@ def model_dir(name: str) -> Path:
     return folder
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns)."""
     import importlib.util
 
@@ -55,7 +55,7 @@ def load_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dt
     if pipeline_class is None:
         raise DitlensError(f"unknown embedded model {name!r}: choose one of {', '.join(MODELS)}")
     pipeline = pipeline_class.from_pretrained(
-        str(model_dir(name)), local_files_only=True, low_cpu_mem_usage=False, **{_dtype_keyword(): dtype}
+        str(model_dir(name)), local_files_only=True, low_cpu_mem_usage=False, **{dtype_keyword(): dtype}
     )
     return pipeline.to(device)
 
