@@ -200,6 +200,10 @@ class Profiler:
                             branches, stats.grid, stats.n_text,
                             influence.finish(branches) if influence is not None else None)
 
+    def use_candidates(self, candidates: list[Candidate]) -> None:
+        """Record the influence of these candidates (a resumed trace's own list)."""
+        self._candidates = list(candidates)
+
     def influence_candidates(self) -> list[Candidate] | Callable[[int], list[Candidate]]:
         """The candidates of ``--influence``: as given, else the defaults for the model's image
         token count (resolved at the first layer of the first prompt, then fixed)."""
@@ -264,7 +268,7 @@ class Profiler:
 
 def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
     """Refuse to resume a trace of another model, run or recording, naming the field or option
-    (before any compute). Influence candidates the run does not name are taken from the trace."""
+    (before any compute)."""
     existing: TraceHeader = trace.header
     cfg = profiler.config
     checks = {
@@ -284,7 +288,15 @@ def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
     for i, (old, new) in enumerate(zip(done, prompts)):
         if old != new:
             raise DitlensError(f"cannot resume: prompt {i} in the trace is {old!r} but this run has {new!r}")
-    # what is recorded per prompt must be recorded the same way for the rest
+    _check_resume_recording(trace, profiler)
+
+
+def _check_resume_recording(trace: Any, profiler: Profiler) -> None:
+    """What the trace records per prompt (statistics, influence, raw tensors) must be recorded the
+    same way for the rest: refuse other options, naming them. Influence candidates the run does not
+    name are the trace's."""
+    existing: TraceHeader = trace.header
+    cfg = profiler.config
     want = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in existing.branches]
     have = list(trace.stat_keys())
     if sorted(want) != sorted(have):
@@ -302,17 +314,18 @@ def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
         if cfg.influence_candidates and [c.label for c in parse_candidates(cfg.influence_candidates)] != labels.split(","):
             raise DitlensError(f"cannot resume: the trace's influence candidates are {labels}, not "
                                f"{cfg.influence_candidates}; pass those or drop --influence-candidates")
-        profiler._candidates = parse_candidates(labels)
+        profiler.use_candidates(parse_candidates(labels))
     raw = trace.raw_selection()
     if (raw is None) != (cfg.raw is None):
         raise DitlensError("cannot resume: the trace " + ("has no" if raw is None else "records") + " raw tensors; " +
                            ("drop --raw" if raw is None else f"pass --raw {','.join(raw.tensors)} and its selection"))
     if raw is not None:
-        asked = (tuple(cfg.raw.tensors), _resolve_indices(cfg.raw.steps, cfg.steps, "steps"),
+        asked = (tuple(t for t in ("q", "k", "v", "o") if t in cfg.raw.tensors), _resolve_indices(cfg.raw.steps, cfg.steps, "steps"),
                  _resolve_indices(cfg.raw.layers, len(profiler.layers), "layers"),
                  _resolve_indices(cfg.raw.heads, profiler.n_heads, "heads"))
         stride = raw.tokens[1] - raw.tokens[0] if len(raw.tokens) > 1 else cfg.raw.token_stride
-        if asked != (raw.tensors, raw.steps, raw.layers, raw.heads) or stride != cfg.raw.token_stride:
+        recorded = (tuple(t for t in ("q", "k", "v", "o") if t in raw.tensors), raw.steps, raw.layers, raw.heads)
+        if asked != recorded or stride != cfg.raw.token_stride:
             raise DitlensError("cannot resume: the trace's raw selection differs from this run's; pass the --raw, "
                                "--raw-steps, --raw-layers, --raw-heads and --token-stride of the first run")
 

@@ -26,10 +26,9 @@ The prompt axis always has the length of the planned prompt list; only the first
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -288,7 +287,7 @@ def run_mismatch(recorded: TraceHeader, wanted: TraceHeader) -> tuple[str, str, 
         elif name in ("layers", "branches"):
             same = list(a) == list(b)
         elif name == "tokens" and per_prompt_text:
-            same = dataclasses.replace(a, n_text=0) == dataclasses.replace(b, n_text=0)
+            same = replace(a, n_text=0) == replace(b, n_text=0)
         else:
             same = a == b
         if not same:
