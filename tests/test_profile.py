@@ -593,6 +593,9 @@ def test_analyze_and_compare(pipelines, tmp_path):
     report = analyze(a)
     text = report.render()
     assert "most redundant" in text and "coefficient of variation" in text
+    for top in (0, -2):
+        with pytest.raises(DitlensError, match="--top must be at least 1"):
+            analyze(a, top=top)
     with Trace.open(a) as trace:
         stat = trace.stat("image", "k", "step", "l1").data
         mean = trace.array("/maps/mean/image/k/step/l1").data

@@ -86,6 +86,8 @@ def analyze(path: str | Path, *, top: int = 3, store: bool = True,
     from ditlens.traces.reader import Trace
     from ditlens.traces.writer import open_for_append
 
+    if top < 1:
+        raise DitlensError(f"--top must be at least 1 (layers and steps to name at each end), got {top}")
     path = Path(path)
     stored: list[str] = []
     with Trace.open(path) as trace:
