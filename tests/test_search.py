@@ -572,6 +572,31 @@ def test_from_trace_plan_runs_on_flux_with_true_cfg_and_the_trace_run_is_kept(tm
     assert search(pipe, [], method="trace", trace=str(trace), steps=STEPS, delta=0.5).plan.methods == plan.methods
 
 
+def test_v2_prices_cross_attention_layers_at_their_text_length():
+    """PixArt's first cross-attention layer runs after a self-attention layer: V2's cost model was
+    built before any text was seen, priced cross layers at 0 and never compressed them. With an
+    output cache free of error on them (δ large), they are compressed like the others."""
+    pipe, prompts, ecfg = _setup("pixart")
+    result = search_headwise(pipe, prompts, HeadwiseConfig(delta=1e3, candidates="ast", engine=ecfg))
+    cross = [i for i, layer in enumerate(result.plan.model.layers) if layer.kind == "cross"]
+    assert cross and all(result.plan.head_methods(s, i)[0].base == "ast" for s in range(1, STEPS) for i in cross)
+    assert 0 < result.plan.flops.attention_core_fraction < 1
+
+
+def test_searches_without_cfg_try_no_cfg_share():
+    """A run without classifier-free guidance has no uncond rows: V2 refuses CFG-share candidates
+    (it used to drop them silently and write an all-full plan), and V1 neither tries nor lists them."""
+    import dataclasses
+
+    pipe, prompts, ecfg = _setup("dit")
+    ecfg = dataclasses.replace(ecfg, guidance=1.0)
+    with pytest.raises(DitlensError, match=r"no classifier-free guidance .* CFG share \(\+asc\) cannot run"):
+        search_headwise(pipe, prompts, HeadwiseConfig(delta=0.5, candidates="ast,asc", engine=ecfg))
+    v1 = search_greedy(pipe, prompts, GreedyConfig(delta=0.5, window=2, engine=ecfg))
+    assert v1.candidates == ["ast", "wars(2)"] and "strategies=ast,wars(2);" in v1.plan.provenance.notes
+    assert not any(m.asc for s in range(v1.plan.steps) for i in range(v1.plan.n_layers) for m in v1.plan.head_methods(s, i))
+
+
 def test_engine_refuses_an_empty_micro_batch(tmp_path):
     from ditlens.cli import main
 

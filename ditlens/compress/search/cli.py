@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from ditlens.errors import DitlensError
@@ -45,6 +46,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
     pipe.set_progress_bar_config(disable=True)
     prompts = [] if args.method == "trace" else _prompts(args)
+    start = time.perf_counter()
     outcome = api.search(pipe, prompts, method=args.method, delta=args.delta, target_flops=args.target_flops,
                          target_latency=args.target_latency, trace=args.trace, c=args.c, candidates=args.candidates,
                          latency=args.latency, steps=args.steps, guidance=args.guidance, height=args.height,
@@ -56,8 +58,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     outcome.plan.save(args.out)
     flops = outcome.plan.flops
     frac = "n/a" if flops is None else f"{flops.attention_core_fraction:.4f}"
+    # budget mode runs several searches: the wall time of all of them (outcome.seconds is the last one's)
     print(f"{args.method} search: δ={outcome.plan.provenance.delta:g}, attention-core FLOPs fraction {frac}, "
-          f"{outcome.seconds:.1f} s")
+          f"{time.perf_counter() - start:.1f} s")
     print(f"wrote {args.out}")
     return 0
 

@@ -239,7 +239,8 @@ def search_greedy(pipe: Any, prompts: Sequence[str], config: GreedyConfig | None
         if controller.bar is not None:
             controller.bar.close()
     seconds = time.perf_counter() - start
-    strategies = [m.to_str() for m in strategy_list(controller.window or 0)]
+    cfg_share = engine.cfg_rows == 2 and not engine.adapter.attends_per_sample
+    strategies = [m.to_str() for m in strategy_list(controller.window or 0) if cfg_share or not m.asc]  # those tried
     notes = (f"strategies={','.join(strategies)}; window={controller.window}; naive={config.naive}; "
              f"every_candidate={config.every_candidate}; row_split={config.row_split and not config.naive}; "
              f"micro_batch={engine_cfg.micro_batch}; seed={engine_cfg.seed}; "

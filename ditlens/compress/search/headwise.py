@@ -51,7 +51,8 @@ class HeadwiseController:
         self.config = config
         self.candidates: list[str] | None = None
         self.parsed: list[Any] = []
-        self.latency: LatencyModel | None = None
+        self.latency: LatencyModel | None = None  # the latest model used
+        self._latency_by_text: dict[int, LatencyModel] = {}
         self.methods: list[list[Any]] = []
         self.influence: np.ndarray | None = None
         self.branches: list[str] = []
@@ -72,6 +73,9 @@ class HeadwiseController:
             if engine.adapter.attends_per_sample and any(parse_method(m).asc for m in self.candidates):
                 raise DitlensError(f"{engine.adapter.family} attends one sample per attention call, so CFG share "
                                    "(+asc) cannot run on it; drop it from the candidates")
+            if engine.cfg_rows != 2 and any(parse_method(m).asc for m in self.candidates):
+                raise DitlensError("this run has no classifier-free guidance (guidance <= 1, or a model without it), "
+                                   "so CFG share (+asc) cannot run; drop it from the candidates or search with CFG")
         self.parsed = [parse_method(m) for m in self.candidates]
         engine.config.residual_widths = tuple(sorted({m.window for m in self.parsed if m.base == "wars"}))
         self.branches = ["cond", "uncond"] if engine.cfg_rows == 2 else ["cond"]
@@ -81,11 +85,15 @@ class HeadwiseController:
         self.bar = engine.progress(T * L, "V2 head-wise search")
 
     def _latency(self, engine: SearchEngine) -> LatencyModel:
+        # The text length is known once a cross or joint layer has run (PixArt's first cross layer is
+        # layer 1): a model built before then counts those layers as free, so there is one model per
+        # text length seen (Mochi's varies per sample; a measured model is timed once per length).
+        self.latency = self._latency_by_text.get(engine.n_text)
         if self.latency is None:
             weight = next(engine.transformer.parameters())
-            self.latency = build_latency(self.config.latency, engine.layers, self.candidates, engine.grid, engine.n_text,
-                                         engine.heads, engine.head_dim, engine.cfg_rows, str(weight.device),
-                                         weight.dtype)
+            self.latency = self._latency_by_text[engine.n_text] = build_latency(
+                self.config.latency, engine.layers, self.candidates, engine.grid, engine.n_text, engine.heads,
+                engine.head_dim, engine.cfg_rows, str(weight.device), weight.dtype)
         return self.latency
 
     def observe(self, engine: SearchEngine, index: int, call: int, func, call_args, call_kwargs, full) -> None:
