@@ -116,6 +116,9 @@ class ModelAdapter:
         text_tokens_per_prompt: the pipeline trims the text to each prompt's length (Latte's
             masked features, Mochi's valid tokens), so a trace's text-token count is the first
             prompt's and runs of other prompts (resume, merge) may differ in it.
+        batch_changes_text: a multi-prompt pipeline call encodes each prompt's text differently
+            from a one-prompt call (Latte pads to the longest prompt and zeroes the padding without
+            masking it), so a search calibrated on one batched call sees another computation.
     """
 
     family: str = ""
@@ -125,6 +128,7 @@ class ModelAdapter:
     pipeline_kind: str = "text"
     attends_per_sample: bool = False
     text_tokens_per_prompt: bool = False
+    batch_changes_text: bool = False
 
     # -- discovery ---------------------------------------------------------------------------
     def matches(self, transformer: nn.Module) -> bool:
@@ -461,6 +465,7 @@ class LatteAdapter(ModelAdapter):
     transformer_classes = ("LatteTransformer3DModel",)
     cfg_layout = "batched_uncond_first"
     text_tokens_per_prompt = True  # encode_prompt(mask_feature=True) keeps the prompt's own tokens
+    batch_changes_text = True  # ... trimmed to the longest prompt of the call, the rest zeroed, unmasked
 
     def layer_kind(self, name: str, module: nn.Module) -> str:
         if name.startswith("temporal_transformer_blocks"):

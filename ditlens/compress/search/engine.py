@@ -29,6 +29,7 @@ and a decided layer may run several times in one step with the same result.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -242,6 +243,11 @@ class SearchEngine:
         from ditlens.analyzer import hooks
 
         step_hook, block_hook, layer_hook = _hook_classes()
+        if self.adapter.batch_changes_text and len(self.prompts) > 1:
+            warnings.warn(f"{self.adapter.family}'s pipeline encodes the text of a multi-prompt call differently from "
+                          "a one-prompt call (padded to the longest prompt, unmasked): this search calibrates on the "
+                          f"{len(self.prompts)} prompts' batched call, which one-prompt inference does not run",
+                          stacklevel=2)
         self.controller = controller
         attached: list[tuple[nn.Module, str]] = []
         try:
