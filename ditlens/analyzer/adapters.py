@@ -251,12 +251,12 @@ class ModelAdapter:
             raise DitlensError(f"layer {layer.name}: expected one attention product per forward, saw {len(calls)}")
         call = calls[0]
         if layer.kind == "temporal":
-            return GroupedTensors(image={n: _temporal_to_canonical(getattr(call, n), info) for n in TENSOR_NAMES})
+            return GroupedTensors(image={n: temporal_to_canonical(getattr(call, n), info.batch) for n in TENSOR_NAMES})
         if layer.kind == "self":
-            return GroupedTensors(image={n: _frames_to_canonical(getattr(call, n), info) for n in TENSOR_NAMES})
+            return GroupedTensors(image={n: frames_to_canonical(getattr(call, n), info.batch) for n in TENSOR_NAMES})
         # cross: queries (and outputs) are image tokens, keys/values text tokens
         return GroupedTensors(
-            image={n: _frames_to_canonical(getattr(call, n), info) for n in ("q", "o")},
+            image={n: frames_to_canonical(getattr(call, n), info.batch) for n in ("q", "o")},
             text={n: _first_frame(getattr(call, n), info) for n in ("k", "v")},
         )
 
@@ -338,13 +338,13 @@ def _class_label(pipeline: Any, prompt: str) -> int:
     raise DitlensError(f"class-conditional pipeline {type(pipeline).__name__} needs integer class labels, got {text!r}")
 
 
-def _frames_to_canonical(x: torch.Tensor, info: ForwardInfo) -> torch.Tensor:
+def frames_to_canonical(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[batch*frames, H, hw, D] (frames folded into the batch, Latte's spatial blocks) -> [batch, H, frames*hw, D]."""
     bf, h, n, d = x.shape
-    frames = bf // info.batch
+    frames = bf // batch
     if frames == 1:
         return x
-    return x.reshape(info.batch, frames, h, n, d).transpose(1, 2).reshape(info.batch, h, frames * n, d)
+    return x.reshape(batch, frames, h, n, d).transpose(1, 2).reshape(batch, h, frames * n, d)
 
 
 def _first_frame(x: torch.Tensor, info: ForwardInfo) -> torch.Tensor:
@@ -354,11 +354,11 @@ def _first_frame(x: torch.Tensor, info: ForwardInfo) -> torch.Tensor:
     return x if frames == 1 else x.reshape(info.batch, frames, *x.shape[1:])[:, 0]
 
 
-def _temporal_to_canonical(x: torch.Tensor, info: ForwardInfo) -> torch.Tensor:
+def temporal_to_canonical(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[batch*hw, H, frames, D] (spatial positions folded into the batch) -> [batch, H, frames*hw, D]."""
     bhw, h, f, d = x.shape
-    hw = bhw // info.batch
-    return x.reshape(info.batch, hw, h, f, d).permute(0, 2, 3, 1, 4).reshape(info.batch, h, f * hw, d)
+    hw = bhw // batch
+    return x.reshape(batch, hw, h, f, d).permute(0, 2, 3, 1, 4).reshape(batch, h, f * hw, d)
 
 
 def _split_joint(x: torch.Tensor, n_image: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:

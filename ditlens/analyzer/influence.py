@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditlens.analyzer.adapters import AttentionLayer, GroupedTensors
+from ditlens.analyzer.adapters import AttentionLayer, GroupedTensors, frames_to_canonical, temporal_to_canonical
 from ditlens.analyzer.capture import BRANCHES, ForwardContext
 
 INFLUENCE_PATH = "/influence/rse"
@@ -111,13 +111,12 @@ def _attention_sequences(x: torch.Tensor, kind: str, grid: tuple[int, int, int])
 
 
 def _canonical_tokens(x: torch.Tensor, kind: str, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Inverse of :func:`_attention_sequences`."""
+    """Inverse of :func:`_attention_sequences` (the adapters' own regrouping of such layers' calls)."""
     frames, hw = grid[0], grid[1] * grid[2]
-    _, h, _, d = x.shape
-    if kind == "self" and frames > 1:
-        return x.reshape(-1, frames, h, hw, d).transpose(1, 2).reshape(-1, h, frames * hw, d)
+    if kind == "self":
+        return frames_to_canonical(x, x.shape[0] // frames)
     if kind == "temporal":
-        return x.reshape(-1, hw, h, frames, d).permute(0, 2, 3, 1, 4).reshape(-1, h, frames * hw, d)
+        return temporal_to_canonical(x, x.shape[0] // hw)
     return x
 
 

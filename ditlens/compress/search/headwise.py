@@ -51,7 +51,6 @@ class HeadwiseController:
         self.config = config
         self.candidates: list[str] | None = None
         self.parsed: list[Any] = []
-        self.latency: LatencyModel | None = None  # the latest model used
         self._latency_by_text: dict[int, LatencyModel] = {}
         self.methods: list[list[Any]] = []
         self.influence: np.ndarray | None = None
@@ -88,13 +87,12 @@ class HeadwiseController:
         # The text length is known once a cross or joint layer has run (PixArt's first cross layer is
         # layer 1): a model built before then counts those layers as free, so there is one model per
         # text length seen (Mochi's varies per sample; a measured model is timed once per length).
-        self.latency = self._latency_by_text.get(engine.n_text)
-        if self.latency is None:
+        if engine.n_text not in self._latency_by_text:
             weight = next(engine.transformer.parameters())
-            self.latency = self._latency_by_text[engine.n_text] = build_latency(
+            self._latency_by_text[engine.n_text] = build_latency(
                 self.config.latency, engine.layers, self.candidates, engine.grid, engine.n_text, engine.heads,
                 engine.head_dim, engine.cfg_rows, str(weight.device), weight.dtype)
-        return self.latency
+        return self._latency_by_text[engine.n_text]
 
     def observe(self, engine: SearchEngine, index: int, call: int, func, call_args, call_kwargs, full) -> None:
         from ditlens.compress.search.engine import _sdpa_params
