@@ -44,7 +44,8 @@ class DemoResult:
         if m.get("accuracy_full") is not None:
             rows.append((f"classifier accuracy, {m['accuracy_kind']} (full / plan)",
                          f"{m['accuracy_full']:.3f} / {m['accuracy_plan']:.3f}"))
-        rows.append(("end-to-end speedup (Amdahl bound)", f"{m['speedup']:.2f}x ({m['bound']:.2f}x)"))
+        noise = f" ± {m['speedup_noise']:.2f}" if m.get("speedup_noise") is not None else ""
+        rows.append(("end-to-end speedup (Amdahl bound)", f"{m['speedup']:.2f}x{noise} ({m['bound']:.2f}x)"))
         if self.online is not None:
             rows.append(("V2 online at the same δ: static FLOPs fraction",
                          f"{self.online['attention_core_fraction']:.3f} (search {self.online['seconds']:.1f} s)"))
@@ -195,7 +196,7 @@ def run_demo(model: str = "tiny-dit", out_dir: str | Path = "ditlens-demo", *, d
                "attention_module_fraction": validation.flops["attention_module_fraction"],
                "psnr": d["psnr_mean"], "ssim": d["ssim_mean"], "accuracy_kind": kind,
                "accuracy_full": accuracy.get("accuracy_full"), "accuracy_plan": accuracy.get("accuracy_plan"),
-               "speedup": d["speedup"] or float("nan"), "bound": d["amdahl_bound"]}
+               "speedup": d["speedup"] or float("nan"), "speedup_noise": d["speedup_noise"], "bound": d["amdahl_bound"]}
     return DemoResult(model, out, trace, plan_path, report_dir / "validate.json", report_dir / "validate.md",
                       report_dir / "grid.png", deploy, seconds, metrics, online_info)
 

@@ -780,6 +780,19 @@ def test_validate_pipeline_takes_numeric_class_labels():
     assert report.classifier.get("accuracy_full") is not None
 
 
+def test_validate_pipeline_skips_the_embedded_classifier_on_another_dit():
+    """The Fashion-MNIST classifier only knows the embedded model's classes: another class-conditional
+    DiT (here diffusers' DiTPipeline, tiny) gets no classifier rows rather than meaningless ones."""
+    from tiny_models import build_tiny_pipeline
+
+    from ditlens.compress.validate import validate_pipeline
+
+    pipe = build_tiny_pipeline("dit")
+    pipe.set_progress_bar_config(disable=True)
+    report = validate_pipeline(pipe, Plan.uniform(pipe, 2, "full"), ["1", "2"])
+    assert report.classifier == {} and len(report.psnr) == 2
+
+
 def test_validate_reports_a_plan_slower_than_the_model():
     from ditlens.compress.validate import ValidationReport
 
@@ -794,6 +807,29 @@ def test_validate_reports_a_plan_slower_than_the_model():
     assert fast.speed_verdict == "1.25x, 100% of its Amdahl bound (1.25x)"
     assert f"| speed | {slow.speed_verdict} |" in slow.markdown()
     assert slow.as_dict()["speed_verdict"] == slow.speed_verdict
+
+
+def test_validate_speed_verdict_names_timing_noise():
+    """Per-prompt times give the speedup a standard error; a speedup within two of them of 1x is
+    called noise, not a gain or a loss."""
+    from ditlens.compress.validate import ValidationReport
+
+    flops = {"attention_core_fraction": 0.5, "attention_module_fraction": 0.6}
+
+    def report(full: list[float], plan: list[float]) -> ValidationReport:
+        return ValidationReport("m", "p", ["a"] * len(full), [30.0], [0.9], flops, sum(full), sum(plan), 0.5, 0.3,
+                                None, None, 0, prompt_seconds_full=full, prompt_seconds_plan=plan)
+
+    noisy = report([1.0, 1.4, 0.8, 1.2], [1.1, 0.9, 1.3, 0.8])
+    a, b = np.array(noisy.prompt_seconds_full), np.array(noisy.prompt_seconds_plan)
+    expected = a.sum() / b.sum() * np.sqrt(a.var(ddof=1) / a.mean() ** 2 / 4 + b.var(ddof=1) / b.mean() ** 2 / 4)
+    assert noisy.speedup_noise == pytest.approx(expected)
+    assert "within the timing noise of 4 prompts" in noisy.speed_verdict
+    steady = report([1.0, 1.01, 0.99, 1.0], [0.8, 0.81, 0.79, 0.8])
+    assert steady.speed_verdict.startswith("1.25x ± 0.01, ") and "of its Amdahl bound" in steady.speed_verdict
+    slow = report([1.0, 1.01, 0.99, 1.0], [1.2, 1.21, 1.19, 1.2])
+    assert slow.speed_verdict.startswith("slower than the uncompressed model")
+    assert report([1.0], [0.9]).speedup_noise is None
 
 
 @pytest.mark.gpu

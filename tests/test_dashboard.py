@@ -297,6 +297,30 @@ def test_plan_maps_follow_the_json(files):
     assert method_shares(ast) == pytest.approx({"full": 0.5, "ast": 0.5})
 
 
+def test_plan_trace_mismatch_names_family_layers_steps_and_resolution(files):
+    import dataclasses
+
+    from ditlens.dashboards.plans import plan_trace_mismatch
+    from ditlens.traces.reader import Trace
+
+    (plan,) = load_plans([files.plan_ast])
+    with Trace.open(files.full) as trace:
+        header, layers = trace.header, list(trace.layers)
+    assert plan_trace_mismatch(plan, header, layers) is None
+
+    def changed(**fields):
+        model = dataclasses.replace(plan.plan.model, **fields.pop("model", {}))
+        return dataclasses.replace(plan, plan=dataclasses.replace(plan.plan, model=model, **fields))
+
+    tokens = plan.plan.model.tokens
+    bigger = dataclasses.replace(tokens, grid=(1, 2 * tokens.grid[1], 2 * tokens.grid[2]))
+    for other, words in ((changed(model={"family": "pixart"}), "for a pixart model, the trace's is sd3"),
+                         (changed(model={"layers": plan.plan.model.layers[:-1]}), "2 attention layers"),
+                         (changed(model={"heads": 5}), "for 5 heads"),
+                         (changed(model={"tokens": bigger}), "another resolution")):
+        assert words in plan_trace_mismatch(other, header, layers)
+
+
 def test_plan_flops_per_step_and_layer_count_pairs_by_hand(files):
     from ditlens.compress.flops import plan_flops
 
@@ -379,6 +403,12 @@ def test_cli_dash_verb(files, capsys):
     assert err.startswith("error: no trace at") and len(err.splitlines()) == 1
     assert main(["dash", str(files.full), "--port", "70000"]) == 2
     assert "is not a port number" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port another server listens on: one error line, nothing announced
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["dash", str(files.full), "--port", str(taken.getsockname()[1])]) == 2
+    out, err = capsys.readouterr()
+    assert "choose another --port" in err and len(err.strip().splitlines()) == 1 and "http://" not in out
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "ditlens", "dash", str(files.full), "--plan", str(files.plan_ast),

@@ -194,6 +194,8 @@ def assert_stats_match_raw(out: Path) -> None:
                                 checked += 1
         assert checked > 100
         assert {k[3] for k in trace.stat_keys()} == {"l1", "rel_l1", "cosine", "ssim"}
+        # a model without text tokens (DiT) stores no text group: it would hold only NaN
+        assert {k[0] for k in trace.stat_keys()} == ({"image", "text"} if tokens.n_text else {"image"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -215,6 +217,20 @@ def test_cond_branch_matches_cfg_free_run(family, pipelines, tmp_path):
         # Layer 0 sees the same latents and the cond conditioning in both runs.
         np.testing.assert_allclose(qa[0, 0, 0, 0], qb[0, 0, 0, 0], rtol=2e-3, atol=2e-3)
         assert not np.allclose(qa[0, 1, 0, -1], qb[0, 0, 0, -1], rtol=1e-3, atol=1e-3) or family == "dit"
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_trace_records_the_size_the_pipeline_generates(family, pipelines, tmp_path):
+    """Height and width not given: the trace records the image size from the token grid and the
+    pipeline's VAE (DiTPipeline has no vae_scale_factor: its VAE's depth gives it)."""
+    from ditlens.traces.reader import Trace
+
+    pipe = pipelines(family)
+    out = tmp_path / "t.h5"
+    profile(pipe, prompts_for(family)[:1], out, run_config(family), progress=False, log=lambda s: None)
+    image = np.asarray(pipe(**pipeline_call_kwargs(family, prompts_for(family)[0], 2, 3.0, 0))[0])
+    with Trace.open(out) as trace:
+        assert (trace.header.height, trace.header.width) == image.shape[1:3]
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3", "flux"])

@@ -348,6 +348,21 @@ def test_v2_trajectory_equals_runtime_replay_and_is_deterministic(family, cands)
     assert a.plan.flops is not None and a.plan.flops.attention_core_fraction < 1
 
 
+def test_latte_calibration_runs_each_prompt_as_a_one_prompt_call():
+    """Latte encodes a multi-prompt call's text otherwise than a one-prompt call's (all tokens kept,
+    padding zeroed, unmasked): the search's one batched call gives each prompt its one-prompt encoding
+    and masks the padding, so its uncompressed trajectory is what one-prompt inference computes."""
+    pipe, _, ecfg = _setup("latte")
+    prompts = ["a cat", "a small grey dog beside a long red car at night", "red"]  # three text lengths
+    result = search_greedy(pipe, prompts, GreedyConfig(delta=0.0, engine=ecfg))  # δ = 0: every layer stays full
+    assert all(m == "full" for row in result.plan.methods for m in row)
+    searched = _images(result.output)
+    for i, prompt in enumerate(prompts):
+        kwargs = pipeline_call_kwargs("latte", prompt, STEPS, 3.0, i)  # seed + i, as the search seeds prompt i
+        alone = _images(pipe(**kwargs))
+        np.testing.assert_allclose(searched[i], alone[0], atol=2e-5)
+
+
 def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pair(tmp_path):
     """Latte attends within each frame (spatial layers) and across frames (temporal layers): the
     default window ladders are sized on one frame's tokens, not on the whole grid, and no searched
@@ -361,9 +376,7 @@ def test_searches_size_windows_per_sequence_and_skip_windows_that_keep_every_pai
     from ditlens.compress.search.from_trace import search_from_trace
 
     pipe, prompts, ecfg = _setup("latte")
-    # Latte encodes a multi-prompt call's text otherwise than one prompt's: the searches say so
-    with pytest.warns(UserWarning, match=r"latte's pipeline encodes the text of a multi-prompt call differently"):
-        v2 = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, engine=ecfg))
+    v2 = search_headwise(pipe, prompts, HeadwiseConfig(delta=0.6, engine=ecfg))
     v1 = search_greedy(pipe, prompts, GreedyConfig(delta=0.6, engine=ecfg))
     extra = {k: v for k, v in ecfg.call_kwargs.items() if k != "output_type"}
     trace = tmp_path / "latte.h5"

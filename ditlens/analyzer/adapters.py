@@ -117,8 +117,9 @@ class ModelAdapter:
             masked features, Mochi's valid tokens), so a trace's text-token count is the first
             prompt's and runs of other prompts (resume, merge) may differ in it.
         batch_changes_text: a multi-prompt pipeline call encodes each prompt's text differently
-            from a one-prompt call (Latte pads to the longest prompt and zeroes the padding without
-            masking it), so a search calibrated on one batched call sees another computation.
+            from a one-prompt call (Latte keeps every token of a multi-prompt call and zeroes the
+            padding without masking it; alone, a prompt keeps only its own tokens): a search, which calibrates on one batched call, gives every prompt its
+            one-prompt encoding (:meth:`one_prompt_text`) and masks the padding (:meth:`text_mask_kwargs`).
     """
 
     family: str = ""
@@ -232,8 +233,13 @@ class ModelAdapter:
     def pixels_per_token(self, transformer: nn.Module, pipeline: Any) -> int:
         """Output pixels along one side of a token: VAE factor times patch size."""
         vae = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
-        if vae is None and pipeline is not None and getattr(pipeline, "vae", None) is None:
-            vae = 1  # a pixel-space pipeline (no VAE), like ditlens's embedded models
+        if vae is None and pipeline is not None:
+            model = getattr(pipeline, "vae", None)
+            blocks = getattr(getattr(model, "config", None), "block_out_channels", None)
+            if model is None:
+                vae = 1  # a pixel-space pipeline (no VAE), like ditlens's embedded models
+            elif blocks:  # a pipeline without the attribute (DiTPipeline): diffusers' rule for AutoencoderKL
+                vae = 2 ** (len(blocks) - 1)
         return int(vae or self.vae_scale(transformer)) * self.patch_size(transformer)[1]
 
     # -- token layout -------------------------------------------------------------------------
@@ -264,6 +270,19 @@ class ModelAdapter:
     def pipeline_cfg_layout(self, pipeline: Any) -> str:
         """A pipeline may declare its own order (``_ditlens_cfg_layout``), e.g. ditlens's zoo."""
         return str(getattr(pipeline, "_ditlens_cfg_layout", self.cfg_layout))
+
+    def one_prompt_text(self, pipeline: Any, prompts: Sequence[str], call_kwargs: dict[str, Any]
+                        ) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """For a ``batch_changes_text`` pipeline: the multi-prompt ``call_kwargs`` changed so that
+        every prompt gets the text encoding a one-prompt call gives it (padded to the longest), and
+        the bool mask ``[prompts, text tokens]`` of its own tokens. None when the batched call
+        already encodes each prompt as alone."""
+        return None
+
+    def text_mask_kwargs(self, mask: torch.Tensor, grid: tuple[int, int, int]) -> dict[str, Any]:
+        """Transformer forward arguments that hide the text padding ``mask`` (bool, ``[rows, text
+        tokens]``, one row per batch row of the forward) from attention."""
+        return {}
 
     def call_kwargs(self, pipeline: Any, prompt: str, steps: int, guidance: float | None,
                     height: int | None, width: int | None, generator: torch.Generator) -> dict[str, Any]:
@@ -465,7 +484,36 @@ class LatteAdapter(ModelAdapter):
     transformer_classes = ("LatteTransformer3DModel",)
     cfg_layout = "batched_uncond_first"
     text_tokens_per_prompt = True  # encode_prompt(mask_feature=True) keeps the prompt's own tokens
-    batch_changes_text = True  # ... trimmed to the longest prompt of the call, the rest zeroed, unmasked
+    batch_changes_text = True  # ... kept whole (all max_sequence_length tokens), the padding zeroed, unmasked
+
+    def one_prompt_text(self, pipeline, prompts, call_kwargs):
+        if not call_kwargs.get("mask_feature", True):
+            return None  # untrimmed text: a batched call encodes every prompt as a one-prompt call does
+        encode = inspect.signature(pipeline.encode_prompt).parameters
+        cfg = float(call_kwargs.get("guidance_scale", 7.0)) > 1.0  # LattePipeline's default and rule
+        options = {k: call_kwargs[k] for k in ("negative_prompt", "clean_caption") if k in call_kwargs and k in encode}
+        device = getattr(pipeline, "_execution_device", None)
+        pairs = [pipeline.encode_prompt(p, do_classifier_free_guidance=cfg, device=device, mask_feature=True, **options)
+                 for p in prompts]  # each trimmed to its own tokens, as in a one-prompt call
+        length = max(cond.shape[1] for cond, _ in pairs)
+        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+
+        def padded(embeds: torch.Tensor) -> torch.Tensor:
+            return torch.cat([embeds[0], embeds.new_zeros(length - embeds.shape[1], embeds.shape[2])])
+
+        for i, (cond, _) in enumerate(pairs):
+            mask[i, :cond.shape[1]] = True
+        kwargs = {k: v for k, v in call_kwargs.items() if k not in ("prompt", "negative_prompt", "clean_caption")}
+        kwargs["prompt_embeds"] = torch.stack([padded(cond) for cond, _ in pairs])
+        if cfg:
+            kwargs["negative_prompt"] = None  # the pipeline refuses it beside negative_prompt_embeds
+            kwargs["negative_prompt_embeds"] = torch.stack([padded(neg) for _, neg in pairs])
+        return kwargs, mask
+
+    def text_mask_kwargs(self, mask, grid):
+        # The spatial blocks' cross-attention runs per frame (batch x frames rows, frames innermost)
+        # and takes the mask as given: [rows, 1, text tokens], True = attend.
+        return {"encoder_attention_mask": mask.repeat_interleave(grid[0], dim=0)[:, None, :]}
 
     def layer_kind(self, name: str, module: nn.Module) -> str:
         if name.startswith("temporal_transformer_blocks"):

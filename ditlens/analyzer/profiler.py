@@ -71,6 +71,12 @@ def default_stat_keys() -> list[StatKey]:
     return [k for k in all_stat_keys() if k[3] != "ssim"]
 
 
+def recorded_stat_keys(keys: Sequence[StatKey], branches: Sequence[str], n_text: int) -> list[StatKey]:
+    """The asked-for keys a run can fill: no cond/uncond comparison without CFG, no text group
+    for a model without text tokens (DiT), where they would only store NaN."""
+    return [k for k in keys if (k[2] != "cfg" or "uncond" in branches) and (k[0] != "text" or n_text > 0)]
+
+
 def select_stat_keys(metrics: str | Sequence[str] | None = None, tensors: str | Sequence[str] | None = None
                      ) -> list[StatKey] | None:
     """The statistics to record for a metric and tensor subset (None: the defaults; "all": every metric)."""
@@ -297,7 +303,7 @@ def _check_resume_recording(trace: Any, profiler: Profiler) -> None:
     name are the trace's."""
     existing: TraceHeader = trace.header
     cfg = profiler.config
-    want = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in existing.branches]
+    want = recorded_stat_keys(profiler.stat_keys, existing.branches, existing.tokens.n_text)
     have = list(trace.stat_keys())
     if sorted(want) != sorted(have):
         def names(keys: list) -> str:
@@ -469,8 +475,7 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                             f"raw capture needs {_human(need)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
                             "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
                 header = profiler.header(prompts, record)
-                # Without CFG there is no cond/uncond comparison to store.
-                keys = [k for k in profiler.stat_keys if k[2] != "cfg" or "uncond" in record.branches]
+                keys = recorded_stat_keys(profiler.stat_keys, record.branches, record.n_text)
                 arrays = []
                 if record.influence is not None:
                     arrays.append(PromptArray(INFLUENCE_PATH, INFLUENCE_AXES, record.influence.shape))

@@ -37,6 +37,9 @@ class ValidationReport:
     peak_memory_plan: int | None
     peak_cache_bytes: int
     classifier: dict[str, Any] = field(default_factory=dict)
+    # per-prompt run times (each prompt runs alone): their spread is the timing noise
+    prompt_seconds_full: list[float] = field(default_factory=list)
+    prompt_seconds_plan: list[float] = field(default_factory=list)
 
     @property
     def attention_share(self) -> float:
@@ -55,16 +58,30 @@ class ValidationReport:
         return self.seconds_full / self.seconds_plan if self.seconds_plan > 0 else None
 
     @property
+    def speedup_noise(self) -> float | None:
+        """Standard error of :attr:`speedup` from the spread of per-prompt times (prompts of one run
+        do the same work, so their spread is noise); None with fewer than two prompts."""
+        a, b = np.asarray(self.prompt_seconds_full), np.asarray(self.prompt_seconds_plan)
+        if min(len(a), len(b)) < 2 or self.speedup is None or a.mean() <= 0 or b.mean() <= 0:
+            return None
+        rel = np.sqrt((a.std(ddof=1) / a.mean()) ** 2 / len(a) + (b.std(ddof=1) / b.mean()) ** 2 / len(b))
+        return float(self.speedup * rel)
+
+    @property
     def speed_verdict(self) -> str:
         """One line on the plan's measured speed against its Amdahl bound."""
-        sp, bound = self.speedup, self.amdahl_bound
+        sp, bound, noise = self.speedup, self.amdahl_bound, self.speedup_noise
         if sp is None:
             return "not timed"
+        if noise is not None and abs(sp - 1.0) <= 2 * noise:
+            return (f"{sp:.2f}x ± {noise:.2f}: within the timing noise of {len(self.prompt_seconds_plan)} prompts "
+                    f"(bound {bound:.2f}x); time more prompts, or on a quiet machine, to tell")
         if sp < 0.99:
             return (f"slower than the uncompressed model ({sp:.2f}x, bound {bound:.2f}x): the plan's extra work "
                     f"(caches, refreshes, launches) costs more than the {self.attention_share:.0%} of run time "
                     f"in attention saves; try fewer WA-RS layers, a larger resolution, or CUDA graphs on a host-bound GPU")
-        return f"{sp:.2f}x, {sp / bound:.0%} of its Amdahl bound ({bound:.2f}x)"
+        spread = f" ± {noise:.2f}" if noise is not None else ""
+        return f"{sp:.2f}x{spread}, {sp / bound:.0%} of its Amdahl bound ({bound:.2f}x)"
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -73,6 +90,7 @@ class ValidationReport:
         out["attention_share"] = self.attention_share
         out["amdahl_bound"] = self.amdahl_bound
         out["speedup"] = self.speedup
+        out["speedup_noise"] = self.speedup_noise
         out["speed_verdict"] = self.speed_verdict
         return out
 
@@ -177,7 +195,16 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
     _run(pipe, call, prompts[:1], seed, modules)  # warm-up, so the first timed run pays no one-off costs
-    full, t_full, a_full, m_full = _run(pipe, call, prompts, seed, modules)
+    full: list = []
+    t_full = a_full = 0.0
+    m_full = None
+    seconds_full: list[float] = []
+    for i, p in enumerate(prompts):  # one call per prompt, as the plan's runs below
+        imgs, t, a, m = _run(pipe, call, [p], seed + i, modules)
+        full += imgs
+        t_full, a_full = t_full + t, a_full + a
+        seconds_full.append(t)
+        m_full = m if m_full is None or (m is not None and m > m_full) else m_full
     handle = apply_plan(pipe, plan)
     try:
         # the plan's own warm-up: kernel compiles and first-use allocations stay out of its timing too
@@ -186,10 +213,12 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
         compressed = []
         t_plan = a_plan = 0.0
         m_plan = None
+        seconds_plan: list[float] = []
         reports = []
         for i, p in enumerate(prompts):
             imgs, t, a, m = _run(pipe, call, [p], seed + i, modules)
             compressed += imgs
+            seconds_plan.append(t)
             t_plan += t
             a_plan += a
             m_plan = m if m_plan is None or (m is not None and m > m_plan) else m_plan
@@ -209,7 +238,8 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
     ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
     report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, t_full, t_plan, a_full, a_plan,
-                              m_full, m_plan, peak_cache, _classifier_metrics(full, compressed, classifier_labels))
+                              m_full, m_plan, peak_cache, _classifier_metrics(full, compressed, classifier_labels),
+                              seconds_full, seconds_plan)
     if out_dir is not None:
         write_report(report, full, compressed, out_dir)
     return report
@@ -240,10 +270,16 @@ def validate_pipeline(pipe: Any, plan: Plan, prompts: Sequence[str], *, seed: in
         return kwargs
 
     labels = None
-    if adapter.pipeline_kind == "class":
+    if adapter.pipeline_kind == "class" and _is_embedded_dit(pipe):  # the classifier knows its 10 classes only
         labels = [_class_label(pipe, p) for p in prompts]
     return validate(pipe, plan, prompts, call, seed=seed, model_name=model_name, plan_name=plan_name, out_dir=out_dir,
                     classifier_labels=labels)
+
+
+def _is_embedded_dit(pipe: Any) -> bool:
+    """The embedded Fashion-MNIST DiT (or a wrapper forwarding its attributes): the only class
+    model whose classes the embedded classifier knows."""
+    return getattr(pipe, "_ditlens_classifier", None) == "fashion-mnist"
 
 
 def _classifier_metrics(full: list, compressed: list, labels: Sequence[int] | None) -> dict[str, Any]:

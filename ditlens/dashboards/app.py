@@ -354,7 +354,7 @@ def _report_body(report: LoadedReport) -> list[Any]:
 
 def _plan_column(loaded: LoadedPlan, side: str, layer: int, data: TraceData) -> list[Any]:
     flops = plan_flops_table(loaded)
-    warning = plan_trace_mismatch(loaded, data.layers, data.steps, data.n_heads)
+    warning = plan_trace_mismatch(loaded, data.header, data.layers)
     heads = plan_head_map(loaded, min(layer, loaded.plan.n_layers - 1))
     return [html.Div([
         html.H3(loaded.name),

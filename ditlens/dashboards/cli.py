@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 from ditlens.errors import DitlensError
@@ -23,6 +24,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_dash)
 
 
+def _check_can_serve(host: str, port: int) -> None:
+    """Bind the address once before announcing it, so a taken port is the only line printed."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+            probe.bind((host, port))
+    except OSError as err:
+        raise DitlensError(f"cannot serve on {host}:{port} ({err.strerror or err}): choose another --port") from None
+
+
 def cmd_dash(args: argparse.Namespace) -> int:
     try:
         import dash  # noqa: F401
@@ -34,6 +46,7 @@ def cmd_dash(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise DitlensError(f"--port {args.port} is not a port number (1..65535)")
     app = create_app(args.trace, plan=args.plan, report=args.report)
+    _check_can_serve(args.host, args.port)
     print(f"ditlens dash: {args.trace} on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
     try:
         app.run(host=args.host, port=args.port, debug=args.debug)

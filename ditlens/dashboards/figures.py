@@ -169,7 +169,7 @@ def shares_figure(named: Sequence[tuple[str, dict[str, float]]], colours: dict[s
                              hovertemplate=f"{method}: %{{y:.1%}} of step x layer x head cells<extra></extra>"))
     fig.update_layout(template="plotly_white", font=FONT, margin=MARGIN, height=360, barmode="stack",
                       title=dict(text="methods: share of (step, layer, head) cells", font=dict(size=14)),
-                      yaxis=dict(title="share", tickformat=".0%", range=[0, 1]))
+                      xaxis=dict(title="plan"), yaxis=dict(title="share", tickformat=".0%", range=[0, 1]))
     return fig
 
 

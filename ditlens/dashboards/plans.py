@@ -12,11 +12,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ditlens.errors import DitlensError
+
+if TYPE_CHECKING:
+    from ditlens.traces.format import TraceHeader
 
 # Each method family has its own colour ramp (plotly's sequential scales); the variants of a
 # family (windows, +asc) take evenly spaced shades of it. "full" is a quiet grey.
@@ -258,15 +261,22 @@ def plan_summary(loaded: LoadedPlan, flops: PlanFlops | None) -> list[tuple[str,
     return lines
 
 
-def plan_trace_mismatch(loaded: LoadedPlan, layers: Sequence[str], steps: int, heads: int) -> str | None:
-    """Why a plan does not describe the trace's model/run (shown as a warning), or None."""
+def plan_trace_mismatch(loaded: LoadedPlan, header: TraceHeader, layers: Sequence[str]) -> str | None:
+    """Why a plan does not describe the trace's model and run (shown as a warning), or None.
+    ``layers``: the trace's attention layer names."""
     fp = loaded.plan.model
+    if fp.family != header.family:
+        return f"{loaded.name} is for a {fp.family} model, the trace's is {header.family}"
     if [l.name for l in fp.layers] != list(layers):
         return f"{loaded.name} lists {len(fp.layers)} attention layers, the trace {len(layers)} with other names: another model"
-    if fp.heads != heads:
-        return f"{loaded.name} is for {fp.heads} heads, the trace has {heads}"
-    if loaded.plan.steps != steps:
-        return f"{loaded.name} is for {loaded.plan.steps} steps, the trace has {steps}"
+    if fp.heads != header.n_heads:
+        return f"{loaded.name} is for {fp.heads} heads, the trace has {header.n_heads}"
+    if loaded.plan.steps != header.steps:
+        return f"{loaded.name} is for {loaded.plan.steps} steps, the trace has {header.steps}"
+    grid = tuple(header.tokens.grid)
+    if fp.tokens.grid is not None and tuple(fp.tokens.grid) != grid:
+        return (f"{loaded.name} is for a token grid of {'x'.join(map(str, fp.tokens.grid))} (frames x height x width), "
+                f"the trace's is {'x'.join(map(str, grid))}: another resolution")
     return None
 
 

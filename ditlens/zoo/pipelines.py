@@ -68,6 +68,7 @@ class TinyDiTPipeline(DiffusionPipeline):
     """
 
     _ditlens_cfg_layout = "batched_cond_first"
+    _ditlens_classifier = "fashion-mnist"  # validate scores its images with the embedded classifier
     model_cpu_offload_seq = "transformer"
 
     def __init__(self, transformer: DiTTransformer2DModel, scheduler: KarrasDiffusionSchedulers) -> None:

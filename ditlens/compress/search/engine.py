@@ -29,7 +29,6 @@ and a decided layer may run several times in one step with the same result.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -206,6 +205,7 @@ class SearchEngine:
         self.block_work = 0.0  # block runs weighted by the share of the micro-batch's rows they ran
         self.last_block_output: Any = None  # the last block's output of the latest pass (every row)
         self._split_rows: torch.Tensor | None = None  # PassConfig.rows of the running pass, on the model's device
+        self.text_mask: torch.Tensor | None = None  # [prompts, text tokens]: own tokens (ModelAdapter.one_prompt_text)
 
     # -- structure -----------------------------------------------------------------------------
     def _block_name(self, layer_name: str) -> str:
@@ -243,11 +243,13 @@ class SearchEngine:
         from ditlens.analyzer import hooks
 
         step_hook, block_hook, layer_hook = _hook_classes()
+        kwargs = self.call_kwargs()
+        self.text_mask = None
         if self.adapter.batch_changes_text and len(self.prompts) > 1:
-            warnings.warn(f"{self.adapter.family}'s pipeline encodes the text of a multi-prompt call differently from "
-                          "a one-prompt call (padded to the longest prompt, unmasked): this search calibrates on the "
-                          f"{len(self.prompts)} prompts' batched call, which one-prompt inference does not run",
-                          stacklevel=2)
+            # one batched call, but every prompt encoded (and attended) as in one-prompt inference
+            one_prompt = self.adapter.one_prompt_text(self.pipe, self.prompts, kwargs)
+            if one_prompt is not None:
+                kwargs, self.text_mask = one_prompt
         self.controller = controller
         attached: list[tuple[nn.Module, str]] = []
         try:
@@ -264,7 +266,7 @@ class SearchEngine:
                 hooks.attach(module, layer_hook(self, i), LAYER_HOOK)
                 attached.append((module, LAYER_HOOK))
             with torch.no_grad():
-                return self.pipe(**self.call_kwargs())
+                return self.pipe(**kwargs)
         finally:
             for module, name in reversed(attached):
                 hooks.detach(module, name)
@@ -323,8 +325,11 @@ class SearchEngine:
                 branches += [second] * len(prompts)
                 prompts = prompts + prompts
             idx = torch.tensor(rows, dtype=torch.long)
-            out.append(MicroBatch(index, tuple(prompts), tuple(branches), idx, _slice_batch(args, idx, batch),
-                                  _slice_batch(kwargs, idx, batch)))
+            mb_kwargs = _slice_batch(kwargs, idx, batch)
+            if self.text_mask is not None:
+                mask = self.text_mask[torch.tensor(prompts, dtype=torch.long)].to(self.device)
+                mb_kwargs.update(self.adapter.text_mask_kwargs(mask, self.grid))
+            out.append(MicroBatch(index, tuple(prompts), tuple(branches), idx, _slice_batch(args, idx, batch), mb_kwargs))
         return out
 
     def forward(self, mb: MicroBatch, cfg: PassConfig | None = None) -> Any:
