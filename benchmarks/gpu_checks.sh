@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -68,6 +68,11 @@ for name in "$@"; do
     tiles-flux) part tiles-flux 400 python3 benchmarks/small_shapes.py --out "$out/tiles_flux" --shapes FLUX-2K \
                   --window-sparsity 0.5 --variants dense,window \
                   --configs 128x128/8w/3s/tma,128x128/8w/3s/tma/ws,128x128/8w/2s/tma/ws,128x64/4w/3s/tma/ws,128x128/4w/3s/tma/ws,128x64/8w/3s/tma/ws,128x128/8w/3s/ws ;;
+    h100-128) for s in 0.5 0.75; do  # the D = 128 defaults came from H200 sweeps; FLUX-2K misses more on the H100
+                part "h100-128-$s" 270 python3 benchmarks/small_shapes.py --out "$out/h100_128_$s" --shapes FLUX-2K \
+                  --window-sparsity "$s" --variants dense,arrow \
+                  --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/1l,64x128/4w/2s/tma/1l,128x128/8w/2s/tma/1l,128x128/8w/3s/tma/1l,128x64/4w/3s/tma/1l
+              done ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     d128) part d128 300 python3 benchmarks/d128_schedules.py --out "$out/d128" ;;
     tiles-rows) for s in 0.5 0.75; do  # windowed launches at the 2K shapes: one loop per segment (/1l) against three
