@@ -817,8 +817,9 @@ def test_validate_speed_verdict_names_timing_noise():
     flops = {"attention_core_fraction": 0.5, "attention_module_fraction": 0.6}
 
     def report(full: list[float], plan: list[float]) -> ValidationReport:
-        return ValidationReport("m", "p", ["a"] * len(full), [30.0], [0.9], flops, sum(full), sum(plan), 0.5, 0.3,
-                                None, None, 0, prompt_seconds_full=full, prompt_seconds_plan=plan)
+        # half of the uncompressed time in attention: bound 1 / (1 - 0.5 * 0.4) = 1.25x
+        return ValidationReport("m", "p", ["a"] * len(full), [30.0], [0.9], flops, sum(full), sum(plan), sum(full) / 2,
+                                0.3, None, None, 0, prompt_seconds_full=full, prompt_seconds_plan=plan)
 
     noisy = report([1.0, 1.4, 0.8, 1.2], [1.1, 0.9, 1.3, 0.8])
     a, b = np.array(noisy.prompt_seconds_full), np.array(noisy.prompt_seconds_plan)
@@ -826,10 +827,12 @@ def test_validate_speed_verdict_names_timing_noise():
     assert noisy.speedup_noise == pytest.approx(expected)
     assert "within the timing noise of 4 prompts" in noisy.speed_verdict
     steady = report([1.0, 1.01, 0.99, 1.0], [0.8, 0.81, 0.79, 0.8])
-    assert steady.speed_verdict.startswith("1.25x ± 0.01, ") and "of its Amdahl bound" in steady.speed_verdict
+    assert steady.speed_verdict == "1.25x ± 0.01, 100% of its Amdahl bound (1.25x)"
     slow = report([1.0, 1.01, 0.99, 1.0], [1.2, 1.21, 1.19, 1.2])
     assert slow.speed_verdict.startswith("slower than the uncompressed model")
     assert report([1.0], [0.9]).speedup_noise is None
+    disturbed = report([4.0, 4.1, 3.9, 4.0], [1.0, 1.01, 0.99, 1.0])  # 4x against the 1.25x bound
+    assert "above its 1.25x Amdahl bound" in disturbed.speed_verdict and "disturbed" in disturbed.speed_verdict
 
 
 @pytest.mark.gpu
