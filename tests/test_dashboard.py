@@ -297,7 +297,7 @@ def test_plan_maps_follow_the_json(files):
     assert method_shares(ast) == pytest.approx({"full": 0.5, "ast": 0.5})
 
 
-def test_plan_trace_mismatch_names_family_layers_steps_and_resolution(files):
+def test_plan_trace_mismatch_names_family_layers_heads_and_resolution(files):
     import dataclasses
 
     from ditlens.dashboards.plans import plan_trace_mismatch
