@@ -118,8 +118,9 @@ class ModelAdapter:
             prompt's and runs of other prompts (resume, merge) may differ in it.
         batch_changes_text: a multi-prompt pipeline call encodes each prompt's text differently
             from a one-prompt call (Latte keeps every token of a multi-prompt call and zeroes the
-            padding without masking it; alone, a prompt keeps only its own tokens): a search, which calibrates on one batched call, gives every prompt its
-            one-prompt encoding (:meth:`one_prompt_text`) and masks the padding (:meth:`text_mask_kwargs`).
+            padding without masking it; alone, a prompt keeps only its own tokens). A search, which
+            calibrates on one batched call, gives every prompt its one-prompt encoding
+            (:meth:`one_prompt_text`) and masks the padding (:meth:`text_mask_kwargs`).
     """
 
     family: str = ""

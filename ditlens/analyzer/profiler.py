@@ -108,6 +108,12 @@ def _resolve_indices(selected: Sequence[int] | None, size: int, what: str) -> tu
     return tuple(sorted(set(int(i) for i in selected)))
 
 
+def _check_raw_cap(need: int, cap: int, qualifier: str = "") -> None:
+    if need > cap:
+        raise DitlensError(f"raw capture needs {qualifier}{_human(need)}, over --max-raw-bytes {_human(cap)}: "
+                           "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:
@@ -272,7 +278,7 @@ class Profiler:
         )
 
 
-def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
+def _check_resume(trace: Any, profiler: Profiler, prompts: list[str], capture: RawCapture | None) -> None:
     """Refuse to resume a trace of another model, run or recording, naming the field or option
     (before any compute)."""
     existing: TraceHeader = trace.header
@@ -294,13 +300,13 @@ def _check_resume(trace: Any, profiler: Profiler, prompts: list[str]) -> None:
     for i, (old, new) in enumerate(zip(done, prompts)):
         if old != new:
             raise DitlensError(f"cannot resume: prompt {i} in the trace is {old!r} but this run has {new!r}")
-    _check_resume_recording(trace, profiler)
+    _check_resume_recording(trace, profiler, capture)
 
 
-def _check_resume_recording(trace: Any, profiler: Profiler) -> None:
+def _check_resume_recording(trace: Any, profiler: Profiler, capture: RawCapture | None) -> None:
     """What the trace records per prompt (statistics, influence, raw tensors) must be recorded the
     same way for the rest: refuse other options, naming them. Influence candidates the run does not
-    name are the trace's."""
+    name are the trace's. ``capture``: this run's raw selection (``Profiler._raw_capture``)."""
     existing: TraceHeader = trace.header
     cfg = profiler.config
     want = recorded_stat_keys(profiler.stat_keys, existing.branches, existing.tokens.n_text)
@@ -322,16 +328,16 @@ def _check_resume_recording(trace: Any, profiler: Profiler) -> None:
                                f"{cfg.influence_candidates}; pass those or drop --influence-candidates")
         profiler.use_candidates(parse_candidates(labels))
     raw = trace.raw_selection()
-    if (raw is None) != (cfg.raw is None):
+    if (raw is None) != (capture is None):
         raise DitlensError("cannot resume: the trace " + ("has no" if raw is None else "records") + " raw tensors; " +
                            ("drop --raw" if raw is None else f"pass --raw {','.join(raw.tensors)} and its selection"))
-    if raw is not None:
-        asked = (tuple(t for t in ("q", "k", "v", "o") if t in cfg.raw.tensors), _resolve_indices(cfg.raw.steps, cfg.steps, "steps"),
-                 _resolve_indices(cfg.raw.layers, len(profiler.layers), "layers"),
-                 _resolve_indices(cfg.raw.heads, profiler.n_heads, "heads"))
-        stride = raw.tokens[1] - raw.tokens[0] if len(raw.tokens) > 1 else cfg.raw.token_stride
-        recorded = (tuple(t for t in ("q", "k", "v", "o") if t in raw.tensors), raw.steps, raw.layers, raw.heads)
-        if asked != recorded or stride != cfg.raw.token_stride:
+    if raw is not None and capture is not None:
+        def selection(s: Any) -> tuple:
+            return (tuple(t for t in ("q", "k", "v", "o") if t in s.tensors), tuple(s.steps), tuple(s.layers),
+                    tuple(s.heads))
+
+        stride = raw.tokens[1] - raw.tokens[0] if len(raw.tokens) > 1 else capture.stride
+        if selection(capture) != selection(raw) or stride != capture.stride:
             raise DitlensError("cannot resume: the trace's raw selection differs from this run's; pass the --raw, "
                                "--raw-steps, --raw-layers, --raw-heads and --token-stride of the first run")
 
@@ -422,31 +428,25 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
     out = Path(out)
     check_can_write(out)
     profiler = Profiler(pipeline, config, registry=registry, model_id=model_id)
-    profiler._raw_capture()  # a bad --raw or --token-stride is refused before any compute
+    capture = profiler._raw_capture()  # a bad --raw or --token-stride is refused before any compute
     resuming = config.resume and out.exists()
     start = 0
     if resuming:
         with Trace.open(out) as existing:
             start = existing.n_done
-            _check_resume(existing, profiler, prompts)
+            _check_resume(existing, profiler, prompts, capture)
             if existing.has("/raw/index/token"):
                 profiler.raw_tokens = int(existing.tokens.n_image + existing.tokens.n_text)
         log(f"resuming {out}: {start} of {len(prompts)} prompts already done")
     elif out.exists() and not config.overwrite:
         raise DitlensError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-    if config.raw is not None and config.height and config.width:
+    if capture is not None and config.height and config.width:
         grid = profiler.adapter.grid_for_size(profiler.transformer, config.height, config.width, pipeline=pipeline)
-        estimate = RawSelection(tuple(config.raw.tensors), _resolve_indices(config.raw.steps, config.steps, "steps"),
-                                _resolve_indices(config.raw.layers, len(profiler.layers), "layers"),
-                                _resolve_indices(config.raw.heads, profiler.n_heads, "heads"),
-                                tuple(range(0, grid[0] * grid[1] * grid[2], config.raw.token_stride)), profiler.head_dim)
+        estimate = RawSelection(capture.tensors, capture.steps, capture.layers, capture.heads,
+                                tuple(range(0, grid[0] * grid[1] * grid[2], capture.stride)), profiler.head_dim)
         log(f"raw capture estimate (image tokens, two CFG branches): {_human(estimate.nbytes(len(prompts), 2))} "
             f"for {len(prompts)} prompts (cap {_human(config.raw.max_bytes)})")
-        low = estimate.nbytes(len(prompts), 1)  # the least it can be: one branch, no text token
-        if low > config.raw.max_bytes:
-            raise DitlensError(
-                f"raw capture needs at least {_human(low)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
-                "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
+        _check_raw_cap(estimate.nbytes(len(prompts), 1), config.raw.max_bytes, "at least ")  # one branch, no text
 
     if config.attention_share and start < len(prompts):
         from ditlens.analyzer.amdahl import measure_attention_share
@@ -470,10 +470,7 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                 if record.raw_selection is not None:
                     need = record.raw_selection.nbytes(len(prompts), len(record.branches))
                     log(f"raw capture: {_human(need)} for {len(prompts)} prompts")
-                    if need > config.raw.max_bytes:
-                        raise DitlensError(
-                            f"raw capture needs {_human(need)}, over --max-raw-bytes {_human(config.raw.max_bytes)}: "
-                            "narrow --raw-layers/--raw-steps/--raw-heads, raise --token-stride, or raise the cap")
+                    _check_raw_cap(need, config.raw.max_bytes)
                 header = profiler.header(prompts, record)
                 keys = recorded_stat_keys(profiler.stat_keys, record.branches, record.n_text)
                 arrays = []

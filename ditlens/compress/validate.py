@@ -189,6 +189,29 @@ def _run(pipe: Any, call: Callable[[str, int], dict], prompts: Sequence[str], se
     return images, seconds, timer.seconds, (torch.cuda.max_memory_allocated() if cuda else None)
 
 
+@dataclass
+class _TimedRuns:
+    images: list  # per prompt, as to_images gives them
+    seconds: list[float]  # per prompt
+    attention_seconds: float
+    peak_memory: int | None
+
+
+def _run_each(pipe: Any, call: Callable[[str, int], dict], prompts: Sequence[str], seed: int, modules,
+              after_each: Callable[[], None] = lambda: None) -> _TimedRuns:
+    """One timed pipeline call per prompt (prompt i with seed + i); ``after_each`` runs after each."""
+    out = _TimedRuns([], [], 0.0, None)
+    for i, p in enumerate(prompts):
+        images, seconds, attention, peak = _run(pipe, call, [p], seed + i, modules)
+        out.images += images
+        out.seconds.append(seconds)
+        out.attention_seconds += attention
+        if peak is not None:
+            out.peak_memory = max(peak, out.peak_memory or 0)
+        after_each()
+    return out
+
+
 def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str, int], dict], *, seed: int = 0,
              model_name: str = "", plan_name: str = "", out_dir: str | Path | None = None,
              classifier_labels: Sequence[int] | None = None) -> ValidationReport:
@@ -200,34 +223,13 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
     _run(pipe, call, prompts[:1], seed, modules)  # warm-up, so the first timed run pays no one-off costs
-    full: list = []
-    t_full = a_full = 0.0
-    m_full = None
-    seconds_full: list[float] = []
-    for i, p in enumerate(prompts):  # one call per prompt, as the plan's runs below
-        imgs, t, a, m = _run(pipe, call, [p], seed + i, modules)
-        full += imgs
-        t_full, a_full = t_full + t, a_full + a
-        seconds_full.append(t)
-        m_full = m if m_full is None or (m is not None and m > m_full) else m_full
+    full = _run_each(pipe, call, prompts, seed, modules)
     handle = apply_plan(pipe, plan)
     try:
         # the plan's own warm-up: kernel compiles and first-use allocations stay out of its timing too
         _run(pipe, call, prompts[:1], seed, modules)
-        flops_total = None
-        compressed = []
-        t_plan = a_plan = 0.0
-        m_plan = None
-        seconds_plan: list[float] = []
         reports = []
-        for i, p in enumerate(prompts):
-            imgs, t, a, m = _run(pipe, call, [p], seed + i, modules)
-            compressed += imgs
-            seconds_plan.append(t)
-            t_plan += t
-            a_plan += a
-            m_plan = m if m_plan is None or (m is not None and m > m_plan) else m_plan
-            reports.append(handle.flops)
+        planned = _run_each(pipe, call, prompts, seed, modules, after_each=lambda: reports.append(handle.flops))
         core = sum(r.core for r in reports)
         core_full = sum(r.core_full for r in reports)
         proj = sum(r.projections for r in reports)
@@ -240,13 +242,16 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     finally:
         handle.remove()
     plan.flops = FlopsSummary(flops_total["attention_core_fraction"], flops_total["attention_module_fraction"], "measured")
-    ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
-    ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in zip(full, compressed)]
-    report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, t_full, t_plan, a_full, a_plan,
-                              m_full, m_plan, peak_cache, _classifier_metrics(full, compressed, classifier_labels),
-                              seconds_full, seconds_plan)
+    pairs = list(zip(full.images, planned.images))
+    ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in pairs]
+    ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in pairs]
+    report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, sum(full.seconds),
+                              sum(planned.seconds), full.attention_seconds, planned.attention_seconds,
+                              full.peak_memory, planned.peak_memory, peak_cache,
+                              _classifier_metrics(full.images, planned.images, classifier_labels),
+                              full.seconds, planned.seconds)
     if out_dir is not None:
-        write_report(report, full, compressed, out_dir)
+        write_report(report, full.images, planned.images, out_dir)
     return report
 
 

@@ -450,11 +450,9 @@ class TraceWriter:
         target = Path(path)
         arrays = list(prompt_arrays)
         keys = _validate_layout(header, stat_keys, raw, arrays)
-        if target.is_dir():
-            raise DitlensError(f"{target} is a directory: give a file path for the trace")
+        check_can_write(target, probe_lock=False)  # the lock is taken just below
         if target.exists() and not overwrite:
             raise DitlensError(f"{target} already exists: pass --overwrite to replace it (or, profiling, --resume to continue it)")
-        check_can_write(target)
         lock = _WriterLock(target)
         lock.acquire()
         _remove_stale_temps(target)
