@@ -222,10 +222,12 @@ def test_v1_row_split_changes_no_loss(family):
     split = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, engine=ecfg))
     whole = search_greedy(pipe, prompts, GreedyConfig(delta=0.01, window=2, row_split=False, engine=ecfg))
     assert split.plan.methods == whole.plan.methods
-    np.testing.assert_allclose(split.losses, whole.losses, rtol=1e-6)
+    # float32 blocks over fewer rows block their GEMMs differently (~1e-6 apart on some CPUs), and the
+    # A.2 loss divides by max(|o|, |o'|), which magnifies that where outputs are near zero
+    np.testing.assert_allclose(split.losses, whole.losses, rtol=1e-5)
     for a, b in zip(split.trial_passes, whole.trial_passes):
         assert (a.step, a.layer, a.method, a.micro_batch) == (b.step, b.layer, b.method, b.micro_batch)
-        np.testing.assert_allclose(a.row_sums, b.row_sums, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(a.row_sums, b.row_sums, rtol=1e-4, atol=1e-9)
     split_methods = {p.method for p in split.trial_passes if p.block_work < p.block_runs}
     assert split_methods and split_methods <= {"asc", "wars(2)"}
     assert whole.block_work == whole.block_runs and split.block_work < whole.block_work
@@ -548,6 +550,61 @@ def test_from_trace_equals_online(tmp_path):
     offline = search_from_trace(trace, pipe, delta=0.5)
     assert offline.plan.methods == online.plan.methods
     assert offline.plan.provenance.search == "v2-from-trace"
+
+
+def _flux_true_cfg():
+    pipe = build_tiny_pipeline("flux", 0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = pipeline_call_kwargs("flux", "a cat", STEPS, 3.0, 0)
+    assert kw["true_cfg_scale"] > 1 and kw["negative_prompt"] == ""  # a cond and an uncond forward per step
+    extra = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "generator", "prompt")}
+    return pipe, ["a cat", "a dog", "red car"], EngineConfig(steps=STEPS, micro_batch=2, call_kwargs=extra,
+                                                              progress=False)
+
+
+@pytest.mark.parametrize("method", ["v1", "v2"])
+def test_online_searches_run_flux_true_cfg_as_one_step_of_both_branches(method):
+    """FLUX's true CFG runs the cond and then the uncond forward. The online searches join them
+    into one step of both branches: an all-full search reproduces the plain pipeline, a
+    compressing one equals the runtime's replay of its plan (which runs the two forwards apart,
+    CFG share included), and the plan records the separate layout."""
+    pipe, prompts, ecfg = _flux_true_cfg()
+
+    def run(delta):
+        if method == "v1":
+            return search_greedy(pipe, prompts, GreedyConfig(delta=delta, window=3, engine=ecfg))
+        return search_headwise(pipe, prompts, HeadwiseConfig(delta=delta, candidates="ast,asc,arrow(3),wars(2)",
+                                                             engine=ecfg))
+
+    plain = _images(pipe(**SearchEngine(pipe, prompts, ecfg).call_kwargs()))
+    none = run(0.0)
+    assert all(m == "full" for step in none.plan.methods for m in step)
+    np.testing.assert_allclose(_images(none.output), plain, atol=1e-5)
+    some = run(0.05 if method == "v1" else 0.1)
+    used = {m for step in some.plan.methods for entry in step for m in ([entry] if isinstance(entry, str) else entry)}
+    assert "asc" in used and used - {"asc"} != {"full"}, used
+    assert some.plan.run.cfg_layout == "separate_cond_first"
+    np.testing.assert_allclose(_replay(pipe, prompts, ecfg, some.plan), _images(some.output), atol=1e-5)
+    assert run(0.05 if method == "v1" else 0.1).plan.methods == some.plan.methods
+
+
+def test_online_search_refuses_a_pipeline_that_reads_the_cond_output_before_the_uncond_forward():
+    """The cond forward is answered with a placeholder filled when the uncond forward runs: a
+    pipeline that copied it before that would carry NaN on, and the next step says so."""
+    pipe, prompts, ecfg = _flux_true_cfg()
+    calls = []
+
+    def copy_every_output(module, args, kwargs, output):  # a pipeline that copies each output at once
+        calls.append(1)
+        return (output[0].clone(),) + tuple(output[1:])
+
+    handle = pipe.transformer.register_forward_hook(copy_every_output, with_kwargs=True)
+    try:
+        with pytest.raises(DitlensError, match="read the cond output of the step before its uncond forward"):
+            search_headwise(pipe, prompts, HeadwiseConfig(delta=0.1, candidates="ast,asc", engine=ecfg))
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # step 0's cond and uncond forwards returned; step 1's cond forward was refused
 
 
 def test_from_trace_plan_runs_on_flux_with_true_cfg_and_the_trace_run_is_kept(tmp_path):

@@ -272,6 +272,16 @@ class ModelAdapter:
         """A pipeline may declare its own order (``_ditlens_cfg_layout``), e.g. ditlens's zoo."""
         return str(getattr(pipeline, "_ditlens_cfg_layout", self.cfg_layout))
 
+    def runs_separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
+        """Whether a pipeline call with ``call_kwargs`` runs a cond and then an uncond transformer
+        forward at every step (``separate_cond_first``) rather than one forward."""
+        return False
+
+    def separate_cfg_output(self, transformer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """An empty (NaN) tensor shaped like the transformer's output for a cond forward called
+        with ``args``/``kwargs``, for a search that answers it only once the uncond forward came."""
+        raise DitlensError(f"{type(self).__name__} does not run separate cond/uncond forwards")
+
     def one_prompt_text(self, pipeline: Any, prompts: Sequence[str], call_kwargs: dict[str, Any]
                         ) -> tuple[dict[str, Any], torch.Tensor] | None:
         """For a ``batch_changes_text`` pipeline: the multi-prompt ``call_kwargs`` changed so that
@@ -441,6 +451,17 @@ class FluxAdapter(ModelAdapter):
     def layer_kind(self, name: str, module: nn.Module) -> str:
         # Single-stream blocks get text and image already concatenated: joint too.
         return "joint"
+
+    def runs_separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
+        # FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt (or its embeddings)
+        negative = call_kwargs.get("negative_prompt") is not None or (
+            call_kwargs.get("negative_prompt_embeds") is not None
+            and call_kwargs.get("negative_pooled_prompt_embeds") is not None)
+        return float(call_kwargs.get("true_cfg_scale") or 1.0) > 1.0 and negative
+
+    def separate_cfg_output(self, transformer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden = _argument(transformer, args, kwargs, "hidden_states")  # [B, tokens, channels]
+        return hidden.new_full(tuple(hidden.shape[:-1]) + (transformer.proj_out.out_features,), float("nan"))
 
     def forward_info(self, transformer: nn.Module, args: tuple, kwargs: dict) -> ForwardInfo:
         hidden = _argument(transformer, args, kwargs, "hidden_states")

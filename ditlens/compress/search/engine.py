@@ -7,6 +7,11 @@ How it avoids recomputation (generic over diffusers transformers, no per-family 
   step's batched forward, cuts it into **micro-batches** of prompts (cond and uncond rows of a
   prompt stay together, in the pipeline's CFG order) and hands the step to the controller. The
   transformer's activation memory is that of one micro-batch.
+* A pipeline that runs CFG as two forwards per step (FLUX's true CFG: cond, then uncond) gets a
+  NaN placeholder back from its cond forward; its uncond forward is joined to the held cond one
+  (rows cond first), the step runs as a batched one, and the cond rows are written into the
+  placeholder before the pipeline combines the two. A pipeline that read the placeholder first
+  would carry NaN into the next step's latents, which the next cond forward refuses.
 * Every transformer block (the ``ModuleList`` child holding an attention layer) caches its output
   per micro-batch once all of its attention layers are decided at this step. A later pass returns
   those cached outputs instead of running the blocks, so deciding layer i runs only the block of
@@ -123,6 +128,45 @@ def _splice_rows(known: Any, part: Any, rows: torch.Tensor) -> Any:
     return part
 
 
+def _join_rows(cond: Any, uncond: Any, batch: int, where: str = "argument") -> Any:
+    """The cond and uncond forwards' arguments as one forward's, cond rows first: tensors whose
+    first dimension is the batch are concatenated; anything else must be the same in both."""
+    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
+        if cond.dim() > 0 and cond.shape[0] == batch and uncond.shape == cond.shape:
+            return torch.cat([cond, uncond])
+        if cond.shape == uncond.shape and torch.equal(cond, uncond):
+            return cond
+    elif isinstance(cond, dict) and isinstance(uncond, dict) and cond.keys() == uncond.keys():
+        return {k: _join_rows(v, uncond[k], batch, f"{where} {k!r}") for k, v in cond.items()}
+    elif isinstance(cond, (list, tuple)) and not isinstance(cond, str) and type(cond) is type(uncond) \
+            and len(cond) == len(uncond):
+        return type(cond)(_join_rows(a, b, batch, where) for a, b in zip(cond, uncond))
+    elif cond is uncond or (not isinstance(cond, torch.Tensor) and cond == uncond):
+        return cond
+    raise DitlensError(f"the uncond forward's {where} differs from the cond forward's and has no batch dimension to "
+                       "join them on; search this pipeline from a trace (ditlens profile --influence, then "
+                       "ditlens search --trace)")
+
+
+def _all_finite(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, str):
+        return all(_all_finite(v) for v in obj)
+    return True
+
+
+def _model_output(tensor: torch.Tensor, return_dict: bool) -> Any:
+    """What a diffusers transformer returns for ``tensor``."""
+    if not return_dict:
+        return (tensor,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=tensor)
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -147,6 +191,15 @@ class _KeptWrites:
 
     heads: list[tuple[tuple[int, int, int], torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, idx, out
     block: Any = None  # the trial block's output, once the block's other layers are decided
+
+
+@dataclass
+class _HeldCond:
+    """The cond forward of a separate-CFG step, answered once its uncond forward comes."""
+
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # returned to the pipeline as NaN, filled in place when the step runs
 
 
 @dataclass
@@ -187,6 +240,8 @@ class SearchEngine:
         self.n_text = 0
         self.cfg_rows = 1
         self.cfg_layout = "none"
+        self.separate_cfg = False  # the pipeline runs a cond and an uncond forward per step
+        self.held: _HeldCond | None = None
         self.micro_batches: list[MicroBatch] = []
         self.mb: MicroBatch | None = None
         self.pass_cfg = PassConfig()
@@ -235,6 +290,9 @@ class SearchEngine:
         else:
             kwargs["prompt"] = list(self.prompts)
         extra = {k: v for k, v in cfg.call_kwargs.items() if k not in ("prompt", "class_labels", "generator")}
+        for name in ("negative_prompt", "negative_prompt_2"):  # one per prompt: some pipelines encode a string once
+            if isinstance(extra.get(name), str) and "prompt" in kwargs:
+                extra[name] = [extra[name]] * len(self.prompts)
         kwargs.update(extra)
         return kwargs
 
@@ -251,6 +309,7 @@ class SearchEngine:
             if one_prompt is not None:
                 kwargs, self.text_mask = one_prompt
         self.controller = controller
+        self.separate_cfg, self.held = self.adapter.runs_separate_cfg(kwargs), None
         attached: list[tuple[nn.Module, str]] = []
         try:
             hooks.attach(self.transformer, step_hook(self), STEP_HOOK)
@@ -266,8 +325,14 @@ class SearchEngine:
                 hooks.attach(module, layer_hook(self, i), LAYER_HOOK)
                 attached.append((module, LAYER_HOOK))
             with torch.no_grad():
-                return self.pipe(**kwargs)
+                output = self.pipe(**kwargs)
+            if self.held is not None:
+                raise DitlensError(f"the pipeline ran no uncond forward after the cond forward of step {self.step}; "
+                                   "search this pipeline from a trace (ditlens profile --influence, then ditlens search "
+                                   "--trace)")
+            return output
         finally:
+            self.held = None
             for module, name in reversed(attached):
                 hooks.detach(module, name)
             self.head_cache.clear()
@@ -279,18 +344,37 @@ class SearchEngine:
 
         info = self.adapter.forward_info(self.transformer, args, kwargs)
         marker = step_marker(getattr(self.pipe, "scheduler", None), info)
+        P = len(self.prompts)
+        if self.held is not None:
+            if marker != self.last_marker:
+                raise DitlensError(f"the pipeline ran no uncond forward after the cond forward of step {self.step}")
+            if info.batch != P:
+                raise DitlensError(f"uncond forward of batch {info.batch} for {P} calibration prompts")
+            held, self.held = self.held, None
+            joined = self._run_step(original, _join_rows(held.args, args, P), _join_rows(held.kwargs, kwargs, P), 2 * P)
+            rows = first_tensor(joined)
+            held.output.copy_(rows[:P])
+            return _replace_first(joined, rows[P:])
         if marker == self.last_marker:
-            raise DitlensError("plan search supports one transformer forward per step (batched CFG or no CFG); "
-                               "this pipeline runs separate cond/uncond forwards")
+            raise DitlensError("plan search runs one transformer forward per step (batched CFG or no CFG), or a cond "
+                               f"and an uncond forward where the {self.adapter.family} adapter expects them; this "
+                               f"pipeline ran another forward at step {self.step}")
         self.step += 1
         if self.step >= self.config.steps:
             raise DitlensError(f"the pipeline ran more than {self.config.steps} steps; pass the step count it uses")
         self.timesteps.append(info.timestep_value)
         self.last_marker = marker
         self.grid = tuple(info.grid)
-        P = len(self.prompts)
-        if info.batch not in (P, 2 * P):
+        if info.batch not in (P, 2 * P) or (self.separate_cfg and info.batch != P):
             raise DitlensError(f"transformer saw batch {info.batch} for {P} calibration prompts; use one image per prompt")
+        if self.separate_cfg:
+            if self.step > 0 and not _all_finite((args, kwargs)):
+                raise DitlensError(f"step {self.step}'s cond forward got NaN: the pipeline read the cond output of the "
+                                   "step before its uncond forward ran; search this pipeline from a trace (ditlens "
+                                   "profile --influence, then ditlens search --trace)")
+            self.cfg_rows, self.cfg_layout = 2, "separate_cond_first"
+            self.held = _HeldCond(args, kwargs, self.adapter.separate_cfg_output(self.transformer, args, kwargs))
+            return _model_output(self.held.output, bool(kwargs.get("return_dict", True)))
         self.cfg_rows = info.batch // P
         pipe_layout = self.adapter.pipeline_cfg_layout(self.pipe)
         if self.cfg_rows == 2:
@@ -299,13 +383,17 @@ class SearchEngine:
             self.cfg_layout = pipe_layout
         else:
             self.cfg_layout = "none"
+        return self._run_step(original, args, kwargs, info.batch)
+
+    def _run_step(self, original: Callable, args: tuple, kwargs: dict, batch: int) -> Any:
+        """Hand one step's forward (every row of the pipeline's batch) to the controller."""
         self._original_forward = original
-        self.micro_batches = self._split(args, kwargs, info.batch)
+        self.micro_batches = self._split(args, kwargs, batch)
         self.block_cache.clear()
         self.kept.clear()
         self.decided = {}
         outputs = self.controller.run_step(self, self.step)
-        merged = torch.empty((info.batch,) + tuple(first_tensor(outputs[0]).shape[1:]),
+        merged = torch.empty((batch,) + tuple(first_tensor(outputs[0]).shape[1:]),
                              dtype=first_tensor(outputs[0]).dtype, device=first_tensor(outputs[0]).device)
         for mb, out in zip(self.micro_batches, outputs):
             merged[mb.rows.to(merged.device)] = first_tensor(out)
@@ -313,7 +401,7 @@ class SearchEngine:
 
     def _split(self, args: tuple, kwargs: dict, batch: int) -> list[MicroBatch]:
         P, size = len(self.prompts), self.config.micro_batch
-        first = "cond" if self.cfg_layout in ("batched_cond_first", "none") else "uncond"
+        first = "uncond" if self.cfg_layout == "batched_uncond_first" else "cond"
         second = "uncond" if first == "cond" else "cond"
         out = []
         for index, start in enumerate(range(0, P, size)):
