@@ -588,6 +588,20 @@ def test_online_searches_run_flux_true_cfg_as_one_step_of_both_branches(method):
     assert run(0.05 if method == "v1" else 0.1).plan.methods == some.plan.methods
 
 
+def test_cond_and_uncond_forwards_join_on_their_batch_rows_only():
+    from ditlens.compress.search.engine import _join_rows
+
+    cond = {"hidden": torch.zeros(2, 5), "ids": torch.arange(3), "scale": 1.0, "extra": None}
+    uncond = {"hidden": torch.ones(2, 5), "ids": torch.arange(3), "scale": 1.0, "extra": None}
+    joined = _join_rows(cond, uncond, 2)
+    assert torch.equal(joined["hidden"], torch.cat([cond["hidden"], uncond["hidden"]]))  # cond rows first
+    assert joined["ids"] is cond["ids"] and joined["scale"] == 1.0 and joined["extra"] is None
+    with pytest.raises(DitlensError, match="argument 'ids' differs from the cond forward's"):
+        _join_rows(cond, {**uncond, "ids": torch.arange(3) + 1}, 2)
+    with pytest.raises(DitlensError, match="argument 'scale' differs"):
+        _join_rows(cond, {**uncond, "scale": 2.0}, 2)
+
+
 def test_online_search_refuses_a_pipeline_that_reads_the_cond_output_before_the_uncond_forward():
     """The cond forward is answered with a placeholder filled when the uncond forward runs: a
     pipeline that copied it before that would carry NaN on, and the next step says so."""
@@ -609,7 +623,7 @@ def test_online_search_refuses_a_pipeline_that_reads_the_cond_output_before_the_
 
 def test_from_trace_plan_runs_on_flux_with_true_cfg_and_the_trace_run_is_kept(tmp_path):
     """A trace stores the scheduler's timesteps; FLUX's transformer receives them divided by 1000.
-    A plan searched from a FLUX trace (true CFG: the only search that reaches it) runs, a plan for
+    A plan searched from a FLUX trace (true CFG) runs, a plan for
     another schedule is still refused, and a search from a trace refuses run settings other than the
     trace's instead of ignoring them."""
     from ditlens.analyzer.profiler import ProfileConfig, profile

@@ -140,7 +140,7 @@ def _join_rows(cond: Any, uncond: Any, batch: int, where: str = "argument") -> A
         return {k: _join_rows(v, uncond[k], batch, f"{where} {k!r}") for k, v in cond.items()}
     elif isinstance(cond, (list, tuple)) and not isinstance(cond, str) and type(cond) is type(uncond) \
             and len(cond) == len(uncond):
-        return type(cond)(_join_rows(a, b, batch, where) for a, b in zip(cond, uncond))
+        return type(cond)(_join_rows(a, b, batch, f"{where} {i}") for i, (a, b) in enumerate(zip(cond, uncond)))
     elif cond is uncond or (not isinstance(cond, torch.Tensor) and cond == uncond):
         return cond
     raise DitlensError(f"the uncond forward's {where} differs from the cond forward's and has no batch dimension to "
@@ -351,7 +351,8 @@ class SearchEngine:
             if info.batch != P:
                 raise DitlensError(f"uncond forward of batch {info.batch} for {P} calibration prompts")
             held, self.held = self.held, None
-            joined = self._run_step(original, _join_rows(held.args, args, P), _join_rows(held.kwargs, kwargs, P), 2 * P)
+            joined = self._run_step(original, _join_rows(held.args, args, P, "positional argument"),
+                                    _join_rows(held.kwargs, kwargs, P), 2 * P)
             rows = first_tensor(joined)
             held.output.copy_(rows[:P])
             return _replace_first(joined, rows[P:])
@@ -369,9 +370,9 @@ class SearchEngine:
             raise DitlensError(f"transformer saw batch {info.batch} for {P} calibration prompts; use one image per prompt")
         if self.separate_cfg:
             if self.step > 0 and not _all_finite((args, kwargs)):
-                raise DitlensError(f"step {self.step}'s cond forward got NaN: the pipeline read the cond output of the "
-                                   "step before its uncond forward ran; search this pipeline from a trace (ditlens "
-                                   "profile --influence, then ditlens search --trace)")
+                raise DitlensError(f"step {self.step}'s cond forward got NaN or inf, most likely because the pipeline read "
+                                   "the cond output of the step before its uncond forward ran; search this pipeline from "
+                                   "a trace (ditlens profile --influence, then ditlens search --trace)")
             self.cfg_rows, self.cfg_layout = 2, "separate_cond_first"
             self.held = _HeldCond(args, kwargs, self.adapter.separate_cfg_output(self.transformer, args, kwargs))
             return _model_output(self.held.output, bool(kwargs.get("return_dict", True)))
