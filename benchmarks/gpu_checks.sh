@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -50,6 +50,8 @@ for name in "$@"; do
                 --steps 20 --repeats 2 --variants default,o-l1 ;;
     v1) part v1 420 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v1-only \
           --v1-naive-steps 3 --v1-micro-batch 2 --v1-every-candidate --v1-floor
+        cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
+    v2) part v2 300 python3 benchmarks/search.py --model pixart-sigma-xl --device cuda --v2-only  # ~150 s on the H200
         cp benchmarks/results/search_pixart-sigma-xl.json "$out/" 2>/dev/null ;;
     e2e-small) part e2e-small 540 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
                  --compile --repeats 3 --out "$out/e2e_small.json" ;;

@@ -336,8 +336,8 @@ def _pixart_v2_times(pipe, prompts: list[str], result: ModelResult, target: floa
 
 def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: Callable[[str], None], *,
                size: int = 1024, steps: int = 20, n_prompts: int = 8, layers: int | None = None,
-               v1_only: bool = False, v1_micro_batch: int = 2, v1_every_candidate: bool = False,
-               v1_floor: bool = False) -> ModelResult:
+               v1_only: bool = False, v2_only: bool = False, v1_micro_batch: int = 2,
+               v1_every_candidate: bool = False, v1_floor: bool = False) -> ModelResult:
     """Search wall times on a PixArt-Σ-XL-sized transformer (1024², 20 steps, 8 prompts, random weights).
     ``size``/``steps``/``n_prompts``/``layers`` shrink it for a CPU smoke run of this code path only."""
     import random_pipelines
@@ -363,6 +363,9 @@ def run_pixart(device: str, target: float, v1_delta: float, v1_steps: int, log: 
     common = dict(guidance=4.5, height=size, width=size, progress=True)
     if not v1_only:
         _pixart_v2_times(pipe, prompts, result, target, size, steps, common, sync, log)
+    if v2_only:
+        result.wall_seconds = time.perf_counter() - start
+        return result
     # V1 against the naive greedy (whole transformer rerun per trial) on the first v1_steps steps:
     # the naive search at 20 steps would take far longer than a device session allows.
     # Several micro-batches let a failing trial stop after the first ones that put it past the
@@ -517,6 +520,8 @@ def main() -> int:
     parser.add_argument("--v1-delta", type=float, default=0.05)
     parser.add_argument("--v1-naive-steps", type=int, default=4, help="pixart: steps of the V1 vs naive V1 timing")
     parser.add_argument("--v1-only", action="store_true", help="pixart: time only V1 against the naive V1")
+    parser.add_argument("--v2-only", action="store_true",
+                        help="pixart: time only the profile with influence, V2 from the trace and V2 online")
     parser.add_argument("--v1-micro-batch", type=int, default=2, help="pixart: calibration prompts per V1 forward")
     parser.add_argument("--v1-floor", action="store_true",
                         help="pixart: also run V1 without early rejection and report the oracle exact-search floor")
@@ -528,6 +533,8 @@ def main() -> int:
                         help="embedded models: calibration prompts (default: the model's setting above)")
     parser.add_argument("--report", action="store_true", help="write results/search.md and the plot from the JSONs")
     args = parser.parse_args()
+    if args.v1_only and args.v2_only:
+        parser.error("--v1-only and --v2-only exclude each other")
     RESULTS.mkdir(parents=True, exist_ok=True)
     targets = [float(x) for x in args.targets.split(",")]
 
@@ -538,7 +545,7 @@ def main() -> int:
         if name == "pixart-sigma-xl":
             shrink = dict(size=256, steps=4, n_prompts=2, layers=2) if args.smoke else {}
             result = run_pixart(args.device, targets[0], args.v1_delta, args.v1_naive_steps if not args.smoke else 2,
-                                log, v1_only=args.v1_only, v1_micro_batch=args.v1_micro_batch,
+                                log, v1_only=args.v1_only, v2_only=args.v2_only, v1_micro_batch=args.v1_micro_batch,
                                 v1_every_candidate=args.v1_every_candidate, v1_floor=args.v1_floor, **shrink)
         elif name in EMBEDDED_SETTINGS:
             settings = EMBEDDED_SETTINGS[name]
@@ -552,12 +559,18 @@ def main() -> int:
             continue
         path = RESULTS / f"search_{name}.json"
         payload = asdict(result)
-        if name == "pixart-sigma-xl" and args.v1_only and path.exists():
-            # Keep the earlier run's V2 figures; replace only the V1 timings.
+        if name == "pixart-sigma-xl" and (args.v1_only or args.v2_only) and path.exists():
+            # Keep the earlier run's figures of the other method; replace only this run's timings. The top
+            # level describes the V2 run, "v1_run" the V1 run where they came from different runs.
             earlier = json.loads(path.read_text(encoding="utf-8"))
-            times = {k: v for k, v in earlier["search_times"].items() if not k.startswith("v1")}
-            payload = {**earlier, "search_times": {**times, **payload["search_times"]},
-                       "v1_run": {"machine": payload["machine"], "settings": payload["settings"]}}
+            ran = "v1" if args.v1_only else "v2"
+            times = {k: v for k, v in earlier["search_times"].items() if not k.startswith(ran)}
+            merged = {"search_times": {**times, **payload["search_times"]}}
+            if args.v1_only:
+                payload = {**earlier, **merged, "v1_run": {"machine": payload["machine"], "settings": payload["settings"]}}
+            else:
+                payload = {**payload, **merged, "v1_run": earlier.get("v1_run", {"machine": earlier["machine"],
+                                                                                 "settings": earlier["settings"]})}
         path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
         log(f"wrote {path}")
     if args.report:
