@@ -272,6 +272,37 @@ def test_overview_lists_the_run_and_its_groups(files, full, plain):
         assert rows["/stats"].stored_bytes == sum(f["stats"][k].id.get_storage_size() for k in _datasets(f["stats"]))
 
 
+def test_text_statistics_of_a_model_without_text_are_not_offered(tmp_path, monkeypatch):
+    """Traces written before the profiler left it out hold a text group for a model without text
+    tokens (DiT), all NaN: the dashboard does not offer it."""
+    from test_profile import run_config
+    from tiny_models import build_tiny_pipeline
+
+    import ditlens.analyzer.profiler as profiler_module
+    from ditlens.analyzer import profile
+    from ditlens.traces.format import all_stat_keys
+
+    monkeypatch.setattr(profiler_module, "recorded_stat_keys", lambda keys, branches, n_text: list(keys))  # the old writer
+    pipe = build_tiny_pipeline("dit")
+    pipe.set_progress_bar_config(disable=True)
+    l1 = [k for k in all_stat_keys() if k[3] == "l1"]
+    config = run_config("dit", guidance=4.0, stat_keys=l1)
+    config.steps = 2
+    out = tmp_path / "old.h5"
+    profile(pipe, ["1", "2"], out, config, progress=False, log=lambda s: None)
+    with h5py.File(out, "r") as f:  # the file holds the text group, as such old traces did
+        text = [k for k in _datasets(f["stats"]) if k.startswith("text")]
+        assert text and all(np.isnan(f["stats"][k][...]).all() for k in text)
+    data = TraceData(out)
+    try:
+        assert data.stat_options()["group"] == ["image"] and data.stat_options()["comparison"] == ["step", "cfg"]
+        assert sorted(data.stat_keys()) == sorted(k for k in l1 if k[0] == "image")
+        with pytest.raises(DitlensError, match="no text/q/step/l1 statistic"):
+            data.layer_step_map(("text", "q", "step", "l1"), None, "cond")
+    finally:
+        data.close()
+
+
 def _datasets(group: h5py.Group) -> list[str]:
     out: list[str] = []
     group.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)

@@ -23,7 +23,7 @@ from ditlens.analyzer.influence import (INFLUENCE_AXES, INFLUENCE_PATH, Candidat
 from ditlens.analyzer.stats import PromptStatistics, RawCapture
 from ditlens.errors import DitlensError
 from ditlens.traces.format import (CALL_ATTR_PREFIX, TEXT_TOKENS_ATTR, PromptArray, RawSelection, StatKey, TokenInfo,
-                                   TraceHeader, all_stat_keys)
+                                   TraceHeader, all_stat_keys, recorded_stat_keys)
 
 
 @dataclass
@@ -69,12 +69,6 @@ def default_stat_keys() -> list[StatKey]:
     """Every statistic of DESIGN §3 except SSIM: on the H100 SSIM costs more than the model's own
     step (benchmarks/profile_overhead.py), so it is recorded only when asked (``--metrics all``)."""
     return [k for k in all_stat_keys() if k[3] != "ssim"]
-
-
-def recorded_stat_keys(keys: Sequence[StatKey], branches: Sequence[str], n_text: int) -> list[StatKey]:
-    """The asked-for keys a run can fill: no cond/uncond comparison without CFG, no text group
-    for a model without text tokens (DiT), where they would only store NaN."""
-    return [k for k in keys if (k[2] != "cfg" or "uncond" in branches) and (k[0] != "text" or n_text > 0)]
 
 
 def select_stat_keys(metrics: str | Sequence[str] | None = None, tensors: str | Sequence[str] | None = None

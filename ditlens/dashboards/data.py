@@ -28,6 +28,7 @@ from ditlens.traces.format import (
     METRICS,
     TENSORS,
     StatKey,
+    recorded_stat_keys,
     split_axes,
     stat_path,
 )
@@ -118,7 +119,10 @@ class TraceData:
             raise
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, object] = OrderedDict()
-        self._keys: list[StatKey] = self.trace.stat_keys()
+        # Traces written before the profiler left them out hold statistics no run could fill (text
+        # groups of models without text, CFG comparisons without CFG): all NaN, so not offered.
+        self._keys: list[StatKey] = recorded_stat_keys(self.trace.stat_keys(), self.trace.branches,
+                                                       self.trace.tokens.n_text)
 
     def close(self) -> None:
         self._file.close()

@@ -112,6 +112,12 @@ def all_stat_keys() -> list[StatKey]:
     return keys
 
 
+def recorded_stat_keys(keys: Sequence[StatKey], branches: Sequence[str], n_text: int) -> list[StatKey]:
+    """The keys a run can fill: no cond/uncond comparison without CFG, no text group for a model
+    without text tokens (DiT), where they would only store NaN."""
+    return [k for k in keys if (k[2] != "cfg" or "uncond" in branches) and (k[0] != "text" or n_text > 0)]
+
+
 def is_stat_key(key: object) -> bool:
     """True when ``key`` is one of :func:`all_stat_keys`."""
     return isinstance(key, tuple) and key in _STAT_KEY_SET
