@@ -526,6 +526,26 @@ def test_resume_with_other_recording_options_is_refused_before_any_compute(pipel
     assert result.n_new == 1
 
 
+def test_a_trace_with_the_old_all_nan_text_group_resumes(pipelines, tmp_path, monkeypatch):
+    """Traces from before the profiler left out the text group of a model without text tokens
+    (DiT) hold it, all NaN: such a trace resumes with the same options, and the new prompts'
+    text rows stay NaN while their image rows are written."""
+    import h5py
+
+    import ditlens.analyzer.profiler as profiler_module
+
+    pipe, quiet = pipelines("dit"), dict(progress=False, log=lambda s: None)
+    out = tmp_path / "old.h5"
+    l1 = [k for k in all_stat_keys() if k[3] == "l1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(profiler_module, "recorded_stat_keys", lambda keys, branches, n_text: list(keys))  # the old writer
+        profile(pipe, ["1"], out, run_config("dit", stat_keys=l1), **quiet)
+    assert profile(pipe, ["1", "2"], out, run_config("dit", stat_keys=l1, resume=True), **quiet).n_new == 1
+    with h5py.File(out, "r") as f:
+        assert np.isnan(f["stats/text/q/cfg/l1"][...]).all()
+        assert np.isfinite(f["stats/image/q/cfg/l1"][1]).all()  # the resumed prompt
+
+
 def test_bad_output_paths_and_selections_are_refused_before_any_compute(pipelines, tmp_path):
     from ditlens.cli import _int_list
 

@@ -304,7 +304,8 @@ def _check_resume_recording(trace: Any, profiler: Profiler, capture: RawCapture 
     existing: TraceHeader = trace.header
     cfg = profiler.config
     want = recorded_stat_keys(profiler.stat_keys, existing.branches, existing.tokens.n_text)
-    have = list(trace.stat_keys())
+    # a trace written before the profiler left them out also holds keys no run fills (all NaN): not asked for
+    have = recorded_stat_keys(list(trace.stat_keys()), existing.branches, existing.tokens.n_text)
     if sorted(want) != sorted(have):
         def names(keys: list) -> str:
             return ",".join(sorted({k[3] for k in keys})) + " of " + ",".join(sorted({k[1] for k in keys}))
@@ -473,7 +474,8 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                 writer = (TraceWriter.resume(out, header) if resuming else
                           TraceWriter.create(out, header, keys, record.raw_selection, overwrite=config.overwrite,
                                              prompt_arrays=arrays))
-            stats = {k: v for k, v in record.stats.items() if k in keys}
+            # a resumed trace's own keys: one from before recorded_stat_keys may hold all-NaN ones too
+            stats = {k: v for k, v in record.stats.items() if k in set(writer.stat_keys)}
             extra_arrays = {INFLUENCE_PATH: record.influence} if record.influence is not None else None
             writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), stats, record.raw, extra_arrays)
             per_prompt.append(time.perf_counter() - t_prompt)
