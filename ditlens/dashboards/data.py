@@ -119,8 +119,8 @@ class TraceData:
             raise
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, object] = OrderedDict()
-        # Traces written before the profiler left them out hold statistics no run could fill (text
-        # groups of models without text, CFG comparisons without CFG): all NaN, so not offered.
+        # Traces written before the profiler left it out hold a text group for models without text
+        # tokens (DiT), all NaN: not offered.
         self._keys: list[StatKey] = recorded_stat_keys(self.trace.stat_keys(), self.trace.branches,
                                                        self.trace.tokens.n_text)
 
