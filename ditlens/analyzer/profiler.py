@@ -474,8 +474,9 @@ def _profile_local(pipeline: Any, prompts: Sequence[str], out: str | Path, confi
                 writer = (TraceWriter.resume(out, header) if resuming else
                           TraceWriter.create(out, header, keys, record.raw_selection, overwrite=config.overwrite,
                                              prompt_arrays=arrays))
-            # a resumed trace's own keys: one from before recorded_stat_keys may hold all-NaN ones too
-            stats = {k: v for k, v in record.stats.items() if k in set(writer.stat_keys)}
+                # a resumed trace's own keys: one from before recorded_stat_keys may hold all-NaN ones too
+                written = set(writer.stat_keys)
+            stats = {k: v for k, v in record.stats.items() if k in written}
             extra_arrays = {INFLUENCE_PATH: record.influence} if record.influence is not None else None
             writer.write_prompt(index, np.asarray(record.timesteps, dtype=np.float64), stats, record.raw, extra_arrays)
             per_prompt.append(time.perf_counter() - t_prompt)

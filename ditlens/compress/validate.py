@@ -73,19 +73,19 @@ class ValidationReport:
         sp, bound, noise = self.speedup, self.amdahl_bound, self.speedup_noise
         if sp is None:
             return "not timed"
+        spread = f" ± {noise:.2f}" if noise is not None else ""
         if noise is not None and abs(sp - 1.0) <= 2 * noise:
-            return (f"{sp:.2f}x ± {noise:.2f}: within the timing noise of {len(self.prompt_seconds_plan)} prompts "
+            return (f"{sp:.2f}x{spread}: within the timing noise of {len(self.prompt_seconds_plan)} prompts "
                     f"(bound {bound:.2f}x); time more prompts, or on a quiet machine, to tell")
         if sp > 1.1 * bound + 2 * (noise or 0.0):
             # kernels faster than SDPA at equal FLOPs move a plan a few % past the bound, never this far
-            return (f"{sp:.2f}x{f' ± {noise:.2f}' if noise is not None else ''}: above its {bound:.2f}x Amdahl bound, "
+            return (f"{sp:.2f}x{spread}: above its {bound:.2f}x Amdahl bound, "
                     "which removing attention work cannot beat: the timing was disturbed (other work on this "
                     "machine?); validate again on a quiet one")
         if sp < 0.99:
             return (f"slower than the uncompressed model ({sp:.2f}x, bound {bound:.2f}x): the plan's extra work "
                     f"(caches, refreshes, launches) costs more than the {self.attention_share:.0%} of run time "
                     f"in attention saves; try fewer WA-RS layers, a larger resolution, or CUDA graphs on a host-bound GPU")
-        spread = f" ± {noise:.2f}" if noise is not None else ""
         return f"{sp:.2f}x{spread}, {sp / bound:.0%} of its Amdahl bound ({bound:.2f}x)"
 
     def as_dict(self) -> dict[str, Any]:
