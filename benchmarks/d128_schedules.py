@@ -14,6 +14,10 @@ in how the key loop is scheduled, to find out which overlap Triton can express:
 - ``lazy``      the accumulator is rescaled only when a row max grows by more than 2^8
                 (a uniform branch; exact up to rounding: p ≤ 256 before normalisation).
 
+Option ``poly2`` / ``poly4`` (base schedule) moves the exponentials of ½ / ¼ of each score tile's
+columns from the SFUs (16 exp2 per clock per SM) to the FMA units, as ditlens' kernel does with
+``KernelConfig.poly_exp`` (FlashAttention-4's trick for a softmax bound by its exponentials).
+
 Every variant is checked against SDPA's output and timed with ``do_bench`` (median) in the same
 process as SDPA and ditlens' own launch::
 
@@ -36,11 +40,13 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ditlens.kernels._triton_impl import _exp2_tile  # noqa: E402  (KernelConfig.poly_exp's exponentials)
+
 
 @triton.jit
-def _softmax_step(qk, m_i, l_i, acc, qk_scale):
+def _softmax_step(qk, m_i, l_i, acc, qk_scale, POLY: tl.constexpr = 0):
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    p = _exp2_tile(qk * qk_scale - m_new[:, None], POLY)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -50,7 +56,7 @@ def _softmax_step(qk, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           D: tl.constexpr, SCHEDULE: tl.constexpr, DEVICE_DESC: tl.constexpr, PTR_IO: tl.constexpr,
-          WS: tl.constexpr, QO_DEVICE_DESC: tl.constexpr):
+          WS: tl.constexpr, QO_DEVICE_DESC: tl.constexpr, POLY: tl.constexpr):
     """BLOCK_M query rows of one (batch, head); [B*H*L, D] tensor descriptors, or per-head ones
     made on the device (DEVICE_DESC for K and V, QO_DEVICE_DESC for Q and O too, as ditlens'
     kernel does), Q and O through pointers (PTR_IO)."""
@@ -124,7 +130,7 @@ def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr
         else:  # base
             for start in tl.range(0, L, BLOCK_N, warp_specialize=WS):
                 qk = tl.dot(q, tl.trans(dk.load([kv0 + start, 0])))
-                p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale)
+                p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale, POLY)
                 acc = tl.dot(p.to(dtype), dv.load([kv0 + start, 0]), acc)
         out = (acc / l_i[:, None]).to(dtype)
         if PTR_IO:
@@ -135,15 +141,16 @@ def _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, mb, bh, BLOCK_M: tl.constexpr
 
 def _dense_fn(dq, dk, dv, do, Q, K, V, O, L, n_mblocks, n_tiles, qk_scale, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, D: tl.constexpr, SCHEDULE: tl.constexpr, DEVICE_DESC: tl.constexpr,
-              PTR_IO: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr, QO_DEVICE_DESC: tl.constexpr):
+              PTR_IO: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr, QO_DEVICE_DESC: tl.constexpr,
+              POLY: tl.constexpr = 0):
     if PERSISTENT:  # one program per SM walks the tiles, query block fastest (K/V of a head stay in L2)
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, tile % n_mblocks, tile // n_mblocks, BLOCK_M, BLOCK_N,
-                  D, SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC)
+                  D, SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC, POLY)
     else:
         pid = tl.program_id(0)
         _tile(dq, dk, dv, do, Q, K, V, O, L, qk_scale, pid % n_mblocks, pid // n_mblocks, BLOCK_M, BLOCK_N, D,
-              SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC)
+              SCHEDULE, DEVICE_DESC, PTR_IO, WS, QO_DEVICE_DESC, POLY)
 
 
 _dense_kernel = triton.jit(_dense_fn)
@@ -154,8 +161,9 @@ SCHEDULES = {"base": 0, "lookahead": 1, "split": 2, "lazy": 3}
 # Options that make the minimal kernel more like ditlens' own launch (to find which costs the time),
 # or try Hopper features: device-side per-head descriptors, pointer loads of Q / stores of O, a
 # sequence length not specialised on, Triton's warp specialization, one persistent program per SM,
-# Q and O through per-head device descriptors too (qodesc, with devdesc).
-OPTIONS = ("devdesc", "ptrio", "anylen", "ws", "persist", "qodesc")
+# Q and O through per-head device descriptors too (qodesc, with devdesc), ½ or ¼ of the exponentials
+# on the FMA units (poly2, poly4; base schedule).
+OPTIONS = ("devdesc", "ptrio", "anylen", "ws", "persist", "qodesc", "poly2", "poly4")
 # "schedule/BMxBN/Ww/Ss[+option...]"; BM of "split" is both halves together
 VARIANTS = [
     "base/128x128/8w/3s", "base/128x128/8w/2s", "base/128x128/8w/4s", "base/128x64/8w/3s",
@@ -194,7 +202,8 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str) -> to
     kernel = _dense_kernel_any_len if "anylen" in options else _dense_kernel
     kernel[grid](*descs, q, k, v, o, L, n_mblocks, n_tiles, scale, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
                  SCHEDULE=SCHEDULES[schedule], DEVICE_DESC="devdesc" in options, PTR_IO="ptrio" in options,
-                 WS="ws" in options, PERSISTENT=persistent, QO_DEVICE_DESC="qodesc" in options, num_warps=warps,
+                 WS="ws" in options, PERSISTENT=persistent, QO_DEVICE_DESC="qodesc" in options,
+                 POLY=2 if "poly2" in options else 4 if "poly4" in options else 0, num_warps=warps,
                  num_stages=stages)
     return o
 

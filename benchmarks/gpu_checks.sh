@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -127,6 +127,16 @@ for name in "$@"; do
                   --out "$out/kernels_1k" ;;
     e2e-refresh) part e2e-refresh-one-pass 300 python3 benchmarks/e2e.py --device cuda --cuda-graphs --repeats 3 \
                    --models dit-xl-2-512,pixart-sigma-xl-1024 --warsr-refresh one-pass --out "$out/e2e_graphs_one_pass.json" ;;
+    poly) part poly-d128 200 python3 benchmarks/d128_schedules.py --out "$out/poly_d128" --variants \
+            base/64x128/4w/1s+devdesc+qodesc,base/64x128/4w/1s+devdesc+qodesc+poly2,base/64x128/4w/1s+devdesc+qodesc+poly4,base/128x128/8w/3s+devdesc+qodesc,base/128x128/8w/3s+devdesc+qodesc+poly4
+          for s in 0.75 0.5; do  # ½ / ¼ of the exponentials by polynomial (KernelConfig.poly_exp) in ditlens' own launches
+            part "poly-flux-$s" 240 python3 benchmarks/small_shapes.py --out "$out/poly_flux_$s" --shapes FLUX-2K \
+              --window-sparsity "$s" --variants dense,arrow,mixed \
+              --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/r168/1l/p2,64x128/4w/1s/tma/r168/1l/p4
+          done
+          part poly-pixart-0.5 200 python3 benchmarks/small_shapes.py --out "$out/poly_pixart_0.5" --shapes PixArt-2K \
+            --window-sparsity 0.5 --variants dense,window --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/p2,128x64/4w/3s/tma/1l/p4
+          part poly-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k poly ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;
   esac

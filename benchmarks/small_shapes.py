@@ -47,16 +47,18 @@ def _parse_config(text: str):
     (full heads in N key chunks: all of them, or the last M; a trailing ``b``, e.g. ``/sk2h4b``, keeps the
     dense loop for the unsplit full heads: KernelConfig.split_branch) and ``/qo`` (Q and O of a split head dim
     through descriptors too: KernelConfig.qo_tma_split_dim) and ``/rt`` (the WA-RS residual through descriptors:
-    KernelConfig.residual_tma), in any order."""
+    KernelConfig.residual_tma) and ``/p2`` or ``/p4`` (½ or ¼ of the exponentials by polynomial: KernelConfig.poly_exp),
+    in any order."""
     from ditlens.kernels.triton_backend import KernelConfig
 
     tiles, warps, stages, *flags = text.strip().split("/")
     edge = [f for f in flags if f[:1] == "e" and f[1:].isdigit()]
     regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
     split = [m for m in (re.fullmatch(r"sk(\d+)(?:h(\d+))?(b?)", f) for f in flags) if m]
-    unknown = set(flags) - {"tma", "ws", "1l", "qo", "rt"} - set(edge) - set(regs) - {m[0] for m in split}
+    unknown = set(flags) - {"tma", "ws", "1l", "qo", "rt", "p2", "p4"} - set(edge) - set(regs) - {m[0] for m in split}
     if unknown or len(edge) > 1 or len(regs) > 1 or len(split) > 1:
-        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, /qo, /rt, one /eN, one /rN and one /skN")
+        raise SystemExit(f"bad config flags in {text!r}; use /tma, /ws, /1l, /qo, /rt, /p2 or /p4, one /eN, one /rN "
+                         "and one /skN")
     bm, bn = tiles.split("x")
     return KernelConfig(int(bm), int(bn), int(warps.rstrip("w")), int(stages.rstrip("s")), tma="tma" in flags,
                         warp_specialize="ws" in flags, edge_stages=int(edge[0][1:]) if edge else None,
@@ -64,7 +66,7 @@ def _parse_config(text: str):
                         split_full=int(split[0][1]) if split else 1,
                         split_heads=int(split[0][2]) if split and split[0][2] else None,
                         split_branch=bool(split) and split[0][3] == "b", qo_tma_split_dim="qo" in flags,
-                        residual_tma="rt" in flags)
+                        residual_tma="rt" in flags, poly_exp=2 if "p2" in flags else 4 if "p4" in flags else 0)
 
 
 def _label(cfg) -> str:
@@ -74,7 +76,7 @@ def _label(cfg) -> str:
             + (f"/sk{cfg.split_full}" if cfg.split_full > 1 else "")
             + (f"h{cfg.split_heads}" if cfg.split_full > 1 and cfg.split_heads is not None else "")
             + ("b" if cfg.split_full > 1 and cfg.split_branch else "") + ("/qo" if cfg.qo_tma_split_dim else "")
-            + ("/rt" if cfg.residual_tma else ""))
+            + ("/rt" if cfg.residual_tma else "") + (f"/p{cfg.poly_exp}" if cfg.poly_exp else ""))
 
 
 def band_window(L: int, sparsity: float) -> int:

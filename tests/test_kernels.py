@@ -20,6 +20,8 @@ import random  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from ditlens.errors import DitlensError  # noqa: E402
 from ditlens.kernels import (  # noqa: E402
@@ -37,6 +39,7 @@ from ditlens.kernels import (  # noqa: E402
     window_for_sparsity,
     windowed_plus_residual,
 )
+from ditlens.kernels._triton_impl import _exp2_tile  # noqa: E402
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
@@ -148,11 +151,12 @@ def test_launch_configs_by_head_dim_and_plan():
 
     # all-full launches at D = 128: 64-row tiles, one stage, descriptors (two programs per SM on Hopper)
     assert default_config(128, interpret=False, all_full=True) == KernelConfig(64, 128, 4, 1, tma=True)
-    # windowed launches with descriptors walk each key segment in one loop (D = 128 and the split D = 72)
+    # windowed launches with descriptors walk each key segment in one loop (D = 128, 64 and the split D = 72)
     assert default_config(128, interpret=False) == KernelConfig(64, 128, 4, 1, tma=True, one_loop=True,
                                                                 max_registers=168)
     assert default_config(72, interpret=False) == KernelConfig(128, 64, 4, 3, tma=True, one_loop=True)
     assert default_config(72, interpret=False, all_full=True) == default_config(72, interpret=False)
+    assert default_config(64, interpret=False) == KernelConfig(128, 64, 4, 3, tma=True, one_loop=True)
     # a split head dim in a one-stage config loads through pointers on the GPU (illegal access seen on
     # an H200), and keeps descriptors in the interpreter, where the tests cover that path
     gpu_72 = SimpleNamespace(is_cuda=True, shape=(1, 1, 8, 72), device=SimpleNamespace(index=0))
@@ -256,6 +260,67 @@ def test_all_full_launch_matches_reference(device, L, D):
         assert _rel_err(out, ref) < _tol(torch.bfloat16), cfg
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert torch.allclose(ref, sdpa, atol=1e-9), "the reference itself"
+
+
+@triton.jit
+def _exp2_tile_kernel(X, Y, POLY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(Y + offs, _exp2_tile(tl.load(X + offs), POLY))
+
+
+def test_poly_exp2_tile_matches_numpy():
+    # KernelConfig.poly_exp's exponentials: the emulated columns within 1e-4 of exp2 (numpy, float64),
+    # exactly 0 at -inf and below -125 (masked scores), and the SFU columns untouched
+    import numpy as np
+
+    if not INTERPRETER:
+        pytest.skip("Triton is not in interpreter mode here (see test_interpreter_tests_in_subprocess)")
+    g = torch.Generator().manual_seed(0)
+    x = -torch.rand(16, 32, generator=g) * 140  # down to -140: below the -125 clamp too
+    x[::3] = -torch.rand(32, generator=g) * 3  # rows of large exponentials
+    x[:, 24:28] = torch.tensor([0.0, -0.5, float("-inf"), -125.0])  # the emulated quarter's edge cases
+    x[:, 8:10] = float("-inf")
+    ref = np.exp2(x.double().numpy())
+    for poly, emulated in ((0, []), (2, range(16, 32)), (4, range(24, 32))):
+        y = torch.empty_like(x)
+        _exp2_tile_kernel[(1,)](x, y, poly, 16, 32)
+        y = y.double().numpy()
+        sfu = [c for c in range(32) if c not in emulated]
+        assert np.array_equal(y[:, sfu], np.exp2(x[:, sfu].numpy()).astype(np.float64)), poly
+        if emulated:
+            cols = list(emulated)
+            big = ref[:, cols] >= 2.0 ** -125
+            rel = np.abs(y[:, cols] - ref[:, cols]) / np.where(big, ref[:, cols], 1.0)
+            assert rel[big].max() < 1e-4, (poly, rel[big].max())
+            assert np.all(y[:, cols][~big] == 0.0), poly
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("poly_exp", [2, 4])
+def test_poly_exp_launches_match_reference(device, poly_exp):
+    # ½ or ¼ of the unmasked exponentials by polynomial: the all-full launch, the one-loop and the
+    # three-loop windowed walks (edge blocks keep exp2), text first, fp16 at its tight tolerance
+    B, L, D, n_text = 2, _scaled_len(70, device), 128, (9 if device == "cpu" else 63)
+    modes, windows = ["full", "window", "arrow", "skip", "full"], [0, 6, 3, 0, 0]
+    H = len(modes)
+    q, k, v = _qkv(B, H, L, D, torch.float16, device, seed=poly_exp)
+    cached = torch.randn(B, H, L, D).to(dtype=torch.float16, device=device)
+    layout = TokenLayout(L, n_text, True)
+    base = CPU_TILES[1] if device == "cpu" else default_config(D, interpret=False)
+    for mixed in (True, False):
+        m = modes if mixed else ["full"] * H
+        w = windows if mixed else [0] * H
+        plan = make_head_plan(m, w, H, L)
+        ref = headwise_attention_reference(q, k, v, modes=m, windows=w, n_text=n_text, text_first=True,
+                                           cached=cached, out_dtype=torch.float64)
+        for one_loop in (True, False):
+            cfg = replace(base, tma=True, one_loop=one_loop, poly_exp=poly_exp)
+            out = torch.full_like(q, float("nan"))
+            headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, config=cfg, out=out)
+            assert not torch.isnan(out).any(), cfg
+            assert _rel_err(out, ref) < _tol(torch.float16), (cfg, m, _rel_err(out, ref))
+    with pytest.raises(DitlensError, match="poly_exp"):
+        KernelConfig(poly_exp=3)
 
 
 # Launches whose full heads run as key chunks merged by the last one to finish (KernelConfig.split_full):

@@ -194,11 +194,46 @@ def _block_pv(acc0, acc1, p, alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0, 
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2^x on the FMA units instead of the SFU: x = j + f with j an integer (x + 1.5·2²³ rounds it into
+    the low mantissa bits) and f in [-½, ½]; 2^f by a degree-3 minimax polynomial (relative error
+    7.5e-5, far below bf16's 3.9e-3 for P); j added to the exponent bits. 0 below -125 (and for -inf)."""
+    xc = tl.maximum(x, -125.0)
+    t = xc + 12582912.0
+    f = xc - (t - 12582912.0)
+    p = ((0.05517166 * f + 0.24261115) * f + 0.69326097) * f + 0.99992806
+    r = (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x < -125.0, 0.0, r)
+
+
+@triton.jit
+def _exp2_tile(x, POLY_EXP: tl.constexpr = 0):
+    """exp2 of a [BM, BN] score tile, with POLY_EXP = 2 or 4 its last 1/POLY_EXP of columns through
+    _exp2_fma (KernelConfig.poly_exp: the SFUs do 16 exp2 per clock per SM, a D = 128 softmax is bound by
+    them). The splits are column halves / quarters, which a thread of a wgmma accumulator holds itself:
+    no data moves between threads."""
+    BM: tl.constexpr = x.shape[0]
+    BN: tl.constexpr = x.shape[1]
+    if POLY_EXP == 2:
+        a, b = tl.split(tl.permute(tl.reshape(x, [BM, 2, BN // 2]), [0, 2, 1]))
+        return tl.reshape(tl.permute(tl.join(tl.math.exp2(a), _exp2_fma(b)), [0, 2, 1]), [BM, BN])
+    elif POLY_EXP == 4:
+        # x[:, h1 * BN/2 + h2 * BN/4 + c] as [BM, c, h1, h2]
+        lo, hi = tl.split(tl.permute(tl.reshape(x, [BM, 2, 2, BN // 4]), [0, 3, 1, 2]))  # h2 = 0 / 1
+        hi0, hi1 = tl.split(hi)  # h1 = 0 / 1
+        e = tl.join(tl.math.exp2(lo), tl.join(tl.math.exp2(hi0), _exp2_fma(hi1)))
+        return tl.reshape(tl.permute(e, [0, 2, 3, 1]), [BM, BN])
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
 def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, start_n, offs_d0, offs_d1,
                   seg_hi, row_lo, row_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr,
                   BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
-    """One key block of the online softmax; with MASKED, row i keeps the keys in [row_lo[i], row_hi[i])."""
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, POLY_EXP: tl.constexpr = 0):
+    """One key block of the online softmax; with MASKED, row i keeps the keys in [row_lo[i], row_hi[i]);
+    POLY_EXP: see _exp2_tile (unmasked blocks only)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     qk = _block_scores(q0, q1, k_base, dk0, dk1, start_n, offs_n, offs_d0, offs_d1, seg_hi, HEAD_DIM, SK, D0, D1,
                        HAS_D1, MASKED, UPCAST, USE_TMA)
@@ -209,7 +244,7 @@ def _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, d
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         qk = qk * qk_scale - m_new[:, None]
-    p = tl.math.exp2(qk)
+    p = tl.math.exp2(qk) if MASKED else _exp2_tile(qk, POLY_EXP)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc0, acc1 = _block_pv(acc0, acc1, p.to(q0.dtype), alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0, offs_d1,
@@ -222,7 +257,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                     seg_hi, full_lo, full_hi, row_lo, row_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr,
                     SV: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                     HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                    WARP_SPEC: tl.constexpr = False, EDGE_STAGES: tl.constexpr = 3):
+                    WARP_SPEC: tl.constexpr = False, EDGE_STAGES: tl.constexpr = 3, POLY_EXP: tl.constexpr = 0):
     """Visit keys [seg_lo, seg_hi) in BLOCK_N steps; blocks inside [full_lo, full_hi) go unmasked,
     edge blocks masked by the rows' key intervals [row_lo, row_hi). WARP_SPEC warp-specializes the
     unmasked loop, the one that carries dense heads; EDGE_STAGES pipelines the (short) edge loops."""
@@ -236,7 +271,7 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
                                              qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST,
-                                             USE_TMA)
+                                             USE_TMA, POLY_EXP)
     for j in tl.range(j_end, n_blocks, num_stages=EDGE_STAGES):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              seg_lo + j * BLOCK_N, offs_d0, offs_d1, seg_hi, row_lo, row_hi,
@@ -246,12 +281,12 @@ def _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
 
 
 @triton.jit
-def _softmax_step_inf(m_i, l_i, qk, qk_scale):
+def _softmax_step_inf(m_i, l_i, qk, qk_scale, POLY_EXP: tl.constexpr = 0):
     """(p, alpha, m_new, l_new) of one block of unscaled scores masked with -inf: a row whose keys are all
     masked so far keeps m = -inf and takes its exponents against 0 (see _attend_segment_one_loop)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+    p = _exp2_tile(qk * qk_scale - m_ref[:, None], POLY_EXP)  # _exp2_fma maps -inf to 0 as exp2 does
     alpha = tl.math.exp2(m_i - m_ref)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -260,7 +295,8 @@ def _softmax_step_inf(m_i, l_i, qk, qk_scale):
 def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1,
                              seg_lo, seg_hi, full_lo, full_hi, row_lo, row_hi, L, qk_scale, HEAD_DIM: tl.constexpr,
                              SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
-                             D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+                             D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                             POLY_EXP: tl.constexpr = 0):
     """_attend_segment in one pipelined loop: edge blocks take the rows' key intervals as their mask in
     a uniform branch, so they are prefetched like the others and the segment pays one pipeline fill.
 
@@ -276,7 +312,7 @@ def _attend_segment_one_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, 
                            HAS_D1, True, UPCAST, USE_TMA)
         if (j < j_first) | (j >= j_end):
             qk = tl.where(_in_rows(offs_n, row_lo, row_hi), qk, float("-inf"))
-        p, alpha, m_new, l_i = _softmax_step_inf(m_i, l_i, qk, qk_scale)
+        p, alpha, m_new, l_i = _softmax_step_inf(m_i, l_i, qk, qk_scale, POLY_EXP)
         acc0, acc1 = _block_pv(acc0, acc1, p.to(q0.dtype), alpha, v_base, dv0, dv1, start_n, offs_n, offs_d0,
                                offs_d1, L, HEAD_DIM, SV, D0, D1, HAS_D1, True, UPCAST, USE_TMA)
         m_i = m_new
@@ -288,7 +324,7 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                      qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr, SV: tl.constexpr, BLOCK_N: tl.constexpr,
                      D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr,
                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr = False,
-                     j_lo=0, j_hi=0, KEY_RANGE: tl.constexpr = False):
+                     j_lo=0, j_hi=0, KEY_RANGE: tl.constexpr = False, POLY_EXP: tl.constexpr = 0):
     """A full head's query block: every key, unmasked blocks and one tail block masked at L (none when
     the host says L is a multiple of BLOCK_N: KEYS_EVEN). One key
     range and no per-head geometry: 160 registers (sm_90, D = 128, 64x128 tiles;
@@ -310,7 +346,8 @@ def _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
     for j in tl.range(j_start, j_mid, warp_specialize=WARP_SPEC):
         acc0, acc1, m_i, l_i = _attend_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                              j * BLOCK_N, offs_d0, offs_d1, L, row_lo, row_hi, qk_scale,
-                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA)
+                                             HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, False, UPCAST, USE_TMA,
+                                             POLY_EXP)
     # the partial last block as a loop of at most one trip, not an `if`: on Triton 3.6 an `if` after the
     # pipelined loop made masked pointer loads of a split head dim (D = 72) read out of bounds on an H200.
     if not KEYS_EVEN:
@@ -379,7 +416,8 @@ def _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
                      mode, win, L, img_lo, img_hi, t_lo, t_hi, qk_scale, HEAD_DIM: tl.constexpr, SK: tl.constexpr,
                      SV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
                      D1: tl.constexpr, HAS_D1: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                     WARP_SPEC: tl.constexpr, EDGE_STAGES: tl.constexpr, ONE_LOOP: tl.constexpr):
+                     WARP_SPEC: tl.constexpr, EDGE_STAGES: tl.constexpr, ONE_LOOP: tl.constexpr,
+                     POLY_EXP: tl.constexpr = 0):
     """A window or arrow head's query block: its two key segments (_segments), edge blocks masked by the
     rows' key intervals (_row_keys), walked in one loop per segment or in three."""
     a_lo, a_hi, af_lo, af_hi, b_lo, b_hi, bf_lo, bf_hi = _segments(m0, L, mode, win, img_lo, img_hi,
@@ -388,20 +426,22 @@ def _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0
     if ONE_LOOP:
         acc0, acc1, m_i, l_i = _attend_segment_one_loop(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, a_lo, a_hi,
-            af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+            af_lo, af_hi, lo_a, hi_a, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+            POLY_EXP)
         acc0, acc1, m_i, l_i = _attend_segment_one_loop(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1, offs_d0, offs_d1, b_lo, b_hi,
-            bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA)
+            bf_lo, bf_hi, lo_b, hi_b, L, qk_scale, HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
+            POLY_EXP)
         l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past L of a window head attend nothing: not stored
     else:
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_d0, offs_d1, a_lo, a_hi, af_lo, af_hi, lo_a, hi_a, qk_scale,
                                                HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                               WARP_SPEC, EDGE_STAGES)
+                                               WARP_SPEC, EDGE_STAGES, POLY_EXP)
         acc0, acc1, m_i, l_i = _attend_segment(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                offs_d0, offs_d1, b_lo, b_hi, bf_lo, bf_hi, lo_b, hi_b, qk_scale,
                                                HEAD_DIM, SK, SV, BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA,
-                                               WARP_SPEC, EDGE_STAGES)
+                                               WARP_SPEC, EDGE_STAGES, POLY_EXP)
     return acc0, acc1, m_i, l_i
 
 
@@ -447,7 +487,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                         EDGE_STAGES: tl.constexpr = 3, ONE_LOOP: tl.constexpr = False,
                         KEYS_EVEN: tl.constexpr = False, SPLIT: tl.constexpr = 1,
                         SPLIT_BRANCH: tl.constexpr = False, QO_SPLIT: tl.constexpr = False,
-                        R_TMA: tl.constexpr = False):
+                        R_TMA: tl.constexpr = False, POLY_EXP: tl.constexpr = 0):
     """One launch for every head. Programs are ordered heaviest head first (ORDER), then batch,
     then query block; skip heads (mode 3) copy their rows from the cache C. With HAS_RESIDUAL the
     epilogue writes attention + R (or R - attention with SUBTRACT: WA-RS's residual O - W).
@@ -461,7 +501,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
     f * SPLIT + chunk, f the head's index among the split heads; -1 for every other rank), merged by the
     last to finish (see _merge_key_chunks); SPLIT_BRANCH: the other full heads keep the dense loop.
     QO_SPLIT: Q and O of a split head dim through descriptors too (with USE_TMA); R_TMA: the residual R
-    through descriptors wherever O goes through them."""
+    through descriptors wherever O goes through them. POLY_EXP: see _exp2_tile."""
     # text blocks first, except in all-full launches, where every program does the same work
     rank, b, mb = _tile_of(tl.program_id(0), B, n_mblocks, 0 if ALL_FULL else t_lo // BLOCK_M,
                            0 if ALL_FULL else (t_hi + BLOCK_M - 1) // BLOCK_M)
@@ -492,7 +532,7 @@ def headwise_fwd_kernel(Q, K, V, O, C, R, MODE, WIN, ORDER, PART, WS, WML, CNT,
                             n_mblocks, O.dtype.element_ty,
                             HEAD_DIM, SQ, SK, SV, SO, SR, BLOCK_M, BLOCK_N, D0, D1, HAS_D1, HAS_RESIDUAL, UPCAST,
                             HINT_ALIGN, SUBTRACT, USE_TMA, WARP_SPEC, KEYS_EVEN, EDGE_STAGES, ONE_LOOP, SPLIT,
-                            SPLIT_BRANCH, QO_SPLIT, R_TMA)
+                            SPLIT_BRANCH, QO_SPLIT, R_TMA, POLY_EXP)
 
 
 @triton.jit
@@ -530,7 +570,7 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
                         HINT_ALIGN: tl.constexpr, SUBTRACT: tl.constexpr, USE_TMA: tl.constexpr,
                         WARP_SPEC: tl.constexpr, KEYS_EVEN: tl.constexpr, EDGE_STAGES: tl.constexpr,
                         ONE_LOOP: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BRANCH: tl.constexpr,
-                        QO_SPLIT: tl.constexpr, R_TMA: tl.constexpr):
+                        QO_SPLIT: tl.constexpr, R_TMA: tl.constexpr, POLY_EXP: tl.constexpr = 0):
     """Attention of one query block of one (batch, head) that is not skipped, and its epilogue. For a chunk
     of a split full head (``part`` >= 0: f * SPLIT + chunk) one chunk of its keys, and the epilogue only in
     the chunk that merges; its query block is number ``block_base + f * n_mblocks`` among the split heads'
@@ -564,12 +604,13 @@ def _attend_query_block(Q, K, V, R, o_base, b64, h64, stride_qb, stride_qh, stri
         else:
             acc0, acc1, m_i, l_i = _attend_all_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0,
                                                     dv1, offs_m, offs_d0, offs_d1, L, qk_scale, HEAD_DIM, SK, SV,
-                                                    BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN)
+                                                    BLOCK_N, D0, D1, HAS_D1, UPCAST, USE_TMA, WARP_SPEC, KEYS_EVEN,
+                                                    POLY_EXP=POLY_EXP)
     else:
         acc0, acc1, m_i, l_i = _attend_windowed(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, dk0, dk1, dv0, dv1,
                                                 m0, offs_m, offs_d0, offs_d1, mode, win, L, img_lo, img_hi, t_lo,
                                                 t_hi, qk_scale, HEAD_DIM, SK, SV, BLOCK_M, BLOCK_N, D0, D1, HAS_D1,
-                                                UPCAST, USE_TMA, WARP_SPEC, EDGE_STAGES, ONE_LOOP)
+                                                UPCAST, USE_TMA, WARP_SPEC, EDGE_STAGES, ONE_LOOP, POLY_EXP)
     if SPLIT > 1:
         merges = part < 0  # a rank that is not a chunk writes its rows
         if mode == 0:

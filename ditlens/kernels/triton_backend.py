@@ -73,22 +73,30 @@ class KernelConfig:
     # spills (Triton 3.6, windowed + R: D = 128 64x128/4w/1s/tma/1l/r168 168 registers + 360 B -> 168 + 40;
     # D = 72 with qo_tma_split_dim 255 + 16 -> 241). Off until timed on a GPU.
     residual_tma: bool = False
+    # Exponentials of the last 1/poly_exp of each unmasked score tile's columns (2: half, 4: a quarter) on
+    # the FMA units by a polynomial instead of the SFUs (FlashAttention-4's trick for a softmax bound by its
+    # exponentials; relative error 7.5e-5 in P). On an H100 it was 3-26 % slower in every launch tried
+    # (D = 128 and 72; BENCHMARKS.md §2, session 25): there the FP32 pipes, not the SFUs, bind. 0: off.
+    poly_exp: int = 0
 
     def __post_init__(self) -> None:
+        if self.poly_exp not in (0, 2, 4):
+            raise DitlensError(f"KernelConfig(poly_exp={self.poly_exp}): use 0 (off), 2 or 4")
         if self.split_full < 1 or (self.split_heads is not None and self.split_heads < 0):
             raise DitlensError(f"KernelConfig(split_full={self.split_full}, split_heads={self.split_heads}): "
                                "split_full must be >= 1 (1: no split) and split_heads None or >= 0")
 
 # Defaults per padded head-dim tile (D0 + D1) on CUDA, from the tile sweeps of benchmarks/kernels.py
-# and benchmarks/small_shapes.py (bf16, H200; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96, with
-# K/V through tensor descriptors and one loop per key segment for split head dims up to 80 (PixArt's
+# and benchmarks/small_shapes.py (bf16, H200 unless said; BENCHMARKS.md §2): 128x64 with 4 warps for D <= 96,
+# with K/V through tensor descriptors and one loop per key segment for split head dims up to 80 (PixArt's
 # D = 72: 2K window 1.98x / 3.73x SDPA at 50 / 75 % against 1.89x / 3.58x with pointer loads and three
-# loops). D = 128: 64-row tiles with one stage, descriptors and one loop, capped at 168 registers so
-# that three 4-warp programs share an SM (FLUX-1K / 2K windows and arrows 2-9 % faster than 128x128 with
-# 8 warps and 3 stages; mixed plans within 1 %). Where descriptors are not available the launch falls back
+# loops); the same for D = 64 (SD3's; H100, session 25: SD3-1K dense, window, arrow, mixed and W + R 3-5 %
+# faster than with pointer loads and three loops, at 50 and 75 %). D = 128: 64-row tiles with one stage,
+# descriptors and one loop, capped at 168 registers so that three 4-warp programs share an SM (FLUX-1K / 2K
+# windows and arrows 2-9 % faster than 128x128 with 8 warps and 3 stages; mixed plans within 1 %). Where descriptors are not available the launch falls back
 # to pointer loads, and a default config then walks three loops.
 _GPU_CONFIGS: dict[int, KernelConfig] = {
-    64: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 4, 3, tma=True, one_loop=True),
     80: KernelConfig(128, 64, 4, 3, tma=True, one_loop=True),
     96: KernelConfig(128, 64, 4, 3),
     128: KernelConfig(64, 128, 4, 1, tma=True, one_loop=True, max_registers=168),
@@ -414,7 +422,7 @@ def _launch_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: 
         HAS_D1=d1 > 0, HAS_RESIDUAL=has_residual, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
         SUBTRACT=subtract, USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize and not interpret, ALL_FULL=all_full,
         KEYS_EVEN=keys_even, SPLIT=split, SPLIT_BRANCH=cfg.split_branch and split > 1,
-        QO_SPLIT=cfg.qo_tma_split_dim, R_TMA=cfg.residual_tma,
+        QO_SPLIT=cfg.qo_tma_split_dim, R_TMA=cfg.residual_tma, POLY_EXP=cfg.poly_exp,
         EDGE_STAGES=cfg.num_stages if cfg.edge_stages is None else cfg.edge_stages, ONE_LOOP=cfg.one_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.max_registers is None or interpret else {"maxnreg": cfg.max_registers}))
