@@ -546,6 +546,30 @@ def test_a_trace_with_the_old_all_nan_text_group_resumes(pipelines, tmp_path, mo
         assert np.isfinite(f["stats/image/q/cfg/l1"][1]).all()  # the resumed prompt
 
 
+def test_a_trace_with_the_old_all_nan_text_group_merges_with_a_new_one(pipelines, tmp_path, monkeypatch):
+    """An old DiT shard (all-NaN text group) and a new one (no text group) merge into what one run of
+    both prompts writes: the same statistics, equal values, no text group."""
+    import ditlens.analyzer.profiler as profiler_module
+    from ditlens.traces.merge import merge_traces
+    from ditlens.traces.reader import Trace
+
+    pipe, quiet = pipelines("dit"), dict(progress=False, log=lambda s: None)
+    l1 = [k for k in all_stat_keys() if k[3] == "l1"]
+    old, new, single = (tmp_path / f"{n}.h5" for n in ("old", "new", "single"))
+    with monkeypatch.context() as patch:
+        patch.setattr(profiler_module, "recorded_stat_keys", lambda keys, branches, n_text: list(keys))  # the old writer
+        profile(pipe, ["1"], old, run_config("dit", stat_keys=l1), **quiet)
+    profile(pipe, ["2"], new, run_config("dit", stat_keys=l1, prompt_offset=1), **quiet)
+    profile(pipe, ["1", "2"], single, run_config("dit", stat_keys=l1), **quiet)
+    with Trace.open(old) as t_old, Trace.open(new) as t_new:
+        assert any(k[0] == "text" for k in t_old.stat_keys()) and not any(k[0] == "text" for k in t_new.stat_keys())
+    merged = merge_traces([old, new], tmp_path / "merged.h5")
+    with Trace.open(single) as one, Trace.open(merged) as trace:
+        assert trace.stat_keys() == one.stat_keys()
+        for key in one.stat_keys():
+            np.testing.assert_array_equal(trace.stat(*key).data, one.stat(*key).data, err_msg=str(key))
+
+
 def test_bad_output_paths_and_selections_are_refused_before_any_compute(pipelines, tmp_path):
     from ditlens.cli import _int_list
 

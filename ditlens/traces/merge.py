@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditlens.errors import DitlensError
-from ditlens.traces.format import run_mismatch, stat_path
+from ditlens.traces.format import recorded_stat_keys, run_mismatch, stat_path
 from ditlens.traces.reader import Trace
 from ditlens.traces.writer import TraceWriter, _prompt_array_specs
 
@@ -31,7 +31,9 @@ def merge_traces(
     selection and per-prompt arrays. Derived arrays (``write_array``) aggregate over a
     shard's prompts, so they are not carried over: run the analysis again on the merged
     trace. A shard with unfinished prompts is refused unless ``allow_partial``, in which
-    case only its finished prompts are taken.
+    case only its finished prompts are taken. Statistics no run can fill (the all-NaN text group
+    that older traces of a model without text tokens hold) are neither compared nor carried over,
+    so such a trace merges with a newer one.
     """
     paths = [Path(s) for s in shards]
     target = Path(out)
@@ -45,7 +47,7 @@ def merge_traces(
     with ExitStack() as stack:
         traces = [stack.enter_context(Trace.open(p)) for p in paths]
         first = traces[0]
-        stat_keys = first.stat_keys()
+        stat_keys = _filled_stat_keys(first)
         raw = first.raw_selection()
         arrays = _prompt_array_specs(first)
         timesteps: np.ndarray | None = None
@@ -67,7 +69,7 @@ def merge_traces(
                 field, a, b = mismatch
                 raise DitlensError(f"cannot merge: {field} differs between {first.path} ({a}) and {trace.path} ({b})")
             for what, mine, theirs in (
-                ("recorded statistics", stat_keys, trace.stat_keys()),
+                ("recorded statistics", stat_keys, _filled_stat_keys(trace)),
                 ("raw selection", raw, trace.raw_selection()),
                 ("per-prompt arrays", arrays, _prompt_array_specs(trace)),
             ):
@@ -101,6 +103,11 @@ def merge_traces(
                     progress.update(1)
             progress.close()
     return target
+
+
+def _filled_stat_keys(trace: Trace) -> list:
+    """The trace's statistics that its run could fill (see ``recorded_stat_keys``)."""
+    return recorded_stat_keys(trace.stat_keys(), trace.branches, trace.tokens.n_text)
 
 
 def _prompt_offset(trace: Trace) -> int | None:
