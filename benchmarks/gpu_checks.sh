@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
+# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -59,6 +59,7 @@ for name in "$@"; do
                --compile --repeats 3 --out "$out/e2e_sd3.json" ;;
     e2e-profile) part e2e-profile-pixart 150 python3 benchmarks/e2e_profile.py --model pixart-sigma-xl-1024 --fraction 0.52
                  part e2e-profile-dit 120 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.49 ;;
+    e2e-profile-sd3) part e2e-profile-sd3 150 python3 benchmarks/e2e_profile.py --model sd3-medium-1024 --fraction 0.32 ;;
     e2e-profile-dit) part e2e-profile-dit-eager 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.34
                      part e2e-profile-dit-graphs 150 python3 benchmarks/e2e_profile.py --model dit-xl-2-512 \
                        --fraction 0.34 --cuda-graphs ;;

@@ -76,7 +76,8 @@ class KernelConfig:
     # Exponentials of the last 1/poly_exp of each unmasked score tile's columns (2: half, 4: a quarter) on
     # the FMA units by a polynomial instead of the SFUs (FlashAttention-4's trick for a softmax bound by its
     # exponentials; relative error 7.5e-5 in P). On an H100 it was 3-26 % slower in every launch tried
-    # (D = 128 and 72; BENCHMARKS.md §2, session 25): there the FP32 pipes, not the SFUs, bind. 0: off.
+    # (D = 128 and 72; BENCHMARKS.md §2, session 25): there the FP32 pipes, not the SFUs, bind. Not applied
+    # in split-K chunks or the one-pass WA-RS kernel. 0: off.
     poly_exp: int = 0
 
     def __post_init__(self) -> None:
