@@ -304,8 +304,7 @@ def _check_resume_recording(trace: Any, profiler: Profiler, capture: RawCapture 
     existing: TraceHeader = trace.header
     cfg = profiler.config
     want = recorded_stat_keys(profiler.stat_keys, existing.branches, existing.tokens.n_text)
-    # a trace written before the profiler left them out also holds keys no run fills (all NaN): not asked for
-    have = recorded_stat_keys(list(trace.stat_keys()), existing.branches, existing.tokens.n_text)
+    have = trace.filled_stat_keys()  # not the all-NaN keys of a trace from before recorded_stat_keys
     if sorted(want) != sorted(have):
         def names(keys: list) -> str:
             return ",".join(sorted({k[3] for k in keys})) + " of " + ",".join(sorted({k[1] for k in keys}))

@@ -28,7 +28,6 @@ from ditlens.traces.format import (
     METRICS,
     TENSORS,
     StatKey,
-    recorded_stat_keys,
     split_axes,
     stat_path,
 )
@@ -119,10 +118,8 @@ class TraceData:
             raise
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, object] = OrderedDict()
-        # Traces written before the profiler left it out hold a text group for models without text
-        # tokens (DiT), all NaN: not offered.
-        self._keys: list[StatKey] = recorded_stat_keys(self.trace.stat_keys(), self.trace.branches,
-                                                       self.trace.tokens.n_text)
+        # old traces of models without text tokens (DiT) hold an all-NaN text group: not offered
+        self._keys: list[StatKey] = self.trace.filled_stat_keys()
 
     def close(self) -> None:
         self._file.close()

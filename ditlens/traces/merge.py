@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditlens.errors import DitlensError
-from ditlens.traces.format import recorded_stat_keys, run_mismatch, stat_path
+from ditlens.traces.format import run_mismatch, stat_path
 from ditlens.traces.reader import Trace
 from ditlens.traces.writer import TraceWriter, _prompt_array_specs
 
@@ -47,7 +47,7 @@ def merge_traces(
     with ExitStack() as stack:
         traces = [stack.enter_context(Trace.open(p)) for p in paths]
         first = traces[0]
-        stat_keys = _filled_stat_keys(first)
+        stat_keys = first.filled_stat_keys()
         raw = first.raw_selection()
         arrays = _prompt_array_specs(first)
         timesteps: np.ndarray | None = None
@@ -69,7 +69,7 @@ def merge_traces(
                 field, a, b = mismatch
                 raise DitlensError(f"cannot merge: {field} differs between {first.path} ({a}) and {trace.path} ({b})")
             for what, mine, theirs in (
-                ("recorded statistics", stat_keys, _filled_stat_keys(trace)),
+                ("recorded statistics", stat_keys, trace.filled_stat_keys()),
                 ("raw selection", raw, trace.raw_selection()),
                 ("per-prompt arrays", arrays, _prompt_array_specs(trace)),
             ):
@@ -103,11 +103,6 @@ def merge_traces(
                     progress.update(1)
             progress.close()
     return target
-
-
-def _filled_stat_keys(trace: Trace) -> list:
-    """The trace's statistics that its run could fill (see ``recorded_stat_keys``)."""
-    return recorded_stat_keys(trace.stat_keys(), trace.branches, trace.tokens.n_text)
 
 
 def _prompt_offset(trace: Trace) -> int | None:

@@ -31,6 +31,7 @@ from ditlens.traces.format import (
     all_stat_keys,
     header_from_attrs,
     is_stat_key,
+    recorded_stat_keys,
     split_axes,
     stat_path,
 )
@@ -383,6 +384,11 @@ class Trace:
     def stat_keys(self) -> list[StatKey]:
         """The statistics this trace holds, in :func:`all_stat_keys` order."""
         return [key for key in all_stat_keys() if stat_path(key) in self._file]
+
+    def filled_stat_keys(self) -> list[StatKey]:
+        """The statistics this trace holds that its run could fill: a trace written before the profiler
+        left them out also holds all-NaN ones (the text group of a model without text tokens)."""
+        return recorded_stat_keys(self.stat_keys(), self.branches, self.tokens.n_text)
 
     def stat(self, group: str, tensor: str, comparison: str, metric: str) -> LabelledArray:
         """One statistic over the finished prompts."""
