@@ -108,15 +108,19 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def leave_distributed() -> None:
-    """Destroy the process group that init_distributed joined. A gloo group left to the
-    interpreter's exit can abort the process ("terminate called without an active exception")
-    after its work is done, which torchrun reports as a failed rank."""
+def leave_distributed(*, succeeded: bool) -> None:
+    """Destroy the process group that init_distributed joined, after a barrier when this rank
+    succeeded. A gloo group left to the interpreter's exit, or torn down by a rank that finished
+    early (search: only rank 0 writes the plan) while its peer still works, can abort a finished
+    rank ("terminate called without an active exception"), which torchrun reports as a failed
+    rank. A rank that failed skips the barrier: it exits, and torchrun stops the others."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if succeeded:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -254,8 +258,10 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        return code
     except DitlensError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -270,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        leave_distributed()
+        leave_distributed(succeeded=code == 0)
 
 
 if __name__ == "__main__":

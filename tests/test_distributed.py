@@ -105,17 +105,27 @@ def test_shards_profiled_separately_merge_into_the_single_trace(tmp_path):
             np.testing.assert_array_equal(a.stat(*key).data, b.stat(*key).data, err_msg=str(key))
 
 
-def test_cli_leaves_the_process_group_it_ran_in(tmp_path):
-    """A gloo group left to the interpreter's exit can abort a finished rank ("terminate called
-    without an active exception", 6 of 30 two-rank runs here): `main` destroys it, also on errors."""
+def test_cli_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    """A gloo group left to the interpreter's exit, or torn down by a rank that finished early,
+    can abort a finished rank ("terminate called without an active exception"; 6 of 30 two-rank
+    runs without the destroy; with it but without the barrier, the two-rank search aborted once in
+    CI and in 1 of 40 runs here beside a busy core, where rank 1 leaves while rank 0 still writes
+    the plan; 0 of 80 with it): `main` destroys the group, also on errors, and a rank that
+    succeeded first waits for the others at a barrier."""
     import torch.distributed as dist
 
-    from ditlens.cli import main
+    from ditlens.cli import leave_distributed, main
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    barriers: list[int] = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k))[1])
     try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store0'}", rank=0, world_size=1)
         assert main(["info", str(tmp_path / "missing.h5")]) == 2
-        assert not dist.is_initialized()
+        assert not dist.is_initialized() and barriers == []  # a failed rank does not wait for the others
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store1'}", rank=0, world_size=1)
+        leave_distributed(succeeded=True)
+        assert not dist.is_initialized() and barriers == [1]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -570,6 +570,34 @@ def test_a_trace_with_the_old_all_nan_text_group_merges_with_a_new_one(pipelines
             np.testing.assert_array_equal(trace.stat(*key).data, one.stat(*key).data, err_msg=str(key))
 
 
+def test_analyze_and_compare_leave_out_the_all_nan_text_group_of_an_old_trace(pipelines, tmp_path, monkeypatch):
+    """`ditlens analyze` of an old DiT trace stores maps of the statistics it holds values for
+    (none of the all-NaN text group), and `ditlens compare` with a new trace compares those."""
+    import h5py
+
+    import ditlens.analyzer.profiler as profiler_module
+    from ditlens.analyzer.maps import analyze, compare
+
+    pipe, quiet = pipelines("dit"), dict(progress=False, log=lambda s: None)
+    l1 = [k for k in all_stat_keys() if k[3] == "l1"]
+    old, new = tmp_path / "old.h5", tmp_path / "new.h5"
+    with monkeypatch.context() as patch:
+        patch.setattr(profiler_module, "recorded_stat_keys", lambda keys, branches, n_text: list(keys))  # the old writer
+        profile(pipe, ["1", "2"], old, run_config("dit", stat_keys=l1), **quiet)
+    profile(pipe, ["1", "2"], new, run_config("dit", stat_keys=l1), **quiet)
+    report = analyze(old)
+    assert report.stored and not any("/text/" in name for name in report.stored)
+    with h5py.File(old, "r") as f:
+        assert "text" in f["stats"] and "text" not in f["maps/mean"]
+        for name in report.stored:
+            assert np.isfinite(f[name][...]).any(), name
+    with h5py.File(new, "r") as f:
+        image_keys = sorted(f"/stats/image/{t}/{c}/l1" for t in f["stats/image"] for c in f["stats/image"][t])
+    rows = compare(old, new).rows
+    assert rows and all(name.startswith("image/") for name, _, _ in rows)
+    assert len(rows) <= len(image_keys)
+
+
 def test_bad_output_paths_and_selections_are_refused_before_any_compute(pipelines, tmp_path):
     from ditlens.cli import _int_list
 

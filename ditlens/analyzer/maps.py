@@ -95,7 +95,7 @@ def analyze(path: str | Path, *, top: int = 3, store: bool = True,
             raise DitlensError(f"{path} holds no finished prompt yet: run `ditlens profile ... --resume` first")
         report = AnalysisReport(path, trace.n_done)
         maps: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
-        for key in trace.stat_keys():
+        for key in trace.filled_stat_keys():  # an old trace's all-NaN statistics make no map
             arr = trace.stat(*key)
             data = arr.data
             axes = tuple(arr.axes[1:])
@@ -166,7 +166,7 @@ def compare(path_a: str | Path, path_b: str | Path) -> ComparisonReport:
         if a.n_done == 0 or b.n_done == 0:
             raise DitlensError("one of the traces holds no finished prompt")
         align = aligned_steps(a.header.steps, b.header.steps)
-        common = [k for k in a.stat_keys() if k in set(b.stat_keys())]
+        common = [k for k in a.filled_stat_keys() if k in set(b.filled_stat_keys())]
         for key in common:
             ma, mb = prompt_mean(a.stat(*key).data), prompt_mean(b.stat(*key).data)
             if key[2] == "step":
