@@ -570,13 +570,16 @@ def test_a_trace_with_the_old_all_nan_text_group_merges_with_a_new_one(pipelines
             np.testing.assert_array_equal(trace.stat(*key).data, one.stat(*key).data, err_msg=str(key))
 
 
-def test_analyze_and_compare_leave_out_the_all_nan_text_group_of_an_old_trace(pipelines, tmp_path, monkeypatch):
-    """`ditlens analyze` of an old DiT trace stores maps of the statistics it holds values for
-    (none of the all-NaN text group), and `ditlens compare` with a new trace compares those."""
+def test_info_analyze_and_compare_leave_out_the_all_nan_text_group_of_an_old_trace(pipelines, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """`ditlens info` of an old DiT trace counts the statistics a run fills (what a new trace of
+    the run holds) and names the all-NaN rest; `ditlens analyze` stores maps of those only, and
+    `ditlens compare` with a new trace compares those."""
     import h5py
 
     import ditlens.analyzer.profiler as profiler_module
     from ditlens.analyzer.maps import analyze, compare
+    from ditlens.cli import main
 
     pipe, quiet = pipelines("dit"), dict(progress=False, log=lambda s: None)
     l1 = [k for k in all_stat_keys() if k[3] == "l1"]
@@ -585,17 +588,19 @@ def test_analyze_and_compare_leave_out_the_all_nan_text_group_of_an_old_trace(pi
         patch.setattr(profiler_module, "recorded_stat_keys", lambda keys, branches, n_text: list(keys))  # the old writer
         profile(pipe, ["1", "2"], old, run_config("dit", stat_keys=l1), **quiet)
     profile(pipe, ["1", "2"], new, run_config("dit", stat_keys=l1), **quiet)
+    with h5py.File(new, "r") as f:
+        filled = [f"image/{t}/{c}/l1" for t in f["stats/image"] for c in f["stats/image"][t]]
+        assert "text" not in f["stats"]
+    assert main(["info", str(old)]) == 0
+    assert f"stats      {len(filled)} maps (and {len(l1) - len(filled)} all-NaN ones" in capsys.readouterr().out
     report = analyze(old)
-    assert report.stored and not any("/text/" in name for name in report.stored)
+    assert sorted(report.stored) == sorted(f"/maps/{kind}/{key}" for kind in ("mean", "cv") for key in filled)
     with h5py.File(old, "r") as f:
-        assert "text" in f["stats"] and "text" not in f["maps/mean"]
+        assert "text" in f["stats"]
         for name in report.stored:
             assert np.isfinite(f[name][...]).any(), name
-    with h5py.File(new, "r") as f:
-        image_keys = sorted(f"/stats/image/{t}/{c}/l1" for t in f["stats/image"] for c in f["stats/image"][t])
     rows = compare(old, new).rows
-    assert rows and all(name.startswith("image/") for name, _, _ in rows)
-    assert len(rows) <= len(image_keys)
+    assert rows and {name for name, _, _ in rows} <= set(filled)
 
 
 def test_bad_output_paths_and_selections_are_refused_before_any_compute(pipelines, tmp_path):
