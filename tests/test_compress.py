@@ -364,6 +364,14 @@ def test_json_round_trip_and_schema_errors(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\x80\x04\x95pickle")
     with pytest.raises(PlanMismatchError, match="pickle"):
         Plan.load(tmp_path / "bin.json")
+    (tmp_path / "cut.json").write_text(path.read_text()[:-20])  # a plan cut short, e.g. by a full disk
+    with pytest.raises(PlanMismatchError, match=r"^\S*cut\.json: plan is not valid JSON"):
+        Plan.load(tmp_path / "cut.json")
+    data["schema_version"] = 1
+    data["model"]["heads"] = "many"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanMismatchError, match=r"^\S*bad\.json: plan field model\.heads"):
+        Plan.load(tmp_path / "bad.json")
 
 
 # --------------------------------------------------------------------------------------------

@@ -294,7 +294,10 @@ class Plan:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise PlanMismatchError(f"{path} is not a text JSON plan (pickled plans are not supported)") from None
-        return cls.from_json(text)
+        try:
+            return cls.from_json(text)
+        except PlanMismatchError as err:  # name the file: a command may read several plans
+            raise PlanMismatchError(f"{path}: {err}") from None
 
     # -- checks --------------------------------------------------------------------------------
     def check_structure(self) -> None:
