@@ -120,12 +120,10 @@ def leave_distributed(*, succeeded: bool) -> None:
 
     if dist.is_available() and dist.is_initialized():
         if succeeded:
-            if dist.get_backend() == "nccl":  # the device init_distributed chose, not NCCL's guess
-                import torch
+            import torch
 
-                dist.barrier(device_ids=[torch.cuda.current_device()])
-            else:
-                dist.barrier()
+            # NCCL: the device init_distributed chose, not NCCL's guess
+            dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
         dist.destroy_process_group()
 
 
@@ -149,8 +147,9 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"({t.text_position})")
         print(f"layers     {len(h.layers)} attention layers x {h.n_heads} heads x {h.head_dim} channels")
         print(f"prompts    {trace.n_done} of {len(h.prompts)} done; branches {', '.join(h.branches)}")
-        empty = len(trace.stat_keys()) - len(trace.filled_stat_keys())  # an older ditlens wrote them all-NaN
-        print(f"stats      {len(trace.filled_stat_keys())} maps"
+        filled = len(trace.filled_stat_keys())
+        empty = len(trace.stat_keys()) - filled  # an older ditlens wrote them all-NaN
+        print(f"stats      {filled} maps"
               + (f" (and {empty} all-NaN ones an older ditlens wrote; no run fills them)" if empty else "")
               + ("; raw tensors stored" if trace.has("/raw") else ""))
         for extra in ("/maps", "/influence", "/locality"):

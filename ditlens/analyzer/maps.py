@@ -166,7 +166,8 @@ def compare(path_a: str | Path, path_b: str | Path) -> ComparisonReport:
         if a.n_done == 0 or b.n_done == 0:
             raise DitlensError("one of the traces holds no finished prompt")
         align = aligned_steps(a.header.steps, b.header.steps)
-        common = [k for k in a.filled_stat_keys() if k in set(b.filled_stat_keys())]
+        in_b = set(b.filled_stat_keys())
+        common = [k for k in a.filled_stat_keys() if k in in_b]
         for key in common:
             ma, mb = prompt_mean(a.stat(*key).data), prompt_mean(b.stat(*key).data)
             if key[2] == "step":
