@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -725,8 +726,9 @@ def test_validate_and_export(dit_pipe, tmp_path):
     call = lambda prompt, seed: runs.append(prompt) or pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
     plan = _uniform(dit_pipe, "dit", 2, "window(2)")
     report = validate(dit_pipe, plan, ["class1", "class2"], call, out_dir=tmp_path / "v")
-    # both timed passes follow an untimed call of their own (kernel compiles, first allocations)
-    assert runs == ["class1", "class1", "class2", "class1", "class1", "class2"]
+    # an untimed call each way (kernel compiles, first allocations; the plan's counts its FLOPs),
+    # then each prompt with and without the plan side by side
+    assert runs == ["class1", "class1", "class1", "class1", "class2", "class2"]
     full = to_images(dit_pipe(**call("class2", 1)))
     with apply_plan(dit_pipe, plan):
         comp = to_images(dit_pipe(**call("class2", 1)))
@@ -738,6 +740,68 @@ def test_validate_and_export(dit_pipe, tmp_path):
     written = export_plan(plan, tmp_path / "deploy")
     assert Plan.load(written[0]).to_dict() == plan.to_dict()
     _no_ditlens_left(dit_pipe)
+
+
+def test_validate_times_the_plan_without_its_flops_counters(dit_pipe):
+    """FLOPs are counted in the plan's untimed call only: a hook on every projection costs host
+    time at every forward, which the timed calls must not pay (the uncompressed ones do not)."""
+    from ditlens.analyzer import hooks
+    from ditlens.compress.runtime import STEP_HOOK
+    from ditlens.compress.validate import validate
+
+    linears = [m for m in dit_pipe.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    seen = []
+
+    def call(prompt: str, seed: int) -> dict:
+        counters = sum(len(m._forward_hooks) for m in linears)
+        seen.append((hooks.has_hook(dit_pipe.transformer, STEP_HOOK), counters > 0))
+        return pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
+
+    plan = _uniform(dit_pipe, "dit", 2, "window(2)")
+    report = validate(dit_pipe, plan, ["class1", "class2", "class3"], call)
+    # warm-ups (full, plan counting FLOPs), then pairs in ABBA order, the plan never counting
+    assert seen == [(False, False), (True, True), (False, False), (True, False), (True, False), (False, False),
+                    (False, False), (True, False)]
+    assert report.flops["attention_core_fraction"] == pytest.approx(plan_flops(plan).core_fraction)
+    assert len(report.prompt_seconds_full) == len(report.prompt_seconds_plan) == 3
+    _no_ditlens_left(dit_pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_validate_on_cuda_times_attention_with_events():
+    """On CUDA the attention timer reads events after each call (no synchronise per module): the
+    attention time is positive, below the call's own time, and the plan's images match a plain
+    run of the plan."""
+    from ditlens.compress.validate import to_images, validate
+
+    pipe = build_tiny_pipeline("pixart").to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(prompt: str, seed: int) -> dict:
+        kw = pipeline_call_kwargs("pixart", prompt, 3, 3.0, seed)
+        kw["generator"] = torch.Generator("cuda").manual_seed(seed)
+        return kw
+
+    plan = _uniform(pipe, "pixart", 3, "window(2)")
+    report = validate(pipe, plan, ["a cat", "a dog"], call)
+    for attention, seconds in ((report.attention_seconds_full, report.seconds_full),
+                               (report.attention_seconds_plan, report.seconds_plan)):
+        assert 0 < attention < seconds
+    assert report.peak_memory_full is not None and report.peak_memory_plan is not None
+    with apply_plan(pipe, plan):
+        again = to_images(pipe(**call("a dog", 1)))
+    full = to_images(pipe(**call("a dog", 1)))
+    assert report.psnr[1] == pytest.approx(10 * np.log10(1 / np.mean((full - again) ** 2)), rel=1e-3)
+    _no_ditlens_left(pipe)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_validate_can_pin_glibc_malloc():
+    """glibc takes both settings that keep CPU timings from depending on earlier allocations."""
+    from ditlens.compress.validate import steady_cpu_allocator
+
+    assert steady_cpu_allocator()
 
 
 def test_validate_refuses_another_models_plan_before_running_anything(dit_pipe):
@@ -818,8 +882,9 @@ def test_validate_reports_a_plan_slower_than_the_model():
 
 
 def test_validate_speed_verdict_names_timing_noise():
-    """Per-prompt times give the speedup a standard error; a speedup within two of them of 1x is
-    called noise, not a gain or a loss."""
+    """Per-prompt pairs give the speedup a standard error (of a ratio of sums); a speedup within two
+    of them of 1x is called noise, not a gain or a loss. A machine that slows down from pair to pair
+    adds no noise: each pair ran side by side."""
     from ditlens.compress.validate import ValidationReport
 
     flops = {"attention_core_fraction": 0.5, "attention_module_fraction": 0.6}
@@ -831,11 +896,15 @@ def test_validate_speed_verdict_names_timing_noise():
 
     noisy = report([1.0, 1.4, 0.8, 1.2], [1.1, 0.9, 1.3, 0.8])
     a, b = np.array(noisy.prompt_seconds_full), np.array(noisy.prompt_seconds_plan)
-    expected = a.sum() / b.sum() * np.sqrt(a.var(ddof=1) / a.mean() ** 2 / 4 + b.var(ddof=1) / b.mean() ** 2 / 4)
+    ratio = a.sum() / b.sum()
+    expected = np.sqrt(sum((x - ratio * y) ** 2 for x, y in zip(a, b)) / 3 / 4) / b.mean()
     assert noisy.speedup_noise == pytest.approx(expected)
     assert "within the timing noise of 4 prompts" in noisy.speed_verdict
-    steady = report([1.0, 1.01, 0.99, 1.0], [0.8, 0.81, 0.79, 0.8])
+    steady = report([1.0, 1.02, 0.98, 1.0], [0.8, 0.8, 0.8, 0.8])
     assert steady.speed_verdict == "1.25x ± 0.01, 100% of its Amdahl bound (1.25x)"
+    drifting = report([1.0, 2.0, 3.0, 4.0], [0.8, 1.6, 2.4, 3.2])  # the machine slows, each pair alike
+    assert drifting.speedup_noise == pytest.approx(0.0, abs=1e-12)
+    assert drifting.speed_verdict == "1.25x ± 0.00, 100% of its Amdahl bound (1.25x)"
     slow = report([1.0, 1.01, 0.99, 1.0], [1.2, 1.21, 1.19, 1.2])
     assert slow.speed_verdict.startswith("slower than the uncompressed model")
     assert report([1.0], [0.9]).speedup_noise is None

@@ -8,6 +8,8 @@ memory, and writes a JSON report, a Markdown report and a side-by-side PNG grid.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +39,7 @@ class ValidationReport:
     peak_memory_plan: int | None
     peak_cache_bytes: int
     classifier: dict[str, Any] = field(default_factory=dict)
-    # per-prompt run times (each prompt runs alone): their spread is the timing noise
+    # per-prompt run times, pair i timed side by side: the scatter of the pairs is the timing noise
     prompt_seconds_full: list[float] = field(default_factory=list)
     prompt_seconds_plan: list[float] = field(default_factory=list)
 
@@ -59,13 +61,15 @@ class ValidationReport:
 
     @property
     def speedup_noise(self) -> float | None:
-        """Standard error of :attr:`speedup` from the spread of per-prompt times (prompts of one run
-        do the same work, so their spread is noise); None with fewer than two prompts."""
+        """Standard error of :attr:`speedup` (a ratio of sums) from the per-prompt pairs: prompt i ran
+        once without and once with the plan, side by side, so a drift of the machine from pair to
+        pair cancels and only the scatter within pairs counts. None with fewer than two prompts."""
         a, b = np.asarray(self.prompt_seconds_full), np.asarray(self.prompt_seconds_plan)
-        if min(len(a), len(b)) < 2 or self.speedup is None or a.mean() <= 0 or b.mean() <= 0:
+        if min(len(a), len(b)) < 2 or len(a) != len(b) or self.speedup is None or b.mean() <= 0:
             return None
-        rel = np.sqrt((a.std(ddof=1) / a.mean()) ** 2 / len(a) + (b.std(ddof=1) / b.mean()) ** 2 / len(b))
-        return float(self.speedup * rel)
+        ratio = a.sum() / b.sum()
+        residual = a - ratio * b
+        return float(np.sqrt(np.sum(residual ** 2) / (len(a) - 1) / len(a)) / b.mean())
 
     @property
     def speed_verdict(self) -> str:
@@ -148,110 +152,166 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _AttentionTimer:
-    """Wall time spent inside attention modules (synchronised on CUDA)."""
+    """Time spent inside attention modules during one pipeline call.
+
+    On CUDA, a pair of events around each module, read once after the call: a synchronise per
+    module would stall the host at every layer and make every step host-bound, distorting the
+    end-to-end times this timer runs beside. On the CPU, wall time."""
 
     def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
-        self.seconds = 0.0
         self.handles = []
+        self.cuda = any(p.is_cuda for m in modules for p in m.parameters())
+        self._cpu_seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
+        self._open: Any = None
         for m in modules:
             self.handles.append(m.register_forward_pre_hook(self._start))
             self.handles.append(m.register_forward_hook(self._stop))
-        self._t0 = 0.0
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def _start(self, *args: Any) -> None:
-        self._sync()
-        self._t0 = time.perf_counter()
+        self._open = self._now()
 
     def _stop(self, *args: Any) -> None:
-        self._sync()
-        self.seconds += time.perf_counter() - self._t0
+        end = self._now()
+        if self.cuda:
+            self._events.append((self._open, end))
+        else:
+            self._cpu_seconds += end - self._open
+
+    @property
+    def seconds(self) -> float:
+        if not self._events:
+            return self._cpu_seconds
+        torch.cuda.synchronize()
+        return self._cpu_seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def _run(pipe: Any, call: Callable[[str, int], dict], prompts: Sequence[str], seed: int, modules) -> tuple[list, float, float, int | None]:
-    timer = _AttentionTimer(modules)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+def steady_cpu_allocator() -> bool:
+    """Stop glibc's malloc from handing freed memory back to the OS and from moving its mmap
+    threshold; True when glibc took both settings.
+
+    PyTorch's CPU tensors come from malloc. By default glibc trims the heap top after large frees
+    and adapts its mmap threshold to the sizes seen so far, so whether a run's temporaries cost
+    fresh page faults depends on what the process allocated before: in nine ``ditlens demo`` runs on
+    the 2-core CI machine, tiny-dit's plan measured 1.02x to 1.33x (four runs above its 1.16x Amdahl
+    bound, which removing attention work cannot beat). With the heap kept and the threshold fixed
+    at 32 MiB: 1.05x to 1.14x in five runs. The process keeps its freed memory for reuse afterwards."""
     try:
-        images = [to_images(pipe(**call(p, seed + i))) for i, p in enumerate(prompts)]
-    finally:
-        timer.remove()
-    seconds = time.perf_counter() - start
-    return images, seconds, timer.seconds, (torch.cuda.max_memory_allocated() if cuda else None)
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to pin
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    trim = mallopt(m_trim_threshold, 1 << 30)
+    mmap = mallopt(m_mmap_threshold, 32 << 20)
+    return bool(trim) and bool(mmap)
 
 
 @dataclass
-class _TimedRuns:
-    images: list  # per prompt, as to_images gives them
-    seconds: list[float]  # per prompt
+class _TimedRun:
+    images: list  # as to_images gives them
+    seconds: float
     attention_seconds: float
     peak_memory: int | None
 
 
-def _run_each(pipe: Any, call: Callable[[str, int], dict], prompts: Sequence[str], seed: int, modules,
-              after_each: Callable[[], None] = lambda: None) -> _TimedRuns:
-    """One timed pipeline call per prompt (prompt i with seed + i); ``after_each`` runs after each."""
-    out = _TimedRuns([], [], 0.0, None)
-    for i, p in enumerate(prompts):
-        images, seconds, attention, peak = _run(pipe, call, [p], seed + i, modules)
-        out.images += images
-        out.seconds.append(seconds)
-        out.attention_seconds += attention
-        if peak is not None:
-            out.peak_memory = max(peak, out.peak_memory or 0)
-        after_each()
-    return out
+def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, modules) -> _TimedRun:
+    """One pipeline call, timed end to end (synchronised on CUDA) and inside attention modules."""
+    timer = _AttentionTimer(modules)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        images = to_images(pipe(**call(prompt, seed)))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        attention = timer.seconds
+    finally:
+        timer.remove()
+    return _TimedRun(images, seconds, attention, torch.cuda.max_memory_allocated() if cuda else None)
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str, int], dict], *, seed: int = 0,
              model_name: str = "", plan_name: str = "", out_dir: str | Path | None = None,
              classifier_labels: Sequence[int] | None = None) -> ValidationReport:
-    """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``."""
+    """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``.
+
+    Timing protocol: one untimed uncompressed call, then one untimed call with the plan that
+    counts its FLOPs (kernel compiles and first allocations stay out of the timing; a plan runs
+    the same masks at every call, so one call gives its FLOPs fractions). Then, per prompt, one
+    call without and one with the plan, in alternating order (ABBA), the plan applied without its
+    FLOPs-counting hooks: a slow drift of the machine (clocks, other work) falls on both sides of
+    every pair instead of on one whole pass, and the speedup's error comes from the pairs. On the
+    CPU, :func:`steady_cpu_allocator` first keeps malloc's behaviour from depending on history.
+    """
     from ditlens.analyzer.adapters import default_registry
 
-    # refuse another model's plan before the two uncompressed runs (apply_plan would, after them)
+    # refuse another model's plan before the uncompressed runs (apply_plan would, after them)
     adapter = default_registry().find(pipe.transformer)
     plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
-    _run(pipe, call, prompts[:1], seed, modules)  # warm-up, so the first timed run pays no one-off costs
-    full = _run_each(pipe, call, prompts, seed, modules)
-    handle = apply_plan(pipe, plan)
-    try:
-        # the plan's own warm-up: kernel compiles and first-use allocations stay out of its timing too
-        _run(pipe, call, prompts[:1], seed, modules)
-        reports = []
-        planned = _run_each(pipe, call, prompts, seed, modules, after_each=lambda: reports.append(handle.flops))
-        core = sum(r.core for r in reports)
-        core_full = sum(r.core_full for r in reports)
-        proj = sum(r.projections for r in reports)
-        proj_full = sum(r.projections_full for r in reports)
-        flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
-                       "attention_module_fraction": (core + proj) / (core_full + proj_full) if core_full + proj_full else 1.0,
-                       "attention_core_flops": core, "attention_core_flops_full": core_full,
-                       "projection_flops": proj, "projection_flops_full": proj_full}
-        peak_cache = handle.peak_cache_bytes()
-    finally:
-        handle.remove()
+    if not any(p.is_cuda for p in pipe.transformer.parameters()):
+        steady_cpu_allocator()
+    _run(pipe, call, prompts[0], seed, modules)  # warm-up, so the first timed run pays no one-off costs
+    with apply_plan(pipe, plan) as counting:
+        _run(pipe, call, prompts[0], seed, modules)
+        counted = counting.flops
+        peak_cache = counting.peak_cache_bytes()
+
+    def planned_run(prompt: str, prompt_seed: int) -> _TimedRun:
+        nonlocal peak_cache
+        with apply_plan(pipe, plan, count_flops=False) as handle:
+            run = _run(pipe, call, prompt, prompt_seed, modules)
+            peak_cache = max(peak_cache, handle.peak_cache_bytes())
+        return run
+
+    full: list[_TimedRun] = []
+    planned: list[_TimedRun] = []
+    for i, p in enumerate(prompts):
+        if i % 2 == 0:
+            full.append(_run(pipe, call, p, seed + i, modules))
+            planned.append(planned_run(p, seed + i))
+        else:
+            planned.append(planned_run(p, seed + i))
+            full.append(_run(pipe, call, p, seed + i, modules))
+    core, core_full = counted.core, counted.core_full
+    proj, proj_full = counted.projections, counted.projections_full
+    flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
+                   "attention_module_fraction": (core + proj) / (core_full + proj_full) if core_full + proj_full else 1.0,
+                   "attention_core_flops": core, "attention_core_flops_full": core_full,
+                   "projection_flops": proj, "projection_flops_full": proj_full}
     plan.flops = FlopsSummary(flops_total["attention_core_fraction"], flops_total["attention_module_fraction"], "measured")
-    pairs = list(zip(full.images, planned.images))
+    pairs = [(f.images, c.images) for f, c in zip(full, planned)]
     ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in pairs]
     ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in pairs]
-    report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, sum(full.seconds),
-                              sum(planned.seconds), full.attention_seconds, planned.attention_seconds,
-                              full.peak_memory, planned.peak_memory, peak_cache,
-                              _classifier_metrics(full.images, planned.images, classifier_labels),
-                              full.seconds, planned.seconds)
+    peak_full = peak_plan = None
+    for f, c in zip(full, planned):
+        peak_full, peak_plan = _max(peak_full, f.peak_memory), _max(peak_plan, c.peak_memory)
+    report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, sum(r.seconds for r in full),
+                              sum(r.seconds for r in planned), sum(r.attention_seconds for r in full),
+                              sum(r.attention_seconds for r in planned), peak_full, peak_plan, peak_cache,
+                              _classifier_metrics([r.images for r in full], [r.images for r in planned],
+                                                  classifier_labels),
+                              [r.seconds for r in full], [r.seconds for r in planned])
     if out_dir is not None:
-        write_report(report, full.images, planned.images, out_dir)
+        write_report(report, [r.images for r in full], [r.images for r in planned], out_dir)
     return report
 
 
