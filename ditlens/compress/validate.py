@@ -45,7 +45,8 @@ class ValidationReport:
 
     @property
     def attention_share(self) -> float:
-        """Measured fraction of the uncompressed run spent in attention modules."""
+        """Measured fraction of the uncompressed run spent in attention modules (projections and
+        products: output caching skips both, so the bound is taken at the module level)."""
         return self.attention_seconds_full / self.seconds_full if self.seconds_full > 0 else 0.0
 
     @property
@@ -112,7 +113,7 @@ class ValidationReport:
                  f"| attention-module FLOPs fraction | {self.flops['attention_module_fraction']:.4f} |",
                  f"| end-to-end s (full / plan) | {self.seconds_full:.3f} / {self.seconds_plan:.3f} |",
                  f"| attention s (full / plan) | {self.attention_seconds_full:.3f} / {self.attention_seconds_plan:.3f} |",
-                 f"| attention share of run time (full) | {self.attention_share:.1%} |",
+                 f"| attention-module share of run time (full) | {self.attention_share:.1%} |",
                  f"| end-to-end speedup (Amdahl bound at this plan's FLOPs) | "
                  f"{d['speedup'] or float('nan'):.2f}x ({self.amdahl_bound:.2f}x) |",
                  f"| speed | {self.speed_verdict} |",
