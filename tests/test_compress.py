@@ -17,7 +17,7 @@ from ditlens.compress import Plan, apply_plan, parse_method, plan_flops, project
 from ditlens.compress.methods import CallLayout, HeadMethod, attended_pairs, dense_mask, removes_pairs, widest_window
 from ditlens.compress.plan import LayerInfo, ModelFingerprint, RunSpec, TokenInfo
 from ditlens.compress.runtime import ForwardState, PlanRuntime
-from ditlens.errors import PlanMismatchError
+from ditlens.errors import DitlensError, PlanMismatchError
 
 from tiny_models import DIMS, FAMILIES, build_tiny, build_tiny_pipeline, pipeline_call_kwargs
 
@@ -764,6 +764,8 @@ def test_validate_times_the_plan_without_its_flops_counters(dit_pipe):
                     (False, False), (True, False)]
     assert report.flops["attention_core_fraction"] == pytest.approx(plan_flops(plan).core_fraction)
     assert len(report.prompt_seconds_full) == len(report.prompt_seconds_plan) == 3
+    with pytest.raises(DitlensError, match="at least one prompt"):
+        validate(dit_pipe, plan, [], call)
     _no_ditlens_left(dit_pipe)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ditlens.compress.plan import FlopsSummary, Plan
 from ditlens.compress.runtime import apply_plan
+from ditlens.errors import DitlensError
 
 
 @dataclass
@@ -159,9 +160,9 @@ class _AttentionTimer:
     module would stall the host at every layer and make every step host-bound, distorting the
     end-to-end times this timer runs beside. On the CPU, wall time."""
 
-    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, modules: Sequence[torch.nn.Module], cuda: bool) -> None:
         self.handles = []
-        self.cuda = any(p.is_cuda for m in modules for p in m.parameters())
+        self.cuda = cuda
         self._cpu_seconds = 0.0
         self._events: list[tuple[Any, Any]] = []
         self._open: Any = None
@@ -226,10 +227,10 @@ class _TimedRun:
     peak_memory: int | None
 
 
-def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, modules) -> _TimedRun:
-    """One pipeline call, timed end to end (synchronised on CUDA) and inside attention modules."""
-    timer = _AttentionTimer(modules)
-    cuda = torch.cuda.is_available()
+def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, modules, cuda: bool) -> _TimedRun:
+    """One pipeline call, timed end to end (synchronised when the model is on CUDA) and inside
+    attention modules."""
+    timer = _AttentionTimer(modules, cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -264,22 +265,25 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     """
     from ditlens.analyzer.adapters import default_registry
 
+    if not prompts:
+        raise DitlensError("validate needs at least one prompt (pass --prompt or --num-prompts)")
     # refuse another model's plan before the uncompressed runs (apply_plan would, after them)
     adapter = default_registry().find(pipe.transformer)
     plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
-    if not any(p.is_cuda for p in pipe.transformer.parameters()):
+    cuda = any(p.is_cuda for p in pipe.transformer.parameters())
+    if not cuda:
         steady_cpu_allocator()
-    _run(pipe, call, prompts[0], seed, modules)  # warm-up, so the first timed run pays no one-off costs
+    _run(pipe, call, prompts[0], seed, modules, cuda)  # warm-up, so the first timed run pays no one-off costs
     with apply_plan(pipe, plan) as counting:
-        _run(pipe, call, prompts[0], seed, modules)
+        _run(pipe, call, prompts[0], seed, modules, cuda)
         counted = counting.flops
         peak_cache = counting.peak_cache_bytes()
 
     def planned_run(prompt: str, prompt_seed: int) -> _TimedRun:
         nonlocal peak_cache
         with apply_plan(pipe, plan, count_flops=False) as handle:
-            run = _run(pipe, call, prompt, prompt_seed, modules)
+            run = _run(pipe, call, prompt, prompt_seed, modules, cuda)
             peak_cache = max(peak_cache, handle.peak_cache_bytes())
         return run
 
@@ -287,11 +291,11 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     planned: list[_TimedRun] = []
     for i, p in enumerate(prompts):
         if i % 2 == 0:
-            full.append(_run(pipe, call, p, seed + i, modules))
+            full.append(_run(pipe, call, p, seed + i, modules, cuda))
             planned.append(planned_run(p, seed + i))
         else:
             planned.append(planned_run(p, seed + i))
-            full.append(_run(pipe, call, p, seed + i, modules))
+            full.append(_run(pipe, call, p, seed + i, modules, cuda))
     core, core_full = counted.core, counted.core_full
     proj, proj_full = counted.projections, counted.projections_full
     flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
