@@ -880,6 +880,7 @@ def test_validate_reports_a_plan_slower_than_the_model():
     assert slow.speed_verdict.startswith("slower than the uncompressed model (0.95x, bound 1.25x)")
     assert fast.speed_verdict == "1.25x, 100% of its Amdahl bound (1.25x)"
     assert f"| speed | {slow.speed_verdict} |" in slow.markdown()
+    assert "| peak memory bytes (full / plan) | not measured off CUDA |" in slow.markdown()
     assert slow.as_dict()["speed_verdict"] == slow.speed_verdict
 
 

@@ -118,7 +118,8 @@ class ValidationReport:
                  f"| end-to-end speedup (Amdahl bound at this plan's FLOPs) | "
                  f"{d['speedup'] or float('nan'):.2f}x ({self.amdahl_bound:.2f}x) |",
                  f"| speed | {self.speed_verdict} |",
-                 f"| peak memory bytes (full / plan) | {self.peak_memory_full} / {self.peak_memory_plan} |",
+                 ("| peak memory bytes (full / plan) | not measured off CUDA |" if self.peak_memory_full is None else
+                  f"| peak memory bytes (full / plan) | {self.peak_memory_full} / {self.peak_memory_plan} |"),
                  f"| peak cache bytes | {self.peak_cache_bytes} |"]
         for key, value in self.classifier.items():
             lines.append(f"| {key} | {value} |")
