@@ -5,6 +5,10 @@ host time per step, side by side. Answers "why is this plan not faster?" on the 
     python benchmarks/e2e_profile.py --model pixart-sigma-xl-1024 --fraction 0.52
     python benchmarks/e2e_profile.py --model dit-xl-2-512 --fraction 0.49 --mix   # AST / WA-RS+ASC plan
 
+Per call it also lists what can hold the host: CUDA runtime synchronisations, device allocations
+and copies (torch.profiler), the caching allocator's device allocations and retries, and the torch
+operations that synchronised (torch's sync debug mode) with the Python line that called them.
+
 It also times the attention kernels alone on the model's real layout (diffusers' ``[B, L, H, D]``
 views) against contiguous ``[B, H, L, D]`` tensors, so a slow strided path shows.
 """
@@ -14,7 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 
 import torch
 
@@ -35,11 +40,18 @@ def family(name: str) -> str:
     return "other"
 
 
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+STALL_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMalloc", "cudaFree",
+               "cudaMemcpy")
+
+
 def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
-    """``timed_calls`` plain calls (median wall time), then one call under torch.profiler."""
+    """``timed_calls`` plain calls (median wall time; the caching allocator's device allocations,
+    frees and retries per call), then one call under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     plain = []
+    before = torch.cuda.memory_stats()
     for _ in range(timed_calls):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -47,6 +59,8 @@ def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
             model.pipe(**kwargs)
         torch.cuda.synchronize()
         plain.append(time.perf_counter() - t0)
+    after = torch.cuda.memory_stats()
+    allocator = {k: (after.get(k, 0) - before.get(k, 0)) / timed_calls for k in ALLOCATOR_COUNTERS}
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -66,7 +80,37 @@ def profile_call(model, kwargs: dict, steps: int, timed_calls: int = 3) -> dict:
     return {"wall_ms": wall * 1e3, "plain_ms": sorted(plain)[len(plain) // 2] * 1e3, "gpu_ms": dict(by_family),
             "gpu_total_ms": sum(by_family.values()),
             "kernels_per_step": launches / steps, "kernels": by_kernel, "idle": idle_gaps(prof),
-            "longest_gap": longest_gap(prof)}
+            "longest_gap": longest_gap(prof), "allocator": allocator, "stalls": host_stalls(prof),
+            "sync_ops": synchronising_ops(model, kwargs)}
+
+
+def host_stalls(prof) -> dict[str, list]:
+    """CUDA runtime calls of a profiled call that can hold the host (synchronisations, device
+    allocations and frees, copies): count and host ms of each. An eager loop slower than both its
+    GPU time and its host's launch rate has its cause here."""
+    cuda = torch.autograd.DeviceType.CUDA
+    found: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type != cuda and e.name.startswith(STALL_CALLS):
+            found[e.name][0] += 1
+            found[e.name][1] += (e.time_range.end - e.time_range.start) / 1e3
+    return dict(found)
+
+
+def synchronising_ops(model, kwargs: dict, top: int = 8) -> list[tuple[int, str]]:
+    """The torch operations that synchronised the host with the GPU during one call (torch's sync
+    debug mode), counted by the Python line that called them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.inference_mode():
+                model.pipe(**kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{w.filename.rsplit('/', 3)[-1]}:{w.lineno} {str(w.message).splitlines()[0][:60]}"
+                    for w in caught if "synchroniz" in str(w.message).lower())
+    return [(n, line) for line, n in where.most_common(top)]
 
 
 def longest_gap(prof, around: int = 3) -> list[str]:
@@ -242,6 +286,13 @@ def main() -> None:
     print("\n".join(idle_report(results)))
     for name, r in results.items():
         print(f"{name}: " + "\n".join(r["longest_gap"]))
+    print("host stalls per call (CUDA runtime calls that can hold the host: count / host ms; allocator per call):")
+    for name, r in results.items():
+        stalls = ", ".join(f"{k} {n} / {ms:.2f}" for k, (n, ms) in sorted(r["stalls"].items())) or "none"
+        alloc = ", ".join(f"{k} {v:g}" for k, v in r["allocator"].items())
+        print(f"  {name:20s} {stalls}\n  {'':20s} {alloc}")
+        for n, line in r["sync_ops"]:
+            print(f"  {'':20s} {n:5d} synchronising op at {line}")
     print("\n".join(kernel_layouts(model)))
 
 
