@@ -420,6 +420,34 @@ def test_all_full_plan_is_bit_identical_and_removal_restores(dit_pipe):
     _no_ditlens_left(dit_pipe)
 
 
+@pytest.mark.parametrize("count_flops", [False, True])
+def test_a_suspended_plan_leaves_the_model_as_removal_does(dit_pipe, count_flops):
+    """Inside ``handle.suspended()`` the pipeline is exactly the uncompressed one (same images, no
+    ditlens attribute or hook left); afterwards the same plan runs again with the same runtime, its
+    images and FLOPs those of a freshly applied plan."""
+    kw = lambda: pipeline_call_kwargs("dit", "class3", 2, 3.0, 0)
+    before = dit_pipe(**kw()).images
+    plan = _uniform(dit_pipe, "dit", 2, "window(1)")
+    with apply_plan(dit_pipe, plan, count_flops=count_flops) as fresh:
+        want = dit_pipe(**kw()).images
+        want_core = fresh.flops.core
+    handle = apply_plan(dit_pipe, plan, count_flops=count_flops)
+    runtime = handle.runtime
+    dit_pipe(**kw())
+    with handle.suspended():
+        np.testing.assert_array_equal(dit_pipe(**kw()).images, before)
+        _no_ditlens_left(dit_pipe)
+    np.testing.assert_array_equal(dit_pipe(**kw()).images, want)
+    assert handle.runtime is runtime
+    if count_flops:
+        assert handle.flops.core == want_core and 0 < want_core < handle.flops.core_full
+    handle.remove()
+    _no_ditlens_left(dit_pipe)
+    with pytest.raises(DitlensError, match="removed"):
+        with handle.suspended():
+            pass
+
+
 def test_untouched_layers_carry_no_hook_and_checks_still_run(dit_pipe):
     """Without FLOPs counting, a layer the plan never changes gets no hook (host time per forward); the
     step bookkeeping then runs after the forward, and its run checks still refuse a mismatch."""
@@ -726,9 +754,9 @@ def test_validate_and_export(dit_pipe, tmp_path):
     call = lambda prompt, seed: runs.append(prompt) or pipeline_call_kwargs("dit", prompt, 2, 3.0, seed)
     plan = _uniform(dit_pipe, "dit", 2, "window(2)")
     report = validate(dit_pipe, plan, ["class1", "class2"], call, out_dir=tmp_path / "v")
-    # an untimed call each way (kernel compiles, first allocations; the plan's counts its FLOPs),
+    # untimed calls (kernel compiles, first allocations; the first with the plan counts its FLOPs),
     # then each prompt with and without the plan side by side
-    assert runs == ["class1", "class1", "class1", "class1", "class2", "class2"]
+    assert runs == ["class1", "class1", "class1", "class1", "class1", "class2", "class2"]
     full = to_images(dit_pipe(**call("class2", 1)))
     with apply_plan(dit_pipe, plan):
         comp = to_images(dit_pipe(**call("class2", 1)))
@@ -759,9 +787,9 @@ def test_validate_times_the_plan_without_its_flops_counters(dit_pipe):
 
     plan = _uniform(dit_pipe, "dit", 2, "window(2)")
     report = validate(dit_pipe, plan, ["class1", "class2", "class3"], call)
-    # warm-ups (full, plan counting FLOPs), then pairs in ABBA order, the plan never counting
-    assert seen == [(False, False), (True, True), (False, False), (True, False), (True, False), (False, False),
-                    (False, False), (True, False)]
+    # warm-ups (full, plan counting FLOPs, plan as timed), then pairs in ABBA order, the plan never counting
+    assert seen == [(False, False), (True, True), (True, False), (False, False), (True, False), (True, False),
+                    (False, False), (False, False), (True, False)]
     assert report.flops["attention_core_fraction"] == pytest.approx(plan_flops(plan).core_fraction)
     assert len(report.prompt_seconds_full) == len(report.prompt_seconds_plan) == 3
     with pytest.raises(DitlensError, match="at least one prompt"):

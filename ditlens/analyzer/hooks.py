@@ -62,6 +62,11 @@ def detach(module: nn.Module, name: str) -> None:
         delattr(module, _REGISTRY_ATTR)
 
 
-def has_hook(module: nn.Module, name: str) -> bool:
+def registered(module: nn.Module, name: str) -> ModelHook | None:
+    """The hook ``name`` on ``module``, or None."""
     registry = getattr(module, _REGISTRY_ATTR, None)
-    return registry is not None and registry.get_hook(name) is not None
+    return registry.get_hook(name) if registry is not None else None
+
+
+def has_hook(module: nn.Module, name: str) -> bool:
+    return registered(module, name) is not None

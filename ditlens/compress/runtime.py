@@ -29,10 +29,11 @@ Nothing is kept that no later step reads.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from functools import lru_cache
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -747,6 +748,7 @@ class PlanHandle:
     modules: list[nn.Module]  # the attention modules that carry a layer hook
     linear_hooks: list[Any]
     removed: bool = False
+    counted_linears: list[nn.Linear] = field(default_factory=list)  # projections whose FLOPs are counted
 
     @property
     def flops(self):
@@ -764,6 +766,36 @@ class PlanHandle:
     def reset(self) -> None:
         """Drop every cache (done automatically when a new pipeline call starts)."""
         self.runtime.reset()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the model without the plan for a while, keeping this handle's runtime: inside, the
+        modules are exactly as :meth:`remove` leaves them; on exit the same hooks go back on, with
+        the caches reset. The runtime's device constants (head-index tensors, whose upload from
+        pageable memory synchronises the stream) survive, so a plan alternated with the
+        uncompressed model, as ``validate`` does, does not rebuild them at every call."""
+        from ditlens.analyzer import hooks
+
+        if self.removed:
+            raise DitlensError("this plan was removed; apply it again instead of suspending it")
+        taken = []
+        for module, name in [(m, LAYER_HOOK) for m in self.modules] + [(self.transformer, STEP_HOOK)]:
+            hook = hooks.registered(module, name)
+            if hook is not None:
+                hooks.detach(module, name)
+                taken.append((module, hook, name))
+        for h in self.linear_hooks:
+            h.remove()
+        self.linear_hooks.clear()
+        self.runtime.reset()
+        try:
+            yield
+        finally:
+            for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
+                hooks.attach(module, hook, name)
+            self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime))
+                                  for sub in self.counted_linears]
+            self.runtime.reset()
 
     def remove(self) -> None:
         from ditlens.analyzer import hooks
@@ -824,10 +856,8 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
         for index in hooked:
             hooks.attach(modules[index], layer_cls(runtime, index), LAYER_HOOK)
         if count_flops:
-            for module in modules:
-                for sub in module.modules():
-                    if isinstance(sub, nn.Linear):
-                        handle.linear_hooks.append(sub.register_forward_hook(_linear_counter(runtime)))
+            handle.counted_linears = [sub for module in modules for sub in module.modules() if isinstance(sub, nn.Linear)]
+            handle.linear_hooks += [sub.register_forward_hook(_linear_counter(runtime)) for sub in handle.counted_linears]
     except Exception:
         handle.remove()
         raise

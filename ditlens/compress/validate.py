@@ -256,13 +256,15 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
              classifier_labels: Sequence[int] | None = None) -> ValidationReport:
     """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``.
 
-    Timing protocol: one untimed uncompressed call, then one untimed call with the plan that
-    counts its FLOPs (kernel compiles and first allocations stay out of the timing; a plan runs
-    the same masks at every call, so one call gives its FLOPs fractions). Then, per prompt, one
-    call without and one with the plan, in alternating order (ABBA), the plan applied without its
-    FLOPs-counting hooks: a slow drift of the machine (clocks, other work) falls on both sides of
-    every pair instead of on one whole pass, and the speedup's error comes from the pairs. On the
-    CPU, :func:`steady_cpu_allocator` first keeps malloc's behaviour from depending on history.
+    Timing protocol: one untimed uncompressed call, one untimed call with the plan that counts its
+    FLOPs (kernel compiles and first allocations stay out of the timing; a plan runs the same masks
+    at every call, so one call gives its FLOPs fractions), and one untimed call with the plan
+    applied without its FLOPs-counting hooks, as it is timed. Then, per prompt, one call without
+    and one with the plan, in alternating order (ABBA; the plan suspended for the uncompressed
+    calls, so its runtime's device constants are built once): a slow drift of the machine (clocks,
+    other work) falls on both sides of every pair instead of on one whole pass, and the speedup's
+    error comes from the pairs. On the CPU, :func:`steady_cpu_allocator` first keeps malloc's
+    behaviour from depending on history.
     """
     from ditlens.analyzer.adapters import default_registry
 
@@ -280,23 +282,23 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
         _run(pipe, call, prompts[0], seed, modules, cuda)
         counted = counting.flops
         peak_cache = counting.peak_cache_bytes()
-
-    def planned_run(prompt: str, prompt_seed: int) -> _TimedRun:
-        nonlocal peak_cache
-        with apply_plan(pipe, plan, count_flops=False) as handle:
-            run = _run(pipe, call, prompt, prompt_seed, modules, cuda)
-            peak_cache = max(peak_cache, handle.peak_cache_bytes())
-        return run
-
     full: list[_TimedRun] = []
     planned: list[_TimedRun] = []
-    for i, p in enumerate(prompts):
-        if i % 2 == 0:
-            full.append(_run(pipe, call, p, seed + i, modules, cuda))
-            planned.append(planned_run(p, seed + i))
-        else:
-            planned.append(planned_run(p, seed + i))
-            full.append(_run(pipe, call, p, seed + i, modules, cuda))
+    with apply_plan(pipe, plan, count_flops=False) as handle:
+        _run(pipe, call, prompts[0], seed, modules, cuda)  # this runtime's own first-use constants
+
+        def run_full(prompt: str, prompt_seed: int) -> None:
+            with handle.suspended():
+                full.append(_run(pipe, call, prompt, prompt_seed, modules, cuda))
+
+        for i, p in enumerate(prompts):
+            if i % 2 == 0:
+                run_full(p, seed + i)
+                planned.append(_run(pipe, call, p, seed + i, modules, cuda))
+            else:
+                planned.append(_run(pipe, call, p, seed + i, modules, cuda))
+                run_full(p, seed + i)
+        peak_cache = max(peak_cache, handle.peak_cache_bytes())
     core, core_full = counted.core, counted.core_full
     proj, proj_full = counted.projections, counted.projections_full
     flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
