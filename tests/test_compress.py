@@ -446,6 +446,10 @@ def test_a_suspended_plan_leaves_the_model_as_removal_does(dit_pipe, count_flops
     with pytest.raises(DitlensError, match="removed"):
         with handle.suspended():
             pass
+    handle = apply_plan(dit_pipe, plan, count_flops=count_flops)
+    with handle.suspended():
+        handle.remove()  # removed while suspended: nothing comes back on
+    _no_ditlens_left(dit_pipe)
 
 
 def test_untouched_layers_carry_no_hook_and_checks_still_run(dit_pipe):

@@ -791,11 +791,12 @@ class PlanHandle:
         try:
             yield
         finally:
-            for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
-                hooks.attach(module, hook, name)
-            self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime))
-                                  for sub in self.counted_linears]
-            self.runtime.reset()
+            if not self.removed:  # removed inside: it stays off
+                for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
+                    hooks.attach(module, hook, name)
+                self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime))
+                                      for sub in self.counted_linears]
+                self.runtime.reset()
 
     def remove(self) -> None:
         from ditlens.analyzer import hooks
