@@ -113,51 +113,29 @@ def sync(device: str) -> None:
 
 
 class LoopClock:
-    """CUDA events around every transformer forward and every attention module: loop and attention
-    time without synchronising inside the run (CPU: perf_counter)."""
+    """Loop time (first transformer forward's start to the last one's end) and attention-module
+    time of a pipeline call, without synchronising inside it (CUDA events; CPU: perf_counter)."""
 
     def __init__(self, pipe, attention_modules, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.forwards: list[tuple] = []
-        self.attention: list[tuple] = []
-        self.handles = []
-        self._open: dict[int, object] = {}
-        self._attach(pipe.transformer, self.forwards)
-        for module in attention_modules:
-            self._attach(module, self.attention)
+        from ditlens.compress.clock import ModuleClock
 
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _attach(self, module, store) -> None:
-        def pre(mod, args):
-            self._open[id(mod)] = self._mark()
-
-        def post(mod, args, out):
-            store.append((self._open.pop(id(mod)), self._mark()))
-
-        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        cuda = device.startswith("cuda")
+        self.forwards = ModuleClock([pipe.transformer], cuda)
+        self.attention = ModuleClock(attention_modules, cuda)
 
     def reset(self) -> None:
-        self.forwards.clear()
-        self.attention.clear()
-
-    def _elapsed(self, start, end) -> float:
-        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+        self.forwards.reset()
+        self.attention.reset()
 
     def loop_seconds(self) -> float:
-        return self._elapsed(self.forwards[0][0], self.forwards[-1][1])
+        return self.forwards.first_to_last_seconds()
 
     def attention_seconds(self) -> float:
-        return sum(self._elapsed(a, b) for a, b in self.attention)
+        return self.attention.total_seconds()
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.forwards.remove()
+        self.attention.remove()
 
 
 def time_call(model, kwargs: dict, clock: LoopClock, device: str, handle=None) -> Timing:

@@ -794,9 +794,12 @@ class PlanHandle:
             if not self.removed:  # removed inside: it stays off
                 for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
                     hooks.attach(module, hook, name)
-                self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime))
-                                      for sub in self.counted_linears]
+                self._count_projections()
                 self.runtime.reset()
+
+    def _count_projections(self) -> None:
+        """A FLOPs counter on each of :attr:`counted_linears`."""
+        self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime)) for sub in self.counted_linears]
 
     def remove(self) -> None:
         from ditlens.analyzer import hooks
@@ -858,7 +861,7 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
             hooks.attach(modules[index], layer_cls(runtime, index), LAYER_HOOK)
         if count_flops:
             handle.counted_linears = [sub for module in modules for sub in module.modules() if isinstance(sub, nn.Linear)]
-            handle.linear_hooks += [sub.register_forward_hook(_linear_counter(runtime)) for sub in handle.counted_linears]
+            handle._count_projections()
     except Exception:
         handle.remove()
         raise

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ditlens.compress.clock import ModuleClock
 from ditlens.compress.plan import FlopsSummary, Plan
 from ditlens.compress.runtime import apply_plan
 from ditlens.errors import DitlensError
@@ -154,52 +155,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win))
 
 
-class _AttentionTimer:
-    """Time spent inside attention modules during one pipeline call.
-
-    On CUDA, a pair of events around each module, read once after the call: a synchronise per
-    module would stall the host at every layer and make every step host-bound, distorting the
-    end-to-end times this timer runs beside. On the CPU, wall time."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module], cuda: bool) -> None:
-        self.handles = []
-        self.cuda = cuda
-        self._cpu_seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-        self._open: Any = None
-        for m in modules:
-            self.handles.append(m.register_forward_pre_hook(self._start))
-            self.handles.append(m.register_forward_hook(self._stop))
-
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self, *args: Any) -> None:
-        self._open = self._now()
-
-    def _stop(self, *args: Any) -> None:
-        end = self._now()
-        if self.cuda:
-            self._events.append((self._open, end))
-        else:
-            self._cpu_seconds += end - self._open
-
-    @property
-    def seconds(self) -> float:
-        if not self._events:
-            return self._cpu_seconds
-        torch.cuda.synchronize()
-        return self._cpu_seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def steady_cpu_allocator() -> bool:
     """Stop glibc's malloc from handing freed memory back to the OS and from moving its mmap
     threshold; True when glibc took both settings.
@@ -231,7 +186,7 @@ class _TimedRun:
 def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, modules, cuda: bool) -> _TimedRun:
     """One pipeline call, timed end to end (synchronised when the model is on CUDA) and inside
     attention modules."""
-    timer = _AttentionTimer(modules, cuda)
+    timer = ModuleClock(modules, cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -241,7 +196,7 @@ def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, mo
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        attention = timer.seconds
+        attention = timer.total_seconds()
     finally:
         timer.remove()
     return _TimedRun(images, seconds, attention, torch.cuda.max_memory_allocated() if cuda else None)
