@@ -552,6 +552,45 @@ def test_lowering_runs_every_segment_dense_when_together_they_save_too_little(di
     assert short.plan.methods[3][1] == ["asc"] + ["full"] * (H - 1)  # WA-RS+ASC keeps its ASC
 
 
+def test_a_plan_that_changes_nothing_tracks_only_the_first_forward_of_a_call(dit_pipe, monkeypatch):
+    """Without FLOPs counting, an all-full plan (what lowering leaves where no WA-RS segment pays)
+    changes nothing a forward computes: only the first forward of each call runs the step bookkeeping
+    and the run checks, the rest run bare (host time per forward in a host-bound loop). A plan that
+    changes one layer, or counts FLOPs, tracks every forward."""
+    from ditlens.compress.runtime import PlanRuntime
+
+    tracked: list[int] = []
+    begin_forward = PlanRuntime.begin_forward
+
+    def spy(self, *args):
+        begin_forward(self, *args)
+        tracked.append(self.state.step)
+
+    monkeypatch.setattr(PlanRuntime, "begin_forward", spy)
+    kw = lambda: pipeline_call_kwargs("dit", "class4", 3, 3.0, 0)
+    before = dit_pipe(**kw()).images
+    plan = _uniform(dit_pipe, "dit", 3)
+    with apply_plan(dit_pipe, plan, count_flops=False) as handle:
+        assert handle.runtime.idle
+        for _ in range(2):
+            np.testing.assert_array_equal(dit_pipe(**kw()).images, before)
+        assert tracked == [0, 0]
+        with pytest.raises(PlanMismatchError, match=r"3 steps.*runs 2"):  # each call is still checked
+            dit_pipe(**pipeline_call_kwargs("dit", "class4", 2, 3.0, 0))
+    tracked.clear()
+    with apply_plan(dit_pipe, plan) as handle:  # counting FLOPs: every forward
+        assert not handle.runtime.idle
+        dit_pipe(**kw())
+        assert tracked == [0, 1, 2]
+    tracked.clear()
+    plan.set(2, 0, "window(1)")
+    with apply_plan(dit_pipe, plan, count_flops=False) as handle:
+        assert not handle.runtime.idle
+        dit_pipe(**kw())
+        assert tracked == [0, 1, 2]
+    _no_ditlens_left(dit_pipe)
+
+
 def _recorded_timesteps(pipe, steps: int) -> list[float]:
     """The timestep each transformer forward of one uncompressed tiny-dit call received."""
     seen: list[float] = []
@@ -568,7 +607,8 @@ def _recorded_timesteps(pipe, steps: int) -> list[float]:
 def test_timestep_mismatch_is_refused_at_any_step(dit_pipe, count_flops):
     """Timesteps are read back from the device at steps 0 and 1 and the rest at the last step (no
     host-device wait at every step): a mismatch at step 0 or at a later step is refused either way,
-    also where no layer carries a hook and the step bookkeeping runs after the forward."""
+    also where no layer carries a hook (an all-full plan without FLOPs counting tracks only the first
+    forward of a call, which checks the later steps against the scheduler's schedule)."""
     import dataclasses
 
     steps = 5

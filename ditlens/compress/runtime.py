@@ -127,6 +127,13 @@ class PlanRuntime:
         self.count_flops = count_flops
         self.warsr_refresh = warsr_refresh
         self.schedule = build_schedule(plan)
+        # A plan that leaves every layer untouched (all full, e.g. once lowering ran every WA-RS
+        # segment dense) changes nothing a forward computes. Its step bookkeeping (~40-60 µs of host
+        # time per forward) is then paid only by the first forward of each call, which runs the
+        # checks: in a host-bound loop (DiT-XL 512² eager) that bookkeeping is most of what such a
+        # plan would cost.
+        self.idle = not count_flops and len(untouched_layers(self.schedule)) == len(plan.model.layers)
+        self._checked_timesteps: Any = None  # the call (scheduler timesteps) whose first forward passed the checks
         self.state = RuntimeState()
         self.flops = FlopsCounter()
         self.forward: ForwardState | None = None
@@ -165,6 +172,12 @@ class PlanRuntime:
         self._pending = (transformer, args, kwargs)
         if self._may_read_timestep():
             self.settle()
+
+    def checked_this_call(self) -> bool:
+        """Whether a forward of the current pipeline call already passed the run checks (a new call
+        sets new scheduler timesteps)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return timesteps is not None and timesteps is self._checked_timesteps
 
     def _may_read_timestep(self) -> bool:
         """Whether the next forward's bookkeeping may read its timestep: where the scheduler keeps no
@@ -225,6 +238,8 @@ class PlanRuntime:
             if step < 2 or step == plan.steps - 1:
                 self._check_timesteps(st.unchecked_timesteps)
                 st.unchecked_timesteps.clear()
+            if self.idle and step == 0:
+                self._check_schedule()  # the call's later forwards run bare: check their timesteps now
         grid = plan.model.tokens.grid
         if grid is not None and tuple(info.grid) != tuple(grid):
             what = ("frame count (run.frames)" if tuple(info.grid[1:]) == tuple(grid[1:]) else
@@ -237,6 +252,7 @@ class PlanRuntime:
             plan.check_windows(tuple(info.grid))  # a plan made without a grid: its windows meet one here
             self._windows_checked_on = tuple(info.grid)
         self.forward = self._branches(info, step, layout)
+        self._checked_timesteps = timesteps
 
     def _check_timesteps(self, seen: list[tuple[int, Any]]) -> None:
         """Check each (step, timestep argument). A tensor the pipeline passed at several steps (reused
@@ -248,11 +264,27 @@ class PlanRuntime:
             if not isinstance(timestep, torch.Tensor) or last_use[id(timestep)] == k:
                 self._check_timestep(step, timestep_float(timestep))
 
+    def _check_schedule(self) -> None:
+        """Check the timestep of every step after the first against the scheduler's schedule, which
+        holds what the pipeline will pass up to its family's scale (FLUX passes t / 1000). The scale
+        is the one step 0 shows; step 0 itself is checked against the timestep passed."""
+        expected = self.plan.run.timesteps
+        schedule = getattr(self.scheduler, "timesteps", None)
+        if expected is None or not isinstance(schedule, torch.Tensor) or schedule.numel() != len(expected):
+            return  # a step count that differs was refused already
+        values = schedule.detach().double().flatten().tolist()
+        scale = expected[0] / values[0] if values[0] else 1.0  # plans record the transformer's or the scheduler's axis
+        for step in range(1, len(values)):
+            if not _close(expected[step], values[step] * scale):
+                raise PlanMismatchError(
+                    f"step {step} runs timestep {values[step] * scale:g} but the plan was made for {expected[step]:g} "
+                    "(run.timesteps): another scheduler setting, step count or resolution")
+
     def _check_timestep(self, step: int, value: float) -> None:
         expected = self.plan.run.timesteps[step]
 
         def close(x: float) -> bool:
-            return abs(expected - x) <= 1e-3 * max(1.0, abs(x))
+            return _close(expected, x)
 
         # Online searches record what the transformer receives; plans from a trace record the
         # scheduler's values (the trace's axis), which some families rescale (FLUX: t / 1000).
@@ -632,6 +664,12 @@ class PlanRuntime:
     def reset(self) -> None:
         self.state.clear()
         self.flops.reset()
+        self._checked_timesteps = None
+
+
+def _close(expected: float, value: float) -> bool:
+    """Timesteps equal up to float32 rounding and the scheduler's arithmetic."""
+    return abs(expected - value) <= 1e-3 * max(1.0, abs(value))
 
 
 def _pairs(kind: str, w: int, layout: CallLayout) -> int:
@@ -712,6 +750,8 @@ def _hook_classes() -> tuple[type, type]:
             self.handle = handle
 
         def new_forward(self, module, *args, **kwargs):
+            if self.runtime.idle and self.runtime.checked_this_call():  # nothing to track: the forward runs bare
+                return self.fn_ref.original_forward(*args, **kwargs)
             self.runtime.defer_forward(module, args, kwargs)
             try:
                 out = self.fn_ref.original_forward(*args, **kwargs)
@@ -828,7 +868,8 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
 
     The plan is checked against the pipeline's transformer and scheduler first (refused with a
     :class:`PlanMismatchError` naming the field); resolution, step count and CFG layout are
-    checked on the first forward. Returns a handle; ``handle.remove()`` or
+    checked on the first forward (a plan that changes no layer and counts no FLOPs checks only
+    there: the call's other forwards run without the runtime). Returns a handle; ``handle.remove()`` or
     :func:`remove_plan` restore the pipeline exactly. ``warsr_refresh`` picks how a full step
     that refreshes WA-RS residuals runs on the Triton backend (``"one-pass"``: one launch for
     ``O`` and ``R``; ``"two-pass"``: the model's attention, then a windowed launch writing ``R``).
