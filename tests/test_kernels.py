@@ -573,6 +573,94 @@ def test_warsr_residual_and_fused_apply(device, text_first, D):
     assert _rel_err(a2, ref_full) < 2 * _tol(dtype)
 
 
+def test_launch_cache_replays_triton_dispatch_per_signature(monkeypatch):
+    """The first launch of a signature goes through Triton (``fn[grid](*args, **constants)``); a later
+    one with the same pointer dtypes and 16-byte alignment, int values and constants object goes to the
+    compiled kernel with every argument in signature order, defaults included. Anything else that
+    Triton specializes on (alignment, an int, the constants, the device) is a new signature."""
+    import inspect
+
+    from ditlens.kernels.launcher import LaunchCache
+
+    triton_calls, replays = [], []
+
+    class Compiled:
+        def __init__(self, index):
+            self.index = index
+
+        def __getitem__(self, grid):
+            return lambda *args: replays.append((self.index, grid, args))
+
+    def kernel(X, n, scale, A, B=7, C=False):
+        pass
+
+    class Fn:
+        arg_names = ["X", "n", "scale", "A", "B", "C"]
+        signature = inspect.signature(kernel)
+
+        def __getitem__(self, grid):
+            def dispatch(*args, **constants):
+                triton_calls.append((grid, args, constants))
+                return Compiled(len(triton_calls) - 1)
+            return dispatch
+
+    device = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    cache = LaunchCache(Fn())
+    base = torch.zeros(64, dtype=torch.float16)
+    x, shifted = base[:32], base[1:33]  # 2-byte offset: no longer 16-byte aligned
+    constants = {"A": 3, "C": True, "num_warps": 4}
+    cache((5,), (x, 10, 0.5), constants)
+    cache((6,), (x, 10, 0.25), constants)  # floats are not specialized: a replay
+    assert len(triton_calls) == 1 and triton_calls[0][2] == constants
+    assert replays == [(0, (6, 1, 1), (x, 10, 0.25, 3, 7, True))]  # num_warps is an option, not an argument
+    cache((6,), (shifted, 10, 0.25), constants)
+    cache((6,), (x, 11, 0.25), constants)
+    cache((6,), (x, 10, 0.25), dict(constants))  # equal, but another object: no id to trust
+    device[0] = 1
+    cache((6,), (x, 10, 0.25), constants)
+    assert len(triton_calls) == 5 and cache.hits == 1
+    device[0] = 0
+    cache((7, 2), (shifted, 10, 1.0), constants)
+    assert replays[-1] == (1, (7, 2, 1), (shifted, 10, 1.0, 3, 7, True)) and cache.hits == 2
+    with pytest.raises(TypeError, match="no value for A"):
+        cache((1,), (x, 12, 0.5), {"C": True})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cached_launches_equal_tritons_own_dispatch():
+    """On CUDA a repeated head-wise launch skips Triton's dispatch: bit for bit the output of the
+    first launch (dispatched by Triton), for a mixed plan at every call, across output buffers of
+    another alignment, and under a CUDA graph."""
+    from ditlens.kernels.triton_backend import headwise_launches
+
+    B, H, L, D = 2, 6, 1000, 72
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, "cuda", seed=3)
+    cached = torch.randn(B, H, L, D, device="cuda").to(torch.bfloat16)
+    modes, windows = ["full", "window", "arrow", "skip", "window", "full"], [0, 40, 17, 0, 300, 0]
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, 77, False)
+    launches = headwise_launches()
+    hits = launches.hits
+    first = headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached)
+    for _ in range(3):
+        assert torch.equal(headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached), first)
+    assert launches.hits >= hits + 3
+    ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=77, text_first=False,
+                                       cached=cached, out_dtype=torch.float64)
+    assert _rel_err(first, ref) < _tol(torch.bfloat16)
+    out = torch.empty(B * H * L * D + 8, dtype=q.dtype, device="cuda")[8:].view(B, H, L, D)  # another alignment class
+    headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, out=out)
+    assert torch.equal(out, first)
+    graph, static = torch.cuda.CUDAGraph(), torch.empty_like(first)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        headwise_triton(q, k, v, plan, layout, D ** -0.5, cached=cached, out=static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, first)
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="Triton is not in interpreter mode here")
 def test_random_plans_against_reference():
     rng = random.Random(3)

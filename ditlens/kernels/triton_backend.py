@@ -17,6 +17,7 @@ import torch
 
 from ditlens.errors import DitlensError
 from ditlens.kernels.graph_constants import graph_constant
+from ditlens.kernels.launcher import LaunchCache
 from ditlens.kernels.patterns import HeadPlan, TokenLayout, head_attended_pairs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -388,12 +389,22 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     n_mblocks = triton_cdiv(L, cfg.block_m)
     partials, row_stats, tickets = _split_workspace(B * n_split_heads * n_mblocks, split, cfg.block_m, D, out)
-    with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-        kernel_module().headwise_fwd_kernel[(meta.order.numel() * B * n_mblocks,)](
-            *tensors, meta.mode, meta.window, meta.order, meta.part, partials, row_stats, tickets,
+    grid = (meta.order.numel() * B * n_mblocks,)
+    args = (*tensors, meta.mode, meta.window, meta.order, meta.part, partials, row_stats, tickets,
             *(x for st in strides for x in st[:2]),
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E, **constants)
+            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E)
+    with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
+        if interpret:
+            kernel_module().headwise_fwd_kernel[grid](*args, **constants)
+        else:
+            headwise_launches()(grid, args, constants)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def headwise_launches() -> LaunchCache:
+    """The compiled head-wise kernels by launch signature (see :mod:`ditlens.kernels.launcher`)."""
+    return LaunchCache(kernel_module().headwise_fwd_kernel)
 
 
 def _split_workspace(n_blocks: int, split: int, block_m: int, head_dim: int,
