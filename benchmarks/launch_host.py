@@ -1,0 +1,71 @@
+"""Host time to enqueue one attention call on the GPU: SDPA, ditlens' head-wise kernel through
+Triton's own dispatch (``fn[grid](...)`` binding and specializing every argument), and the same
+launch from ditlens' launch cache (``ditlens.kernels.launcher``). In a host-bound denoising loop
+(DiT-XL 512² eager) this is what each attention call costs whatever the GPU does.
+
+    python benchmarks/launch_host.py                        # DiT-XL 512² and SD3 1024² call shapes
+    python benchmarks/launch_host.py --shapes 2,16,1024,72   # B,H,L,D of diffusers' [B, L, H, D] views
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from _paths import benchmarks_last  # noqa: E402
+
+benchmarks_last()  # benchmarks/kernels.py must not shadow the `kernels` package
+
+SHAPES = {"DiT-512": (2, 16, 1024, 72), "SD3-1K": (2, 24, 4429, 64)}
+
+
+def best_host_us(call: Callable[[], object], loops: int = 5, calls: int = 200) -> float:
+    """Best over ``loops`` of the mean host time per call of ``calls`` back-to-back calls (GPU idle at the start)."""
+    best = float("inf")
+    for _ in range(loops):
+        call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
+    import torch.nn.functional as F
+
+    from ditlens.kernels import headwise_attention
+    from ditlens.kernels.triton_backend import headwise_launches
+
+    base = torch.randn(B, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D] views, as diffusers passes them
+    w = max(1, L // 16)
+    launches = headwise_launches()
+
+    def dispatched():
+        launches.launches.clear()  # every call a first launch: Triton's dispatch
+        headwise_attention(q, k, v, modes="window", windows=w)
+
+    calls = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+             "ditlens window, Triton's dispatch": dispatched,
+             "ditlens window, cached launch": lambda: headwise_attention(q, k, v, modes="window", windows=w)}
+    return [f"  {label}: {best_host_us(call):.1f} us" for label, call in calls.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names or B,H,L,D")
+    args = parser.parse_args()
+    for name in args.shapes:
+        shape = SHAPES.get(name) or tuple(int(x) for x in name.split(","))
+        print(f"{name} {shape}: host time per call (enqueue, best of 5 x 200 calls)")
+        print("\n".join(host_lines(*shape)))
+
+
+if __name__ == "__main__":
+    main()
