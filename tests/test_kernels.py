@@ -625,6 +625,12 @@ def test_launch_cache_replays_triton_dispatch_per_signature(monkeypatch):
     assert replays[-1] == (1, (7, 2, 1), (shifted, 10, 1.0, 3, 7, True)) and cache.hits == 2
     with pytest.raises(TypeError, match="no value for A"):
         cache((1,), (x, 12, 0.5), {"C": True})
+    # a launcher that refuses a replay (another Triton): one warning, then Triton's dispatch for good
+    Compiled.__getitem__ = lambda self, grid: (lambda *args: (_ for _ in ()).throw(TypeError("expected 9 arguments")))
+    with pytest.warns(RuntimeWarning, match="refused a replayed launch.*expected 9 arguments"):
+        cache((6,), (x, 10, 0.25), constants)
+    cache((6,), (x, 10, 0.25), constants)
+    assert len(triton_calls) == 7 and cache.hits == 2 and cache.launches == {}
 
 
 @pytest.mark.gpu

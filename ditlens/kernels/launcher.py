@@ -11,11 +11,15 @@ every argument in the kernel's signature order).
 The signature is each pointer's dtype and 16-byte alignment, each int's value (a finer key than
 Triton's specialization on divisibility, so a hit runs the kernel Triton's dispatch would pick),
 each other scalar's type, the compile-time constants and the current device.
+
+The compiled kernel's launcher is Triton's, not a public API: should a Triton release change it so
+that a replay is refused, the cache warns once and leaves every later launch to Triton's dispatch.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,19 +53,32 @@ class LaunchCache:
     fn: Any
     launches: dict[tuple, _Launch] = field(default_factory=dict)
     hits: int = 0
+    refused: str | None = None  # why replays stopped (this Triton's launcher refused one), if they did
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constants: dict) -> None:
+        if self.refused is not None:
+            self.fn[grid](*args, **constants)
+            return
         key = (torch.cuda.current_device(), id(constants), launch_signature(args))
         launch = self.launches.get(key)
         if launch is None:
+            tail = self._tail(len(args), constants)
             kernel = self.fn[grid](*args, **constants)
             if len(self.launches) >= MAX_SIGNATURES:
                 self.launches.clear()
-            self.launches[key] = _Launch(kernel, constants, self._tail(len(args), constants))
+            self.launches[key] = _Launch(kernel, constants, tail)
+            return
+        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        try:
+            launch.kernel[grid3](*args, *launch.tail)
+        except (TypeError, ValueError, AttributeError) as exc:  # the launcher parses arguments before it launches
+            self.refused = f"{type(exc).__name__}: {exc}"
+            self.launches.clear()
+            warnings.warn(f"ditlens: this Triton's compiled-kernel launcher refused a replayed launch ({self.refused}); "
+                          "launching through Triton's dispatch from now on", RuntimeWarning, stacklevel=2)
+            self.fn[grid](*args, **constants)
             return
         self.hits += 1
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        launch.kernel[grid3](*args, *launch.tail)
 
     def _tail(self, n_runtime: int, constants: dict) -> tuple:
         names = self.fn.arg_names[n_runtime:]
