@@ -582,6 +582,33 @@ def test_a_plan_that_changes_nothing_tracks_only_the_first_forward_of_a_call(dit
         assert not handle.runtime.idle
         dit_pipe(**kw())
         assert tracked == [0, 1, 2]
+    # a pipeline that passes the transformer an affine map of the schedule (1000 - t): the schedule
+    # cannot check the later steps at the first forward, so every forward is tracked and checked
+    import dataclasses
+
+    def reversed_time(module, args, kwargs):
+        return args, {**kwargs, "timestep": 1000 - kwargs["timestep"]}
+
+    hook = dit_pipe.transformer.register_forward_pre_hook(reversed_time, with_kwargs=True)
+    try:
+        seen = _recorded_timesteps(dit_pipe, 3)
+        for wrong in (None, 2):
+            timesteps = list(seen)
+            if wrong is not None:
+                timesteps[wrong] += 50.0
+            plan.run = dataclasses.replace(plan.run, timesteps=timesteps)
+            tracked.clear()
+            with apply_plan(dit_pipe, plan, count_flops=False) as handle:
+                assert handle.runtime.idle
+                if wrong is None:
+                    dit_pipe(**kw())
+                else:
+                    with pytest.raises(PlanMismatchError, match=r"step 2 runs timestep"):
+                        dit_pipe(**kw())
+            assert tracked == ([0, 1, 2] if wrong is None else [0, 1])  # (step 2 raised in its bookkeeping)
+    finally:
+        hook.remove()
+    plan.run = dataclasses.replace(plan.run, timesteps=None)
     tracked.clear()
     plan.set(2, 0, "window(1)")
     with apply_plan(dit_pipe, plan, count_flops=False) as handle:

@@ -230,6 +230,8 @@ class PlanRuntime:
             self.flops.reset()
             st.asc_out.clear()
         step = st.step
+        # An idle plan's later forwards run bare if their timesteps can all be checked now.
+        bare_from_here = self.idle and step == 0 and st.calls_at_step == 0 and self._check_schedule()
         if plan.run.timesteps is not None and st.calls_at_step == 0:
             # Reading a GPU timestep waits for the device, so only the first two steps (where another
             # scheduler setting already shows) are checked at once; the rest at the last step, from the
@@ -238,8 +240,6 @@ class PlanRuntime:
             if step < 2 or step == plan.steps - 1:
                 self._check_timesteps(st.unchecked_timesteps)
                 st.unchecked_timesteps.clear()
-            if self.idle and step == 0:
-                self._check_schedule()  # the call's later forwards run bare: check their timesteps now
         grid = plan.model.tokens.grid
         if grid is not None and tuple(info.grid) != tuple(grid):
             what = ("frame count (run.frames)" if tuple(info.grid[1:]) == tuple(grid[1:]) else
@@ -252,7 +252,8 @@ class PlanRuntime:
             plan.check_windows(tuple(info.grid))  # a plan made without a grid: its windows meet one here
             self._windows_checked_on = tuple(info.grid)
         self.forward = self._branches(info, step, layout)
-        self._checked_timesteps = timesteps
+        if bare_from_here:
+            self._checked_timesteps = timesteps
 
     def _check_timesteps(self, seen: list[tuple[int, Any]]) -> None:
         """Check each (step, timestep argument). A tensor the pipeline passed at several steps (reused
@@ -264,21 +265,29 @@ class PlanRuntime:
             if not isinstance(timestep, torch.Tensor) or last_use[id(timestep)] == k:
                 self._check_timestep(step, timestep_float(timestep))
 
-    def _check_schedule(self) -> None:
+    def _check_schedule(self) -> bool:
         """Check the timestep of every step after the first against the scheduler's schedule, which
-        holds what the pipeline will pass up to its family's scale (FLUX passes t / 1000). The scale
-        is the one step 0 shows; step 0 itself is checked against the timestep passed."""
+        holds what the pipeline will pass up to its family's scale (FLUX passes t / 1000); step 0 is
+        checked against the timestep passed. True when every step is checked (or the plan records no
+        timesteps); False when the schedule cannot tell (no tensor schedule, or a plan whose step 0
+        maps to the schedule by anything but 1 or 1 / 1000): then every forward is tracked."""
         expected = self.plan.run.timesteps
+        if expected is None:
+            return True
         schedule = getattr(self.scheduler, "timesteps", None)
-        if expected is None or not isinstance(schedule, torch.Tensor) or schedule.numel() != len(expected):
-            return  # a step count that differs was refused already
+        if not isinstance(schedule, torch.Tensor) or schedule.numel() != len(expected):
+            return False
         values = schedule.detach().double().flatten().tolist()
-        scale = expected[0] / values[0] if values[0] else 1.0  # plans record the transformer's or the scheduler's axis
+        # plans record the transformer's axis or the scheduler's: step 0 tells which
+        scale = next((c for c in (1.0, 1e-3) if _close(expected[0], values[0] * c)), None)
+        if scale is None:
+            return False
         for step in range(1, len(values)):
             if not _close(expected[step], values[step] * scale):
                 raise PlanMismatchError(
                     f"step {step} runs timestep {values[step] * scale:g} but the plan was made for {expected[step]:g} "
                     "(run.timesteps): another scheduler setting, step count or resolution")
+        return True
 
     def _check_timestep(self, step: int, value: float) -> None:
         expected = self.plan.run.timesteps[step]
