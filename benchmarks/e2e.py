@@ -270,7 +270,8 @@ def v1_plan(model, steps: int, target: float, mix: bool = False):
 
 
 def null_plan(model, steps: int, target: float):
-    """A plan whose every entry is ``full``: the runtime's own cost (hooks, step tracking, graph keys)."""
+    """A plan whose every entry is ``full``: the runtime's own cost (the step hook, the first forward's
+    tracking and checks, graph keys; such a plan runs a call's other forwards bare)."""
     from ditlens.compress import Plan
 
     plan = Plan.uniform(model.pipe, steps, height=model.height, width=model.width, guidance=model.guidance,
