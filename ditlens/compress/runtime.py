@@ -142,9 +142,13 @@ class PlanRuntime:
         self._windows_checked_on: tuple[int, ...] | None = None  # the grid a grid-less plan's windows passed
         self.attention_seconds = 0.0
         self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
-        from ditlens.analyzer.capture import InterceptRoute
+        from ditlens.analyzer.capture import InterceptRoute, step_marker
 
         self.routes = [InterceptRoute() for _ in plan.model.layers]
+        self._step_marker = step_marker  # imported once: begin_forward runs at every forward
+        # Caches change size only at steps whose actions store into them; the peak is taken there.
+        self._stores_at = [any(a.store_module or a.store_heads or a.refresh or a.uses_asc for a in row)
+                           for row in self.schedule]
         from ditlens.compress.graphs import plan_graph_key
 
         # What tells this plan's CUDA graphs from other configurations'. Worked out here, with the
@@ -211,9 +215,7 @@ class PlanRuntime:
                     f"plan was made for {plan.steps} steps but the pipeline runs {len(timesteps)} (run.steps); "
                     f"call it with num_inference_steps={plan.steps} or make a plan for {len(timesteps)} steps")
         layout = plan.run.cfg_layout
-        from ditlens.analyzer.capture import step_marker
-
-        marker = step_marker(self.scheduler, info)
+        marker = self._step_marker(self.scheduler, info)
         if st.last_marker is None or marker != st.last_marker:
             if st.step >= 0 and layout == "separate_cond_first" and st.calls_at_step == 0:
                 raise PlanMismatchError(
@@ -305,7 +307,8 @@ class PlanRuntime:
 
     def _branches(self, info: Any, step: int, layout: str) -> ForwardState:
         st = self.state
-        cfg_now = getattr(self.pipe, "do_classifier_free_guidance", None)
+        # the pipeline's CFG switch cannot change within a call: read at step 0 (a property, host time)
+        cfg_now = getattr(self.pipe, "do_classifier_free_guidance", None) if step == 0 else None
         if layout in ("batched_cond_first", "batched_uncond_first"):
             if info.batch % 2 or cfg_now is False:
                 raise PlanMismatchError(
@@ -328,7 +331,8 @@ class PlanRuntime:
     def end_forward(self) -> None:
         self._pending = None  # a forward that raised before settling is not counted as a step
         # caches only grow or are replaced within a forward, so their size at its end is its peak
-        self.state.note_peak()
+        if self.forward is not None and self._stores_at[self.forward.step]:
+            self.state.note_peak()
         self.forward = None
 
     # -- layers --------------------------------------------------------------------------------
