@@ -228,16 +228,11 @@ def kernel_layouts(model) -> list[str]:
         full = do_bench(lambda: headwise_attention(q, k, v, modes="full", windows=0), return_mode="median")
         win = do_bench(lambda: headwise_attention(q, k, v, modes="window", windows=w), return_mode="median")
         lines.append(f"  {label}: SDPA {sdpa:.3f}, ditlens full {full:.3f}, ditlens window {win:.3f}")
-    # host time of one window call: what the launch path costs before the GPU sees any work
-    q, k, v = strided
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        headwise_attention(q, k, v, modes="window", windows=w)
-    host_us = (time.perf_counter() - t0) / 200 * 1e6
-    torch.cuda.synchronize()
-    lines.append(f"  host time per headwise_attention call (enqueue): {host_us:.0f} us")
-    return lines
+    # host time of one call: what the launch path costs before the GPU sees any work
+    from launch_host import host_lines
+
+    lines.append("host time per call (enqueue, best of 5 x 200 calls):")
+    return lines + host_lines(B, heads, L, dim)
 
 
 def main() -> None:

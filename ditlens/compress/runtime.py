@@ -132,7 +132,9 @@ class PlanRuntime:
         # per forward on a 2-core development machine) is then paid only by the first forward of each
         # call, which runs the checks: in a host-bound loop (DiT-XL 512² eager) that bookkeeping is
         # most of what such a plan would cost.
-        self.idle = not count_flops and len(untouched_layers(self.schedule)) == len(plan.model.layers)
+        # Layers the plan never changes get no hook unless FLOPs are counted (see apply_plan).
+        self.untouched: set[int] = set() if count_flops else untouched_layers(self.schedule)
+        self.idle = len(self.untouched) == len(plan.model.layers)
         self._checked_timesteps: Any = None  # the call (scheduler timesteps) whose first forward passed the checks
         self.state = RuntimeState()
         self.flops = FlopsCounter()
@@ -293,14 +295,11 @@ class PlanRuntime:
 
     def _check_timestep(self, step: int, value: float) -> None:
         expected = self.plan.run.timesteps[step]
-
-        def close(x: float) -> bool:
-            return _close(expected, x)
-
         # Online searches record what the transformer receives; plans from a trace record the
         # scheduler's values (the trace's axis), which some families rescale (FLUX: t / 1000).
         schedule = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        if not close(value) and not (schedule is not None and step < len(schedule) and close(float(schedule[step]))):
+        if not _close(expected, value) and not (schedule is not None and step < len(schedule)
+                                                and _close(expected, float(schedule[step]))):
             raise PlanMismatchError(
                 f"step {step} runs timestep {value:g} but the plan was made for {expected:g} "
                 "(run.timesteps): another scheduler setting, step count or resolution")
@@ -831,6 +830,20 @@ class PlanHandle:
 
         if self.removed:
             raise DitlensError("this plan was removed; apply it again instead of suspending it")
+        taken = self._take_off()
+        try:
+            yield
+        finally:
+            if not self.removed:  # removed inside: it stays off
+                for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
+                    hooks.attach(module, hook, name)
+                self._count_projections()
+                self.runtime.reset()
+
+    def _take_off(self) -> list[tuple[nn.Module, Any, str]]:
+        """Detach every hook of this plan and reset its runtime; the (module, hook, name) detached."""
+        from ditlens.analyzer import hooks
+
         taken = []
         for module, name in [(m, LAYER_HOOK) for m in self.modules] + [(self.transformer, STEP_HOOK)]:
             hook = hooks.registered(module, name)
@@ -841,32 +854,16 @@ class PlanHandle:
             h.remove()
         self.linear_hooks.clear()
         self.runtime.reset()
-        try:
-            yield
-        finally:
-            if not self.removed:  # removed inside: it stays off
-                for module, hook, name in reversed(taken):  # the step hook first, as apply_plan attached it
-                    hooks.attach(module, hook, name)
-                self._count_projections()
-                self.runtime.reset()
+        return taken
 
     def _count_projections(self) -> None:
         """A FLOPs counter on each of :attr:`counted_linears`."""
         self.linear_hooks += [sub.register_forward_hook(_linear_counter(self.runtime)) for sub in self.counted_linears]
 
     def remove(self) -> None:
-        from ditlens.analyzer import hooks
-
-        if self.removed:
-            return
-        for module in self.modules:
-            hooks.detach(module, LAYER_HOOK)
-        hooks.detach(self.transformer, STEP_HOOK)
-        for h in self.linear_hooks:
-            h.remove()
-        self.linear_hooks.clear()
-        self.runtime.reset()
-        self.removed = True
+        if not self.removed:
+            self._take_off()
+            self.removed = True
 
     def __enter__(self) -> "PlanHandle":
         return self
@@ -905,8 +902,7 @@ def apply_plan(pipe: Any, plan: Plan | str, *, registry: Any = None, backend: st
     modules = [transformer.get_submodule(layer.name) for layer in plan.model.layers]
     # A layer the plan never changes gets no hook unless FLOPs are counted: every hook costs host time
     # at every forward, and a host-bound step (DiT-XL 512² eager) is made of little else.
-    untouched = set() if count_flops else untouched_layers(runtime.schedule)
-    hooked = [index for index in range(len(modules)) if index not in untouched]
+    hooked = [index for index in range(len(modules)) if index not in runtime.untouched]
     step_cls, layer_cls = _hook_classes()
     handle = PlanHandle(plan, runtime, transformer, [modules[index] for index in hooked], [])
     try:

@@ -183,27 +183,20 @@ class _TimedRun:
     peak_memory: int | None
 
 
-def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, modules, cuda: bool) -> _TimedRun:
+def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, clock: ModuleClock) -> _TimedRun:
     """One pipeline call, timed end to end (synchronised when the model is on CUDA) and inside
-    attention modules."""
-    timer = ModuleClock(modules, cuda)
+    attention modules (``clock``, on those modules)."""
+    cuda = clock.cuda
+    clock.reset()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    try:
-        images = to_images(pipe(**call(prompt, seed)))
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        attention = timer.total_seconds()
-    finally:
-        timer.remove()
-    return _TimedRun(images, seconds, attention, torch.cuda.max_memory_allocated() if cuda else None)
-
-
-def _max(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)
+    images = to_images(pipe(**call(prompt, seed)))
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return _TimedRun(images, seconds, clock.total_seconds(), torch.cuda.max_memory_allocated() if cuda else None)
 
 
 def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str, int], dict], *, seed: int = 0,
@@ -232,41 +225,38 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     cuda = any(p.is_cuda for p in pipe.transformer.parameters())
     if not cuda:
         steady_cpu_allocator()
-    _run(pipe, call, prompts[0], seed, modules, cuda)  # warm-up, so the first timed run pays no one-off costs
-    with apply_plan(pipe, plan) as counting:
-        _run(pipe, call, prompts[0], seed, modules, cuda)
-        counted = counting.flops
-        peak_cache = counting.peak_cache_bytes()
     full: list[_TimedRun] = []
     planned: list[_TimedRun] = []
-    with apply_plan(pipe, plan, count_flops=False) as handle:
-        _run(pipe, call, prompts[0], seed, modules, cuda)  # this runtime's own first-use constants
+    clock = ModuleClock(modules, cuda)
+    try:
+        _run(pipe, call, prompts[0], seed, clock)  # warm-up, so the first timed run pays no one-off costs
+        with apply_plan(pipe, plan) as counting:
+            _run(pipe, call, prompts[0], seed, clock)
+            flops_total = counting.flops.as_dict()
+            peak_cache = counting.peak_cache_bytes()
+        with apply_plan(pipe, plan, count_flops=False) as handle:
+            _run(pipe, call, prompts[0], seed, clock)  # this runtime's own first-use constants
 
-        def run_full(prompt: str, prompt_seed: int) -> None:
-            with handle.suspended():
-                full.append(_run(pipe, call, prompt, prompt_seed, modules, cuda))
+            def run_full(prompt: str, prompt_seed: int) -> None:
+                with handle.suspended():
+                    full.append(_run(pipe, call, prompt, prompt_seed, clock))
 
-        for i, p in enumerate(prompts):
-            if i % 2 == 0:
-                run_full(p, seed + i)
-                planned.append(_run(pipe, call, p, seed + i, modules, cuda))
-            else:
-                planned.append(_run(pipe, call, p, seed + i, modules, cuda))
-                run_full(p, seed + i)
-        peak_cache = max(peak_cache, handle.peak_cache_bytes())
-    core, core_full = counted.core, counted.core_full
-    proj, proj_full = counted.projections, counted.projections_full
-    flops_total = {"attention_core_fraction": core / core_full if core_full else 1.0,
-                   "attention_module_fraction": (core + proj) / (core_full + proj_full) if core_full + proj_full else 1.0,
-                   "attention_core_flops": core, "attention_core_flops_full": core_full,
-                   "projection_flops": proj, "projection_flops_full": proj_full}
+            for i, p in enumerate(prompts):
+                if i % 2 == 0:
+                    run_full(p, seed + i)
+                    planned.append(_run(pipe, call, p, seed + i, clock))
+                else:
+                    planned.append(_run(pipe, call, p, seed + i, clock))
+                    run_full(p, seed + i)
+            peak_cache = max(peak_cache, handle.peak_cache_bytes())
+    finally:
+        clock.remove()
     plan.flops = FlopsSummary(flops_total["attention_core_fraction"], flops_total["attention_module_fraction"], "measured")
     pairs = [(f.images, c.images) for f, c in zip(full, planned)]
     ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in pairs]
     ss = [float(np.mean([ssim(a, b) for a, b in zip(x, y)])) for x, y in pairs]
-    peak_full = peak_plan = None
-    for f, c in zip(full, planned):
-        peak_full, peak_plan = _max(peak_full, f.peak_memory), _max(peak_plan, c.peak_memory)
+    peak_full = max(r.peak_memory for r in full) if cuda else None
+    peak_plan = max(r.peak_memory for r in planned) if cuda else None
     report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, sum(r.seconds for r in full),
                               sum(r.seconds for r in planned), sum(r.attention_seconds for r in full),
                               sum(r.attention_seconds for r in planned), peak_full, peak_plan, peak_cache,
