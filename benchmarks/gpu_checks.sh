@@ -140,6 +140,7 @@ for name in "$@"; do
           part poly-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k poly ;;
     cached-launch) part cached-launch-test 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k cached_launches ;;
     launch-host) part launch-host 120 python3 benchmarks/launch_host.py ;;  # host µs per call: SDPA, Triton dispatch, launch cache
+    validate-graphs) part validate-graphs-test 200 python3 -m pytest -q -m gpu tests/test_compress.py -k cuda_graphs ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;
   esac

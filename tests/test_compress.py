@@ -897,6 +897,49 @@ def test_validate_on_cuda_times_attention_with_events():
     _no_ditlens_left(pipe)
 
 
+def test_validate_under_cuda_graphs_needs_cuda(dit_pipe, tmp_path, capsys):
+    from ditlens.cli import main
+    from ditlens.compress.validate import validate
+
+    plan = _uniform(dit_pipe, "dit", 2, "window(2)")
+    with pytest.raises(DitlensError, match="CUDA device"):
+        validate(dit_pipe, plan, ["class1"], lambda p, s: pipeline_call_kwargs("dit", p, 2, 3.0, s), cuda_graphs=True)
+    path = plan.save(tmp_path / "p.json")
+    assert main(["validate", "--model", "tiny-dit", "--plan", str(path), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    _no_ditlens_left(dit_pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_validate_under_cuda_graphs_replays_the_timed_calls_and_keeps_the_images():
+    """With cuda_graphs every timed forward is a replay: the images (so PSNR) are those of the
+    eager validation, the replays cover all timed calls, and the attention share comes from the
+    graph timing of the modules (no module clock runs inside a replay)."""
+    from ditlens.compress.validate import validate
+
+    pipe = build_tiny_pipeline("pixart").to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    steps, prompts = 3, ["a cat", "a dog"]
+
+    def call(prompt: str, seed: int) -> dict:
+        kw = pipeline_call_kwargs("pixart", prompt, steps, 3.0, seed)
+        kw["generator"] = torch.Generator("cuda").manual_seed(seed)
+        return kw
+
+    plan = _uniform(pipe, "pixart", steps, "window(2)")
+    eager = validate(pipe, plan, prompts, call)
+    graphed = validate(pipe, plan, prompts, call, cuda_graphs=True)
+    assert graphed.psnr == pytest.approx(eager.psnr, rel=1e-3)
+    assert graphed.flops == eager.flops
+    # captures replay once each (2 calls), then 2 timed calls per prompt, one forward per step
+    assert graphed.graph_replays == (2 + 2 * len(prompts)) * steps
+    assert graphed.attention_seconds_full is None and eager.attention_seconds_full is not None
+    assert 0.0 <= graphed.attention_share < 1.0 and graphed.amdahl_bound >= 1.0
+    assert "replayed from a CUDA graph" in graphed.markdown()
+    _no_ditlens_left(pipe)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_validate_can_pin_glibc_malloc():
     """glibc takes both settings that keep CPU timings from depending on earlier allocations."""

@@ -800,6 +800,47 @@ def test_influence_equals_rse_share_from_raw_tensors(family, pipelines, tmp_path
         assert (ragged > 0) == (family == "mochi")
 
 
+def test_attention_modules_taken_out_return_their_recorded_outputs_and_come_back(pipelines):
+    """The module-scope share times the forward with every attention module returning what it
+    returned before, uncomputed: the transformer's output is bit-identical, no processor runs
+    inside, and the modules are their own again afterwards (joint attention returns a tuple)."""
+    from ditlens.analyzer.amdahl import (capture_forward_inputs, measure_attention_share,
+                                         modules_replaced_by_outputs)
+
+    pipe = pipelines("sd3")
+    config = run_config("sd3")
+    adapter = default_registry().find(pipe.transformer)
+    modules = [pipe.transformer.get_submodule(site.name) for site in adapter.attention_layers(pipe.transformer)]
+    kwargs = adapter.call_kwargs(pipe, "a cat", STEPS, 3.0, None, None, torch.Generator().manual_seed(0))
+    kwargs.update(config.call_kwargs)
+    args, forward_kwargs = capture_forward_inputs(pipe, kwargs)
+    with torch.inference_mode():
+        reference = pipe.transformer(*args, **forward_kwargs)[0]
+    calls = []
+    processors = [m.processor for m in modules]
+    for m, proc in zip(modules, processors):
+        m.processor = lambda *a, _p=proc, **k: calls.append(1) or _p(*a, **k)
+    try:
+        with modules_replaced_by_outputs(pipe.transformer, args, forward_kwargs, modules):
+            recorded = len(calls)
+            with torch.inference_mode():
+                skipped = pipe.transformer(*args, **forward_kwargs)[0]
+            assert len(calls) == recorded == len(modules)  # one real forward records; the timed one computes none
+        torch.testing.assert_close(skipped, reference, rtol=0, atol=0)
+        assert all("forward" not in m.__dict__ for m in modules)
+        with torch.inference_mode():
+            pipe.transformer(*args, **forward_kwargs)
+        assert len(calls) == 2 * len(modules)
+    finally:
+        for m, proc in zip(modules, processors):
+            m.processor = proc
+    share = measure_attention_share(pipe, kwargs, repeats=2, modules=modules)
+    assert share.scope == "modules" and 0.0 <= share.share < 1.0 and "attention modules" in share.describe()
+    with pytest.raises(DitlensError, match="did not run"):
+        with modules_replaced_by_outputs(pipe.transformer, args, forward_kwargs, [torch.nn.Linear(2, 2)]):
+            pass
+
+
 def test_attention_share_and_amdahl_bound(pipelines, tmp_path):
     """The share is measured on the model (dropping attention makes the forward faster, not
     free) and the bound follows 1 / (1 - a s); profile stores both in the trace."""

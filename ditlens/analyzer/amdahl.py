@@ -5,14 +5,17 @@ attention share of step time and ``s`` the fraction of attention time removed. d
 ``a`` on the user's own model and resolution: one transformer forward (the inputs of the
 pipeline's first step, captured from a real call) is timed as is and with every attention product
 replaced by a no-op, both under the same interception so that its host overhead cancels.
+With ``modules`` given, whole attention modules (projections too, which output caching also
+skips) are taken out instead: each returns the output it gave in one real forward, uncomputed.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -23,11 +26,12 @@ from ditlens.errors import DitlensError
 @dataclass(frozen=True)
 class AttentionShare:
     step_seconds: float  # one transformer forward with attention
-    without_attention_seconds: float  # the same with every attention product a no-op
+    without_attention_seconds: float  # the same with every attention product (or module) a no-op
+    scope: str = "products"  # what was taken out: "products" (the attention core) or "modules"
 
     @property
     def share(self) -> float:
-        """Fraction of the forward spent in attention products (clipped to [0, 1])."""
+        """Fraction of the forward spent in attention products or modules (clipped to [0, 1])."""
         if self.step_seconds <= 0:
             return 0.0
         return min(1.0, max(0.0, 1.0 - self.without_attention_seconds / self.step_seconds))
@@ -43,7 +47,7 @@ class AttentionShare:
         bounds = ", ".join(f"{self.bound(s):.2f}x at {s:.0%}" for s in (0.5, 0.76, 0.9))
         # "products": validate times whole attention modules (projections too, which output caching
         # also skips), so its bound for a caching plan can be higher than these
-        return (f"attention products are {a:.1%} of a transformer forward ({self.step_seconds * 1e3:.1f} ms); "
+        return (f"attention {self.scope} are {a:.1%} of a transformer forward ({self.step_seconds * 1e3:.1f} ms); "
                 f"compressing them alone is bounded by {bounds} of their work removed")
 
 
@@ -74,8 +78,39 @@ def capture_forward_inputs(pipeline: Any, call_kwargs: dict[str, Any]) -> tuple[
     return captured[0]
 
 
+@contextmanager
+def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwargs: dict,
+                                modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Inside, each of ``modules`` returns what it returned in one real forward of ``transformer``
+    on these inputs, computing nothing: the transformer's forward without those modules' work."""
+    outputs: dict[int, Any] = {}
+    handles = [m.register_forward_hook(lambda module, _, out: outputs.__setitem__(id(module), out)) for m in modules]
+    try:
+        with torch.inference_mode():
+            transformer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [type(m).__name__ for m in modules if id(m) not in outputs]
+    if missing:
+        raise DitlensError(f"{len(missing)} attention modules ({missing[0]}, ...) did not run in the transformer's "
+                           "forward; pass modules of this transformer")
+    # an instance attribute shadows the class's forward (diffusers' hooks patch modules the same way)
+    previous = {id(m): m.__dict__.get("forward") for m in modules}
+    for m in modules:
+        m.forward = (lambda out: lambda *a, **k: out)(outputs[id(m)])
+    try:
+        yield
+    finally:
+        for m in modules:
+            if previous[id(m)] is None:
+                del m.forward
+            else:
+                m.forward = previous[id(m)]
+
+
 def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_attention: bool, repeats: int,
-                  cuda_graph: bool = False) -> float:
+                  cuda_graph: bool = False, modules: Sequence[torch.nn.Module] | None = None) -> float:
     def handler(func, q, k, v, call_args, call_kwargs):
         if drop_attention:
             return q.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -83,26 +118,35 @@ def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_
 
     device = next(transformer.parameters()).device
     run = lambda: transformer(*args, **kwargs)  # noqa: E731
-    if cuda_graph:
-        if device.type != "cuda":
-            raise DitlensError(f"a CUDA-graph timing needs the transformer on CUDA, not {device}")
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), AttentionInterceptor(handler):
-            run()  # warm-up: kernels compile outside the capture
-            with torch.cuda.graph(graph):
-                run()
-        run = graph.replay
+    with ExitStack() as stack:
+        if modules is None:  # both timings under the interception, so its host work cancels
+            around: Any = lambda: AttentionInterceptor(handler)  # noqa: E731
+        else:
+            if drop_attention:  # outputs recorded once, outside the timing
+                stack.enter_context(modules_replaced_by_outputs(transformer, args, kwargs, modules))
+            around = ExitStack
+        if cuda_graph:
+            if device.type != "cuda":
+                raise DitlensError(f"a CUDA-graph timing needs the transformer on CUDA, not {device}")
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), around():
+                run()  # warm-up: kernels compile outside the capture
+                with torch.cuda.graph(graph):
+                    run()
+            run, around = graph.replay, ExitStack
+        return _median_seconds(run, repeats, device, around)
+
+
+def _median_seconds(run: Any, repeats: int, device: torch.device, around: Any) -> float:
+    """Median wall time of ``run()`` (inside ``around()``) over ``repeats`` calls after a warm-up."""
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):  # the first is a warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            if cuda_graph:
+            with around():
                 run()
-            else:
-                with AttentionInterceptor(handler):
-                    run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
@@ -111,13 +155,15 @@ def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_
 
 
 def measure_attention_share(pipeline: Any, call_kwargs: dict[str, Any], repeats: int = 3,
-                            cuda_graph: bool = False) -> AttentionShare:
+                            cuda_graph: bool = False,
+                            modules: Sequence[torch.nn.Module] | None = None) -> AttentionShare:
     """Time one transformer forward with and without its attention products (median of ``repeats``).
 
     ``cuda_graph``: each variant captured in a CUDA graph and replayed, which takes the host out
-    of the timing: the share a step has when it runs under :func:`ditlens.compress.apply_cuda_graphs`."""
+    of the timing: the share a step has when it runs under :func:`ditlens.compress.apply_cuda_graphs`.
+    ``modules``: take these whole modules out instead of the products (:func:`modules_replaced_by_outputs`)."""
     args, kwargs = capture_forward_inputs(pipeline, call_kwargs)
     transformer = pipeline.transformer
-    with_attention = _time_forward(transformer, args, kwargs, False, repeats, cuda_graph)
-    without = _time_forward(transformer, args, kwargs, True, repeats, cuda_graph)
-    return AttentionShare(with_attention, without)
+    with_attention = _time_forward(transformer, args, kwargs, False, repeats, cuda_graph, modules)
+    without = _time_forward(transformer, args, kwargs, True, repeats, cuda_graph, modules)
+    return AttentionShare(with_attention, without, "products" if modules is None else "modules")

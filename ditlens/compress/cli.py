@@ -10,8 +10,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ditlens.cli import call_kwargs
     from ditlens.compress.plan import Plan
     from ditlens.compress.validate import validate_pipeline
+    from ditlens.errors import DitlensError
     from ditlens.models import default_prompts, load_pipeline, parse_dtype
 
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise DitlensError(f"--cuda-graphs needs --device cuda (got --device {args.device})")
     plan = Plan.load(args.plan)
     extra = call_kwargs(args.call_arg)
     pipe = load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
@@ -19,15 +22,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         plan = _lowered(plan, args)
     prompts = list(args.prompt or []) or default_prompts(args.model, args.num_prompts)
     report = validate_pipeline(pipe, plan, prompts, seed=args.seed, model_name=args.model, plan_name=args.plan,
-                               out_dir=args.out, call_kwargs=extra)
+                               out_dir=args.out, call_kwargs=extra, cuda_graphs=args.cuda_graphs)
     print(report.markdown())
     print(f"wrote {args.out}/validate.json, validate.md, grid.png")
     return 0
 
 
 def _lowered(plan: Any, args: argparse.Namespace) -> Any:
-    """The plan with its unpaying WA-RS segments run dense (timed eagerly, as validate runs), saved
-    next to the report."""
+    """The plan with its unpaying WA-RS segments run dense (kernels timed as validate will run
+    them: eagerly, or replayed with --cuda-graphs), saved next to the report."""
     from pathlib import Path
 
     import torch
@@ -35,7 +38,7 @@ def _lowered(plan: Any, args: argparse.Namespace) -> Any:
     from ditlens.compress.lowering import lower_for_device
     from ditlens.models import parse_dtype
 
-    low = lower_for_device(plan, args.device, parse_dtype(args.dtype), graphs=False)
+    low = lower_for_device(plan, args.device, parse_dtype(args.dtype), graphs=args.cuda_graphs)
     measured = torch.device(args.device).type == "cuda"
     print(f"lowering: {low.summary()}" + ("" if measured else " (no kernel timings off CUDA: plan unchanged)"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,9 @@ def register(sub: Any) -> None:
     p.add_argument("--lower-unprofitable", action="store_true",
                    help="on CUDA, run dense the WA-RS segments whose timed kernels cannot pay for their refresh "
                         "(validates, and writes, plan_lowered.json)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time every transformer forward replayed from a CUDA graph, with and without the plan "
+                        "(on a host-bound GPU, below 2K, what a deployment with graphs gets); needs --device cuda")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("export", help="write a plan's canonical JSON and a deployment bundle")

@@ -3,7 +3,9 @@
 Reports PSNR and SSIM of the final images (scikit-image's definitions, data range 1), for the
 embedded models class accuracy and classifier-FID (when :mod:`ditlens.zoo` is available), the
 FLOPs fractions measured from the masks executed, attention and end-to-end wall time, peak
-memory, and writes a JSON report, a Markdown report and a side-by-side PNG grid.
+memory, and writes a JSON report, a Markdown report and a side-by-side PNG grid. With
+``cuda_graphs`` every timed transformer forward, with and without the plan, is replayed from a
+CUDA graph (:func:`ditlens.compress.apply_cuda_graphs`), as a host-bound deployment would run it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class ValidationReport:
     flops: dict[str, Any]
     seconds_full: float
     seconds_plan: float
-    attention_seconds_full: float
-    attention_seconds_plan: float
+    attention_seconds_full: float | None  # None under CUDA graphs: a replayed forward runs no module hooks
+    attention_seconds_plan: float | None
     peak_memory_full: int | None
     peak_memory_plan: int | None
     peak_cache_bytes: int
@@ -44,12 +46,21 @@ class ValidationReport:
     # per-prompt run times, pair i timed side by side: the scatter of the pairs is the timing noise
     prompt_seconds_full: list[float] = field(default_factory=list)
     prompt_seconds_plan: list[float] = field(default_factory=list)
+    cuda_graphs: bool = False  # every timed forward replayed from a CUDA graph
+    graph_replays: int | None = None  # forwards replayed during the whole validation (captures' first replays too)
+    # under CUDA graphs: the attention modules' share of one replayed uncompressed forward
+    graph_attention_share: float | None = None
 
     @property
     def attention_share(self) -> float:
         """Measured fraction of the uncompressed run spent in attention modules (projections and
-        products: output caching skips both, so the bound is taken at the module level)."""
-        return self.attention_seconds_full / self.seconds_full if self.seconds_full > 0 else 0.0
+        products: output caching skips both, so the bound is taken at the module level). Under CUDA
+        graphs, the share of a replayed forward (the modules taken out, :mod:`ditlens.analyzer.amdahl`)."""
+        if self.graph_attention_share is not None:
+            return self.graph_attention_share
+        if self.attention_seconds_full is None or self.seconds_full <= 0:
+            return 0.0
+        return self.attention_seconds_full / self.seconds_full
 
     @property
     def amdahl_bound(self) -> float:
@@ -108,14 +119,22 @@ class ValidationReport:
 
     def markdown(self) -> str:
         d = self.as_dict()
-        lines = [f"# ditlens validate: {self.model}", "", f"plan `{self.plan}`, {len(self.prompts)} prompts", "",
+        timing = (f", every forward replayed from a CUDA graph ({self.graph_replays} replays)" if self.cuda_graphs
+                  else "")
+        if self.attention_seconds_full is None:
+            attention = "| attention s (full / plan) | not clocked: replayed forwards run no module hooks |"
+            share = "| attention-module share of a replayed forward (full) |"
+        else:
+            attention = (f"| attention s (full / plan) | {self.attention_seconds_full:.3f} / "
+                         f"{self.attention_seconds_plan:.3f} |")
+            share = "| attention-module share of run time (full) |"
+        lines = [f"# ditlens validate: {self.model}", "", f"plan `{self.plan}`, {len(self.prompts)} prompts{timing}", "",
                  "| metric | value |", "| --- | --- |",
                  f"| PSNR (dB, mean) | {d['psnr_mean']:.2f} |", f"| SSIM (mean) | {d['ssim_mean']:.4f} |",
                  f"| attention-core FLOPs fraction | {self.flops['attention_core_fraction']:.4f} |",
                  f"| attention-module FLOPs fraction | {self.flops['attention_module_fraction']:.4f} |",
                  f"| end-to-end s (full / plan) | {self.seconds_full:.3f} / {self.seconds_plan:.3f} |",
-                 f"| attention s (full / plan) | {self.attention_seconds_full:.3f} / {self.attention_seconds_plan:.3f} |",
-                 f"| attention-module share of run time (full) | {self.attention_share:.1%} |",
+                 attention, f"{share} {self.attention_share:.1%} |",
                  f"| end-to-end speedup (Amdahl bound at this plan's FLOPs) | "
                  f"{d['speedup'] or float('nan'):.2f}x ({self.amdahl_bound:.2f}x) |",
                  f"| speed | {self.speed_verdict} |",
@@ -179,15 +198,16 @@ def steady_cpu_allocator() -> bool:
 class _TimedRun:
     images: list  # as to_images gives them
     seconds: float
-    attention_seconds: float
+    attention_seconds: float | None
     peak_memory: int | None
 
 
-def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, clock: ModuleClock) -> _TimedRun:
+def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, clock: ModuleClock | None,
+         cuda: bool) -> _TimedRun:
     """One pipeline call, timed end to end (synchronised when the model is on CUDA) and inside
-    attention modules (``clock``, on those modules)."""
-    cuda = clock.cuda
-    clock.reset()
+    attention modules (``clock``, on those modules; None under CUDA graphs)."""
+    if clock is not None:
+        clock.reset()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -196,12 +216,13 @@ def _run(pipe: Any, call: Callable[[str, int], dict], prompt: str, seed: int, cl
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return _TimedRun(images, seconds, clock.total_seconds(), torch.cuda.max_memory_allocated() if cuda else None)
+    return _TimedRun(images, seconds, clock.total_seconds() if clock is not None else None,
+                     torch.cuda.max_memory_allocated() if cuda else None)
 
 
 def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str, int], dict], *, seed: int = 0,
              model_name: str = "", plan_name: str = "", out_dir: str | Path | None = None,
-             classifier_labels: Sequence[int] | None = None) -> ValidationReport:
+             classifier_labels: Sequence[int] | None = None, cuda_graphs: bool = False) -> ValidationReport:
     """Run ``prompts`` (``call(prompt, seed)`` gives the pipeline kwargs) with and without ``plan``.
 
     Timing protocol: one untimed uncompressed call, one untimed call with the plan that counts its
@@ -213,6 +234,11 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     other work) falls on both sides of every pair instead of on one whole pass, and the speedup's
     error comes from the pairs. On the CPU, :func:`steady_cpu_allocator` first keeps malloc's
     behaviour from depending on history.
+
+    ``cuda_graphs``: the timed calls replay every forward from CUDA graphs. Both configurations
+    get one more untimed call first (it captures their graphs); the attention share, which module
+    clocks cannot see inside a replay, is timed apart on replayed forwards with and without the
+    attention modules (:func:`ditlens.analyzer.amdahl.measure_attention_share`).
     """
     from ditlens.analyzer.adapters import default_registry
 
@@ -223,34 +249,57 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     plan.check_model(pipe.transformer, adapter, getattr(pipe, "scheduler", None), adapter.pipeline_cfg_layout(pipe))
     modules = [pipe.transformer.get_submodule(l.name) for l in plan.model.layers]
     cuda = any(p.is_cuda for p in pipe.transformer.parameters())
+    if cuda_graphs and not cuda:
+        raise DitlensError("CUDA graphs need the model on a CUDA device: validate with --device cuda, "
+                           "or without --cuda-graphs")
     if not cuda:
         steady_cpu_allocator()
     full: list[_TimedRun] = []
     planned: list[_TimedRun] = []
-    clock = ModuleClock(modules, cuda)
+    graph_share = None
+    if cuda_graphs:  # before any hook is on the model; this also compiles and warms its kernels
+        from ditlens.analyzer.amdahl import measure_attention_share
+
+        graph_share = measure_attention_share(pipe, call(prompts[0], seed), cuda_graph=True, modules=modules).share
+    clock = None if cuda_graphs else ModuleClock(modules, cuda)
+    graphs = None
     try:
-        _run(pipe, call, prompts[0], seed, clock)  # warm-up, so the first timed run pays no one-off costs
+        if cuda_graphs:
+            from ditlens.compress.graphs import apply_cuda_graphs
+
+            graphs = apply_cuda_graphs(pipe)
+
+        def run(prompt: str, prompt_seed: int) -> _TimedRun:
+            return _run(pipe, call, prompt, prompt_seed, clock, cuda)
+
+        run(prompts[0], seed)  # warm-up, so the first timed run pays no one-off costs
         with apply_plan(pipe, plan) as counting:
-            _run(pipe, call, prompts[0], seed, clock)
+            run(prompts[0], seed)
             flops_total = counting.flops.as_dict()
             peak_cache = counting.peak_cache_bytes()
         with apply_plan(pipe, plan, count_flops=False) as handle:
-            _run(pipe, call, prompts[0], seed, clock)  # this runtime's own first-use constants
+            run(prompts[0], seed)  # this runtime's own first-use constants
 
-            def run_full(prompt: str, prompt_seed: int) -> None:
+            def run_full(prompt: str, prompt_seed: int) -> _TimedRun:
                 with handle.suspended():
-                    full.append(_run(pipe, call, prompt, prompt_seed, clock))
+                    return run(prompt, prompt_seed)
 
+            if cuda_graphs:  # the second call of each configuration captures its graphs
+                run_full(prompts[0], seed)
+                run(prompts[0], seed)
             for i, p in enumerate(prompts):
                 if i % 2 == 0:
-                    run_full(p, seed + i)
-                    planned.append(_run(pipe, call, p, seed + i, clock))
+                    full.append(run_full(p, seed + i))
+                    planned.append(run(p, seed + i))
                 else:
-                    planned.append(_run(pipe, call, p, seed + i, clock))
-                    run_full(p, seed + i)
+                    planned.append(run(p, seed + i))
+                    full.append(run_full(p, seed + i))
             peak_cache = max(peak_cache, handle.peak_cache_bytes())
     finally:
-        clock.remove()
+        if clock is not None:
+            clock.remove()
+        if graphs is not None:
+            graphs.remove()
     plan.flops = FlopsSummary(flops_total["attention_core_fraction"], flops_total["attention_module_fraction"], "measured")
     pairs = [(f.images, c.images) for f, c in zip(full, planned)]
     ps = [float(np.mean([psnr(a, b) for a, b in zip(x, y)])) for x, y in pairs]
@@ -258,19 +307,24 @@ def validate(pipe: Any, plan: Plan, prompts: Sequence[str], call: Callable[[str,
     peak_full = max(r.peak_memory for r in full) if cuda else None
     peak_plan = max(r.peak_memory for r in planned) if cuda else None
     report = ValidationReport(model_name, plan_name, list(prompts), ps, ss, flops_total, sum(r.seconds for r in full),
-                              sum(r.seconds for r in planned), sum(r.attention_seconds for r in full),
-                              sum(r.attention_seconds for r in planned), peak_full, peak_plan, peak_cache,
+                              sum(r.seconds for r in planned), _total_attention(full), _total_attention(planned),
+                              peak_full, peak_plan, peak_cache,
                               _classifier_metrics([r.images for r in full], [r.images for r in planned],
                                                   classifier_labels),
-                              [r.seconds for r in full], [r.seconds for r in planned])
+                              [r.seconds for r in full], [r.seconds for r in planned], cuda_graphs,
+                              graphs.replays if graphs is not None else None, graph_share)
     if out_dir is not None:
         write_report(report, [r.images for r in full], [r.images for r in planned], out_dir)
     return report
 
 
+def _total_attention(runs: list[_TimedRun]) -> float | None:
+    return None if any(r.attention_seconds is None for r in runs) else sum(r.attention_seconds for r in runs)
+
+
 def validate_pipeline(pipe: Any, plan: Plan, prompts: Sequence[str], *, seed: int = 0, model_name: str = "",
                       plan_name: str = "", out_dir: str | Path | None = None,
-                      call_kwargs: dict[str, Any] | None = None) -> ValidationReport:
+                      call_kwargs: dict[str, Any] | None = None, cuda_graphs: bool = False) -> ValidationReport:
     """:func:`validate` with the pipeline calls of the plan's run (steps, guidance, size, and the
     frame count of a video plan) built by the model's adapter; ``call_kwargs`` pass through to every
     call. Class-conditional prompts also give the classifier's expected labels."""
@@ -296,7 +350,7 @@ def validate_pipeline(pipe: Any, plan: Plan, prompts: Sequence[str], *, seed: in
     if adapter.pipeline_kind == "class" and _is_embedded_dit(pipe):  # the classifier knows its 10 classes only
         labels = [_class_label(pipe, p) for p in prompts]
     return validate(pipe, plan, prompts, call, seed=seed, model_name=model_name, plan_name=plan_name, out_dir=out_dir,
-                    classifier_labels=labels)
+                    classifier_labels=labels, cuda_graphs=cuda_graphs)
 
 
 def _is_embedded_dit(pipe: Any) -> bool:
