@@ -139,7 +139,8 @@ class ValidationReport:
                  f"{d['speedup'] or float('nan'):.2f}x ({self.amdahl_bound:.2f}x) |",
                  f"| speed | {self.speed_verdict} |",
                  ("| peak memory bytes (full / plan) | not measured off CUDA |" if self.peak_memory_full is None else
-                  f"| peak memory bytes (full / plan) | {self.peak_memory_full} / {self.peak_memory_plan} |"),
+                  f"| peak memory bytes (full / plan{', both with the graphs of both' if self.cuda_graphs else ''}) | "
+                  f"{self.peak_memory_full} / {self.peak_memory_plan} |"),
                  f"| peak cache bytes | {self.peak_cache_bytes} |"]
         for key, value in self.classifier.items():
             lines.append(f"| {key} | {value} |")
