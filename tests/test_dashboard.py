@@ -41,6 +41,7 @@ from ditlens.dashboards.plans import (  # noqa: E402
     plan_flops_table,
     plan_head_map,
     plan_layer_map,
+    report_metrics,
 )
 from ditlens.errors import DitlensError  # noqa: E402
 
@@ -391,6 +392,17 @@ def test_report_view_reads_validate_outputs(files, tmp_path):
     assert metrics["SSIM (mean)"] == f"{np.mean(raw['ssim']):.4f}"
     assert float(metrics["attention-core FLOPs fraction"]) == pytest.approx(raw["flops"]["attention_core_fraction"],
                                                                             rel=1e-3)
+    # the speed rows, from the raw seconds and FLOPs (not from the report's own derived fields)
+    share = raw["attention_seconds_full"] / raw["seconds_full"]
+    bound = 1 / (1 - share * (1 - raw["flops"]["attention_module_fraction"]))
+    speedup = raw["seconds_full"] / raw["seconds_plan"]
+    assert metrics["attention-module share (full)"] == f"{share:.1%}"
+    assert metrics["end-to-end speedup (Amdahl bound)"] == f"{speedup:.2f}x ({bound:.2f}x)"
+    assert metrics["timing"] == "eager" and metrics["speed"] == raw["speed_verdict"]
+    graphed = dict(report_metrics({**raw, "cuda_graphs": True, "graph_replays": 12, "attention_seconds_full": None,
+                                   "attention_seconds_plan": None}))
+    assert graphed["timing"] == "every forward replayed from a CUDA graph (12 replays)"
+    assert graphed["attention s (full / plan)"] == "n/a / n/a"
     assert [r["prompt"] for r in report.per_prompt] == raw["prompts"]
     assert report.grid_png[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_report(files.report / "validate.json").data == raw

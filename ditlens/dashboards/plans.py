@@ -316,6 +316,14 @@ def _fmt(value: object, digits: int = 4) -> str:
     return str(value)
 
 
+def _percent(value: object) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _times(value: object) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "n/a"
+
+
 def report_metrics(d: dict[str, Any]) -> list[tuple[str, str]]:
     """The metrics table of a ``validate.json``, in the order of ``validate.md``."""
     flops = d.get("flops") or {}
@@ -329,6 +337,11 @@ def report_metrics(d: dict[str, Any]) -> list[tuple[str, str]]:
         ("attention-module FLOPs fraction", _fmt(flops.get("attention_module_fraction"))),
         ("end-to-end s (full / plan)", f"{_fmt(d.get('seconds_full'))} / {_fmt(d.get('seconds_plan'))}"),
         ("attention s (full / plan)", f"{_fmt(d.get('attention_seconds_full'))} / {_fmt(d.get('attention_seconds_plan'))}"),
+        ("attention-module share (full)", _percent(d.get("attention_share"))),
+        ("end-to-end speedup (Amdahl bound)", f"{_times(d.get('speedup'))} ({_times(d.get('amdahl_bound'))})"),
+        ("speed", _fmt(d.get("speed_verdict"))),
+        ("timing", f"every forward replayed from a CUDA graph ({_fmt(d.get('graph_replays'))} replays)"
+                   if d.get("cuda_graphs") else "eager"),
         ("peak memory bytes (full / plan)", f"{_fmt(d.get('peak_memory_full'))} / {_fmt(d.get('peak_memory_plan'))}"),
         ("peak cache bytes", _fmt(d.get("peak_cache_bytes"))),
     ]
