@@ -1,7 +1,8 @@
-"""Host time to enqueue one attention call on the GPU: SDPA, ditlens' head-wise kernel through
-Triton's own dispatch (``fn[grid](...)`` binding and specializing every argument), and the same
-launch from ditlens' launch cache (``ditlens.kernels.launcher``). In a host-bound denoising loop
-(DiT-XL 512² eager) this is what each attention call costs whatever the GPU does.
+"""Host time to enqueue one attention call on the GPU: SDPA; ditlens' head-wise kernel through
+Triton's own dispatch (``fn[grid](...)`` binding and specializing every argument); the same launch
+from ditlens' launch cache (``ditlens.kernels.launcher``); and ditlens' call with the launch left out
+(its own Python and the output's allocation). In a host-bound denoising loop (DiT-XL 512² eager)
+this is what each attention call costs whatever the GPU does.
 
     python benchmarks/launch_host.py                        # DiT-XL 512² and SD3 1024² call shapes
     python benchmarks/launch_host.py --shapes 2,16,1024,72   # B,H,L,D of diffusers' [B, L, H, D] views
@@ -40,20 +41,30 @@ def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
     import torch.nn.functional as F
 
     from ditlens.kernels import headwise_attention
-    from ditlens.kernels.triton_backend import headwise_launches
+    from ditlens.kernels import triton_backend as backend
 
+    launches_fn = backend.headwise_launches
     base = torch.randn(B, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D] views, as diffusers passes them
     w = max(1, L // 16)
-    launches = headwise_launches()
+    launches = launches_fn()
 
     def dispatched():
         launches.launches.clear()  # every call a first launch: Triton's dispatch
         headwise_attention(q, k, v, modes="window", windows=w)
 
+    def unlaunched():
+        # everything ditlens does per call but the launch itself: what is left to cut in its own Python
+        backend.headwise_launches = lambda: (lambda grid, args, constants: None)
+        try:
+            headwise_attention(q, k, v, modes="window", windows=w)
+        finally:
+            backend.headwise_launches = launches_fn
+
     calls = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
              "ditlens window, Triton's dispatch": dispatched,
-             "ditlens window, cached launch": lambda: headwise_attention(q, k, v, modes="window", windows=w)}
+             "ditlens window, cached launch": lambda: headwise_attention(q, k, v, modes="window", windows=w),
+             "ditlens window, all but the launch": unlaunched}
     return [f"  {label}: {best_host_us(call):.1f} us" for label, call in calls.items()]
 
 
