@@ -1024,6 +1024,13 @@ def test_validate_reports_a_plan_slower_than_the_model():
     assert f"| speed | {slow.speed_verdict} |" in slow.markdown()
     assert "| peak memory bytes (full / plan) | not measured off CUDA |" in slow.markdown()
     assert slow.as_dict()["speed_verdict"] == slow.speed_verdict
+    assert slow.speed_verdict.endswith("or CUDA graphs on a host-bound GPU (--cuda-graphs)")
+    # timed under CUDA graphs already: the share comes from the replayed forward, and graphs are not advised again
+    graphed = ValidationReport("m", "p", ["a"], [30.0], [0.9], flops, 1.0, 1.05, None, None, None, None, 0,
+                               cuda_graphs=True, graph_replays=8, graph_attention_share=0.5)
+    assert graphed.amdahl_bound == pytest.approx(slow.amdahl_bound)
+    assert graphed.speed_verdict.startswith("slower than") and "CUDA graphs" not in graphed.speed_verdict
+    assert "| attention s (full / plan) | not clocked" in graphed.markdown()
 
 
 def test_validate_speed_verdict_names_timing_noise():

@@ -103,7 +103,8 @@ class ValidationReport:
         if sp < 0.99:
             return (f"slower than the uncompressed model ({sp:.2f}x, bound {bound:.2f}x): the plan's extra work "
                     f"(caches, refreshes, launches) costs more than the {self.attention_share:.0%} of run time "
-                    f"in attention saves; try fewer WA-RS layers, a larger resolution, or CUDA graphs on a host-bound GPU")
+                    f"in attention saves; try fewer WA-RS layers, a larger resolution"
+                    + ("" if self.cuda_graphs else ", or CUDA graphs on a host-bound GPU (--cuda-graphs)"))
         return f"{sp:.2f}x{spread}, {sp / bound:.0%} of its Amdahl bound ({bound:.2f}x)"
 
     def as_dict(self) -> dict[str, Any]:
