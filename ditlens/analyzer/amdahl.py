@@ -15,12 +15,15 @@ import statistics
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from ditlens.analyzer.capture import AttentionInterceptor
 from ditlens.errors import DitlensError
+
+RECORDED_OUTPUT_HOOK = "ditlens.analyzer.amdahl.recorded_output"  # what takes a module's work out (module scope)
 
 
 @dataclass(frozen=True)
@@ -95,18 +98,33 @@ def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwarg
     if missing:
         raise DitlensError(f"{len(missing)} attention modules ({missing[0]}, ...) did not run in the transformer's "
                            "forward; pass modules of this transformer")
-    # an instance attribute shadows the class's forward (diffusers' hooks patch modules the same way)
-    previous = {id(m): m.__dict__.get("forward") for m in modules}
+    from ditlens.analyzer import hooks
+
+    recorded = _recorded_output_hook()
     for m in modules:
-        m.forward = (lambda out: lambda *a, **k: out)(outputs[id(m)])
+        hooks.attach(m, recorded(outputs[id(m)]), RECORDED_OUTPUT_HOOK)
     try:
         yield
     finally:
         for m in modules:
-            if previous[id(m)] is None:
-                del m.forward
-            else:
-                m.forward = previous[id(m)]
+            hooks.detach(m, RECORDED_OUTPUT_HOOK)
+
+
+@lru_cache(maxsize=1)
+def _recorded_output_hook() -> type:
+    from diffusers.hooks import ModelHook
+
+    class RecordedOutputHook(ModelHook):  # type: ignore[misc, valid-type]
+        """The module returns ``output`` without computing anything."""
+
+        def __init__(self, output: Any) -> None:
+            super().__init__()
+            self.output = output
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.output
+
+    return RecordedOutputHook
 
 
 def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_attention: bool, repeats: int,
