@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
+# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -30,6 +30,8 @@ for name in "$@"; do
   case $name in
     tests) part tests 420 python3 -m pytest -q -m gpu tests ;;  # ~230 s warm; Triton compiles take longer on a fresh machine
     tests-runtime) part tests-runtime 480 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py ;;
+    tests-rest) part tests-rest 300 python3 -m pytest -q -m gpu tests --ignore=tests/test_kernels.py \
+                  --ignore=tests/test_compress.py ;;  # with tests-runtime: the whole GPU suite in two parts on a cold machine
     graphs) part graphs 200 python3 -m pytest -q -m gpu tests/test_graphs.py ;;
     e2e-graphs) part e2e-graphs 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512,pixart-sigma-xl-1024 \
                   --cuda-graphs --repeats 3 --out "$out/e2e_graphs.json" ;;
