@@ -142,7 +142,7 @@ for name in "$@"; do
           part poly-pixart-0.5 200 python3 benchmarks/small_shapes.py --out "$out/poly_pixart_0.5" --shapes PixArt-2K \
             --window-sparsity 0.5 --variants dense,window --configs 128x64/4w/3s/tma/1l,128x64/4w/3s/tma/1l/p2,128x64/4w/3s/tma/1l/p4
           part poly-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k poly ;;
-    cached-launch) part cached-launch-test 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k cached_launches ;;
+    cached-launch) part cached-launch-test 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "cached_launches or cached_one_pass" ;;
     launch-host) part launch-host 120 python3 benchmarks/launch_host.py ;;  # host µs per call: SDPA, Triton dispatch, launch cache
     validate-graphs) part validate-graphs-test 200 python3 -m pytest -q -m gpu tests/test_compress.py -k cuda_graphs ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;

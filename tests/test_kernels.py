@@ -668,6 +668,31 @@ def test_cached_launches_equal_tritons_own_dispatch():
     assert torch.equal(static, first)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cached_one_pass_warsr_launches_equal_the_first():
+    """The one-pass WA-RS refresh replays its compiled kernel too: bit for bit the first (dispatched)
+    launch's full output and residual, into fresh buffers, and still within the float64 reference."""
+    from ditlens.kernels.triton_backend import warsr_launches
+
+    B, H, L, D = 2, 3, 1000, 72
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, "cuda", seed=5)
+    modes, windows = ["window", "arrow", "window"], [40, 17, 300]
+    plan, layout = make_head_plan(modes, windows, H, L), TokenLayout(L, 77, True)
+    launches = warsr_launches()
+    hits = launches.hits
+    first = warsr_triton(q, k, v, plan, layout, D ** -0.5)
+    for _ in range(3):
+        full, res = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+        warsr_triton(q, k, v, plan, layout, D ** -0.5, out=full, residual_out=res)
+        assert torch.equal(full, first[0]) and torch.equal(res, first[1])
+    assert launches.hits >= hits + 3
+    ref_full, ref_res = warsr_attention_reference(q, k, v, windows=windows, n_text=77, text_first=True,
+                                                  pattern=modes, out_dtype=torch.float64)
+    assert _rel_err(first[0], ref_full) < _tol(torch.bfloat16)
+    assert (first[1].double() - ref_res).abs().max().item() < 4 * _tol(torch.bfloat16) * ref_full.abs().max().item()
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="Triton is not in interpreter mode here")
 def test_random_plans_against_reference():
     rng = random.Random(3)

@@ -475,17 +475,33 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     n_mblocks = triton_cdiv(L, cfg.block_m)
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (B * H * n_mblocks,)
-    mod.warsr_fwd_kernel[grid](
-        q, k, v, out, res, meta.mode, meta.window,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E,
-        HEAD_DIM=D, SQ=q.stride(2), SK=k.stride(2), SV=v.stride(2), SO=out.stride(2), SR=res.stride(2),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret,
-        HINT_ALIGN=_needs_align_hint(tuple(t.stride() for t in (q, k, v, out, res))),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    tensors = (q, k, v, out, res)
+    strides = tuple(t.stride() for t in tensors)
+    args = (*tensors, meta.mode, meta.window, *(x for st in strides for x in st[:2]),
+            H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E)
+    constants = _warsr_constants(D, strides, cfg, interpret)
+    if interpret:
+        mod.warsr_fwd_kernel[grid](*args, **constants)
+    else:
+        warsr_launches()(grid, args, constants)
     return out, res
+
+
+@functools.lru_cache(maxsize=1)
+def warsr_launches() -> LaunchCache:
+    """The compiled one-pass WA-RS kernels by launch signature (see :mod:`ditlens.kernels.launcher`)."""
+    return LaunchCache(kernel_module().warsr_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=64)
+def _warsr_constants(head_dim: int, strides: tuple[tuple[int, ...], ...], cfg: KernelConfig, interpret: bool) -> dict:
+    """The compile-time arguments of one one-pass WA-RS launch shape (one dict object per shape: the
+    launch cache keys on its id)."""
+    d0, d1 = split_head_dim(head_dim)
+    token_strides = dict(zip(("SQ", "SK", "SV", "SO", "SR"), (st[2] for st in strides)))
+    return dict(HEAD_DIM=head_dim, **token_strides, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D0=d0,
+                D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=interpret, HINT_ALIGN=_needs_align_hint(strides),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def triton_cdiv(a: int, b: int) -> int:
