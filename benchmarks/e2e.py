@@ -179,7 +179,7 @@ def run_planned(model, kwargs: dict, plan, warsr_refresh: str) -> None:
 
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
                warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, list[float]]:
-    """``repeats`` pairs of calls, one uncompressed then one under ``plan``, after ``warmup`` calls of the plan
+    """``repeats`` pairs of calls, one uncompressed and one under ``plan`` (in alternating order), after ``warmup`` calls of the plan
     (under CUDA graphs: an eager call, then the capture). ``plan=None``: both calls of each pair run the
     uncompressed model (the A/A control: how far identical work drifts between paired calls).
 
@@ -197,10 +197,13 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
         for _ in range(warmup):
             time_call(model, kwargs, clock, device, handle)
     plain, planned = [], []
-    for _ in range(repeats):
-        plain.append(time_call(model, kwargs, clock, device))
+    for i in range(repeats):  # alternate which call of a pair goes first: a drift within pairs cancels
+        if i % 2 == 0:
+            plain.append(time_call(model, kwargs, clock, device))
         with applied() as handle:
             planned.append(time_call(model, kwargs, clock, device, handle))
+        if i % 2 == 1:
+            plain.append(time_call(model, kwargs, clock, device))
     ratios = [a.loop_s / b.loop_s for a, b in zip(plain, planned)]
     return median_timing(plain), median_timing(planned), ratios
 
