@@ -179,13 +179,14 @@ def run_planned(model, kwargs: dict, plan, warsr_refresh: str) -> None:
 
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
                warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, list[float]]:
-    """``repeats`` pairs of calls, one uncompressed and one under ``plan`` (in alternating order), after ``warmup`` calls of the plan
-    (under CUDA graphs: an eager call, then the capture). ``plan=None``: both calls of each pair run the
-    uncompressed model (the A/A control: how far identical work drifts between paired calls).
+    """``repeats`` pairs of calls, one uncompressed and one under ``plan`` (which goes first alternates), after
+    ``warmup`` calls of the plan (under CUDA graphs: an eager call, then the capture). ``plan=None``: both calls
+    of each pair run the uncompressed model (the A/A control: how far identical work drifts between paired calls).
 
     On a host-bound size the loop time of one machine drifts by tens of percent between calls
     (other tenants, clocks); within a pair both calls see the same drift, so the speedup is the
-    median of the per-pair ratios. Returns (uncompressed median, plan median, per-pair ratios)."""
+    median of the per-pair ratios. Alternating the order cancels a drift from the first call of a
+    pair to the second (A/A controls of 0.968x and 0.972x with the uncompressed call always first). Returns (uncompressed median, plan median, per-pair ratios)."""
     from ditlens.compress import apply_plan
 
     def applied():

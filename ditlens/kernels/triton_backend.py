@@ -467,7 +467,6 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     interpret = not q.is_cuda
     mod = kernel_module()
     cfg = config or default_config(D, interpret, two_softmaxes=True)
-    d0, d1 = split_head_dim(D)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
     res = _output(q, residual_out)
