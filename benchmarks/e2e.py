@@ -69,6 +69,7 @@ class Timing:
     attention_s: float  # summed attention-module time inside the loop
     peak_gib: float
     cache_gib: float = 0.0
+    host_s: float = 0.0  # CPU time of the calling thread over the call: on CUDA the host work, whatever else runs
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Row:
     compiled: bool = False
     graphs: bool = False
     notes: str = ""
+    # median of the paired ratios of host CPU time (uncompressed / plan), where rows are paired
+    speedup_host: float | None = None
 
 
 @dataclass
@@ -146,19 +149,20 @@ def time_call(model, kwargs: dict, clock: LoopClock, device: str, handle=None) -
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     with torch.inference_mode():
         model.pipe(**kwargs)
+    host = time.thread_time() - cpu0  # before the final wait, which a spinning sync would add
     sync(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     cache = handle.peak_cache_bytes() / 2**30 if handle is not None else 0.0
-    return Timing(clock.loop_seconds(), wall, clock.attention_seconds(), peak, cache)
+    return Timing(clock.loop_seconds(), wall, clock.attention_seconds(), peak, cache, host)
 
 
 def median_timing(samples: list[Timing]) -> Timing:
     return Timing(*(statistics.median(getattr(s, f) for s in samples)
-                    for f in ("loop_s", "pipeline_s", "attention_s", "peak_gib", "cache_gib")))
+                    for f in ("loop_s", "pipeline_s", "attention_s", "peak_gib", "cache_gib", "host_s")))
 
 
 def run_pipeline(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, handle=None,
@@ -178,7 +182,7 @@ def run_planned(model, kwargs: dict, plan, warsr_refresh: str) -> None:
 
 
 def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int, plan,
-               warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, list[float]]:
+               warmup: int = 1, warsr_refresh: str = "two-pass") -> tuple[Timing, Timing, list[float], list[float]]:
     """``repeats`` pairs of calls, one uncompressed and one under ``plan`` (which goes first alternates), after
     ``warmup`` calls of the plan (under CUDA graphs: an eager call, then the capture). ``plan=None``: both calls
     of each pair run the uncompressed model (the A/A control: how far identical work drifts between paired calls).
@@ -186,7 +190,11 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
     On a host-bound size the loop time of one machine drifts by tens of percent between calls
     (other tenants, clocks); within a pair both calls see the same drift, so the speedup is the
     median of the per-pair ratios. Alternating the order cancels a drift from the first call of a
-    pair to the second (A/A controls of 0.968x and 0.972x with the uncompressed call always first). Returns (uncompressed median, plan median, per-pair ratios)."""
+    pair to the second (A/A controls of 0.968x and 0.972x with the uncompressed call always first).
+    Other tenants preempting this process lengthen the wall time but not the thread's CPU time, so
+    the per-pair ratios of host CPU time are returned too: on a host-bound loop, the host work a plan
+    adds or saves without the preemption noise. Returns (uncompressed median, plan median, per-pair
+    loop ratios, per-pair host CPU ratios)."""
     from ditlens.compress import apply_plan
 
     def applied():
@@ -206,7 +214,8 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
         if i % 2 == 1:
             plain.append(time_call(model, kwargs, clock, device))
     ratios = [a.loop_s / b.loop_s for a, b in zip(plain, planned)]
-    return median_timing(plain), median_timing(planned), ratios
+    host_ratios = [a.host_s / b.host_s for a, b in zip(plain, planned)]
+    return median_timing(plain), median_timing(planned), ratios, host_ratios
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,12 +436,13 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
             core = 1.0 if plan is None else _fraction(plan)
             bound = share.bound(1.0 - core)
-            pairs = ""
+            pairs, host = "", None
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
-                ref, got, ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
-                                              args.warsr_refresh)
-                sl = statistics.median(ratios)
-                pairs = f", pairs {min(ratios):.3f}-{max(ratios):.3f}x"
+                ref, got, ratios, host_ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
+                                                           args.warsr_refresh)
+                sl, host = statistics.median(ratios), statistics.median(host_ratios)
+                pairs = (f", pairs {min(ratios):.3f}-{max(ratios):.3f}x, host CPU {host:.3f}x "
+                         f"({min(host_ratios):.3f}-{max(host_ratios):.3f}x)")
             else:
                 with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=args.warsr_refresh) as handle:
                     got = run_pipeline(model, kwargs, clock, args.device, repeats, handle, warmup)
@@ -440,7 +450,8 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             sp = (ref.pipeline_s + text_s) / (got.pipeline_s + text_s)
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
-                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}{pairs}"))
+                                   f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}{pairs}",
+                                   host))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.3f}x{pairs} (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()
