@@ -766,3 +766,26 @@ def test_cli_sparsities_are_checked():
     for bad in ("0.5,1.0", "half", ""):
         with pytest.raises(DitlensError, match="--sparsities"):
             _sparsities(bad)
+
+
+def test_search_from_a_trace_needs_no_model_and_refuses_a_trace_it_would_ignore(tmp_path, capsys):
+    """``ditlens search --trace T`` searches from T for the model T recorded; a trace given to a
+    method that would not read it, or a model-running method without a model, is refused up front."""
+    from ditlens.cli import main
+    from ditlens.compress.plan import Plan
+
+    trace, out = tmp_path / "t.h5", tmp_path / "p.json"
+    assert main(["profile", "--model", "tiny-dit", "--prompt", "sneaker", "--prompt", "bag", "--steps", "3",
+                 "--influence", "--out", str(trace)]) == 0
+    assert main(["search", "--trace", str(trace), "--delta", "0.5", "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.provenance.search == "v2-from-trace" and "trace=t.h5" in plan.provenance.notes and plan.steps == 3
+    assert main(["search", "--model", "tiny-dit", "--method", "trace", "--trace", str(trace), "--delta", "0.5",
+                 "--out", str(tmp_path / "same.json")]) == 0
+    assert Plan.load(tmp_path / "same.json").methods == plan.methods
+    capsys.readouterr()
+    assert main(["search", "--trace", str(trace), "--method", "v2", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--trace is read by --method trace only" in capsys.readouterr().err
+    assert main(["search", "--method", "v1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "give --model" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

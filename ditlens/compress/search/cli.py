@@ -30,12 +30,31 @@ def _sparsities(text: str | None) -> tuple[float, ...] | None:
     return values
 
 
+def _resolve_method_and_model(args: argparse.Namespace) -> None:
+    """``--trace T`` alone means a search from T, for the model T recorded: the pipeline is loaded
+    only for its layer table and kernels, so naming the model again is redundant."""
+    if args.method is None:
+        args.method = "trace" if args.trace else "v2"
+    if args.method == "trace" and not args.trace:
+        raise DitlensError("--method trace needs --trace T (a trace recorded by `ditlens profile --influence`)")
+    if args.method != "trace" and args.trace:
+        raise DitlensError(f"--trace is read by --method trace only, not by --method {args.method}: drop one of them")
+    if args.model is None:
+        if args.method != "trace":
+            raise DitlensError(f"--method {args.method} runs the model: give --model (embedded name, folder or hub id)")
+        from ditlens.traces import Trace
+
+        with Trace.open(args.trace) as trace:
+            args.model = trace.header.model_id
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ditlens.cli import call_kwargs, init_distributed
     from ditlens.compress.search import api
     from ditlens.compress.search.common import data_parallel
     from ditlens.models import load_pipeline, parse_dtype
 
+    _resolve_method_and_model(args)
     extra = call_kwargs(args.call_arg)
     if args.micro_batch < 1:
         raise DitlensError(f"--micro-batch must be at least 1, got {args.micro_batch}")
@@ -69,9 +88,11 @@ def register_search(sub: Any) -> None:
     from ditlens.cli import CALL_ARG_HELP  # registered by ditlens.cli once it is loaded
 
     p = sub.add_parser("search", help="search a compression plan (V1 greedy, V2 head-wise, or from a trace)")
-    p.add_argument("--model", required=True, help="embedded model name, local pipeline folder or hub id")
-    p.add_argument("--method", choices=("v1", "v2", "trace"), default="v2")
-    p.add_argument("--trace", help="trace with /influence/rse (for --method trace)")
+    p.add_argument("--model", help="embedded model name, local pipeline folder or hub id (with --trace: the "
+                                    "model the trace recorded, unless given)")
+    p.add_argument("--method", choices=("v1", "v2", "trace"), default=None,
+                   help="v2 (default), v1, or trace (the default when --trace is given)")
+    p.add_argument("--trace", help="trace with /influence/rse: search from it without running the model")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--delta", type=float, default=None, help="threshold δ (default 0.1 for v2/trace, 0.05 for v1)")
     budget.add_argument("--target-flops", type=float, default=None, help="attention-core FLOPs fraction to reach")
