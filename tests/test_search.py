@@ -788,4 +788,11 @@ def test_search_from_a_trace_needs_no_model_and_refuses_a_trace_it_would_ignore(
     assert "--trace is read by --method trace only" in capsys.readouterr().err
     assert main(["search", "--method", "v1", "--out", str(tmp_path / "x.json")]) == 2
     assert "give --model" in capsys.readouterr().err
+    import h5py
+
+    with h5py.File(trace, "r+") as f:  # a trace recorded from a folder that is not here
+        f.attrs["model_id"] = str(tmp_path / "gone")
+    assert main(["search", "--trace", str(trace), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "was recorded from model" in err and "pass --model" in err
     assert not (tmp_path / "x.json").exists()

@@ -30,9 +30,10 @@ def _sparsities(text: str | None) -> tuple[float, ...] | None:
     return values
 
 
-def _resolve_method_and_model(args: argparse.Namespace) -> None:
+def _resolve_method_and_model(args: argparse.Namespace) -> bool:
     """``--trace T`` alone means a search from T, for the model T recorded: the pipeline is loaded
-    only for its layer table and kernels, so naming the model again is redundant."""
+    only for its layer table and kernels, so naming the model again is redundant. Returns whether
+    the model was taken from the trace."""
     if args.method is None:
         args.method = "trace" if args.trace else "v2"
     if args.method == "trace" and not args.trace:
@@ -46,6 +47,8 @@ def _resolve_method_and_model(args: argparse.Namespace) -> None:
 
         with Trace.open(args.trace) as trace:
             args.model = trace.header.model_id
+        return True
+    return False
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -54,7 +57,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ditlens.compress.search.common import data_parallel
     from ditlens.models import load_pipeline, parse_dtype
 
-    _resolve_method_and_model(args)
+    model_from_trace = _resolve_method_and_model(args)
     extra = call_kwargs(args.call_arg)
     if args.micro_batch < 1:
         raise DitlensError(f"--micro-batch must be at least 1, got {args.micro_batch}")
@@ -62,7 +65,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         api.check_trace_run(args.trace, steps=args.steps, guidance=args.guidance, height=args.height,
                             width=args.width, call_kwargs=extra)
     device = init_distributed(args.device)  # torchrun: prompts are sharded over ranks, losses reduced
-    pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
+    try:
+        pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype))
+    except DitlensError as exc:
+        if not model_from_trace:
+            raise
+        raise DitlensError(f"{args.trace} was recorded from model {args.model!r}, which does not load here ({exc}); "
+                           "pass --model with that model's folder or hub id") from exc
     pipe.set_progress_bar_config(disable=True)
     prompts = [] if args.method == "trace" else _prompts(args)
     start = time.perf_counter()
