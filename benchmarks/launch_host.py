@@ -11,6 +11,7 @@ this is what each attention call costs whatever the GPU does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Callable
 
@@ -54,13 +55,18 @@ def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
         launches.launches.clear()  # every call a first launch: Triton's dispatch
         headwise_attention(q, k, v, modes="window", windows=w)
 
-    def unlaunched() -> float:
-        # everything ditlens does per call but the launch itself: what is left to cut in its own Python
-        backend.headwise_launches = lambda: (lambda grid, args, constants: None)
+    @contextlib.contextmanager
+    def launching_with(launch):  # ditlens' calls hand their launch to ``launch`` instead of the cache
+        backend.headwise_launches = lambda: launch
         try:
-            return best_host_us(lambda: headwise_attention(q, k, v, modes="window", windows=w))
+            yield
         finally:
             backend.headwise_launches = launches_fn
+
+    def unlaunched() -> float:
+        # everything ditlens does per call but the launch itself: what is left to cut in its own Python
+        with launching_with(lambda grid, args, constants: None):
+            return best_host_us(lambda: headwise_attention(q, k, v, modes="window", windows=w))
 
     def launch_alone() -> float:
         # the compiled kernel's launcher with one call's arguments (descriptor scratch allocator set once)
@@ -70,11 +76,8 @@ def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
             seen.update(grid=grid, args=args, constants=constants)
             launches(grid, args, constants)
 
-        backend.headwise_launches = lambda: record
-        try:
+        with launching_with(record):
             headwise_attention(q, k, v, modes="window", windows=w)
-        finally:
-            backend.headwise_launches = launches_fn
         entry = launches.launches[(torch.cuda.current_device(), id(seen["constants"]), launch_signature(seen["args"]))]
         grid3 = (*seen["grid"], 1, 1)[:3]
         with backend._descriptor_scratch(q.device):

@@ -15,11 +15,12 @@ import statistics
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
 import torch
+from diffusers.hooks import ModelHook
 
+from ditlens.analyzer import hooks
 from ditlens.analyzer.capture import AttentionInterceptor
 from ditlens.errors import DitlensError
 
@@ -98,11 +99,8 @@ def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwarg
     if missing:
         raise DitlensError(f"{len(missing)} attention modules ({missing[0]}, ...) did not run in the transformer's "
                            "forward; pass modules of this transformer")
-    from ditlens.analyzer import hooks
-
-    recorded = _recorded_output_hook()
     for m in modules:
-        hooks.attach(m, recorded(outputs[id(m)]), RECORDED_OUTPUT_HOOK)
+        hooks.attach(m, RecordedOutputHook(outputs[id(m)]), RECORDED_OUTPUT_HOOK)
     try:
         yield
     finally:
@@ -110,21 +108,15 @@ def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwarg
             hooks.detach(m, RECORDED_OUTPUT_HOOK)
 
 
-@lru_cache(maxsize=1)
-def _recorded_output_hook() -> type:
-    from diffusers.hooks import ModelHook
+class RecordedOutputHook(ModelHook):
+    """The module returns ``output`` without computing anything."""
 
-    class RecordedOutputHook(ModelHook):  # type: ignore[misc, valid-type]
-        """The module returns ``output`` without computing anything."""
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
 
-        def __init__(self, output: Any) -> None:
-            super().__init__()
-            self.output = output
-
-        def new_forward(self, module, *args, **kwargs):
-            return self.output
-
-    return RecordedOutputHook
+    def new_forward(self, module, *args, **kwargs):
+        return self.output
 
 
 def _time_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, drop_attention: bool, repeats: int,
