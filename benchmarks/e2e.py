@@ -94,6 +94,9 @@ class Row:
     notes: str = ""
     # median of the paired ratios of host CPU time (uncompressed / plan), where rows are paired
     speedup_host: float | None = None
+    # every pair's ratio (uncompressed / plan) of loop time and of host CPU time, for statistics beyond the median
+    pair_ratios: list[float] = field(default_factory=list)
+    host_pair_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -194,8 +197,9 @@ def run_paired(model, kwargs: dict, clock: LoopClock, device: str, repeats: int,
     median of the per-pair ratios. Alternating the order cancels a drift from the first call of a
     pair to the second (A/A controls of 0.968x and 0.972x with the uncompressed call always first).
     Other tenants preempting this process lengthen the wall time but not the thread's CPU time, so
-    the per-pair ratios of host CPU time are returned too: on a host-bound loop, the host work a plan
-    adds or saves without the preemption noise. Returns (uncompressed median, plan median, per-pair
+    the per-pair ratios of host CPU time are returned too. On the lent H100 they followed the wall-clock
+    ratios within 1 % (BENCHMARKS.md §4, session 31): there the drift is the vCPU's own speed, which
+    lengthens a busy thread's CPU time as much as its wall time. Returns (uncompressed median, plan median, per-pair
     loop ratios, per-pair host CPU ratios)."""
     from ditlens.compress import apply_plan
 
@@ -438,7 +442,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
             core = 1.0 if plan is None else _fraction(plan)
             bound = share.bound(1.0 - core)
-            pairs, host = "", None
+            pairs, host, ratios, host_ratios = "", None, [], []
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
                 ref, got, ratios, host_ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
                                                            args.warsr_refresh)
@@ -453,7 +457,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
                                    f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}{pairs}",
-                                   host))
+                                   host, ratios, host_ratios))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.3f}x{pairs} (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly.
+# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly | cached-launch | launch-host | launch-profile | validate-graphs.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -144,6 +144,7 @@ for name in "$@"; do
           part poly-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k poly ;;
     cached-launch) part cached-launch-test 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "cached_launches or cached_one_pass" ;;
     launch-host) part launch-host 120 python3 benchmarks/launch_host.py ;;  # host µs per call: SDPA, Triton dispatch, launch cache
+    launch-profile) part launch-profile 120 python3 benchmarks/launch_host.py --shapes DiT-512 --profile 30 ;;
     validate-graphs) part validate-graphs-test 200 python3 -m pytest -q -m gpu tests/test_compress.py -k cuda_graphs ;;
     small-shapes) part small-shapes 300 python3 benchmarks/small_shapes.py --out "$out" ;;
     *) echo "unknown part $name" >&2 ;;

@@ -6,12 +6,16 @@ this is what each attention call costs whatever the GPU does.
 
     python benchmarks/launch_host.py                        # DiT-XL 512² and SD3 1024² call shapes
     python benchmarks/launch_host.py --shapes 2,16,1024,72   # B,H,L,D of diffusers' [B, L, H, D] views
+    python benchmarks/launch_host.py --profile 20            # and where a cached call's host time goes (cProfile)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
+import pstats
 import time
 from typing import Callable
 
@@ -38,7 +42,23 @@ def best_host_us(call: Callable[[], object], loops: int = 5, calls: int = 200) -
     return best
 
 
-def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
+def profile_lines(call: Callable[[], object], top: int, calls: int = 2000) -> list[str]:
+    """cProfile of ``calls`` calls: the ``top`` functions by own time (cProfile's overhead inflates
+    small functions; read the order, not the microseconds)."""
+    call()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return ["    " + line for line in text.getvalue().splitlines() if line.strip()]
+
+
+def host_lines(B: int, H: int, L: int, D: int, profile_top: int = 0) -> list[str]:
     import torch.nn.functional as F
 
     from ditlens.kernels import headwise_attention
@@ -83,23 +103,39 @@ def host_lines(B: int, H: int, L: int, D: int) -> list[str]:
         with backend._descriptor_scratch(q.device):
             return best_host_us(lambda: entry.kernel[grid3](*seen["args"], *entry.tail))
 
+    def lookup_alone() -> float:
+        # the cache's key for one call's arguments and its dict lookup, as LaunchCache.__call__ makes them
+        seen: dict = {}
+        with launching_with(lambda grid, args, constants: seen.update(args=args, constants=constants)):
+            headwise_attention(q, k, v, modes="window", windows=w)
+        args, constants = seen["args"], seen["constants"]
+        table = launches.launches
+        return best_host_us(lambda: table.get((torch.cuda.current_device(), id(constants), launch_signature(args))))
+
     calls = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
              "ditlens window, Triton's dispatch": dispatched,
              "ditlens window, cached launch": lambda: headwise_attention(q, k, v, modes="window", windows=w)}
     times = {label: best_host_us(call) for label, call in calls.items()}
     times["ditlens window, all but the launch"] = unlaunched()
     times["the cached launch alone (Triton's launcher)"] = launch_alone()
-    return [f"  {label}: {us:.1f} us" for label, us in times.items()]
+    times["the cache's key and lookup alone"] = lookup_alone()
+    lines = [f"  {label}: {us:.1f} us" for label, us in times.items()]
+    if profile_top:
+        lines.append(f"  cProfile of the cached launch, top {profile_top} by own time:")
+        lines += profile_lines(calls["ditlens window, cached launch"], profile_top)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names or B,H,L,D")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile the cached call and print its N costliest functions")
     args = parser.parse_args()
     for name in args.shapes:
         shape = SHAPES.get(name) or tuple(int(x) for x in name.split(","))
         print(f"{name} {shape}: host time per call (enqueue, best of 5 x 200 calls)")
-        print("\n".join(host_lines(*shape)))
+        print("\n".join(host_lines(*shape, profile_top=args.profile)))
 
 
 if __name__ == "__main__":

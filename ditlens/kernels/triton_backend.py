@@ -381,7 +381,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
     res = _unit_last(residual) if residual is not None else out
     tensors = (q, k, v, out, cache, res)
-    strides = tuple(t.stride() for t in tensors)
+    strides = tuple([t.stride() for t in tensors])
     split, n_split_heads = full_head_split(plan, L, cfg)
     constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
                                   all_full and L % cfg.block_n == 0, split)
@@ -391,7 +391,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     partials, row_stats, tickets = _split_workspace(B * n_split_heads * n_mblocks, split, cfg.block_m, D, out)
     grid = (meta.order.numel() * B * n_mblocks,)
     args = (*tensors, meta.mode, meta.window, meta.order, meta.part, partials, row_stats, tickets,
-            *(x for st in strides for x in st[:2]),
+            *[x for st in strides for x in st[:2]],
             B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
         if interpret:
@@ -475,8 +475,8 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     img_lo, img_hi, t_lo, t_hi = _layout_args(layout)
     grid = (B * H * n_mblocks,)
     tensors = (q, k, v, out, res)
-    strides = tuple(t.stride() for t in tensors)
-    args = (*tensors, meta.mode, meta.window, *(x for st in strides for x in st[:2]),
+    strides = tuple([t.stride() for t in tensors])
+    args = (*tensors, meta.mode, meta.window, *[x for st in strides for x in st[:2]],
             H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E)
     constants = _warsr_constants(D, strides, cfg, interpret)
     if interpret:
