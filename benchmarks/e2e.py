@@ -165,6 +165,23 @@ def time_call(model, kwargs: dict, clock: LoopClock, device: str, handle=None) -
     return Timing(clock.loop_seconds(), wall, clock.attention_seconds(), peak, cache, host)
 
 
+def median_interval(ratios: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median of paired ratios: the order statistics
+    x(k) and x(n+1-k) with k the largest rank at which P(Binomial(n, 1/2) < k) <= (1 - level) / 2.
+    None below 6 pairs (no such k at 95 %). A plan is not slower, within a margin m, where the
+    interval's lower end is >= 1 - m."""
+    from scipy.stats import binom
+
+    n, tail = len(ratios), (1.0 - level) / 2
+    k = 0
+    while k + 1 <= n // 2 and binom.cdf(k, n, 0.5) <= tail:  # P(B <= k) = P(B < k + 1)
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(ratios)
+    return ordered[k - 1], ordered[n - k]
+
+
 def median_timing(samples: list[Timing]) -> Timing:
     return Timing(*(statistics.median(getattr(s, f) for s in samples)
                     for f in ("loop_s", "pipeline_s", "attention_s", "peak_gib", "cache_gib", "host_s")))
@@ -447,8 +464,10 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                 ref, got, ratios, host_ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
                                                            args.warsr_refresh)
                 sl, host = statistics.median(ratios), statistics.median(host_ratios)
-                pairs = (f", pairs {min(ratios):.3f}-{max(ratios):.3f}x, host CPU {host:.3f}x "
-                         f"({min(host_ratios):.3f}-{max(host_ratios):.3f}x)")
+                interval = median_interval(ratios)
+                pairs = (f", pairs {min(ratios):.3f}-{max(ratios):.3f}x"
+                         + (f", median's 95% interval {interval[0]:.3f}-{interval[1]:.3f}x" if interval else "")
+                         + f", host CPU {host:.3f}x ({min(host_ratios):.3f}-{max(host_ratios):.3f}x)")
             else:
                 with apply_plan(model.pipe, plan, count_flops=False, warsr_refresh=args.warsr_refresh) as handle:
                     got = run_pipeline(model, kwargs, clock, args.device, repeats, handle, warmup)

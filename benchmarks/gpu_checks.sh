@@ -43,8 +43,8 @@ for name in "$@"; do
                        --cuda-graphs --repeats 3 --lower-unprofitable --out "$out/e2e_dit_lowered.json" ;;
     e2e-dit-null) part e2e-dit-null 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 --cuda-graphs \
                     --repeats 3 --null-plan --lower-unprofitable --out "$out/e2e_dit_null.json" ;;
-    e2e-dit-eager) part e2e-dit-eager 300 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
-                     --repeats 7 --null-plan --lower-unprofitable --out "$out/e2e_dit_eager.json" ;;  # eager only, 7 pairs a row
+    e2e-dit-eager) part e2e-dit-eager 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
+                     --repeats 15 --null-plan --lower-unprofitable --out "$out/e2e_dit_eager.json" ;;  # eager only, 15 pairs a row (~230 s)
     e2e-2k-pixart) part e2e-2k-pixart 540 python3 benchmarks/e2e.py --device cuda --models pixart-sigma-xl-2048 \
                      --out "$out/e2e_2k_pixart.json" ;;
     e2e-2k-flux) part e2e-2k-flux 540 python3 benchmarks/e2e.py --device cuda --models flux-dev-2048 \
