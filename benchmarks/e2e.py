@@ -92,8 +92,6 @@ class Row:
     compiled: bool = False
     graphs: bool = False
     notes: str = ""
-    # median of the paired ratios of host CPU time (uncompressed / plan), where rows are paired
-    speedup_host: float | None = None
     # every pair's ratio (uncompressed / plan) of loop time and of host CPU time, for statistics beyond the median
     pair_ratios: list[float] = field(default_factory=list)
     host_pair_ratios: list[float] = field(default_factory=list)
@@ -459,7 +457,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
             core = 1.0 if plan is None else _fraction(plan)
             bound = share.bound(1.0 - core)
-            pairs, host, ratios, host_ratios = "", None, [], []
+            pairs, ratios, host_ratios = "", [], []
             if repeats > 1:  # host-bound sizes: alternate with uncompressed calls, compare within pairs
                 ref, got, ratios, host_ratios = run_paired(model, kwargs, clock, args.device, repeats, plan, warmup,
                                                            args.warsr_refresh)
@@ -476,7 +474,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
             result.rows.append(Row(name, label + tag, steps, core, share.share, bound, got.loop_s, got.pipeline_s, text_s,
                                    got.attention_s, got.peak_gib, got.cache_gib, sl, sp, sl / bound, compiled, graphed,
                                    f"target {fraction:.0%}, WA-RS refresh {args.warsr_refresh}{lowered}{pairs}",
-                                   host, ratios, host_ratios))
+                                   ratios, host_ratios))
             print(f"    {label}: fraction {core:.1%}, loop {got.loop_s:.2f} s = {sl:.3f}x{pairs} (bound {bound:.2f}x, "
                   f"{sl / bound:.0%} of it), pipeline {sp:.2f}x, cache {got.cache_gib:.2f} GiB", flush=True)
         clock.remove()

@@ -47,6 +47,11 @@ def launch_signature(args: tuple) -> tuple:
     return tuple(key)
 
 
+def launch_key(args: tuple, constants: dict) -> tuple:
+    """A :class:`LaunchCache` entry's key: the current device, the constants object and the signature."""
+    return torch.cuda.current_device(), id(constants), launch_signature(args)
+
+
 @dataclass
 class _Launch:
     kernel: Any  # triton CompiledKernel
@@ -70,7 +75,7 @@ class LaunchCache:
         if self.refused is not None:
             self.fn[grid](*args, **constants)
             return
-        key = (torch.cuda.current_device(), id(constants), launch_signature(args))
+        key = launch_key(args, constants)
         launch = self.launches.get(key)
         if launch is None:
             tail = self._tail(len(args), constants)

@@ -381,7 +381,7 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     cache = _unit_last(cached) if (cached is not None and plan.has_skip) else out
     res = _unit_last(residual) if residual is not None else out
     tensors = (q, k, v, out, cache, res)
-    strides = tuple([t.stride() for t in tensors])
+    strides = tuple([t.stride() for t in tensors])  # lists, not generators: this runs at every launch
     split, n_split_heads = full_head_split(plan, L, cfg)
     constants = _launch_constants(D, strides, cfg, interpret, residual is not None, subtract, use_tma, all_full,
                                   all_full and L % cfg.block_n == 0, split)
@@ -391,14 +391,23 @@ def headwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Hea
     partials, row_stats, tickets = _split_workspace(B * n_split_heads * n_mblocks, split, cfg.block_m, D, out)
     grid = (meta.order.numel() * B * n_mblocks,)
     args = (*tensors, meta.mode, meta.window, meta.order, meta.part, partials, row_stats, tickets,
-            *[x for st in strides for x in st[:2]],
-            B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E)
+            *_batch_head_strides(strides), B, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, n_split_heads, scale * LOG2E)
     with _descriptor_scratch(q.device) if use_tma else contextlib.nullcontext():
-        if interpret:
-            kernel_module().headwise_fwd_kernel[grid](*args, **constants)
-        else:
-            headwise_launches()(grid, args, constants)
+        _launch(headwise_launches(), grid, args, constants, interpret)
     return out
+
+
+def _batch_head_strides(strides: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The batch and head strides of every tensor, in order: the kernels' runtime stride arguments."""
+    return [x for st in strides for x in st[:2]]
+
+
+def _launch(launches: LaunchCache, grid: tuple[int, ...], args: tuple, constants: dict, interpret: bool) -> None:
+    """Launch through the cache on a GPU; the interpreter has no compiled kernel to replay."""
+    if interpret:
+        launches.fn[grid](*args, **constants)
+    else:
+        launches(grid, args, constants)
 
 
 @functools.lru_cache(maxsize=1)
@@ -465,7 +474,6 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
         raise DitlensError(f"{reason}; use backend='flex' or 'sdpa'")
     B, H, L, D = q.shape
     interpret = not q.is_cuda
-    mod = kernel_module()
     cfg = config or default_config(D, interpret, two_softmaxes=True)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _output(q, out)
@@ -476,13 +484,9 @@ def warsr_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPl
     grid = (B * H * n_mblocks,)
     tensors = (q, k, v, out, res)
     strides = tuple([t.stride() for t in tensors])
-    args = (*tensors, meta.mode, meta.window, *[x for st in strides for x in st[:2]],
+    args = (*tensors, meta.mode, meta.window, *_batch_head_strides(strides),
             H, L, img_lo, img_hi, t_lo, t_hi, n_mblocks, scale * LOG2E)
-    constants = _warsr_constants(D, strides, cfg, interpret)
-    if interpret:
-        mod.warsr_fwd_kernel[grid](*args, **constants)
-    else:
-        warsr_launches()(grid, args, constants)
+    _launch(warsr_launches(), grid, args, _warsr_constants(D, strides, cfg, interpret), interpret)
     return out, res
 
 
