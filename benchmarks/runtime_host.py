@@ -49,9 +49,9 @@ def emulate_gpu_kernels() -> None:
 
 
 def time_attend() -> None:
-    """Host time of one attention call under a WA-RS step and under its refresh step (launch emulated)."""
-    import torch.nn.functional as F
-
+    """Host time of one attention call under a WA-RS step and under an ASC step, with Triton launches
+    emulated and SDPA replaced by a stub that returns an empty output, against the stub alone (what an
+    untouched layer's call costs here): what remains is the runtime's own host work."""
     from ditlens.compress import Plan
     from ditlens.compress.plan import LayerInfo, ModelFingerprint, RunSpec, TokenInfo
     from ditlens.compress.runtime import ForwardState, PlanRuntime
@@ -59,28 +59,37 @@ def time_attend() -> None:
     H, D, grid = 16, 72, (1, 8, 8)
     model = ModelFingerprint("host", "Host", "0" * 32, (LayerInfo("layer0", "self", "none"),), H, D,
                              TokenInfo(64, 0, "none", grid))
-    methods = [[["full"] * H]] + [[["wars(4)"] * H]] * 3
-    plan = Plan(model, RunSpec(len(methods), "Host", 3.0, None, None, None, "batched_cond_first"),
-                [m[0:1] for m in methods])
-    runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend="kernels",
-                          count_flops=False)
     base = torch.randn(2, 64, 3, H, D, dtype=torch.bfloat16)
     q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # diffusers' [B, L, H, D] views
 
-    def step(s: int) -> None:
-        runtime.forward = ForwardState(s, grid, "all", True, True)
-        runtime.attend(0, 0, runtime.schedule[s][0], F.scaled_dot_product_attention, (q, k, v), {})
+    def sdpa_stub(query, key, value, **_):  # SDPA's output layout (that of q), no compute
+        return torch.empty_like(query)
 
-    step(0)
-    for _ in range(200):
-        step(1)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(3000):
-            step(1)
-        best = min(best, (time.perf_counter() - t0) / 3000)
-    print(f"PlanRuntime.attend, WA-RS step, 16 heads, launch emulated: {best * 1e6:.1f} us per call")
+    def best_us(call) -> float:
+        for _ in range(200):
+            call()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(3000):
+                call()
+            best = min(best, (time.perf_counter() - t0) / 3000)
+        return best * 1e6
+
+    print(f"SDPA stub alone (an untouched layer's call): {best_us(lambda: sdpa_stub(q, k, v)):.1f} us")
+    for label, later in (("WA-RS step", "wars(4)"), ("ASC step (full+asc)", "full+asc")):
+        methods = [[["full"] * H]] + [[[later] * H]] * 3
+        plan = Plan(model, RunSpec(len(methods), "Host", 3.0, None, None, None, "batched_cond_first"),
+                    [m[0:1] for m in methods])
+        runtime = PlanRuntime(plan, adapter=None, transformer=None, scheduler=None, pipe=None, backend="kernels",
+                              count_flops=False)
+
+        def step(s: int) -> None:
+            runtime.forward = ForwardState(s, grid, "all", True, True)
+            runtime.attend(0, 0, runtime.schedule[s][0], sdpa_stub, (q, k, v), {})
+
+        step(0)
+        print(f"PlanRuntime.attend, {label}, 16 heads, launch emulated: {best_us(lambda: step(1)):.1f} us per call")
 
 
 def time_replay(steps: int, calls: int, cprofile: int) -> None:
@@ -188,6 +197,13 @@ def main() -> None:
             for s in range(1, args.steps):
                 wars.set(s, i, f"wars({w})")
     plans["WA-RS plan"] = wars
+    self_layers = [i for i, layer in enumerate(wars.model.layers) if layer.kind == "self"]
+    # the two methods of e2e.py's V1 "AST / WA-RS+ASC" plans once lowering runs their WA-RS dense:
+    # a whole-layer AST skips the module at every other step; ASC copies the cond rows' output
+    plans["AST plan"] = Plan.uniform(pipe, args.steps, "ast", at_steps=range(1, args.steps, 2), layers=self_layers,
+                                     height=size, width=size, guidance=4.5)
+    plans["ASC plan"] = Plan.uniform(pipe, args.steps, "full+asc", at_steps=range(1, args.steps), layers=self_layers,
+                                     height=size, width=size, guidance=4.5)
 
     def call() -> float:
         t0 = time.perf_counter()

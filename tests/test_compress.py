@@ -157,6 +157,7 @@ MIXED = [
     ["wars(2)+asc", "ast", "full", "asc"],
     ["full", "window(3)+asc", "ast", "wars(0)"],
     ["wars(1)+asc", "arrow(2)", "wars(3)", "ast"],
+    ["asc", "asc", "asc", "asc"],  # whole-layer ASC: one product on the cond rows, copied to both halves
 ]
 
 

@@ -457,14 +457,8 @@ class PlanRuntime:
         rows_all = slice(0, B)
         # in q's memory order (as SDPA returns it): merging the heads back costs no copy
         out = output_like(q, v.shape[-1])
-        groups: dict[tuple[str, str, int, bool], list[int]] = {}
-        ast_heads: list[int] = []
-        for h, method in enumerate(action.heads):
-            if not method.computes:
-                ast_heads.append(h)
-            else:
-                groups.setdefault((method.base, method.mask_kind, method.window, method.asc), []).append(h)
-        for (base, kind, w, asc), heads in groups.items():
+        ast_heads = action.ast_heads
+        for (base, kind, w, asc), heads in action.head_groups:
             every = len(heads) == H  # no gather/scatter when the group is the whole layer
             idx = None if every else self._index(heads, q.device)
             if asc and fwd.branch_key == "uncond":  # separate forwards: copy the cond forward's output
@@ -491,6 +485,9 @@ class PlanRuntime:
                 self.flops.core += 4 * d * _pairs(kind, w, layout) * len(heads) * o.shape[0]
             if base == "wars":
                 o = o + (st.residual[key][rows] if every else st.residual[key][rows][:, idx])
+            if asc and fwd.batched_cfg and every:  # both halves of the batch get o: one broadcast copy
+                out.unflatten(0, (2, B // 2)).copy_(o.unsqueeze(0))
+                continue
             targets = [rows, uncond_rows] if asc and fwd.batched_cfg else [rows]
             for r in targets:
                 if every:
@@ -515,35 +512,31 @@ class PlanRuntime:
         when the methods need the grouped path: full / window / arrow / AST heads (no WA-RS, no
         window2d), with +asc on every head or on none, and at least one sparse or AST head."""
         methods = action.heads
-        computing = [m for m in methods if m.computes]
-        if (not self._use_fast(q) or layout.cross or k.shape != q.shape
-                or v.shape != q.shape or params.get("attn_mask") is not None or params.get("dropout_p")
-                or any(m.base in ("wars", "window2d") for m in computing)
-                or all(m.base == "full" for m in methods)):
+        asc = action.fused_asc
+        if (asc is None or not self._use_fast(q) or layout.cross or k.shape != q.shape
+                or v.shape != q.shape or params.get("attn_mask") is not None or params.get("dropout_p")):
             return None
-        skips = len(computing) < len(methods)
-        asc = {m.asc for m in computing}
-        if len(asc) > 1 or (asc == {True} and (skips or not fwd.batched_cfg or q.shape[0] % 2)):
+        if asc and (not fwd.batched_cfg or q.shape[0] % 2):
             return None
+        skips = bool(action.ast_heads)
         cached = self.state.head_out.get(key) if skips else None
         if skips and cached is None:
             return None  # the grouped path says what is missing
         from ditlens.kernels import headwise_attention
 
-        modes = [m.mask_kind if m.computes else "skip" for m in methods]
-        rows = cond_rows if asc == {True} else slice(0, q.shape[0])
-        o = headwise_attention(q[rows], k[rows], v[rows], modes=modes, windows=[m.window for m in methods],
+        rows = cond_rows if asc else slice(0, q.shape[0])
+        o = headwise_attention(q[rows], k[rows], v[rows], modes=action.head_modes, windows=action.head_windows,
                                n_text=layout.n_text, text_first=layout.text_first,
                                cached=None if cached is None else cached[rows], scale=params.get("scale"),
                                backend="flex" if self.backend == "flex" else "auto")
         if self.count_flops:
-            for m in computing:
-                self.flops.core += 4 * q.shape[-1] * _pairs(m.mask_kind, m.window, layout) * o.shape[0]
-        if asc != {True}:
+            for m in methods:
+                if m.computes:
+                    self.flops.core += 4 * q.shape[-1] * _pairs(m.mask_kind, m.window, layout) * o.shape[0]
+        if not asc:
             return o
         out = torch.empty_like(q)
-        out[cond_rows] = o
-        out[uncond_rows] = o
+        out.unflatten(0, (2, q.shape[0] // 2)).copy_(o.unsqueeze(0))  # the cond and uncond halves both get o
         return out
 
     def _whole_self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,

@@ -39,9 +39,48 @@ class LayerStep:
         """Every head full, nothing to keep: the original attention call runs untouched."""
         return self.all_full and not self.store_heads and not self.refresh
 
-    @property
+    @cached_property
     def uses_asc(self) -> bool:
         return any(m.asc for m in self.heads)
+
+    # The runtime reads the groupings below at every attention call of the step: cached here, once
+    # per (step, layer), instead of recomputed per call (host time in a host-bound loop).
+    @cached_property
+    def head_groups(self) -> tuple[tuple[tuple[str, str, int, bool], tuple[int, ...]], ...]:
+        """The computing heads grouped by (base, mask kind, window, +asc), in order of first head."""
+        groups: dict[tuple[str, str, int, bool], list[int]] = {}
+        for h, m in enumerate(self.heads):
+            if m.computes:
+                groups.setdefault((m.base, m.mask_kind, m.window, m.asc), []).append(h)
+        return tuple((key, tuple(heads)) for key, heads in groups.items())
+
+    @cached_property
+    def ast_heads(self) -> tuple[int, ...]:
+        """Heads that copy a cached output (per-head AST)."""
+        return tuple(h for h, m in enumerate(self.heads) if not m.computes)
+
+    @cached_property
+    def head_modes(self) -> tuple[str, ...]:
+        """Each head's mask kind for one headwise launch ("skip" for AST heads)."""
+        return tuple(m.mask_kind if m.computes else "skip" for m in self.heads)
+
+    @cached_property
+    def head_windows(self) -> tuple[int, ...]:
+        return tuple(m.window for m in self.heads)
+
+    @cached_property
+    def fused_asc(self) -> bool | None:
+        """For a step one headwise launch can run (full / window / arrow / AST heads, at least one of
+        them sparse or AST, no WA-RS or window2d): whether every computing head has +asc (False: none
+        has). None when the methods need the grouped path (see PlanRuntime._fused)."""
+        computing = [m for m in self.heads if m.computes]
+        if (any(m.base in ("wars", "window2d") for m in computing) or all(m.base == "full" for m in self.heads)
+                or len({m.asc for m in computing}) > 1):
+            return None
+        asc = bool(computing) and computing[0].asc
+        if asc and self.ast_heads:
+            return None  # ASC with skipped heads: the grouped path
+        return asc
 
     @cached_property
     def wars_windows(self) -> tuple[tuple[int, ...], bool] | None:
