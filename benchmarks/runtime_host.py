@@ -7,9 +7,9 @@ module structure (28 blocks, 16 heads) with tiny tensors in bfloat16, applies a 
 the kernels' CUDA code path with the Triton launch replaced by a no-op, so that what is timed is
 the host work of hooks, interception, dispatch and launch preparation.
 
-    python benchmarks/runtime_host.py                   # ms per forward: plain, all-full plan, WA-RS plan
+    python benchmarks/runtime_host.py                   # ms per forward: plain, all-full, WA-RS, AST and ASC plans
     python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's host time goes
-    python benchmarks/runtime_host.py --attend          # us per PlanRuntime.attend call of one WA-RS step
+    python benchmarks/runtime_host.py --attend          # us per PlanRuntime.attend call of a WA-RS and an ASC step
     python benchmarks/runtime_host.py --replay          # us per forward when the forward is a graph replay
 
 The whole-pipeline figures swing by tens of percent on a shared 2-core VM; ``--attend`` times the
