@@ -397,7 +397,7 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
 
     from ditlens.analyzer.adapters import default_registry
     from ditlens.analyzer.amdahl import measure_attention_share
-    from ditlens.compress import apply_cuda_graphs, apply_plan
+    from ditlens.compress import apply_cuda_graphs, apply_plan, drop_asc
     from ditlens.compress.lowering import lower_for_device
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -455,6 +455,11 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
                 if low.lowered:
                     lowered = f", {low.summary()}"
                     label += f" [{len(low.lowered)}/{len(low.lowered) + len(low.kept)} WA-RS segments dense]"
+            if args.drop_asc and plan is not None:
+                plan, dropped = drop_asc(plan)
+                if dropped:
+                    label += " [ASC dropped]"
+                    lowered += f", ASC dropped on {dropped} head-steps"
             core = 1.0 if plan is None else _fraction(plan)
             bound = share.bound(1.0 - core)
             pairs, ratios, host_ratios = "", [], []
@@ -565,6 +570,9 @@ def main() -> None:
     parser.add_argument("--lower-unprofitable", action="store_true",
                         help="run WA-RS segments dense where the measured kernels say they cannot save time "
                              "(ditlens.compress.lowering)")
+    parser.add_argument("--drop-asc", action="store_true",
+                        help="run every plan without its +asc (ditlens.compress.drop_asc; after any lowering): "
+                             "what ASC costs where the loop waits on the host")
     parser.add_argument("--out", default=None, help="JSON results (written after every model)")
     parser.add_argument("--report", default=None, help="print the Markdown table of a results JSON (and write its plot)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the code path")

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-dit-eager-b | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly | cached-launch | launch-host | launch-profile | validate-graphs.
+# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-dit-eager-b | e2e-dit-eager-noasc | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly | cached-launch | launch-host | launch-profile | validate-graphs.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -47,6 +47,8 @@ for name in "$@"; do
                      --repeats 15 --null-plan --lower-unprofitable --out "$out/e2e_dit_eager.json" ;;  # eager only, 15 pairs a row (~230 s)
     e2e-dit-eager-b) part e2e-dit-eager-b 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
                        --repeats 15 --null-plan --lower-unprofitable --out "$out/e2e_dit_eager_b.json" ;;  # a second run to pool (benchmarks/pool_pairs.py)
+    e2e-dit-eager-noasc) part e2e-dit-eager-noasc 420 python3 benchmarks/e2e.py --device cuda --models dit-xl-2-512 \
+                           --repeats 15 --null-plan --lower-unprofitable --drop-asc --out "$out/e2e_dit_eager_noasc.json" ;;  # the same plans without +asc
     e2e-2k-pixart) part e2e-2k-pixart 540 python3 benchmarks/e2e.py --device cuda --models pixart-sigma-xl-2048 \
                      --out "$out/e2e_2k_pixart.json" ;;
     e2e-2k-flux) part e2e-2k-flux 540 python3 benchmarks/e2e.py --device cuda --models flux-dev-2048 \

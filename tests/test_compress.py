@@ -529,6 +529,28 @@ def test_lowering_runs_unpaying_wars_segments_dense(dit_pipe):
         assert handle.flops.core_fraction == 1.0
 
 
+@pytest.mark.parametrize("cfg_layout", ["batched_cond_first", "separate_cond_first"])
+def test_drop_asc_runs_each_head_without_its_asc(cfg_layout):
+    """Every +asc goes, nothing else changes, and the runtime runs the result as written."""
+    from ditlens.compress import drop_asc
+
+    plan = make_plan("self", 4, 8, MIXED, cfg_layout, (1, 4, 4))
+    plan.set(5, 0, "asc")  # the last step's whole-layer ASC written as one method for the layer
+    original = plan.to_dict()
+    dropped, changed = drop_asc(plan)
+    assert plan.to_dict() == original  # the input plan is left alone
+    assert changed == sum(m.asc for s in range(plan.steps) for m in plan.head_methods(s, 0)) == 8
+    for s in range(plan.steps):
+        assert dropped.head_methods(s, 0) == tuple(HeadMethod(m.base, m.window) for m in plan.head_methods(s, 0))
+    assert dropped.methods[5][0] == "full" and dropped.methods[2][0] == ["wars(2)", "ast", "full", "full"]
+    assert "ASC dropped: 8 head-steps" in dropped.provenance.notes
+    assert plan_flops(plan).core_fraction < plan_flops(dropped).core_fraction < 1.0
+    got, want, *_ = run_and_reference(dropped)
+    for s, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"step {s}")
+    assert drop_asc(dropped)[1] == 0
+
+
 def test_lowering_runs_every_segment_dense_when_together_they_save_too_little(dit_pipe):
     """Segments that pay one by one must also save ``min_saving_s`` together, or all run dense."""
     from ditlens.compress.lowering import lower_unprofitable_wars

@@ -17,7 +17,7 @@ say cannot save time at the plan's shape.
 
 from ditlens.compress.graphs import CudaGraphConfig, CudaGraphHandle, apply_cuda_graphs
 from ditlens.compress.flops import FlopsReport, plan_flops, projection_flops
-from ditlens.compress.lowering import Lowering, lower_for_device, lower_unprofitable_wars, wars_segments
+from ditlens.compress.lowering import Lowering, drop_asc, lower_for_device, lower_unprofitable_wars, wars_segments
 from ditlens.compress.methods import HeadMethod, attended_pairs, parse_method
 from ditlens.compress.plan import (
     FlopsSummary,
@@ -34,6 +34,6 @@ from ditlens.compress.runtime import PlanHandle, apply_plan, remove_plan
 __all__ = [
     "CudaGraphConfig", "CudaGraphHandle", "FlopsReport", "FlopsSummary", "HeadMethod", "Lowering", "ModelFingerprint", "Plan",
     "PlanHandle", "Provenance", "RunSpec", "apply_cuda_graphs", "apply_plan", "attended_pairs", "config_hash", "load_schema",
-    "lower_for_device", "lower_unprofitable_wars", "model_fingerprint", "parse_method", "plan_flops", "projection_flops",
+    "drop_asc", "lower_for_device", "lower_unprofitable_wars", "model_fingerprint", "parse_method", "plan_flops", "projection_flops",
     "remove_plan", "wars_segments",
 ]

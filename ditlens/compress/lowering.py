@@ -151,6 +151,32 @@ def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio, *, dense_s: float | 
     return result
 
 
+def drop_asc(plan: Plan) -> tuple[Plan, int]:
+    """A copy of ``plan`` in which every ``+asc`` is dropped (``asc`` runs ``full``, ``window(3)+asc``
+    runs ``window(3)``, ``wars(2)+asc`` runs ``wars(2)``), and how many head-steps changed.
+
+    For a denoising loop that waits on the host (DiT-XL 512² eager on an H100): an ASC call saves GPU
+    time such a loop does not wait for, and adds host work that it does (the batch split and the copy
+    of the cond rows' output into both halves; BENCHMARKS.md §4, "Session 32")."""
+    dropped = Plan.from_dict(plan.to_dict())
+    changed = 0
+    for s in range(plan.steps):
+        for i in range(plan.n_layers):
+            methods = plan.head_methods(s, i)
+            n = sum(m.asc for m in methods)
+            if not n:
+                continue
+            changed += n
+            plain = [HeadMethod(m.base, m.window).to_str() for m in methods]
+            dropped.set(s, i, plain[0] if isinstance(plan.methods[s][i], str) else plain)
+    if changed:
+        note = f"ASC dropped: {changed} head-steps"
+        prov = dropped.provenance
+        prov.notes = f"{prov.notes}; {note}" if prov.notes else note
+    dropped.check_structure()
+    return dropped, changed
+
+
 def measure_window_ratios(plan: Plan, device: Any, dtype: Any = None, *, graphs: bool = True,
                           repeats: int = 20) -> WindowRatio:
     """Time one windowed WA-RS launch (``W + R``) against the dense SDPA product at each layer's call
