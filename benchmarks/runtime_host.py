@@ -8,7 +8,7 @@ the kernels' CUDA code path with the Triton launch replaced by a no-op, so that 
 the host work of hooks, interception, dispatch and launch preparation.
 
     python benchmarks/runtime_host.py                   # ms per forward: plain, all-full, WA-RS, AST and ASC plans
-    python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's host time goes
+    python benchmarks/runtime_host.py --cprofile 20     # and where the WA-RS plan's (--profiled-plan) host time goes
     python benchmarks/runtime_host.py --attend          # us per PlanRuntime.attend call of a WA-RS and an ASC step
     python benchmarks/runtime_host.py --replay          # us per forward when the forward is a graph replay
 
@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    parser.add_argument("--profiled-plan", default="WA-RS", choices=["WA-RS", "AST", "ASC"],
+                        help="the plan --cprofile profiles")
     parser.add_argument("--attend", action="store_true", help="time the runtime's per-call path alone")
     parser.add_argument("--replay", action="store_true",
                         help="host time per forward with the forward stubbed (the host side of a graph replay)")
@@ -224,7 +226,7 @@ def main() -> None:
             f"+{1e6 * (t - results['plain']) / args.steps / args.layers:.0f} us per block)"
         print(f"  {name:14s} {1e3 * t / args.steps:7.2f} ms per forward{extra}")
     if args.cprofile:
-        with apply_plan(pipe, wars, backend="kernels", count_flops=False):
+        with apply_plan(pipe, plans[f"{args.profiled_plan} plan"], backend="kernels", count_flops=False):
             profiler = cProfile.Profile()
             profiler.enable()
             call()
