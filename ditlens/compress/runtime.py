@@ -401,12 +401,11 @@ class PlanRuntime:
         st = self.state
         key = (index, fwd.branch_key, call)
         rows_all = slice(0, B)
-        if fwd.batched_cfg:
+        if fwd.batched_cfg:  # the cond rows are one half of the batch (ASC copies them into both)
             half = B // 2
-            first, second = slice(0, half), slice(half, B)
-            cond_rows, uncond_rows = (first, second) if fwd.cond_first else (second, first)
+            cond_rows = slice(0, half) if fwd.cond_first else slice(half, B)
         else:
-            cond_rows = uncond_rows = rows_all
+            cond_rows = rows_all
         refreshed = False
         if action.all_full:  # a full step that only keeps caches
             out = self._warsr_one_pass(q, k, v, params, action, key, layout, fwd)
@@ -418,9 +417,9 @@ class PlanRuntime:
         else:
             out = self._warsr_apply(q, k, v, params, action, key, layout, cond_rows, fwd)
         if out is None:
-            out = self._fused(q, k, v, params, action, key, layout, cond_rows, uncond_rows, fwd)
+            out = self._fused(q, k, v, params, action, key, layout, cond_rows, fwd)
         if out is None:
-            out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, uncond_rows, fwd)
+            out = self._grouped(index, call, action, func, q, k, v, params, key, layout, cond_rows, fwd)
         refresh: dict[tuple[str, int, bool], list[int]] = {}
         done = refreshed or self._warsr_refresh(q, k, v, params, action, key, layout, out, cond_rows, fwd)
         for h, wars in () if done else action.refresh:
@@ -449,7 +448,7 @@ class PlanRuntime:
         return out
 
     def _grouped(self, index: int, call: int, action: LayerStep, func: Callable, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor, params: dict, key: tuple, layout: CallLayout, cond_rows: slice, uncond_rows: slice,
+                 v: torch.Tensor, params: dict, key: tuple, layout: CallLayout, cond_rows: slice,
                  fwd: ForwardState) -> torch.Tensor:
         """The heads of one call in groups of one method each (one attention product per group)."""
         st = self.state
@@ -485,15 +484,12 @@ class PlanRuntime:
                 self.flops.core += 4 * d * _pairs(kind, w, layout) * len(heads) * o.shape[0]
             if base == "wars":
                 o = o + (st.residual[key][rows] if every else st.residual[key][rows][:, idx])
-            if asc and fwd.batched_cfg and every:  # both halves of the batch get o: one broadcast copy
-                out.unflatten(0, (2, B // 2)).copy_(o.unsqueeze(0))
-                continue
-            targets = [rows, uncond_rows] if asc and fwd.batched_cfg else [rows]
-            for r in targets:
-                if every:
-                    out[r] = o
-                else:
-                    out[r, idx] = o
+            if asc and fwd.batched_cfg:
+                _into_both_halves(out, o, idx)
+            elif every:
+                out[rows] = o
+            else:
+                out[rows, idx] = o
         if ast_heads:
             cached = st.head_out.get(key)
             if cached is None:
@@ -507,7 +503,7 @@ class PlanRuntime:
         return out
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, action: LayerStep, key: tuple,
-               layout: CallLayout, cond_rows: slice, uncond_rows: slice, fwd: ForwardState) -> torch.Tensor | None:
+               layout: CallLayout, cond_rows: slice, fwd: ForwardState) -> torch.Tensor | None:
         """Every head of the call in one :func:`ditlens.kernels.headwise_attention` launch, or None
         when the methods need the grouped path: full / window / arrow / AST heads (no WA-RS, no
         window2d), with +asc on every head or on none, and at least one sparse or AST head."""
@@ -536,7 +532,7 @@ class PlanRuntime:
         if not asc:
             return o
         out = torch.empty_like(q)
-        out.unflatten(0, (2, q.shape[0] // 2)).copy_(o.unsqueeze(0))  # the cond and uncond halves both get o
+        _into_both_halves(out, o)
         return out
 
     def _whole_self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
@@ -670,6 +666,16 @@ class PlanRuntime:
         self.state.clear()
         self.flops.reset()
         self._checked_timesteps = None
+
+
+def _into_both_halves(out: torch.Tensor, o: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """ASC under batched CFG: ``o`` (the cond rows' output) into both halves of ``out``'s batch (cond
+    and uncond rows, in either order), at ``heads`` or at every head, in one broadcast copy."""
+    halves = out.unflatten(0, (2, out.shape[0] // 2))
+    if heads is None:
+        halves.copy_(o.unsqueeze(0))
+    else:
+        halves[:, :, heads] = o.unsqueeze(0)
 
 
 def _close(expected: float, value: float) -> bool:
