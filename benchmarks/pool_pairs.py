@@ -10,8 +10,13 @@ the uncompressed model's GPU work (the A/A control, the all-full plan, plans who
 segment was lowered to dense: attention fraction 100 %, no cache) also pool into one reference
 distribution of ratios between identical calls.
 
-    python benchmarks/pool_pairs.py benchmarks/results/e2e_dit_eager_run1_h100_session32.json \\
-        benchmarks/results/e2e_dit_eager_run3_h100_session32.json
+With ``--before`` runs of the same command on earlier code, each row also prints the earlier
+pooled median and the two-sided Mann-Whitney p-value of "this row's ratios moved": the test of
+whether a code change moved one plan while the rows of identical work stayed put.
+
+    python benchmarks/pool_pairs.py benchmarks/results/e2e_dit_eager_h100_session33.json \\
+        benchmarks/results/e2e_dit_eager_b_h100_session33.json \\
+        --before benchmarks/results/e2e_dit_eager_run{1,3}_h100_session32.json
 """
 
 from __future__ import annotations
@@ -74,24 +79,36 @@ def pool(paths: list[Path]) -> list[PooledRow]:
     return list(pooled.values())
 
 
+def _key(row: PooledRow) -> tuple[str, str, float]:
+    return row.model, row.plan, round(row.core_fraction, 4)
+
+
 def _interval(ratios: list[float], level: float) -> str:
     bounds = median_interval(ratios, level)
     return "n/a" if bounds is None else f"{bounds[0]:.3f}-{bounds[1]:.3f}"
 
 
-def report(rows: list[PooledRow], n_runs: int) -> str:
+def report(rows: list[PooledRow], n_runs: int, before: list[PooledRow] | None = None) -> str:
+    """The pooled table; with ``before`` (the same rows on earlier code) two more columns: the
+    earlier pooled median and the Mann-Whitney p-value of a shift between the two."""
+    from scipy.stats import mannwhitneyu
+
     bonferroni = 1.0 - 0.05 / len(rows)
     lines = [f"{n_runs} runs pooled; median of the paired ratios (>1: the plan is faster), distribution-free "
-             f"intervals at 95 % and at {100 * bonferroni:.2f} % (95 % Bonferroni-adjusted for {len(rows)} rows)",
+             f"intervals at 95 % and at {100 * bonferroni:.2f} % (95 % Bonferroni-adjusted for {len(rows)} rows)"
+             + ("; before: the earlier runs' pooled median, p: two-sided Mann-Whitney test of a shift"
+                if before else ""),
              f"  {'plan':<58} {'fraction':>8} {'runs':<24} {'pairs':>5} {'median':>6}  {'95 %':<11}  "
-             f"{'adjusted':<11}  below 1"]
-    for row in rows:
+             f"{'adjusted':<11}  below 1" + ("  before      p" if before else "")]
+    for index, row in enumerate(rows):
         runs = " ".join(f"{m:.3f}" for m in row.run_medians)
         below = sum(m < 1.0 for m in row.run_medians)
         mark = " (identical work)" if row.identical_work else ""
         lines.append(f"  {(row.plan + mark)[:58]:<58} {100 * row.core_fraction:7.1f}% {runs:<24} {len(row.ratios):5d} "
                      f"{statistics.median(row.ratios):6.3f}  {_interval(row.ratios, 0.95):<11}  "
-                     f"{_interval(row.ratios, bonferroni):<11}  {below}/{len(row.run_medians)}")
+                     f"{_interval(row.ratios, bonferroni):<11}  {below}/{len(row.run_medians)}"
+                     + (f"{'':>5}{statistics.median(before[index].ratios):6.3f}  "
+                        f"{mannwhitneyu(row.ratios, before[index].ratios).pvalue:5.3f}" if before else ""))
     reference = [r for row in rows if row.identical_work for r in row.ratios]
     if len(reference) >= 20:
         q = statistics.quantiles(reference, n=20)
@@ -104,8 +121,15 @@ def report(rows: list[PooledRow], n_runs: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files that benchmarks/e2e.py --out wrote")
+    parser.add_argument("--before", nargs="+", type=Path, default=[], metavar="RUN",
+                        help="runs of the same command on earlier code, to test which rows moved")
     args = parser.parse_args()
-    print(report(pool(args.runs), len(args.runs)))
+    rows = pool(args.runs)
+    before = pool(args.before) if args.before else None
+    if before is not None and [_key(r) for r in before] != [_key(r) for r in rows]:
+        raise SystemExit(f"{args.before[0]}: its rows differ from {args.runs[0]}'s; "
+                         "--before takes runs of the same e2e.py command")
+    print(report(rows, len(args.runs), before))
 
 
 if __name__ == "__main__":
