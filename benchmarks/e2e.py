@@ -431,7 +431,8 @@ def bench_model(name: str, args, text_cache: dict) -> ModelResult:
         base = run_pipeline(model, kwargs, clock, args.device, repeats, warmup=warmup)
         result.rows.append(Row(name, "uncompressed" + tag, steps, 1.0, share.share, 1.0, base.loop_s, base.pipeline_s,
                                text_s, base.attention_s, base.peak_gib, 0.0, compiled=compiled, graphs=graphed))
-        print(f"  {name}{tag}: attention share {share.share:.1%}, loop {base.loop_s:.2f} s", flush=True)
+        noise = " (below this host's timing noise)" if share.below_noise else ""
+        print(f"  {name}{tag}: attention share {share.share:.1%}{noise}, loop {base.loop_s:.2f} s", flush=True)
         shapes = [(v1_plan, False), (v1_plan, True)] if model.plan_style == "v1" else [(v2_plan, None)]
         in_model = None
         runs = [(sh, f) for sh in shapes for f in model.fractions]

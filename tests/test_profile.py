@@ -6,6 +6,7 @@ captured in the same run, pipelines run without hooks, and the tiny models' hand
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -804,7 +805,7 @@ def test_attention_modules_taken_out_return_their_recorded_outputs_and_come_back
     """The module-scope share times the forward with every attention module returning what it
     returned before, uncomputed: the transformer's output is bit-identical, no processor runs
     inside, and the modules are their own again afterwards (joint attention returns a tuple)."""
-    from ditlens.analyzer.amdahl import (capture_forward_inputs, measure_attention_share,
+    from ditlens.analyzer.amdahl import (_Switch, capture_forward_inputs, measure_attention_share,
                                          modules_replaced_by_outputs)
 
     pipe = pipelines("sd3")
@@ -831,11 +832,21 @@ def test_attention_modules_taken_out_return_their_recorded_outputs_and_come_back
         with torch.inference_mode():
             pipe.transformer(*args, **forward_kwargs)
         assert len(calls) == 2 * len(modules)
+        switch = _Switch(drop=False)  # the share's timing: hooks on, taking the work out only while set
+        with modules_replaced_by_outputs(pipe.transformer, args, forward_kwargs, modules, switch):
+            with torch.inference_mode():
+                computed = pipe.transformer(*args, **forward_kwargs)[0]
+                switch.drop = True
+                skipped = pipe.transformer(*args, **forward_kwargs)[0]
+            assert len(calls) == 4 * len(modules)  # recorded once, computed once with the switch off
     finally:
         for m, proc in zip(modules, processors):
             m.processor = proc
+    torch.testing.assert_close(computed, reference, rtol=0, atol=0)
+    torch.testing.assert_close(skipped, reference, rtol=0, atol=0)
     share = measure_attention_share(pipe, kwargs, repeats=2, modules=modules)
     assert share.scope == "modules" and 0.0 <= share.share < 1.0 and "attention modules" in share.describe()
+    assert len(share.round_shares) == 2
     with pytest.raises(DitlensError, match="did not run"):
         with modules_replaced_by_outputs(pipe.transformer, args, forward_kwargs, [torch.nn.Linear(2, 2)]):
             pass
@@ -864,12 +875,34 @@ def test_attention_share_and_amdahl_bound(pipelines, tmp_path):
     args, forward_kwargs = capture_forward_inputs(pipe, kwargs)
     assert forward_kwargs["hidden_states"].shape[0] == 2  # CFG batch of the first step
     measured = measure_attention_share(pipe, kwargs, repeats=3)
-    assert measured.step_seconds > 0 and 0.0 <= measured.share < 1.0
+    assert measured.step_seconds > 0 and 0.0 <= measured.share < 1.0 and len(measured.round_shares) == 3
     out = tmp_path / "t.h5"
     profile(pipe, ["a cat"], out, config, progress=False, log=lambda s: None)
     with Trace.open(out) as trace:
         assert 0.0 <= float(trace.attrs["attention_share"]) < 1.0
         assert float(trace.attrs["forward_seconds"]) > 0
+
+
+def test_share_timings_alternate_and_say_when_the_share_is_within_noise():
+    """Forwards with and without attention alternate round by round (a drifting host slows both
+    alike), each untimed switch before its own call, after one untimed warm-up round; a share
+    smaller than half its rounds' spread says it is below the host's timing noise."""
+    from ditlens.analyzer.amdahl import AttentionShare, _round_robin_seconds
+
+    events: list[str] = []
+    calls = [(lambda: events.append("set with"), lambda: events.append("with")),
+             (lambda: events.append("set without"), lambda: events.append("without"))]
+    with_times, without_times = _round_robin_seconds(calls, 3, torch.device("cpu"), contextlib.nullcontext)
+    assert events == ["set with", "with", "set without", "without"] * 4
+    assert len(with_times) == len(without_times) == 3 and min(with_times + without_times) >= 0
+
+    noisy = AttentionShare(1.0, 0.99, round_shares=(-0.02, 0.01, 0.04))
+    assert noisy.below_noise and "timing noise (rounds -2.0% to +4.0%)" in noisy.describe()
+    clear = AttentionShare(1.0, 0.7, round_shares=(0.28, 0.3, 0.31))
+    assert not clear.below_noise and "noise" not in clear.describe()
+    busy = AttentionShare(1.0, 0.5, round_shares=(-0.17, 0.5, 0.6))  # one slow round, a share well above it
+    assert not busy.below_noise
+    assert not AttentionShare(1.0, 1.0).below_noise  # graph replays keep no rounds
 
 
 def test_steps_told_apart_when_bf16_timesteps_collide(tmp_path):
