@@ -93,6 +93,8 @@ def report(rows: list[PooledRow], n_runs: int, before: list[PooledRow] | None = 
     earlier pooled median and the Mann-Whitney p-value of a shift between the two."""
     from scipy.stats import mannwhitneyu
 
+    if before is not None and [_key(r) for r in before] != [_key(r) for r in rows]:
+        raise ValueError("the earlier runs' rows differ from these; compare runs of the same e2e.py command")
     bonferroni = 1.0 - 0.05 / len(rows)
     lines = [f"{n_runs} runs pooled; median of the paired ratios (>1: the plan is faster), distribution-free "
              f"intervals at 95 % and at {100 * bonferroni:.2f} % (95 % Bonferroni-adjusted for {len(rows)} rows)"
@@ -126,10 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = pool(args.runs)
     before = pool(args.before) if args.before else None
-    if before is not None and [_key(r) for r in before] != [_key(r) for r in rows]:
-        raise SystemExit(f"{args.before[0]}: its rows differ from {args.runs[0]}'s; "
-                         "--before takes runs of the same e2e.py command")
-    print(report(rows, len(args.runs), before))
+    try:
+        print(report(rows, len(args.runs), before))
+    except ValueError as exc:
+        raise SystemExit(f"{args.before[0]} against {args.runs[0]}: {exc}") from None
 
 
 if __name__ == "__main__":

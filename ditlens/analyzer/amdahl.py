@@ -136,7 +136,7 @@ def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwarg
 
 @dataclass
 class _Switch:
-    drop: bool = True  # take the attention work out
+    drop: bool = False  # while set, the attention work is taken out
 
 
 class RecordedOutputHook(ModelHook):
@@ -159,7 +159,7 @@ def _attention_switch(transformer: torch.nn.Module, args: tuple, kwargs: dict,
     """A switch that takes the attention work out of ``transformer``'s forward while set, and
     what to wrap each timed call in. The same interception (or hooks) runs in both positions, so
     its host work cancels out of the share."""
-    switch = _Switch(drop=False)
+    switch = _Switch()
     if modules is not None:  # outputs recorded once, outside the timing
         with modules_replaced_by_outputs(transformer, args, kwargs, modules, switch):
             yield switch, ExitStack
