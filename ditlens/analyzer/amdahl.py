@@ -120,7 +120,7 @@ def record_module_outputs(transformer: torch.nn.Module, args: tuple, kwargs: dic
 @contextmanager
 def modules_replaced_by_outputs(transformer: torch.nn.Module, args: tuple, kwargs: dict,
                                 modules: Sequence[torch.nn.Module],
-                                switch: "_Switch | None" = None) -> Iterator[None]:
+                                switch: _Switch | None = None) -> Iterator[None]:
     """Inside, each of ``modules`` returns what it returned in one real forward of ``transformer``
     on these inputs, computing nothing: the transformer's forward without those modules' work.
     With ``switch``, only while ``switch.drop`` is set; otherwise the modules compute as usual."""

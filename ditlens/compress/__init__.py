@@ -12,8 +12,8 @@ Deployment needs only this subpackage (no h5py, dash or plotly)::
 Below 2K a step is host-bound on an H100/H200; ``apply_cuda_graphs(pipe)`` replays every
 transformer forward (plan or not) as one CUDA graph from the second call on, and
 ``lower_for_device(plan, "cuda").plan`` runs dense the WA-RS segments that the measured kernels
-say cannot save time at the plan's shape. Eager and host-bound, ``drop_asc(plan)`` removes the ASC
-entries, whose batch split and copy add host work (BENCHMARKS.md §4, "Session 32").
+say cannot save time at the plan's shape. ``drop_asc(plan)`` removes the ASC entries, to measure
+what they cost or save (BENCHMARKS.md §4, "Session 33").
 """
 
 from ditlens.compress.graphs import CudaGraphConfig, CudaGraphHandle, apply_cuda_graphs

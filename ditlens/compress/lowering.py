@@ -141,23 +141,28 @@ def lower_unprofitable_wars(plan: Plan, ratio: WindowRatio, *, dense_s: float | 
         methods = [m.to_str() for m in plan.head_methods(s, i)]
         for h, text in heads.items():
             methods[h] = text
-        whole_layer = isinstance(plan.methods[s][i], str) and len(set(methods)) == 1
-        lowered_plan.set(s, i, methods[0] if whole_layer else methods)
+        _set_layer(lowered_plan, plan, s, i, methods)
     if result.lowered:
-        note = f"lowered: {result.summary()}"
-        prov = lowered_plan.provenance
-        prov.notes = f"{prov.notes}; {note}" if prov.notes else note
+        lowered_plan.provenance.add_note(f"lowered: {result.summary()}")
     lowered_plan.check_structure()
     return result
+
+
+def _set_layer(target: Plan, source: Plan, step: int, layer: int, methods: list[str]) -> None:
+    """Write one (step, layer) entry of ``target``, kept one string for the layer where ``source``
+    wrote it so and the heads still agree."""
+    whole_layer = isinstance(source.methods[step][layer], str) and len(set(methods)) == 1
+    target.set(step, layer, methods[0] if whole_layer else methods)
 
 
 def drop_asc(plan: Plan) -> tuple[Plan, int]:
     """A copy of ``plan`` in which every ``+asc`` is dropped (``asc`` runs ``full``, ``window(3)+asc``
     runs ``window(3)``, ``wars(2)+asc`` runs ``wars(2)``), and how many head-steps changed.
 
-    For a denoising loop that waits on the host (DiT-XL 512² eager on an H100): an ASC call saves GPU
-    time such a loop does not wait for, and adds host work that it does (the batch split and the copy
-    of the cond rows' output into both halves; BENCHMARKS.md §4, "Session 32")."""
+    What a plan's ASC entries cost or save, measured by running it both ways (``benchmarks/e2e.py
+    --drop-asc``). In a loop that waits on the host (DiT-XL 512² eager on an H100) an ASC call saves
+    GPU time the loop does not wait for; since the runtime's ASC path was shortened it costs no
+    measurable host time either (BENCHMARKS.md §4, "Session 32" and "Session 33")."""
     dropped = Plan.from_dict(plan.to_dict())
     changed = 0
     for s in range(plan.steps):
@@ -167,12 +172,9 @@ def drop_asc(plan: Plan) -> tuple[Plan, int]:
             if not n:
                 continue
             changed += n
-            plain = [HeadMethod(m.base, m.window).to_str() for m in methods]
-            dropped.set(s, i, plain[0] if isinstance(plan.methods[s][i], str) else plain)
+            _set_layer(dropped, plan, s, i, [HeadMethod(m.base, m.window).to_str() for m in methods])
     if changed:
-        note = f"ASC dropped: {changed} head-steps"
-        prov = dropped.provenance
-        prov.notes = f"{prov.notes}; {note}" if prov.notes else note
+        dropped.provenance.add_note(f"ASC dropped: {changed} head-steps")
     dropped.check_structure()
     return dropped, changed
 

@@ -94,6 +94,10 @@ class Provenance:
     created: str = ""
     notes: str = ""
 
+    def add_note(self, note: str) -> None:
+        """Append ``note`` to ``notes`` ("; "-separated)."""
+        self.notes = f"{self.notes}; {note}" if self.notes else note
+
 
 @dataclass
 class FlopsSummary:

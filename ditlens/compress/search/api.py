@@ -60,8 +60,8 @@ def search(pipe: Any, prompts: Sequence[str], *, method: str = "v2", delta: floa
         measure = _latency_measure(pipe, latency)
     outcome = search_for_budget(run, float(target), measure=measure, iterations=budget_iterations)
     result = outcome.result
-    result.plan.provenance.notes += (f"; budget target={'flops' if target_latency is None else 'latency'} {target:g}, "
-                                     f"achieved {outcome.achieved:.4f}, δ tried {len(outcome.evaluations)}")
+    result.plan.provenance.add_note(f"budget target={'flops' if target_latency is None else 'latency'} {target:g}, "
+                                    f"achieved {outcome.achieved:.4f}, δ tried {len(outcome.evaluations)}")
     return result
 
 
