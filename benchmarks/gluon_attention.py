@@ -5,7 +5,8 @@ and every FLUX sparsity inherits that rate. Sessions 12, 24 and 25 exhausted wha
 schedule (key-loop orders, tiles, exponentials by polynomial): the compiler does not overlap one
 block's softmax with the tensor cores' next GEMM. FlashAttention-3 does, by hand. Triton 3.6 ships
 Gluon, a lower-level language with explicit wgmma, TMA and mbarriers, where that overlap can be
-written. This script times two Gluon kernels beside SDPA and ditlens' own dense launch:
+written. This script times three Gluon schedules (one kernel, ``fa_fwd``'s WS switch) beside SDPA and
+ditlens' own dense launch:
 
 - ``gluon``    one partition: S_j = Q·K_jᵀ is issued, then O += P_{j-1}·V_{j-1}, and the softmax of
                S_j runs while the second GEMM is in flight (FA3's intra-warpgroup overlap); K/V in a
@@ -16,7 +17,7 @@ written. This script times two Gluon kernels beside SDPA and ditlens' own dense 
                the warpgroups synchronise only through the K/V ring, so they drift apart and one's
                GEMMs can hide the other's softmax.
 
-Both are dense-only, non-causal, [B*H*L, D] descriptors with L a multiple of 128: a measurement of the
+All three are dense-only, non-causal, [B*H*L, D] descriptors with L a multiple of 128: a measurement of the
 rate, not yet a ditlens backend. Checked against SDPA's output, timed with ``do_bench`` (median)::
 
     python benchmarks/gluon_attention.py --out DIR [--shapes 1,24,16896,128 1,24,4608,128]
