@@ -40,6 +40,7 @@ from ditlens.kernels import (  # noqa: E402
     windowed_plus_residual,
 )
 from ditlens.kernels._triton_impl import _exp2_tile  # noqa: E402
+from ditlens.kernels.gluon_backend import _token_view, check_gluon_inputs, dense_gluon, gluon_available  # noqa: E402
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
@@ -779,3 +780,68 @@ def test_interpreter_tests_in_subprocess():
     from interpreter_support import rerun_under_interpreter
 
     rerun_under_interpreter(__file__)
+
+
+# ---- the Gluon dense kernel (Hopper, head dim 128) ----
+
+HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+def _layouts(B, H, L, D, dtype, device, seed):
+    """The same q, k, v values in three memory orders: contiguous [B, H, L, D], diffusers' views of
+    [B, L, H, D] storage, and an order the kernel cannot read in place ([L, B, H, D] storage)."""
+    q, k, v = _qkv(B, H, L, D, dtype, device, seed=seed)
+    tokens = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    odd = [t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for t in (q, k, v)]
+    return {"contiguous": (q, k, v), "token-major": tokens, "other": odd}
+
+
+def test_gluon_token_views_address_every_head_row():
+    # the kernel reads row (rows_b * b + rows_h * h + l), columns (cols_h * h ...) of the 2-D view:
+    # checked element by element against indexing the [B, H, L, D] tensor itself
+    for name, (q, _, _) in _layouts(2, 3, 8, 4, torch.float32, "cpu", seed=1).items():
+        got = _token_view(q)
+        if name == "other":
+            assert got is None
+            continue
+        view, rows_b, rows_h, cols_h = got
+        assert view.data_ptr() == q.data_ptr(), name  # a view, not a copy
+        for b, h, pos in itertools.product(range(2), range(3), range(8)):
+            row = view[rows_b * b + rows_h * h + pos, cols_h * h: cols_h * h + 4]
+            assert torch.equal(row, q[b, h, pos]), (name, b, h, pos)
+
+
+def test_gluon_refusals_name_the_input_to_change():
+    plan_full = make_head_plan("full", 0, 2, 256)
+    plan_mixed = make_head_plan(["full", "window"], [8, 8], 2, 256)
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    assert "head_dim 128" in check_gluon_inputs(q[..., :64])
+    assert "multiples of 128" in check_gluon_inputs(q[:, :, :200])
+    assert "float16/bfloat16" in check_gluon_inputs(q.float())
+    assert "every head is full" in check_gluon_inputs(q, plan_mixed)
+    machine = check_gluon_inputs(q, plan_full)  # shape and plan pass: what is left is this CPU tensor
+    assert machine is not None and ("CUDA" in machine or "Gluon" in machine)
+    with pytest.raises(DitlensError, match="backend='gluon' cannot run this input"):
+        headwise_attention(q, q, q, modes="full", windows=None, backend="gluon")
+    with pytest.raises(DitlensError, match="unknown backend"):
+        resolve_backend(q, "gluon2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_HOPPER and gluon_available()), reason="needs a Hopper GPU and Triton with Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_dense_matches_reference_in_every_layout(dtype):
+    B, H, L, D = 2, 3, 384, 128
+    for name, (q, k, v) in _layouts(B, H, L, D, dtype, "cuda", seed=7).items():
+        ref = headwise_attention_reference(q, k, v, modes="full", windows=None, out_dtype=torch.float64)
+        out = headwise_attention(q, k, v, modes="full", windows=None, backend="gluon")
+        assert out.stride() == (q if name != "other" else q.contiguous()).stride(), name  # q's order kept
+        assert _rel_err(out, ref) < _tol(dtype), name
+        if name != "other":  # into a NaN-filled output of q's order: every element written, same values
+            poisoned = torch.full_like(out, float("nan"))
+            dense_gluon(q, k, v, D ** -0.5, out=poisoned)
+            assert not torch.isnan(poisoned).any(), name
+            assert torch.equal(poisoned, out), name
+    # a mixed plan is refused, not run on the dense kernel
+    with pytest.raises(DitlensError, match="every head is full"):
+        headwise_attention(q, k, v, modes=["full", "window", "full"], windows=[64] * H, backend="gluon")

@@ -13,6 +13,7 @@ from ditlens.kernels.reference import (
     warsr_attention_reference,
     windowed_plus_residual_reference,
 )
+from ditlens.kernels.gluon_backend import check_gluon_inputs, dense_gluon, gluon_machine_refusal
 from ditlens.kernels.torch_backends import flex_available, flex_refusal, headwise_flex, headwise_sdpa
 from ditlens.kernels.triton_backend import (
     check_triton_inputs,
@@ -23,7 +24,7 @@ from ditlens.kernels.triton_backend import (
     warsr_two_pass_triton,
 )
 
-BACKENDS: tuple[str, ...] = ("auto", "triton", "flex", "sdpa", "reference")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "gluon", "flex", "sdpa", "reference")
 
 
 def available_backends() -> list[str]:
@@ -32,10 +33,14 @@ def available_backends() -> list[str]:
     ``"triton"`` needs CUDA (or ``TRITON_INTERPRET=1``, which runs the same kernels on CPU
     tensors through Triton's interpreter); ``"flex"`` needs a torch with FlexAttention
     (compiled on CUDA, eager and slow elsewhere); ``"sdpa"`` and ``"reference"`` always work.
+    ``"gluon"`` (a Hopper GPU and Triton >= 3.6; all-full plans at head dim 128) is listed after
+    ``"triton"`` but never chosen by ``"auto"`` yet.
     """
     out = []
     if triton_available() and (interpreting() or torch.cuda.is_available()):
         out.append("triton")
+    if gluon_machine_refusal() is None:
+        out.append("gluon")
     if flex_available():
         out.append("flex")
     out += ["sdpa", "reference"]
@@ -61,6 +66,10 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
         reason = check_triton_inputs(q)
         if reason:
             raise DitlensError(f"backend='triton' cannot run this input: {reason}; use backend='auto'")
+    if backend == "gluon":
+        reason = check_gluon_inputs(q)
+        if reason:
+            raise DitlensError(f"backend='gluon' cannot run this input: {reason}; use backend='auto'")
     refusal = flex_refusal(q) if backend == "flex" else None
     if refusal:
         raise DitlensError(f"backend='flex' cannot run this input: {refusal}; use backend='sdpa'")
@@ -107,7 +116,9 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             whose skip-head slices are copied to the output (other heads are not read).
         scale: Softmax scale; defaults to ``head_dim ** -0.5``.
         backend: ``"auto"`` (Triton -> FlexAttention -> SDPA), ``"triton"``, ``"flex"``,
-            ``"sdpa"`` or ``"reference"`` (float64 dense, slow).
+            ``"sdpa"``, ``"reference"`` (float64 dense, slow) or ``"gluon"`` (Hopper only, every
+            head full, head_dim 128, L a multiple of 128: FlashAttention-3's schedule,
+            :mod:`ditlens.kernels.gluon_backend`; not chosen by ``"auto"`` yet).
 
     Returns:
         Output tensor of shape ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype; on the Triton
@@ -121,6 +132,11 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     chosen = resolve_backend(q, backend)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
+    if chosen == "gluon":
+        reason = check_gluon_inputs(q, plan)
+        if reason:
+            raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
+        return dense_gluon(q, k, v, scale_f)
     if chosen == "flex":
         return headwise_flex(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "sdpa":

@@ -1,0 +1,161 @@
+"""Gluon source of the Hopper dense-attention kernel (head dim 128): FlashAttention-3's schedule.
+
+One program owns a 128-row query tile of one (batch, head) and runs three partitions: a one-warp
+loader streaming K/V blocks through a STAGES-deep ring by TMA, and two compute warpgroups of 64 query
+rows each. Inside a warpgroup, block j's Q·Kᵀ is issued before block j-1's P·V and block j's softmax
+runs while that P·V is in flight; the two warpgroups synchronise only through the ring's barriers, so
+one's GEMMs run under the other's exponentials. This schedule, timed on an H100 at FLUX-2K dense as
+``benchmarks/gluon_attention.py`` had it at commit cfab322: 0.98-1.00x cuDNN's SDPA, against 0.84x for
+the Triton launch (BENCHMARKS.md §2, "Session 34").
+
+Tensors are 2-D TMA views (rows = tokens, columns = heads x head_dim); the (batch, head) of a program
+maps to a row offset and a column offset, so contiguous [B, H, L, D] tensors and diffusers'
+[B, L, H, D]-stored views are read in place. Needs Triton >= 3.6 (Gluon) and an sm_90 GPU; this
+module is imported only there (``gluon_backend.py``).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, row, col, slot):
+    mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
+    mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+            q_row, q_col, kv_row, kv_col, n_blocks, STAGES: gl.constexpr):
+    """The loader partition: both halves of the Q tile, then every K/V block into the ring, each slot
+    once both compute warpgroups handed it back."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HALF_M: gl.constexpr = q_desc.block_type.shape[0]
+    for i in gl.static_range(2):
+        mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
+    for j in range(n_blocks):
+        slot = j % STAGES
+        mbarrier.wait(empty_bar.index(slot), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kv_row + j * BLOCK_N, kv_col, slot)
+
+
+@gluon.jit
+def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, o_row, o_col, n_blocks,
+             STAGES: gl.constexpr):
+    """One warpgroup's 64 query rows: the key loop with the softmax under the P·V GEMM, then the
+    normalised output through Q's (now dead) shared tile and a TMA store."""
+    BLOCK_M: gl.constexpr = q_smem.shape[0]
+    HEAD_D: gl.constexpr = q_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    s = s * qk_scale
+    m_i = gl.max(s, axis=1)
+    p = gl.exp2(s - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, axis=1)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s, ))  # Q·Kᵀ done, P·V still in flight
+        s = s * qk_scale
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(empty_bar.index(prev), count=1)  # block j-1's K/V slot is free
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        m_i = m_new
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
+    acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
+    q_smem.store(acc.to(dtype))  # Q is dead after the last Q·Kᵀ: its tile stages the output
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
+          HALF: gl.constexpr, STAGES: gl.constexpr):
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    _compute(o_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar, qk_scale,
+             q_row + HALF * HALF_M, q_col, n_blocks, STAGES)
+
+
+@gluon.jit
+def dense_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, heads,
+              q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h,
+              STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
+
+    Program (m, b * heads + h) reads query rows q_rows_b * b + q_rows_h * h + 128 m ... + 127 at column
+    q_cols_h * h of the 2-D views (likewise K/V; O shares Q's view), with q_desc's block 64 x D and
+    k_desc's BLOCK_N x D. seq_len is a multiple of 128 and of BLOCK_N."""
+    HALF_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    bh = gl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q_row = b * q_rows_b + h * q_rows_h + gl.program_id(0) * (2 * HALF_M)
+    q_col = h * q_cols_h
+    kv_row = b * kv_rows_b + h * kv_rows_h
+    kv_col = h * kv_cols_h
+    n_blocks = seq_len // BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty_bar.index(i), count=2)  # one arrival per compute warpgroup
+    fence_async_shared()
+    gl.warp_specialize([
+        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
+                 0, STAGES)),
+        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
+                 1, STAGES)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+                   q_row, q_col, kv_row, kv_col, n_blocks, STAGES)),
+    ], [4, 1], [240, LOADER_REGS])

@@ -1,0 +1,130 @@
+"""Host side of the Gluon dense kernel (``_gluon_impl.py``): when it can run, and one launch.
+
+The kernel covers the case the Triton launch is slowest at relative to cuDNN: every head full at head
+dim 128 on Hopper (FLUX-sized heads). It is reached through ``backend="gluon"`` only; the automatic
+dispatch keeps the Triton launch until the GPU suite has run this path (written in session 34 from the
+benchmarked kernel, with the (batch, head) -> row/column mapping added for diffusers' views; its
+``gpu`` tests in tests/test_kernels.py have not run on a GPU yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import torch
+
+from ditlens.errors import DitlensError
+from ditlens.kernels.patterns import HeadPlan
+from ditlens.kernels.triton_backend import SUPPORTED_DTYPES, interpreting
+
+GLUON_HEAD_DIM = 128
+BLOCK_M = 128  # query rows per program: two warpgroups of 64
+BLOCK_N = 128  # keys per K/V block
+STAGES = 3  # K/V ring depth: two stages leave the warpgroups waiting on each other (0.84x SDPA, not 0.99x)
+LOADER_REGS = 24
+
+
+@functools.cache
+def gluon_available() -> bool:
+    """Whether this triton ships Gluon with the Hopper ops the kernel uses (Triton >= 3.6)."""
+    try:
+        importlib.import_module("triton.experimental.gluon.language.nvidia.hopper")
+        importlib.import_module("triton.experimental.gluon.nvidia.hopper")
+    except ImportError:
+        return False
+    return True
+
+
+def gluon_machine_refusal(device: torch.device | None = None) -> str | None:
+    """Why this process cannot run the Gluon kernel on ``device`` (the current CUDA device by
+    default); None if it can."""
+    if not gluon_available():
+        return "this triton has no Gluon (Triton >= 3.6 needed)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if interpreting():
+        return "TRITON_INTERPRET=1 is set, and Gluon kernels have no interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"the Gluon kernel uses Hopper's wgmma (sm_90), this GPU is sm_{major}{minor}"
+    return None
+
+
+def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None) -> str | None:
+    """Why the Gluon kernel cannot take ``q`` [B, H, L, D] (and ``plan``, when given); None if it can.
+
+    Shape and plan first, then the machine: a caller learns what to change in its input even on a
+    machine that could not run the kernel anyway."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"the Gluon kernel takes float16/bfloat16, got {q.dtype}"
+    if q.shape[-1] != GLUON_HEAD_DIM:
+        return f"the Gluon kernel takes head_dim {GLUON_HEAD_DIM}, got {q.shape[-1]}"
+    if q.shape[2] % BLOCK_M:
+        return f"the Gluon kernel takes sequence lengths that are multiples of {BLOCK_M}, got {q.shape[2]}"
+    if plan is not None and not plan.all_full:
+        return "the Gluon kernel runs plans whose every head is full; this plan has window, arrow or skip heads"
+    if not q.is_cuda:
+        return f"the Gluon kernel runs on CUDA tensors, got {q.device}"
+    return gluon_machine_refusal(q.device)
+
+
+def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
+    """``t`` [B, H, L, D] as a 2-D [rows, columns] view the kernel's descriptors read in place, with the
+    rows per batch, rows per head and columns per head; None for other memory orders."""
+    B, H, L, D = t.shape
+    if t.stride() == (H * L * D, L * D, D, 1):  # contiguous [B, H, L, D]
+        return t.reshape(B * H * L, D), H * L, L, 0
+    if t.stride() == (L * H * D, D, H * D, 1):  # [B, L, H, D] storage: diffusers' head views
+        return t.transpose(1, 2).reshape(B * L, H * D), L, 0, D
+    return None
+
+
+def _views(*ts: torch.Tensor) -> list[tuple[torch.Tensor, int, int, int]]:
+    """Token views of tensors that must share one memory order (K and V); contiguous copies otherwise."""
+    views = [_token_view(t) for t in ts]
+    if any(v is None for v in views) or len({v[1:] for v in views}) > 1:
+        views = [_token_view(t.contiguous()) for t in ts]
+    return views
+
+
+def _descriptor(view: torch.Tensor, block: list[int]):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dtype = gl.bfloat16 if view.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(view, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def dense_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention of q, k, v [B, H, L, 128] on an sm_90 GPU (``check_gluon_inputs`` passed).
+
+    Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
+    order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
+    place; other layouts are copied first.
+    """
+    from ditlens.kernels._gluon_impl import dense_fwd
+
+    B, H, L, D = q.shape
+    q_view = _token_view(q)
+    if q_view is None:
+        q = q.contiguous()
+        q_view = _token_view(q)
+    if out is None and q_view[2] == 0:  # heads side by side in each token's row: write O the same way
+        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    elif out is None:
+        out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    o_view = _token_view(out) if out.shape == q.shape and out.dtype == q.dtype else None
+    if o_view is None or o_view[1:] != q_view[1:]:
+        raise DitlensError(f"out must be a {q.dtype} tensor of q's shape {tuple(q.shape)} in q's memory order "
+                           f"(strides {q.stride()}); got strides {out.stride()}")
+    (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
+    half = [BLOCK_M // 2, D]
+    grid = (L // BLOCK_M, B * H)
+    dense_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
+                    _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), scale * math.log2(math.e), L, H,
+                    *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h, STAGES=STAGES, LOADER_REGS=LOADER_REGS,
+                    num_warps=4)
+    return out
