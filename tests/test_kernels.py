@@ -809,6 +809,11 @@ def test_gluon_token_views_address_every_head_row():
         for b, h, pos in itertools.product(range(2), range(3), range(8)):
             row = view[rows_b * b + rows_h * h + pos, cols_h * h: cols_h * h + 4]
             assert torch.equal(row, q[b, h, pos]), (name, b, h, pos)
+    # one batch: the batch stride is arbitrary and must not send the tensor to the copy path
+    one = torch.randn(1, 6, 3, 4).transpose(1, 2)  # [1, 3, 6, 4] view of [1, 6, 3, 4] storage
+    one = one.as_strided(one.shape, (999, *one.stride()[1:]))
+    assert _token_view(one) is not None and _token_view(one)[0].data_ptr() == one.data_ptr()
+    assert _token_view(torch.randn(2 * 3 * 8 * 4 + 1)[1:].view(2, 3, 8, 4)) is None  # start not 16-byte aligned
 
 
 def test_gluon_refusals_name_the_input_to_change():
@@ -825,6 +830,8 @@ def test_gluon_refusals_name_the_input_to_change():
         headwise_attention(q, q, q, modes="full", windows=None, backend="gluon")
     with pytest.raises(DitlensError, match="unknown backend"):
         resolve_backend(q, "gluon2")
+    with pytest.raises(DitlensError, match="in q's memory order"):  # before any launch: checked on the host
+        dense_gluon(q, q, q, 0.1, out=torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2))
 
 
 @pytest.mark.gpu

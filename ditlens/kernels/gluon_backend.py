@@ -72,13 +72,22 @@ def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None) -> str | N
 
 def _token_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
     """``t`` [B, H, L, D] as a 2-D [rows, columns] view the kernel's descriptors read in place, with the
-    rows per batch, rows per head and columns per head; None for other memory orders."""
+    rows per batch, rows per head and columns per head; None for other memory orders (and for a start
+    that is not 16-byte aligned, which TMA cannot read)."""
     B, H, L, D = t.shape
-    if t.stride() == (H * L * D, L * D, D, 1):  # contiguous [B, H, L, D]
-        return t.reshape(B * H * L, D), H * L, L, 0
-    if t.stride() == (L * H * D, D, H * D, 1):  # [B, L, H, D] storage: diffusers' head views
-        return t.transpose(1, 2).reshape(B * L, H * D), L, 0, D
-    return None
+
+    def strides_are(*expected: int) -> bool:  # a size-1 dimension's stride is arbitrary
+        return all(n == 1 or st == e for n, st, e in zip(t.shape, t.stride(), expected))
+
+    if t.data_ptr() % 16:
+        return None
+    if strides_are(H * L * D, L * D, D, 1):  # contiguous [B, H, L, D]
+        found = t.reshape(B * H * L, D), H * L, L, 0
+    elif strides_are(L * H * D, D, H * D, 1):  # [B, L, H, D] storage: diffusers' head views
+        found = t.transpose(1, 2).reshape(B * L, H * D), L, 0, D
+    else:
+        return None
+    return found if found[0].data_ptr() == t.data_ptr() else None  # reshape gave a view, not a copy
 
 
 def _views(*ts: torch.Tensor) -> list[tuple[torch.Tensor, int, int, int]]:
@@ -105,8 +114,6 @@ def dense_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
     place; other layouts are copied first.
     """
-    from ditlens.kernels._gluon_impl import dense_fwd
-
     B, H, L, D = q.shape
     q_view = _token_view(q)
     if q_view is None:
@@ -116,11 +123,15 @@ def dense_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     elif out is None:
         out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
-    o_view = _token_view(out) if out.shape == q.shape and out.dtype == q.dtype else None
+    same_kind = out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    o_view = _token_view(out) if same_kind else None
     if o_view is None or o_view[1:] != q_view[1:]:
-        raise DitlensError(f"out must be a {q.dtype} tensor of q's shape {tuple(q.shape)} in q's memory order "
-                           f"(strides {q.stride()}); got strides {out.stride()}")
+        raise DitlensError(f"out must be a {q.dtype} tensor of q's shape {tuple(q.shape)} on {q.device} in q's "
+                           f"memory order (strides {q.stride()}); got {out.dtype} {tuple(out.shape)} on {out.device} "
+                           f"with strides {out.stride()}")
     (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
+    from ditlens.kernels._gluon_impl import dense_fwd  # Gluon is imported only where a launch follows
+
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     dense_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
