@@ -12,8 +12,10 @@ through ``headwise_attention(..., backend="gluon")`` for plans whose every head 
 The session-34 schedule comparison (the compute warps refilling the ring themselves, one compute
 partition of two warpgroups, two stages) was timed with this script at commit cfab322, which still
 carried those variants (BENCHMARKS.md §2, "Session 34"). Variants now: ``sdpa``, ``triton`` (the
-all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]) and ``gluon-views`` (diffusers' views of
-[B, L, H, D] storage, read and written in place). Each runs in a child process (a hang costs its
+all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (diffusers' views of
+[B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
+with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
+measured against the Triton launch. Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
 timeout, not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
 
     python benchmarks/gluon_attention.py --out DIR [--shapes 1,24,16896,128 1,24,4608,128]
@@ -33,7 +35,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("triton", "gluon", "gluon-views")
+VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75")
+N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
 
 def _inputs(shape: str):
@@ -50,6 +53,7 @@ def _bench(fn) -> float:
 def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
     """One variant at every shape, SDPA re-timed beside it (run in a child process)."""
     from ditlens.kernels import headwise_attention
+    from small_shapes import arrow_window  # benchmarks/ is on sys.path: this script's folder
 
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     rows = []
@@ -57,9 +61,18 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         q, k, v = _inputs(shape)
         if variant == "gluon-views":  # the same values in [B, L, H, D] storage, as diffusers' processors pass them
             q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        backend = "triton" if variant == "triton" else "gluon"
-        fn = lambda: headwise_attention(q, k, v, modes="full", windows=None, backend=backend)  # noqa: E731
+        backend, _, pct = variant.partition("@")
+        backend = "gluon" if backend.startswith("gluon") else backend
+        if pct:  # every head arrow, w keeping 1 - s of all pairs (text rows and columns included), FLUX layout
+            w = arrow_window(q.shape[2], N_TEXT, int(pct) / 100)
+            if w is None:  # the text pairs alone keep more than 1 - s
+                continue
+            kw = dict(modes="arrow", windows=w, n_text=N_TEXT, text_first=True)
+            ref = headwise_attention(q, k, v, backend="triton", **kw)  # checked against float64 in the test suite
+        else:
+            kw = dict(modes="full", windows=None)
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()
         ms = _bench(fn)
         sdpa_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -40,7 +40,7 @@ from ditlens.kernels import (  # noqa: E402
     windowed_plus_residual,
 )
 from ditlens.kernels._triton_impl import _exp2_tile  # noqa: E402
-from ditlens.kernels.gluon_backend import _token_view, check_gluon_inputs, dense_gluon, gluon_available  # noqa: E402
+from ditlens.kernels.gluon_backend import _token_view, check_gluon_inputs, gluon_available, headwise_gluon  # noqa: E402
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
@@ -818,37 +818,51 @@ def test_gluon_token_views_address_every_head_row():
 
 def test_gluon_refusals_name_the_input_to_change():
     plan_full = make_head_plan("full", 0, 2, 256)
-    plan_mixed = make_head_plan(["full", "window"], [8, 8], 2, 256)
+    plan_band = make_head_plan(["full", "window"], [8, 8], 2, 256)
     q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
     assert "head_dim 128" in check_gluon_inputs(q[..., :64])
     assert "multiples of 128" in check_gluon_inputs(q[:, :, :200])
     assert "float16/bfloat16" in check_gluon_inputs(q.float())
-    assert "every head is full" in check_gluon_inputs(q, plan_mixed)
-    machine = check_gluon_inputs(q, plan_full)  # shape and plan pass: what is left is this CPU tensor
-    assert machine is not None and ("CUDA" in machine or "Gluon" in machine)
+    assert "skip heads" in check_gluon_inputs(q, make_head_plan(["full", "skip"], [0, 0], 2, 256))
+    assert "text tokens first" in check_gluon_inputs(q, plan_band, TokenLayout(256, 128, False))
+    assert "multiple of 128, got 77" in check_gluon_inputs(q, plan_band, TokenLayout(256, 77, True))
+    for plan, layout in ((plan_full, TokenLayout(256, 77, False)), (plan_band, TokenLayout(256, 128, True))):
+        machine = check_gluon_inputs(q, plan, layout)  # shape and plan pass: what is left is this CPU tensor
+        assert machine is not None and ("CUDA" in machine or "Gluon" in machine)
     with pytest.raises(DitlensError, match="backend='gluon' cannot run this input"):
         headwise_attention(q, q, q, modes="full", windows=None, backend="gluon")
     with pytest.raises(DitlensError, match="unknown backend"):
         resolve_backend(q, "gluon2")
     with pytest.raises(DitlensError, match="in q's memory order"):  # before any launch: checked on the host
-        dense_gluon(q, q, q, 0.1, out=torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2))
+        headwise_gluon(q, q, q, plan_full, TokenLayout(256), 0.1,
+                       out=torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_HOPPER and gluon_available()), reason="needs a Hopper GPU and Triton with Gluon")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gluon_dense_matches_reference_in_every_layout(dtype):
-    B, H, L, D = 2, 3, 384, 128
+def test_gluon_headwise_matches_reference_in_every_layout(dtype):
+    # dense, then FLUX-like plans (text first, 128 text tokens): windows narrower than a block (rows
+    # whose first visited block holds none of their keys), wider than the tiles, and arrow heads
+    B, H, L, D, n_text = 2, 3, 640, 128, 128
+    plans = [(["full"] * H, [0] * H, 0),
+             (["window", "arrow", "full"], [5, 200, 0], n_text),
+             (["arrow", "window", "arrow"], [40, 1000, 0], n_text),
+             (["window"] * H, [0, 130, 64], 0)]
     for name, (q, k, v) in _layouts(B, H, L, D, dtype, "cuda", seed=7).items():
-        ref = headwise_attention_reference(q, k, v, modes="full", windows=None, out_dtype=torch.float64)
-        out = headwise_attention(q, k, v, modes="full", windows=None, backend="gluon")
-        assert out.stride() == (q if name != "other" else q.contiguous()).stride(), name  # q's order kept
-        assert _rel_err(out, ref) < _tol(dtype), name
-        if name != "other":  # into a NaN-filled output of q's order: every element written, same values
-            poisoned = torch.full_like(out, float("nan"))
-            dense_gluon(q, k, v, D ** -0.5, out=poisoned)
-            assert not torch.isnan(poisoned).any(), name
-            assert torch.equal(poisoned, out), name
-    # a mixed plan is refused, not run on the dense kernel
-    with pytest.raises(DitlensError, match="every head is full"):
-        headwise_attention(q, k, v, modes=["full", "window", "full"], windows=[64] * H, backend="gluon")
+        for modes, windows, n_txt in plans:
+            ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
+                                               out_dtype=torch.float64)
+            out = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
+                                     backend="gluon")
+            assert out.stride() == (q if name != "other" else q.contiguous()).stride(), name  # q's order kept
+            for h in range(H):
+                assert _rel_err(out[:, h], ref[:, h]) < _tol(dtype), (name, modes[h], windows[h])
+            if name != "other":  # into a NaN-filled output of q's order: every element written, same values
+                plan = make_head_plan(modes, windows, H, L)
+                poisoned = torch.full_like(out, float("nan"))
+                headwise_gluon(q, k, v, plan, TokenLayout(L, n_txt, True), D ** -0.5, out=poisoned)
+                assert not torch.isnan(poisoned).any(), (name, modes)
+                assert torch.equal(poisoned, out), (name, modes)
+    with pytest.raises(DitlensError, match="skip heads"):  # refused, not run
+        headwise_attention(q, k, v, modes=["full", "skip", "full"], windows=[0] * H, cached=q, backend="gluon")

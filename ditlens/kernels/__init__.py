@@ -16,8 +16,8 @@ Backends: ``triton`` (one fused launch for all heads, block-sparse with analytic
 ranges; CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), ``flex`` (FlexAttention with
 a block mask from the same pattern functions), ``sdpa`` (dense boolean mask), ``reference``
 (float64). ``backend="auto"`` picks the first that fits. ``gluon`` (asked for by name only, for now):
-every head full at head dim 128 on a Hopper GPU, FlashAttention-3's warp-group schedule written in
-Gluon (the schedule ran at 0.99x cuDNN at FLUX-2K where the Triton launch reaches 0.84x; this
+full, window and arrow heads at head dim 128 on a Hopper GPU, FlashAttention-3's warp-group schedule
+written in Gluon (the schedule ran at 0.99x cuDNN at FLUX-2K where the Triton launch reaches 0.84x; this
 backend's own GPU tests have not run yet).
 """
 

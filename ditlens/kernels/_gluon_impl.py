@@ -1,12 +1,17 @@
-"""Gluon source of the Hopper dense-attention kernel (head dim 128): FlashAttention-3's schedule.
+"""Gluon source of the Hopper head-wise attention kernel (head dim 128): FlashAttention-3's schedule.
 
 One program owns a 128-row query tile of one (batch, head) and runs three partitions: a one-warp
-loader streaming K/V blocks through a STAGES-deep ring by TMA, and two compute warpgroups of 64 query
+loader streaming the tile's K/V blocks through a STAGES-deep ring by TMA, and two compute warpgroups of 64 query
 rows each. Inside a warpgroup, block j's Q·Kᵀ is issued before block j-1's P·V and block j's softmax
 runs while that P·V is in flight; the two warpgroups synchronise only through the ring's barriers, so
 one's GEMMs run under the other's exponentials. This schedule, timed on an H100 at FLUX-2K dense as
 ``benchmarks/gluon_attention.py`` had it at commit cfab322: 0.98-1.00x cuDNN's SDPA, against 0.84x for
 the Triton launch (BENCHMARKS.md §2, "Session 34").
+
+Window and arrow heads visit only their blocks, computed from the head's mode and half-width
+(``_key_blocks``: the text blocks, then the band), and mask elements only in the band's edge blocks
+(``_scores``), as the Triton kernel does (DESIGN.md §5 semantics, text tokens first). Not yet run on
+a GPU: the head-wise form and the row/column mapping were written after the timing above.
 
 Tensors are 2-D TMA views (rows = tokens, columns = heads x head_dim); the (batch, head) of a program
 maps to a row offset and a column offset, so contiguous [B, H, L, D] tensors and diffusers'
@@ -36,26 +41,63 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, row, col, slot):
 
 
 @gluon.jit
+def _key_blocks(mode, w, tile_r0, n_text, seq_len, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The key blocks a TILE_M-row query tile of one head visits, as (text blocks first, first band
+    block, blocks in all): the sequence is blocks 0 .. n_a-1, then lo, lo+1, ... Text sits at the start
+    (n_text a multiple of BLOCK_N; 0 for image-only). Full heads and the text queries of arrow heads
+    visit every block; window heads' text queries the text blocks; image queries the band
+    [r0 - w, r1 - 1 + w] of image keys, after the text blocks for arrow heads."""
+    n_blocks = seq_len // BLOCK_N
+    text_tile = tile_r0 < n_text
+    every = (mode == 0) | ((mode == 2) & text_tile)
+    lo_key = gl.maximum(tile_r0 - w, n_text)
+    hi_key = gl.minimum(tile_r0 + TILE_M - 1 + w, seq_len - 1)
+    lo_blk = lo_key // BLOCK_N
+    n_a = gl.where(every, n_blocks, gl.where(text_tile | (mode == 2), n_text // BLOCK_N, 0))
+    n_band = gl.where(every | text_tile, 0, hi_key // BLOCK_N + 1 - lo_blk)
+    return n_a, lo_blk, n_a + n_band
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-            q_row, q_col, kv_row, kv_col, n_blocks, STAGES: gl.constexpr):
-    """The loader partition: both halves of the Q tile, then every K/V block into the ring, each slot
-    once both compute warpgroups handed it back."""
+            q_row, q_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES: gl.constexpr):
+    """The loader partition: both halves of the Q tile, then the tile's key blocks into the ring, each
+    slot once both compute warpgroups handed it back."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     for i in gl.static_range(2):
         mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
-    for j in range(n_blocks):
-        slot = j % STAGES
-        mbarrier.wait(empty_bar.index(slot), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kv_row + j * BLOCK_N, kv_col, slot)
+    for t in range(n_iter):
+        slot = t % STAGES
+        blk = gl.where(t < n_a, t, lo_blk + t - n_a)
+        mbarrier.wait(empty_bar.index(slot), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kv_row + blk * BLOCK_N, kv_col, slot)
 
 
 @gluon.jit
-def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, o_row, o_col, n_blocks,
-             STAGES: gl.constexpr):
-    """One warpgroup's 64 query rows: the key loop with the softmax under the P·V GEMM, then the
-    normalised output through Q's (now dead) shared tile and a TMA store."""
+def _scores(s, t, n_a, lo_blk, w, r0, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+            BANDS: gl.constexpr):
+    """Scaled scores of visit t, with keys outside the band |i - j| <= w set to -inf where the block is
+    a band block not inside every row's band (the first and last of the band)."""
+    BLOCK_M: gl.constexpr = s.shape[0]
+    s = s * qk_scale
+    kb = (lo_blk + t - n_a) * BLOCK_N
+    if BANDS and (t >= n_a) & ((kb < r0 + BLOCK_M - 1 - w) | (kb + BLOCK_N - 1 > r0 + w)):
+        rows = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = kb + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        dist = gl.expand_dims(rows, 1) - gl.expand_dims(cols, 0)
+        s = gl.where((dist <= w) & (dist >= -w), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, o_row, o_col,
+             r0, w, n_a, lo_blk, n_iter, STAGES: gl.constexpr, BANDS: gl.constexpr):
+    """One warpgroup's 64 query rows (sequence positions r0 ...): the key loop with the softmax under
+    the P·V GEMM, then the normalised output through Q's (now dead) shared tile and a TMA store. A row
+    can meet a block with none of its keys (-inf throughout) before its first valid one: its maximum
+    is then taken as 0 so that exp2 gives 0, not NaN."""
     BLOCK_M: gl.constexpr = q_smem.shape[0]
     HEAD_D: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -72,31 +114,32 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
     mbarrier.wait(k_bar.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
-    s = s * qk_scale
+    s = _scores(s, 0, n_a, lo_blk, w, r0, qk_scale, s_layout, BLOCK_N, BANDS)
     m_i = gl.max(s, axis=1)
-    p = gl.exp2(s - gl.expand_dims(m_i, 1))
+    p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 1))
     l_i = gl.sum(p, axis=1)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
-    for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
+    for t in range(1, n_iter):
+        slot = t % STAGES
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
         s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_bar.index(prev), ((t - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s, ))  # Q·Kᵀ done, P·V still in flight
-        s = s * qk_scale
+        s = _scores(s, t, n_a, lo_blk, w, r0, qk_scale, s_layout, BLOCK_N, BANDS)
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - gl.expand_dims(m_use, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(empty_bar.index(prev), count=1)  # block j-1's K/V slot is free
+        mbarrier.arrive(empty_bar.index(prev), count=1)  # visit t-1's K/V slot is free
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
         m_i = m_new
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    last = (n_iter - 1) % STAGES
+    mbarrier.wait(v_bar.index(last), ((n_iter - 1) // STAGES) & 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
@@ -108,22 +151,25 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
 
 
 @gluon.jit
-def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
-          HALF: gl.constexpr, STAGES: gl.constexpr):
+def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
+          n_a, lo_blk, n_iter, HALF: gl.constexpr, STAGES: gl.constexpr, BANDS: gl.constexpr):
     HALF_M: gl.constexpr = q_smem.shape[1]
     _compute(o_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar, qk_scale,
-             q_row + HALF * HALF_M, q_col, n_blocks, STAGES)
+             q_row + HALF * HALF_M, q_col, tile_r0 + HALF * HALF_M, w, n_a, lo_blk, n_iter, STAGES, BANDS)
 
 
 @gluon.jit
-def dense_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, heads,
-              q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h,
-              STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
+def headwise_fwd(q_desc, k_desc, v_desc, o_desc, modes_ptr, windows_ptr, qk_scale, seq_len, n_text, heads,
+                 q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h,
+                 ALL_FULL: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
 
-    Program (m, b * heads + h) reads query rows q_rows_b * b + q_rows_h * h + 128 m ... + 127 at column
+    Program (m, b * heads + h) computes query rows 128 m ... 128 m + 127 of head h, whose mode is
+    modes_ptr[h] (0 full, 1 window, 2 arrow) and half-width windows_ptr[h]; text tokens are the first
+    n_text (a multiple of BLOCK_N). It reads rows q_rows_b * b + q_rows_h * h + 128 m ... at column
     q_cols_h * h of the 2-D views (likewise K/V; O shares Q's view), with q_desc's block 64 x D and
-    k_desc's BLOCK_N x D. seq_len is a multiple of 128 and of BLOCK_N."""
+    k_desc's BLOCK_N x D. ALL_FULL: every head full (modes and windows are not read). seq_len is a
+    multiple of 128 and of BLOCK_N."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -131,11 +177,18 @@ def dense_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, heads,
     bh = gl.program_id(1)
     b = bh // heads
     h = bh % heads
-    q_row = b * q_rows_b + h * q_rows_h + gl.program_id(0) * (2 * HALF_M)
+    tile_r0 = gl.program_id(0) * (2 * HALF_M)
+    q_row = b * q_rows_b + h * q_rows_h + tile_r0
     q_col = h * q_cols_h
     kv_row = b * kv_rows_b + h * kv_rows_h
     kv_col = h * kv_cols_h
-    n_blocks = seq_len // BLOCK_N
+    if ALL_FULL:
+        mode = 0
+        w = seq_len
+    else:
+        mode = gl.load(modes_ptr + h)
+        w = gl.load(windows_ptr + h)
+    n_a, lo_blk, n_iter = _key_blocks(mode, w, tile_r0, n_text, seq_len, 2 * HALF_M, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
@@ -152,10 +205,10 @@ def dense_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, heads,
         mbarrier.init(empty_bar.index(i), count=2)  # one arrival per compute warpgroup
     fence_async_shared()
     gl.warp_specialize([
-        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
-                 0, STAGES)),
-        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, n_blocks,
-                 1, STAGES)),
+        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
+                 n_a, lo_blk, n_iter, 0, STAGES, not ALL_FULL)),
+        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
+                 n_a, lo_blk, n_iter, 1, STAGES, not ALL_FULL)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-                   q_row, q_col, kv_row, kv_col, n_blocks, STAGES)),
+                   q_row, q_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES)),
     ], [4, 1], [240, LOADER_REGS])

@@ -13,7 +13,7 @@ from ditlens.kernels.reference import (
     warsr_attention_reference,
     windowed_plus_residual_reference,
 )
-from ditlens.kernels.gluon_backend import check_gluon_inputs, dense_gluon, gluon_machine_refusal
+from ditlens.kernels.gluon_backend import check_gluon_inputs, gluon_machine_refusal, headwise_gluon
 from ditlens.kernels.torch_backends import flex_available, flex_refusal, headwise_flex, headwise_sdpa
 from ditlens.kernels.triton_backend import (
     check_triton_inputs,
@@ -33,8 +33,8 @@ def available_backends() -> list[str]:
     ``"triton"`` needs CUDA (or ``TRITON_INTERPRET=1``, which runs the same kernels on CPU
     tensors through Triton's interpreter); ``"flex"`` needs a torch with FlexAttention
     (compiled on CUDA, eager and slow elsewhere); ``"sdpa"`` and ``"reference"`` always work.
-    ``"gluon"`` (a Hopper GPU and Triton >= 3.6; all-full plans at head dim 128) is listed after
-    ``"triton"`` but never chosen by ``"auto"`` yet.
+    ``"gluon"`` (a Hopper GPU and Triton >= 3.6; full, window and arrow heads at head dim 128) is
+    listed after ``"triton"`` but never chosen by ``"auto"`` yet.
     """
     out = []
     if triton_available() and (interpreting() or torch.cuda.is_available()):
@@ -116,8 +116,9 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             whose skip-head slices are copied to the output (other heads are not read).
         scale: Softmax scale; defaults to ``head_dim ** -0.5``.
         backend: ``"auto"`` (Triton -> FlexAttention -> SDPA), ``"triton"``, ``"flex"``,
-            ``"sdpa"``, ``"reference"`` (float64 dense, slow) or ``"gluon"`` (Hopper only, every
-            head full, head_dim 128, L a multiple of 128: FlashAttention-3's schedule,
+            ``"sdpa"``, ``"reference"`` (float64 dense, slow) or ``"gluon"`` (Hopper only: head_dim
+            128, L a multiple of 128, full/window/arrow heads, for window and arrow the text tokens
+            first in a multiple of 128: FlashAttention-3's schedule,
             :mod:`ditlens.kernels.gluon_backend`; not chosen by ``"auto"`` yet).
 
     Returns:
@@ -133,10 +134,10 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "gluon":
-        reason = check_gluon_inputs(q, plan)
+        reason = check_gluon_inputs(q, plan, layout)
         if reason:
             raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
-        return dense_gluon(q, k, v, scale_f)
+        return headwise_gluon(q, k, v, plan, layout, scale_f)
     if chosen == "flex":
         return headwise_flex(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "sdpa":

@@ -1,10 +1,11 @@
-"""Host side of the Gluon dense kernel (``_gluon_impl.py``): when it can run, and one launch.
+"""Host side of the Gluon head-wise kernel (``_gluon_impl.py``): when it can run, and one launch.
 
-The kernel covers the case the Triton launch is slowest at relative to cuDNN: every head full at head
-dim 128 on Hopper (FLUX-sized heads). It is reached through ``backend="gluon"`` only; the automatic
-dispatch keeps the Triton launch until the GPU suite has run this path (written in session 34 from the
-benchmarked kernel, with the (batch, head) -> row/column mapping added for diffusers' views; its
-``gpu`` tests in tests/test_kernels.py have not run on a GPU yet).
+The kernel covers the case the Triton launch is slowest at relative to cuDNN: head dim 128 on Hopper
+(FLUX-sized heads), full, window and arrow heads in one launch, text tokens first. It is reached
+through ``backend="gluon"`` only; the automatic dispatch keeps the Triton launch until the GPU suite
+has run this path. Written in session 34 from the benchmarked dense kernel, adding the (batch, head)
+-> row/column mapping for diffusers' views and the per-head key blocks of window and arrow heads;
+its ``gpu`` tests in tests/test_kernels.py have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import torch
 
 from ditlens.errors import DitlensError
-from ditlens.kernels.patterns import HeadPlan
+from ditlens.kernels.patterns import MODE_CODE, HeadPlan, TokenLayout
 from ditlens.kernels.triton_backend import SUPPORTED_DTYPES, interpreting
 
 GLUON_HEAD_DIM = 128
@@ -52,8 +53,10 @@ def gluon_machine_refusal(device: torch.device | None = None) -> str | None:
     return None
 
 
-def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None) -> str | None:
-    """Why the Gluon kernel cannot take ``q`` [B, H, L, D] (and ``plan``, when given); None if it can.
+def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None,
+                       layout: TokenLayout | None = None) -> str | None:
+    """Why the Gluon kernel cannot take ``q`` [B, H, L, D] (with ``plan`` and ``layout``, when given);
+    None if it can.
 
     Shape and plan first, then the machine: a caller learns what to change in its input even on a
     machine that could not run the kernel anyway."""
@@ -63,8 +66,13 @@ def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None) -> str | N
         return f"the Gluon kernel takes head_dim {GLUON_HEAD_DIM}, got {q.shape[-1]}"
     if q.shape[2] % BLOCK_M:
         return f"the Gluon kernel takes sequence lengths that are multiples of {BLOCK_M}, got {q.shape[2]}"
-    if plan is not None and not plan.all_full:
-        return "the Gluon kernel runs plans whose every head is full; this plan has window, arrow or skip heads"
+    if plan is not None and plan.has_skip:
+        return "the Gluon kernel runs full, window and arrow heads; this plan has skip heads"
+    if plan is not None and not plan.all_full and layout is not None and layout.n_text:
+        if not layout.text_first:
+            return "the Gluon kernel's window and arrow heads need the text tokens first (FLUX), not last"
+        if layout.n_text % BLOCK_M:
+            return f"the Gluon kernel's window and arrow heads need n_text a multiple of {BLOCK_M}, got {layout.n_text}"
     if not q.is_cuda:
         return f"the Gluon kernel runs on CUDA tensors, got {q.device}"
     return gluon_machine_refusal(q.device)
@@ -106,9 +114,10 @@ def _descriptor(view: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(view, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-def dense_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense attention of q, k, v [B, H, L, 128] on an sm_90 GPU (``check_gluon_inputs`` passed).
+def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
+                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
+    arrow) in one launch (``check_gluon_inputs(q, plan, layout)`` passed).
 
     Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
@@ -130,12 +139,15 @@ def dense_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                            f"memory order (strides {q.stride()}); got {out.dtype} {tuple(out.shape)} on {out.device} "
                            f"with strides {out.stride()}")
     (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
-    from ditlens.kernels._gluon_impl import dense_fwd  # Gluon is imported only where a launch follows
+    from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
+    modes = torch.tensor([MODE_CODE[m] for m in plan.modes], dtype=torch.int32, device=q.device)
+    windows = torch.tensor(plan.windows, dtype=torch.int32, device=q.device)
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
-    dense_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
-                    _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), scale * math.log2(math.e), L, H,
-                    *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h, STAGES=STAGES, LOADER_REGS=LOADER_REGS,
-                    num_warps=4)
+    headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
+                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), modes, windows,
+                       scale * math.log2(math.e), L, layout.n_text if layout.text_first else 0, H,
+                       *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h, ALL_FULL=plan.all_full, STAGES=STAGES,
+                       LOADER_REGS=LOADER_REGS, num_warps=4)
     return out
