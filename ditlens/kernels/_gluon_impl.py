@@ -92,6 +92,15 @@ def _scores(s, t, n_a, lo_blk, w, r0, qk_scale, s_layout: gl.constexpr, BLOCK_N:
 
 
 @gluon.jit
+def _finite_max(m, BANDS: gl.constexpr):
+    """The running row maximum to subtract: 0 where a banded row has met none of its keys yet (so exp2
+    gives 0, not NaN); dense rows always have keys, and skip the select."""
+    if BANDS:
+        m = gl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@gluon.jit
 def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, o_row, o_col,
              r0, w, n_a, lo_blk, n_iter, STAGES: gl.constexpr, BANDS: gl.constexpr):
     """One warpgroup's 64 query rows (sequence positions r0 ...): the key loop with the softmax under
@@ -116,7 +125,7 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
     s = warpgroup_mma_wait(0, deps=(s, ))
     s = _scores(s, 0, n_a, lo_blk, w, r0, qk_scale, s_layout, BLOCK_N, BANDS)
     m_i = gl.max(s, axis=1)
-    p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 1))
+    p = gl.exp2(s - gl.expand_dims(_finite_max(m_i, BANDS), 1))
     l_i = gl.sum(p, axis=1)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
     for t in range(1, n_iter):
@@ -130,7 +139,7 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
         s = warpgroup_mma_wait(1, deps=(s, ))  # Q·Kᵀ done, P·V still in flight
         s = _scores(s, t, n_a, lo_blk, w, r0, qk_scale, s_layout, BLOCK_N, BANDS)
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        m_use = _finite_max(m_new, BANDS)
         alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(s - gl.expand_dims(m_use, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
