@@ -40,7 +40,13 @@ from ditlens.kernels import (  # noqa: E402
     windowed_plus_residual,
 )
 from ditlens.kernels._triton_impl import _exp2_tile  # noqa: E402
-from ditlens.kernels.gluon_backend import _token_view, check_gluon_inputs, gluon_available, headwise_gluon  # noqa: E402
+from ditlens.kernels.gluon_backend import (  # noqa: E402
+    _token_view,
+    _views,
+    check_gluon_inputs,
+    gluon_available,
+    headwise_gluon,
+)
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import (  # noqa: E402
     default_config,
@@ -813,7 +819,9 @@ def test_gluon_token_views_address_every_head_row():
     one = torch.randn(1, 6, 3, 4).transpose(1, 2)  # [1, 3, 6, 4] view of [1, 6, 3, 4] storage
     one = one.as_strided(one.shape, (999, *one.stride()[1:]))
     assert _token_view(one) is not None and _token_view(one)[0].data_ptr() == one.data_ptr()
-    assert _token_view(torch.randn(2 * 3 * 8 * 4 + 1)[1:].view(2, 3, 8, 4)) is None  # start not 16-byte aligned
+    misaligned = torch.randn(2 * 3 * 8 * 4 + 1)[1:].view(2, 3, 8, 4)
+    assert _token_view(misaligned) is None  # a start TMA cannot read: copied, and the copy is readable
+    assert _views(misaligned, misaligned)[0][1:] == (24, 8, 0)
 
 
 def test_gluon_refusals_name_the_input_to_change():

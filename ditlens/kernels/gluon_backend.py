@@ -102,8 +102,13 @@ def _views(*ts: torch.Tensor) -> list[tuple[torch.Tensor, int, int, int]]:
     """Token views of tensors that must share one memory order (K and V); contiguous copies otherwise."""
     views = [_token_view(t) for t in ts]
     if any(v is None for v in views) or len({v[1:] for v in views}) > 1:
-        views = [_token_view(t.contiguous()) for t in ts]
+        views = [_token_view(_fresh(t)) for t in ts]
     return views
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous copy (``contiguous()`` would return a misaligned contiguous tensor itself)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _descriptor(view: torch.Tensor, block: list[int]):
@@ -121,12 +126,12 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
 
     Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
-    place; other layouts are copied first.
+    place; other layouts (or starts TMA cannot read) are copied first.
     """
     B, H, L, D = q.shape
     q_view = _token_view(q)
     if q_view is None:
-        q = q.contiguous()
+        q = _fresh(q)
         q_view = _token_view(q)
     if out is None and q_view[2] == 0:  # heads side by side in each token's row: write O the same way
         out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
