@@ -41,6 +41,7 @@ from ditlens.kernels import (  # noqa: E402
     band_pairs,
 )
 from ditlens.kernels.patterns import headwise_mask_mod_from_tensors, make_head_plan, MODE_CODE  # noqa: E402
+from ditlens.kernels.gluon_backend import check_gluon_inputs, headwise_gluon  # noqa: E402
 from ditlens.kernels.triton_backend import headwise_triton, warsr_triton, warsr_two_pass_triton  # noqa: E402
 from small_shapes import arrow_window, mixed_modes  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
@@ -339,6 +340,13 @@ def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) ->
             err, flex_ms = float("nan"), float("nan")
         ours_ms = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg))
         row = Row(shape.name, plan.label, density, 1.0 / density, sdpa_ms, flex_ms, ours_ms, err)
+        if check_gluon_inputs(q, hp, lay) is None:  # the Gluon launch (Hopper, D = 128, no skip heads)
+            try:  # a failing launch is a result of this run, not the end of it
+                row.extra["gluon_err"] = rel_err(headwise_gluon(q, k, v, hp, lay, scale), ours)
+                row.extra["gluon_ms"] = bench(lambda: headwise_gluon(q, k, v, hp, lay, scale))
+            except Exception as exc:  # noqa: BLE001
+                row.extra["gluon_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                print(f"  gluon launch failed: {row.extra['gluon_error']}", flush=True)
         if plan.sparsity:
             row.extra["window"] = plan.windows[0]
             row.extra["image_density"] = band_pairs(shape.n_image, plan.windows[0]) / shape.n_image ** 2
@@ -414,6 +422,17 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
             f"{r.sdpa_ms / r.ditlens_ms:.2f} | {r.ideal_speedup:.2f} | {r.flex_ms / r.ditlens_ms:.2f} | "
             f"{r.err_vs_flex:.1e} |"
         )
+    gluon = [r for r in rows if "gluon_ms" in r.extra]
+    if gluon:
+        lines += ["", "The Gluon launch (`backend=\"gluon\"`: FlashAttention-3's two-warpgroup schedule; Hopper, "
+                  "head dim 128, no skip heads), same inputs; *err* = ||gluon - ditlens Triton|| / ||ditlens Triton||:",
+                  "", "| shape | plan | SDPA ms | Gluon ms | x SDPA | ideal x | Triton ms | x Triton | err |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in gluon:
+            g = r.extra["gluon_ms"]
+            lines.append(f"| {r.shape} | {r.plan} | {r.sdpa_ms:.3f} | {g:.3f} | {r.sdpa_ms / g:.2f} | "
+                         f"{r.ideal_speedup:.2f} | {r.ditlens_ms:.3f} | {r.ditlens_ms / g:.2f} | "
+                         f"{r.extra['gluon_err']:.1e} |")
     lines += ["", "Mixed plan vs its ideal time (dense ditlens time x attended-pair fraction; and the sum of "
               "its parts, 1/3 dense + 1/3 of the 75 % run):", "",
               "| shape | mixed ms | ideal (pairs) ms | ratio | ideal (parts) ms | ratio |",
