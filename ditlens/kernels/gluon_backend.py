@@ -17,8 +17,9 @@ import math
 import torch
 
 from ditlens.errors import DitlensError
-from ditlens.kernels.patterns import MODE_CODE, HeadPlan, TokenLayout
-from ditlens.kernels.triton_backend import SUPPORTED_DTYPES, interpreting
+from ditlens.kernels.graph_constants import graph_constant
+from ditlens.kernels.patterns import HeadPlan, TokenLayout
+from ditlens.kernels.triton_backend import SUPPORTED_DTYPES, _plan_tensors, interpreting, output_like
 
 GLUON_HEAD_DIM = 128
 BLOCK_M = 128  # query rows per program: two warpgroups of 64
@@ -133,10 +134,8 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     if q_view is None:
         q = _fresh(q)
         q_view = _token_view(q)
-    if out is None and q_view[2] == 0:  # heads side by side in each token's row: write O the same way
-        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    elif out is None:
-        out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = output_like(q)  # token-major for diffusers' views, contiguous otherwise: q's own geometry
     same_kind = out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     o_view = _token_view(out) if same_kind else None
     if o_view is None or o_view[1:] != q_view[1:]:
@@ -146,12 +145,11 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
-    modes = torch.tensor([MODE_CODE[m] for m in plan.modes], dtype=torch.int32, device=q.device)
-    windows = torch.tensor(plan.windows, dtype=torch.int32, device=q.device)
+    per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
-                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), modes, windows,
+                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), per_head.mode, per_head.window,
                        scale * math.log2(math.e), L, layout.n_text if layout.text_first else 0, H,
                        *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h, ALL_FULL=plan.all_full, STAGES=STAGES,
                        LOADER_REGS=LOADER_REGS, num_warps=4)
