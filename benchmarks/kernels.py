@@ -340,10 +340,10 @@ def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) ->
             err, flex_ms = float("nan"), float("nan")
         ours_ms = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg))
         row = Row(shape.name, plan.label, density, 1.0 / density, sdpa_ms, flex_ms, ours_ms, err)
-        if check_gluon_inputs(q, hp, lay) is None:  # the Gluon launch (Hopper, D = 128, no skip heads)
+        if check_gluon_inputs(q, hp, lay) is None:  # the Gluon launch (Hopper, D = 128, L % 128 == 0)
             try:  # a failing launch is a result of this run, not the end of it
-                row.extra["gluon_err"] = rel_err(headwise_gluon(q, k, v, hp, lay, scale), ours)
-                row.extra["gluon_ms"] = bench(lambda: headwise_gluon(q, k, v, hp, lay, scale))
+                row.extra["gluon_err"] = rel_err(headwise_gluon(q, k, v, hp, lay, scale, cached=cached), ours)
+                row.extra["gluon_ms"] = bench(lambda: headwise_gluon(q, k, v, hp, lay, scale, cached=cached))
             except Exception as exc:  # noqa: BLE001
                 row.extra["gluon_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 print(f"  gluon launch failed: {row.extra['gluon_error']}", flush=True)
@@ -360,6 +360,9 @@ def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) ->
     mixed = rows[-1]
     mixed.extra["ideal_ms_pairs"] = dense_ours * mixed.density
     mixed.extra["ideal_ms_parts"] = dense_ours / 3 + rows[3].ditlens_ms / 3
+    if "gluon_ms" in mixed.extra and "gluon_ms" in rows[0].extra and "gluon_ms" in rows[3].extra:
+        mixed.extra["gluon_ideal_ms_pairs"] = rows[0].extra["gluon_ms"] * mixed.density
+        mixed.extra["gluon_ideal_ms_parts"] = (rows[0].extra["gluon_ms"] + rows[3].extra["gluon_ms"]) / 3
     return rows, info
 
 
@@ -425,7 +428,8 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
     gluon = [r for r in rows if "gluon_ms" in r.extra]
     if gluon:
         lines += ["", "The Gluon launch (`backend=\"gluon\"`: FlashAttention-3's two-warpgroup schedule; Hopper, "
-                  "head dim 128, no skip heads), same inputs; *err* = ||gluon - ditlens Triton|| / ||ditlens Triton||:",
+                  "head dim 128, lengths in multiples of 128), same inputs; "
+                  "*err* = ||gluon - ditlens Triton|| / ||ditlens Triton||:",
                   "", "| shape | plan | SDPA ms | Gluon ms | x SDPA | ideal x | Triton ms | x Triton | err |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in gluon:
@@ -442,6 +446,9 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
             ip, ipart = r.extra["ideal_ms_pairs"], r.extra["ideal_ms_parts"]
             lines.append(f"| {r.shape} | {r.ditlens_ms:.3f} | {ip:.3f} | {r.ditlens_ms / ip:.2f} | "
                          f"{ipart:.3f} | {r.ditlens_ms / ipart:.2f} |")
+        if "gluon_ideal_ms_pairs" in r.extra:  # the same against the Gluon launch's own dense and 75 % times
+            g, ip, ipart = r.extra["gluon_ms"], r.extra["gluon_ideal_ms_pairs"], r.extra["gluon_ideal_ms_parts"]
+            lines.append(f"| {r.shape} (Gluon) | {g:.3f} | {ip:.3f} | {g / ip:.2f} | {ipart:.3f} | {g / ipart:.2f} |")
     lines += ["", "SDPA backends (dense, ms; nan = refused the shape) and xformers:", "",
               "| shape | default | flash | cudnn | efficient | xformers |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, info in infos.items():

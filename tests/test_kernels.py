@@ -831,7 +831,8 @@ def test_gluon_refusals_name_the_input_to_change():
     assert "head_dim 128" in check_gluon_inputs(q[..., :64])
     assert "multiples of 128" in check_gluon_inputs(q[:, :, :200])
     assert "float16/bfloat16" in check_gluon_inputs(q.float())
-    assert "skip heads" in check_gluon_inputs(q, make_head_plan(["full", "skip"], [0, 0], 2, 256))
+    assert check_gluon_inputs(q, make_head_plan(["full", "skip"], [0, 0], 2, 256),
+                              TokenLayout(256, 77, False)) == check_gluon_inputs(q)  # no band: any text layout
     assert "text tokens first" in check_gluon_inputs(q, plan_band, TokenLayout(256, 128, False))
     assert "multiple of 128, got 77" in check_gluon_inputs(q, plan_band, TokenLayout(256, 77, True))
     for plan, layout in ((plan_full, TokenLayout(256, 77, False)), (plan_band, TokenLayout(256, 128, True))):
@@ -844,6 +845,29 @@ def test_gluon_refusals_name_the_input_to_change():
     with pytest.raises(DitlensError, match="in q's memory order"):  # before any launch: checked on the host
         headwise_gluon(q, q, q, plan_full, TokenLayout(256), 0.1,
                        out=torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2))
+    with pytest.raises(DitlensError, match="skip heads need cached"):
+        headwise_gluon(q, q, q, make_head_plan(["full", "skip"], [0, 0], 2, 256), TokenLayout(256), 0.1)
+
+
+def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
+    # backend="auto" resolves to Triton, then gives a call to Gluon exactly when check_gluon_inputs
+    # passes it (on this CPU it never does: faked here); backend="triton" keeps the Triton launch
+    from ditlens.kernels import api
+
+    calls = []
+    monkeypatch.setattr(api, "check_gluon_inputs", lambda q, plan=None, layout=None: None)
+    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None: calls.append(
+        (plan.modes, layout.n_text, scale, cached)) or torch.zeros_like(q))
+    q, k, v = _qkv(1, 2, 64, 16, torch.float16, "cpu", seed=0)
+    cached = torch.ones_like(q)
+    out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
+                             cached=cached, scale=0.5)
+    assert calls == [(("arrow", "skip"), 16, 0.5, cached)] and not out.any()
+    ref = headwise_attention_reference(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
+                                       cached=cached, scale=0.5, out_dtype=torch.float64)
+    triton_out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
+                                    cached=cached, scale=0.5, backend="triton")
+    assert len(calls) == 1 and _rel_err(triton_out, ref) < _tol(torch.float16)
 
 
 @pytest.mark.gpu
@@ -851,26 +875,32 @@ def test_gluon_refusals_name_the_input_to_change():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gluon_headwise_matches_reference_in_every_layout(dtype):
     # dense, then FLUX-like plans (text first, 128 text tokens): windows narrower than a block (rows
-    # whose first visited block holds none of their keys), wider than the tiles, and arrow heads
+    # whose first visited block holds none of their keys), wider than the tiles, arrow heads, and skip
+    # heads copying a cache stored in another memory order than q's
     B, H, L, D, n_text = 2, 3, 640, 128, 128
     plans = [(["full"] * H, [0] * H, 0),
              (["window", "arrow", "full"], [5, 200, 0], n_text),
              (["arrow", "window", "arrow"], [40, 1000, 0], n_text),
-             (["window"] * H, [0, 130, 64], 0)]
+             (["window"] * H, [0, 130, 64], 0),
+             (["skip", "arrow", "skip"], [0, 100, 0], n_text)]
+    cached = torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2)
     for name, (q, k, v) in _layouts(B, H, L, D, dtype, "cuda", seed=7).items():
         for modes, windows, n_txt in plans:
             ref = headwise_attention_reference(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
-                                               out_dtype=torch.float64)
+                                               cached=cached, out_dtype=torch.float64)
             out = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
-                                     backend="gluon")
+                                     cached=cached, backend="gluon")
             assert out.stride() == (q if name != "other" else q.contiguous()).stride(), name  # q's order kept
             for h in range(H):
                 assert _rel_err(out[:, h], ref[:, h]) < _tol(dtype), (name, modes[h], windows[h])
             if name != "other":  # into a NaN-filled output of q's order: every element written, same values
                 plan = make_head_plan(modes, windows, H, L)
                 poisoned = torch.full_like(out, float("nan"))
-                headwise_gluon(q, k, v, plan, TokenLayout(L, n_txt, True), D ** -0.5, out=poisoned)
+                headwise_gluon(q, k, v, plan, TokenLayout(L, n_txt, True), D ** -0.5, cached=cached, out=poisoned)
                 assert not torch.isnan(poisoned).any(), (name, modes)
                 assert torch.equal(poisoned, out), (name, modes)
-    with pytest.raises(DitlensError, match="skip heads"):  # refused, not run
-        headwise_attention(q, k, v, modes=["full", "skip", "full"], windows=[0] * H, cached=q, backend="gluon")
+            for h in (h for h in range(H) if modes[h] == "skip"):  # copied exactly
+                assert torch.equal(out[:, h], cached[:, h]), (name, h)
+            auto = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
+                                      cached=cached)
+            assert torch.equal(auto, out), (name, modes)  # what "auto" runs here

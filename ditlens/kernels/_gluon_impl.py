@@ -46,7 +46,7 @@ def _key_blocks(mode, w, tile_r0, n_text, seq_len, TILE_M: gl.constexpr, BLOCK_N
     block, blocks in all): the sequence is blocks 0 .. n_a-1, then lo, lo+1, ... Text sits at the start
     (n_text a multiple of BLOCK_N; 0 for image-only). Full heads and the text queries of arrow heads
     visit every block; window heads' text queries the text blocks; image queries the band
-    [r0 - w, r1 - 1 + w] of image keys, after the text blocks for arrow heads."""
+    [r0 - w, r1 - 1 + w] of image keys, after the text blocks for arrow heads; skip heads none."""
     n_blocks = seq_len // BLOCK_N
     text_tile = tile_r0 < n_text
     every = (mode == 0) | ((mode == 2) & text_tile)
@@ -55,19 +55,23 @@ def _key_blocks(mode, w, tile_r0, n_text, seq_len, TILE_M: gl.constexpr, BLOCK_N
     lo_blk = lo_key // BLOCK_N
     n_a = gl.where(every, n_blocks, gl.where(text_tile | (mode == 2), n_text // BLOCK_N, 0))
     n_band = gl.where(every | text_tile, 0, hi_key // BLOCK_N + 1 - lo_blk)
-    return n_a, lo_blk, n_a + n_band
+    return n_a, lo_blk, gl.where(mode == 3, 0, n_a + n_band)
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-            q_row, q_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES: gl.constexpr):
-    """The loader partition: both halves of the Q tile, then the tile's key blocks into the ring, each
-    slot once both compute warpgroups handed it back."""
+def _loader(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+            q_row, q_col, c_row, c_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES: gl.constexpr,
+            HAS_SKIP: gl.constexpr):
+    """The loader partition: both halves of the Q tile (of the cached output, for a skip head), then
+    the tile's key blocks into the ring, each slot once both compute warpgroups handed it back."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     for i in gl.static_range(2):
         mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
+        if HAS_SKIP and n_iter == 0:
+            tma.async_copy_global_to_shared(c_desc, [c_row + i * HALF_M, c_col], q_bar.index(i), q_smem.index(i))
+        else:
+            tma.async_copy_global_to_shared(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
     for t in range(n_iter):
         slot = t % STAGES
         blk = gl.where(t < n_a, t, lo_blk + t - n_a)
@@ -160,25 +164,38 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
 
 
 @gluon.jit
-def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-          n_a, lo_blk, n_iter, HALF: gl.constexpr, STAGES: gl.constexpr, BANDS: gl.constexpr):
-    HALF_M: gl.constexpr = q_smem.shape[1]
-    _compute(o_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar, qk_scale,
-             q_row + HALF * HALF_M, q_col, tile_r0 + HALF * HALF_M, w, n_a, lo_blk, n_iter, STAGES, BANDS)
+def _copy_cached(o_desc, q_smem, q_bar, o_row, o_col):
+    """A skip head's rows: the cached output the loader put in Q's tile, stored as they are."""
+    mbarrier.wait(q_bar, 0)
+    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_smem)
+    tma.store_wait(0)
 
 
 @gluon.jit
-def headwise_fwd(q_desc, k_desc, v_desc, o_desc, modes_ptr, windows_ptr, qk_scale, seq_len, n_text, heads,
-                 q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h,
-                 ALL_FULL: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
+def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
+          n_a, lo_blk, n_iter, HALF: gl.constexpr, STAGES: gl.constexpr, BANDS: gl.constexpr,
+          HAS_SKIP: gl.constexpr):
+    HALF_M: gl.constexpr = q_smem.shape[1]
+    if HAS_SKIP and n_iter == 0:
+        _copy_cached(o_desc, q_smem.index(HALF), q_bar.index(HALF), q_row + HALF * HALF_M, q_col)
+    else:
+        _compute(o_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar, qk_scale,
+                 q_row + HALF * HALF_M, q_col, tile_r0 + HALF * HALF_M, w, n_a, lo_blk, n_iter, STAGES, BANDS)
+
+
+@gluon.jit
+def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr, qk_scale, seq_len, n_text, heads,
+                 q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, c_rows_b, c_rows_h, c_cols_h,
+                 ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
 
     Program (m, b * heads + h) computes query rows 128 m ... 128 m + 127 of head h, whose mode is
-    modes_ptr[h] (0 full, 1 window, 2 arrow) and half-width windows_ptr[h]; text tokens are the first
+    modes_ptr[h] (0 full, 1 window, 2 arrow, 3 skip) and half-width windows_ptr[h]; text tokens are the first
     n_text (a multiple of BLOCK_N). It reads rows q_rows_b * b + q_rows_h * h + 128 m ... at column
     q_cols_h * h of the 2-D views (likewise K/V; O shares Q's view), with q_desc's block 64 x D and
-    k_desc's BLOCK_N x D. ALL_FULL: every head full (modes and windows are not read). seq_len is a
-    multiple of 128 and of BLOCK_N."""
+    k_desc's BLOCK_N x D. A skip head's rows are copied from c_desc's view (rows c_rows_b * b + c_rows_h *
+    h + 128 m ..., column c_cols_h * h), read only when HAS_SKIP. ALL_FULL: every head full (modes and
+    windows are not read). seq_len is a multiple of 128 and of BLOCK_N."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -191,6 +208,8 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, modes_ptr, windows_ptr, qk_scal
     q_col = h * q_cols_h
     kv_row = b * kv_rows_b + h * kv_rows_h
     kv_col = h * kv_cols_h
+    c_row = b * c_rows_b + h * c_rows_h + tile_r0
+    c_col = h * c_cols_h
     if ALL_FULL:
         mode = 0
         w = seq_len
@@ -215,9 +234,9 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, modes_ptr, windows_ptr, qk_scal
     fence_async_shared()
     gl.warp_specialize([
         (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-                 n_a, lo_blk, n_iter, 0, STAGES, not ALL_FULL)),
+                 n_a, lo_blk, n_iter, 0, STAGES, not ALL_FULL, HAS_SKIP)),
         (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-                 n_a, lo_blk, n_iter, 1, STAGES, not ALL_FULL)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-                   q_row, q_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES)),
+                 n_a, lo_blk, n_iter, 1, STAGES, not ALL_FULL, HAS_SKIP)),
+        (_loader, (q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+                   q_row, q_col, c_row, c_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES, HAS_SKIP)),
     ], [4, 1], [240, LOADER_REGS])

@@ -1,7 +1,7 @@
 """Host side of the Gluon head-wise kernel (``_gluon_impl.py``): when it can run, and one launch.
 
 The kernel covers the case the Triton launch is slowest at relative to cuDNN: head dim 128 on Hopper
-(FLUX-sized heads), full, window and arrow heads in one launch, text tokens first. It is reached
+(FLUX-sized heads), full, window, arrow and skip heads in one launch, text tokens first. It is reached
 through ``backend="gluon"`` only; the automatic dispatch keeps the Triton launch until the GPU suite
 has run this path. Written in session 34 from the benchmarked dense kernel, adding the (batch, head)
 -> row/column mapping for diffusers' views and the per-head key blocks of window and arrow heads;
@@ -19,7 +19,13 @@ import torch
 from ditlens.errors import DitlensError
 from ditlens.kernels.graph_constants import graph_constant
 from ditlens.kernels.patterns import HeadPlan, TokenLayout
-from ditlens.kernels.triton_backend import SUPPORTED_DTYPES, _plan_tensors, interpreting, output_like
+from ditlens.kernels.triton_backend import (
+    SUPPORTED_DTYPES,
+    _compute_capability,
+    _plan_tensors,
+    interpreting,
+    output_like,
+)
 
 GLUON_HEAD_DIM = 128
 BLOCK_M = 128  # query rows per program: two warpgroups of 64
@@ -48,7 +54,8 @@ def gluon_machine_refusal(device: torch.device | None = None) -> str | None:
         return "no CUDA device"
     if interpreting():
         return "TRITON_INTERPRET=1 is set, and Gluon kernels have no interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    major, minor = _compute_capability(index)  # cached: the automatic dispatch asks at every call
     if major != 9:
         return f"the Gluon kernel uses Hopper's wgmma (sm_90), this GPU is sm_{major}{minor}"
     return None
@@ -67,9 +74,8 @@ def check_gluon_inputs(q: torch.Tensor, plan: HeadPlan | None = None,
         return f"the Gluon kernel takes head_dim {GLUON_HEAD_DIM}, got {q.shape[-1]}"
     if q.shape[2] % BLOCK_M:
         return f"the Gluon kernel takes sequence lengths that are multiples of {BLOCK_M}, got {q.shape[2]}"
-    if plan is not None and plan.has_skip:
-        return "the Gluon kernel runs full, window and arrow heads; this plan has skip heads"
-    if plan is not None and not plan.all_full and layout is not None and layout.n_text:
+    banded = plan is not None and any(m in ("window", "arrow") for m in plan.modes)
+    if banded and layout is not None and layout.n_text:
         if not layout.text_first:
             return "the Gluon kernel's window and arrow heads need the text tokens first (FLUX), not last"
         if layout.n_text % BLOCK_M:
@@ -121,9 +127,10 @@ def _descriptor(view: torch.Tensor, block: list[int]):
 
 
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
-                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
-    arrow) in one launch (``check_gluon_inputs(q, plan, layout)`` passed).
+    arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
+    rows of ``cached`` (q's shape, needed when the plan has skip heads).
 
     Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
@@ -143,14 +150,21 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
                            f"memory order (strides {q.stride()}); got {out.dtype} {tuple(out.shape)} on {out.device} "
                            f"with strides {out.stride()}")
     (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
+    if plan.has_skip:
+        if cached is None or cached.shape != q.shape:
+            raise DitlensError(f"skip heads need cached=<tensor of q's shape {tuple(q.shape)}> holding their outputs")
+        c_view = _views(cached.to(q.dtype))[0]
+    else:
+        c_view = o_view  # never read
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
     per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
-                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), per_head.mode, per_head.window,
-                       scale * math.log2(math.e), L, layout.n_text if layout.text_first else 0, H,
-                       *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h, ALL_FULL=plan.all_full, STAGES=STAGES,
+                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), _descriptor(c_view[0], half),
+                       per_head.mode, per_head.window, scale * math.log2(math.e), L,
+                       layout.n_text if layout.text_first else 0, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
+                       *c_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip, STAGES=STAGES,
                        LOADER_REGS=LOADER_REGS, num_warps=4)
     return out
