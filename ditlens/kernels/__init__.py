@@ -15,10 +15,9 @@ pair with a text query or a text key; ``skip`` = copy the head's output from ``c
 Backends: ``triton`` (one fused launch for all heads, block-sparse with analytic per-head key
 ranges; CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), ``flex`` (FlexAttention with
 a block mask from the same pattern functions), ``sdpa`` (dense boolean mask), ``reference``
-(float64). ``backend="auto"`` picks the first that fits. ``gluon`` (asked for by name only, for now):
-full, window and arrow heads at head dim 128 on a Hopper GPU, FlashAttention-3's warp-group schedule
-written in Gluon (the schedule ran at 0.99x cuDNN at FLUX-2K where the Triton launch reaches 0.84x; this
-backend's own GPU tests have not run yet).
+(float64). ``backend="auto"`` picks the first that fits. ``gluon``: every head mode at head dim 128 on a
+Hopper GPU, FlashAttention-3's warp-group schedule written in Gluon (0.97-0.99x cuDNN dense at FLUX-2K and
+FLUX-1K where the Triton launch reaches 0.83-0.85x); ``"auto"`` hands it the Triton calls it can take.
 """
 
 from ditlens.kernels.api import (
