@@ -132,7 +132,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise DitlensError("skip heads need cached=<tensor of q's shape [B, H, L, D]> holding their outputs")
     chosen = resolve_backend(q, backend)
     if chosen == "triton" and backend == "auto" and check_gluon_inputs(q, plan, layout) is None:
-        chosen = "gluon"  # FlashAttention-3's schedule: 0.98-1.0x cuDNN at FLUX-2K, the Triton launch 0.84x
+        chosen = "gluon"  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX, the Triton launch 0.83-0.85x
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "gluon":
