@@ -849,6 +849,50 @@ def test_gluon_refusals_name_the_input_to_change():
         headwise_gluon(q, q, q, make_head_plan(["full", "skip"], [0, 0], 2, 256), TokenLayout(256), 0.1)
 
 
+_GLUON_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from ditlens.kernels._gluon_impl import headwise_fwd
+from ditlens.kernels.gluon_backend import BLOCK_M, BLOCK_N, GLUON_HEAD_DIM, LOADER_REGS, STAGES
+
+def desc(rows):
+    layout = gl.NVMMASharedLayout.get_default_for([rows, GLUON_HEAD_DIM], gl.bfloat16)
+    return f"tensordesc<bf16[{rows}, {GLUON_HEAD_DIM}],{layout!r}>"
+
+names = headwise_fwd.arg_names
+for all_full, has_skip in ((True, False), (False, False), (False, True)):
+    values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, STAGES=STAGES, LOADER_REGS=LOADER_REGS)
+    sig = {n: (desc(BLOCK_M // 2) if n in ("q_desc", "o_desc", "c_desc") else desc(BLOCK_N) if n.endswith("_desc")
+               else "*i32" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "constexpr" if n in values
+               else "i32") for n in names}
+    src = GluonASTSource(headwise_fwd, sig, {(names.index(n),): v for n, v in values.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, (all_full, has_skip)
+    print(all_full, has_skip, kernel.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(not gluon_available(), reason="this triton has no Gluon")
+def test_gluon_kernel_compiles_for_hopper_with_this_triton():
+    # no GPU needed: the kernel lowers to sm_90a PTX with wgmma and TMA for every launch variant and
+    # fits Hopper's shared memory. Guards Triton's Gluon API, which renames ops between releases (3.6's
+    # async_copy_* became async_load / async_store). A subprocess: Gluon does not compile under the
+    # interpreter mode this file may have set.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _GLUON_COMPILE], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = [int(line.split()[-1]) for line in done.stdout.splitlines()]
+    assert len(shared) == 3 and max(shared) <= 227 * 1024, shared
+
+
 def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
     # backend="auto" resolves to Triton, then gives a call to Gluon exactly when check_gluon_inputs
     # passes it (on this CPU it never does: faked here); backend="triton" keeps the Triton launch

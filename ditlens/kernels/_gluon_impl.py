@@ -32,13 +32,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
+# releases call them async_load / async_store and make the old names raise
+_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+
 
 @gluon.jit
 def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, row, col, slot):
     mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
+    _tma_load(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
     mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
+    _tma_load(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -70,9 +75,9 @@ def _loader(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar
     for i in gl.static_range(2):
         mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
         if HAS_SKIP and n_iter == 0:
-            tma.async_copy_global_to_shared(c_desc, [c_row + i * HALF_M, c_col], q_bar.index(i), q_smem.index(i))
+            _tma_load(c_desc, [c_row + i * HALF_M, c_col], q_bar.index(i), q_smem.index(i))
         else:
-            tma.async_copy_global_to_shared(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
+            _tma_load(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
     for t in range(n_iter):
         slot = t % STAGES
         blk = gl.where(t < n_a, t, lo_blk + t - n_a)
@@ -160,7 +165,7 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
     acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
     q_smem.store(acc.to(dtype))  # Q is dead after the last Q·Kᵀ: its tile stages the output
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_smem)
+    _tma_store(o_desc, [o_row, o_col], q_smem)
     tma.store_wait(0)
 
 
@@ -168,7 +173,7 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
 def _copy_cached(o_desc, q_smem, q_bar, o_row, o_col):
     """A skip head's rows: the cached output the loader put in Q's tile, stored as they are."""
     mbarrier.wait(q_bar, 0)
-    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_smem)
+    _tma_store(o_desc, [o_row, o_col], q_smem)
     tma.store_wait(0)
 
 

@@ -5,7 +5,8 @@ The kernel covers the case the Triton launch is slowest at relative to cuDNN: he
 ``backend="auto"`` gives it every call :func:`check_gluon_inputs` passes (:func:`ditlens.kernels.headwise_attention`);
 ``backend="gluon"`` asks for it by name. On an H100 (session 35, BENCHMARKS.md §2): 0.97-0.99x cuDNN's SDPA
 dense at FLUX-2K and FLUX-1K, where the Triton launch reaches 0.83-0.85x, and 1.81x / 3.38x SDPA for arrow heads
-at 50 % / 75 % sparsity at FLUX-2K (Triton 1.46x / 2.80x).
+at 50 % / 75 % sparsity at FLUX-2K (Triton 1.46x / 2.80x). Run on Triton 3.6 (the GPU machine's); it also
+lowers with Triton 3.9, whose Gluon renamed the TMA copies (tested on the CPU, not yet run on a GPU there).
 """
 
 from __future__ import annotations
