@@ -948,3 +948,33 @@ def test_gluon_headwise_matches_reference_in_every_layout(dtype):
             auto = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
                                       cached=cached)
             assert torch.equal(auto, out), (name, modes)  # what "auto" runs here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_HOPPER and gluon_available()), reason="needs a Hopper GPU and Triton with Gluon")
+def test_gluon_launch_replays_in_a_cuda_graph():
+    # the runtime's --cuda-graphs path captures FLUX's attention calls, which "auto" gives the Gluon
+    # launch: captured once, replayed on new inputs copied into the captured buffers, each replay equal
+    # to an eager launch on those inputs
+    B, H, L, D, n_text = 1, 4, 512, 128, 128
+    modes, windows = ["full", "arrow", "skip", "window"], [0, 64, 0, 100]
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)  # diffusers' token-major views
+               for t in _qkv(B, H, L, D, torch.bfloat16, "cuda", seed=3))
+    cached = torch.randn_like(q)
+    kw = dict(modes=modes, windows=windows, n_text=n_text, text_first=True, cached=cached)
+    for _ in range(2):  # compile and fill the launch caches outside the capture
+        headwise_attention(q, k, v, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = headwise_attention(q, k, v, **kw)
+    for seed in (11, 12):
+        fresh = _qkv(B, H, L, D, torch.bfloat16, "cuda", seed=seed)
+        for static, new in zip((q, k, v), fresh):
+            static.copy_(new)
+        cached.copy_(torch.randn_like(cached))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, headwise_attention(q, k, v, **kw)), seed
+        ref = headwise_attention_reference(q, k, v, out_dtype=torch.float64, **kw)
+        assert _rel_err(out, ref) < _tol(torch.bfloat16), seed
