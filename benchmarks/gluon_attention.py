@@ -7,7 +7,7 @@ with the tensor cores' next GEMM. ``ditlens.kernels._gluon_impl`` does, in Gluon
 lower-level language: wgmma, TMA and mbarriers by hand): a one-warp loader partition and two compute
 warpgroups of 64 query rows each that synchronise only through a three-stage K/V ring; inside each,
 block j's Q·Kᵀ is issued before block j-1's P·V and block j's softmax runs under it. It is reached
-through ``headwise_attention(..., backend="gluon")`` for plans whose every head is full.
+through ``headwise_attention``: ``backend="auto"`` runs it for D = 128 on Hopper (session 35).
 
 The session-34 schedule comparison (the compute warps refilling the ring themselves, one compute
 partition of two warpgroups, two stages) was timed with this script at commit cfab322, which still
@@ -15,7 +15,9 @@ carried those variants (BENCHMARKS.md §2, "Session 34"). Variants now: ``sdpa``
 all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (diffusers' views of
 [B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
-measured against the Triton launch. Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
+measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
+turn full, arrow at 75 %, skip), and ``gluon-mixed-ordered`` the same with the heavy heads' programs first
+(``heavy_first=True``, off by default until timed). Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
 timeout, not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
 
     python benchmarks/gluon_attention.py --out DIR [--shapes 1,24,16896,128 1,24,4608,128]
@@ -35,7 +37,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75")
+VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75", "triton-mixed",
+            "gluon-mixed", "gluon-mixed-ordered")
 N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
 
@@ -53,7 +56,9 @@ def _bench(fn) -> float:
 def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
     """One variant at every shape, SDPA re-timed beside it (run in a child process)."""
     from ditlens.kernels import headwise_attention
-    from small_shapes import arrow_window  # benchmarks/ is on sys.path: this script's folder
+    from ditlens.kernels.gluon_backend import headwise_gluon
+    from ditlens.kernels.patterns import TokenLayout, make_head_plan
+    from small_shapes import arrow_window, mixed_modes  # benchmarks/ is on sys.path: this script's folder
 
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     rows = []
@@ -61,9 +66,22 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         q, k, v = _inputs(shape)
         if variant == "gluon-views":  # the same values in [B, L, H, D] storage, as diffusers' processors pass them
             q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-        backend, _, pct = variant.partition("@")
-        backend = "gluon" if backend.startswith("gluon") else backend
-        if pct:  # every head arrow, w keeping 1 - s of all pairs (text rows and columns included), FLUX layout
+        name, _, pct = variant.partition("@")
+        backend = "gluon" if name.startswith("gluon") else "triton" if name.startswith("triton") else name
+        fn = None
+        if "-mixed" in name:  # kernels.py's mixed plan, error against the Triton launch
+            H, L = q.shape[1], q.shape[2]
+            modes = mixed_modes(H, "arrow")
+            w = arrow_window(L, N_TEXT, 0.75)
+            windows = [0 if m != "arrow" else w for m in modes]
+            cached = torch.randn_like(q)
+            kw = dict(modes=modes, windows=windows, n_text=N_TEXT, text_first=True, cached=cached)
+            ref = headwise_attention(q, k, v, backend="triton", **kw)
+            if name == "gluon-mixed-ordered":  # heavy heads' programs first (off by default until timed)
+                plan, lay = make_head_plan(modes, windows, H, L), TokenLayout(L, N_TEXT, True)
+                fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5, cached=cached,  # noqa: E731
+                                            heavy_first=True)
+        elif pct:  # every head arrow, w keeping 1 - s of all pairs (text rows and columns included), FLUX layout
             w = arrow_window(q.shape[2], N_TEXT, int(pct) / 100)
             if w is None:  # the text pairs alone keep more than 1 - s
                 continue
@@ -72,7 +90,8 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
+        if fn is None:
+            fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()
         ms = _bench(fn)
         sdpa_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))

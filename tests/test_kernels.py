@@ -863,8 +863,9 @@ def desc(rows):
     return f"tensordesc<bf16[{rows}, {GLUON_HEAD_DIM}],{layout!r}>"
 
 names = headwise_fwd.arg_names
-for all_full, has_skip in ((True, False), (False, False), (False, True)):
-    values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, STAGES=STAGES, LOADER_REGS=LOADER_REGS)
+for all_full, has_skip, heavy_first in ((True, False, False), (False, False, False), (False, True, True)):
+    values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, HEAVY_FIRST=heavy_first, STAGES=STAGES,
+                  LOADER_REGS=LOADER_REGS)
     sig = {n: (desc(BLOCK_M // 2) if n in ("q_desc", "o_desc", "c_desc") else desc(BLOCK_N) if n.endswith("_desc")
                else "*i32" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "constexpr" if n in values
                else "i32") for n in names}
@@ -948,6 +949,9 @@ def test_gluon_headwise_matches_reference_in_every_layout(dtype):
             auto = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
                                       cached=cached)
             assert torch.equal(auto, out), (name, modes)  # what "auto" runs here
+            ordered = headwise_gluon(q, k, v, make_head_plan(modes, windows, H, L), TokenLayout(L, n_txt, True),
+                                     D ** -0.5, cached=cached, heavy_first=True)
+            assert torch.equal(ordered, out), (name, modes)  # programs in another order, the same results
 
 
 @pytest.mark.gpu

@@ -190,9 +190,10 @@ def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_sca
 
 
 @gluon.jit
-def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr, qk_scale, seq_len, n_text, heads,
-                 q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, c_rows_b, c_rows_h, c_cols_h,
-                 ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
+def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr, order_ptr, qk_scale, seq_len,
+                 n_text, batch, heads, q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, c_rows_b,
+                 c_rows_h, c_cols_h, ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                 STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
 
     Program (m, b * heads + h) computes query rows 128 m ... 128 m + 127 of head h, whose mode is
@@ -201,14 +202,21 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr,
     q_cols_h * h of the 2-D views (likewise K/V; O shares Q's view), with q_desc's block 64 x D and
     k_desc's BLOCK_N x D. A skip head's rows are copied from c_desc's view (rows c_rows_b * b + c_rows_h *
     h + 128 m ..., column c_cols_h * h), read only when HAS_SKIP. ALL_FULL: every head full (modes and
-    windows are not read). seq_len is a multiple of 128 and of BLOCK_N."""
+    windows are not read). HEAVY_FIRST: program (m, r * batch + b) runs head order_ptr[r] of batch b,
+    order_ptr listing the heads by decreasing work, so that the GPU, which starts programs in grid
+    order, meets the long ones first; otherwise (m, b * heads + h). seq_len is a multiple of 128 and of
+    BLOCK_N."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
     bh = gl.program_id(1)
-    b = bh // heads
-    h = bh % heads
+    if HEAVY_FIRST:
+        b = bh % batch
+        h = gl.load(order_ptr + bh // batch)
+    else:
+        b = bh // heads
+        h = bh % heads
     tile_r0 = gl.program_id(0) * (2 * HALF_M)
     q_row = b * q_rows_b + h * q_rows_h + tile_r0
     q_col = h * q_cols_h

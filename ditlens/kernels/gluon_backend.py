@@ -128,10 +128,13 @@ def _descriptor(view: torch.Tensor, block: list[int]):
 
 
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
-                   scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   heavy_first: bool = False) -> torch.Tensor:
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
-    rows of ``cached`` (q's shape, needed when the plan has skip heads).
+    rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
+    programs of the heads with the most work first (``launch_ranks``' order), as the Triton launch
+    does; off until timed on a GPU (written in session 35 after its device time ran out).
 
     Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
@@ -164,8 +167,9 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
                        _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), _descriptor(c_view[0], half),
-                       per_head.mode, per_head.window, scale * math.log2(math.e), L,
-                       layout.n_text if layout.text_first else 0, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
-                       *c_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip, STAGES=STAGES,
-                       LOADER_REGS=LOADER_REGS, num_warps=4)
+                       per_head.mode, per_head.window, per_head.order, scale * math.log2(math.e), L,
+                       layout.n_text if layout.text_first else 0, B, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
+                       *c_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip,
+                       HEAVY_FIRST=heavy_first and not plan.all_full, STAGES=STAGES, LOADER_REGS=LOADER_REGS,
+                       num_warps=4)
     return out
