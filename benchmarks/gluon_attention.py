@@ -17,7 +17,8 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
 turn full, arrow at 75 %, skip), and ``gluon-mixed-ordered`` the same with the heavy heads' programs first
-(``heavy_first=True``, off by default until timed). Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
+(``heavy_first=True``, off by default until timed); ``triton-apply@S`` / ``gluon-apply@S``: the arrow launch
+adding a WA-RS residual in its epilogue (``windowed_plus_residual``). Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
 timeout, not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
 
     python benchmarks/gluon_attention.py --out DIR [--shapes 1,24,16896,128 1,24,4608,128]
@@ -38,7 +39,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75", "triton-mixed",
-            "gluon-mixed", "gluon-mixed-ordered")
+            "gluon-mixed", "gluon-mixed-ordered", "triton-apply@50", "gluon-apply@50")
 N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
 
@@ -55,7 +56,7 @@ def _bench(fn) -> float:
 
 def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
     """One variant at every shape, SDPA re-timed beside it (run in a child process)."""
-    from ditlens.kernels import headwise_attention
+    from ditlens.kernels import headwise_attention, windowed_plus_residual
     from ditlens.kernels.gluon_backend import headwise_gluon
     from ditlens.kernels.patterns import TokenLayout, make_head_plan
     from small_shapes import arrow_window, mixed_modes  # benchmarks/ is on sys.path: this script's folder
@@ -87,6 +88,11 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
                 continue
             kw = dict(modes="arrow", windows=w, n_text=N_TEXT, text_first=True)
             ref = headwise_attention(q, k, v, backend="triton", **kw)  # checked against float64 in the test suite
+            if name.endswith("-apply"):  # WA-RS apply: the same launch adding a residual in its epilogue
+                res = torch.randn_like(q)
+                akw = dict(windows=w, n_text=N_TEXT, text_first=True, pattern="arrow")
+                ref = windowed_plus_residual(q, k, v, res, backend="triton", **akw)
+                fn = lambda: windowed_plus_residual(q, k, v, res, backend=backend, **akw)  # noqa: E731
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)

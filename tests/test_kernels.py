@@ -863,23 +863,26 @@ def desc(rows):
     return f"tensordesc<bf16[{rows}, {GLUON_HEAD_DIM}],{layout!r}>"
 
 names = headwise_fwd.arg_names
-for all_full, has_skip, heavy_first in ((True, False, False), (False, False, False), (False, True, True)):
-    values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, HEAVY_FIRST=heavy_first, STAGES=STAGES,
+variants = ((True, False, False, 0), (False, False, False, 0), (False, True, True, 0), (False, False, False, 1),
+            (False, False, False, 2))
+for all_full, has_skip, heavy_first, residual in variants:
+    values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, HEAVY_FIRST=heavy_first, RESIDUAL=residual, STAGES=STAGES,
                   LOADER_REGS=LOADER_REGS)
-    sig = {n: (desc(BLOCK_M // 2) if n in ("q_desc", "o_desc", "c_desc") else desc(BLOCK_N) if n.endswith("_desc")
+    sig = {n: (desc(BLOCK_M // 2) if n in ("q_desc", "o_desc", "aux_desc") else desc(BLOCK_N) if n.endswith("_desc")
                else "*i32" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "constexpr" if n in values
                else "i32") for n in names}
     src = GluonASTSource(headwise_fwd, sig, {(names.index(n),): v for n, v in values.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, (all_full, has_skip)
-    print(all_full, has_skip, kernel.metadata.shared)
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, values
+    print(kernel.metadata.shared)
 """
 
 
 @pytest.mark.skipif(not gluon_available(), reason="this triton has no Gluon")
 def test_gluon_kernel_compiles_for_hopper_with_this_triton():
-    # no GPU needed: the kernel lowers to sm_90a PTX with wgmma and TMA for every launch variant and
+    # no GPU needed: the kernel lowers to sm_90a PTX with wgmma and TMA for every launch variant (dense,
+    # banded, skip heads with heavy heads first, residual added and subtracted) and
     # fits Hopper's shared memory. Guards Triton's Gluon API, which renames ops between releases (3.6's
     # async_copy_* became async_load / async_store). A subprocess: Gluon does not compile under the
     # interpreter mode this file may have set.
@@ -891,7 +894,7 @@ def test_gluon_kernel_compiles_for_hopper_with_this_triton():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = [int(line.split()[-1]) for line in done.stdout.splitlines()]
-    assert len(shared) == 3 and max(shared) <= 227 * 1024, shared
+    assert len(shared) == 5 and max(shared) <= 227 * 1024, shared
 
 
 def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
@@ -982,3 +985,24 @@ def test_gluon_launch_replays_in_a_cuda_graph():
         assert torch.equal(out, headwise_attention(q, k, v, **kw)), seed
         ref = headwise_attention_reference(q, k, v, out_dtype=torch.float64, **kw)
         assert _rel_err(out, ref) < _tol(torch.bfloat16), seed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_HOPPER and gluon_available()), reason="needs a Hopper GPU and Triton with Gluon")
+def test_gluon_wars_epilogues_match_reference():
+    # WA-RS on the Gluon kernel, asked for by name: refresh R = O - W with O computed or given (the
+    # residual subtracted in the epilogue) and apply W + R (added there), window and arrow heads
+    B, H, L, D, n_text = 2, 3, 640, 128, 128
+    dtype = torch.bfloat16
+    pattern, windows = ["window", "arrow", "arrow"], [5, 100, 300]
+    kw = dict(windows=windows, n_text=n_text, text_first=True, pattern=pattern)
+    for name, (q, k, v) in _layouts(B, H, L, D, dtype, "cuda", seed=5).items():
+        ref_full, ref_res = warsr_attention_reference(q, k, v, out_dtype=torch.float64, **kw)
+        full, res = warsr_attention(q, k, v, backend="gluon", **kw)
+        assert _rel_err(full, ref_full) < _tol(dtype), name
+        assert ((res.double() - ref_res).norm() / ref_full.norm()).item() < _tol(dtype), name
+        given, res_given = warsr_attention(q, k, v, backend="gluon", full=full, **kw)
+        assert given is full and torch.equal(res_given, res), name  # the same windowed launch
+        applied = windowed_plus_residual(q, k, v, res, backend="gluon", **kw)
+        assert _rel_err(applied, ref_full) < 2 * _tol(dtype), name
+        assert torch.equal(applied, windowed_plus_residual(q, k, v, res.float(), backend="gluon", **kw)), name

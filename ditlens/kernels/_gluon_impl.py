@@ -65,8 +65,8 @@ def _key_blocks(mode, w, tile_r0, n_text, seq_len, TILE_M: gl.constexpr, BLOCK_N
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-            q_row, q_col, c_row, c_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES: gl.constexpr,
+def _loader(q_desc, k_desc, v_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+            q_row, q_col, aux_row, aux_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES: gl.constexpr,
             HAS_SKIP: gl.constexpr):
     """The loader partition: both halves of the Q tile (of the cached output, for a skip head), then
     the tile's key blocks into the ring, each slot once both compute warpgroups handed it back."""
@@ -75,7 +75,7 @@ def _loader(q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar
     for i in gl.static_range(2):
         mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
         if HAS_SKIP and n_iter == 0:
-            _tma_load(c_desc, [c_row + i * HALF_M, c_col], q_bar.index(i), q_smem.index(i))
+            _tma_load(aux_desc, [aux_row + i * HALF_M, aux_col], q_bar.index(i), q_smem.index(i))
         else:
             _tma_load(q_desc, [q_row + i * HALF_M, q_col], q_bar.index(i), q_smem.index(i))
     for t in range(n_iter):
@@ -111,12 +111,15 @@ def _finite_max(m, BANDS: gl.constexpr):
 
 
 @gluon.jit
-def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, o_row, o_col,
-             r0, w, n_a, lo_blk, n_iter, STAGES: gl.constexpr, BANDS: gl.constexpr):
+def _compute(o_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, r_bar, qk_scale, o_row, o_col,
+             aux_row, aux_col, r0, w, n_a, lo_blk, n_iter, STAGES: gl.constexpr, BANDS: gl.constexpr,
+             RESIDUAL: gl.constexpr):
     """One warpgroup's 64 query rows (sequence positions r0 ...): the key loop with the softmax under
     the P·V GEMM, then the normalised output through Q's (now dead) shared tile and a TMA store. A row
     can meet a block with none of its keys (-inf throughout) before its first valid one: its maximum
-    is then taken as 0 so that exp2 gives 0, not NaN."""
+    is then taken as 0 so that exp2 gives 0, not NaN. RESIDUAL 1 adds aux's rows to the output (WA-RS
+    apply, W + R), 2 subtracts the output from them (WA-RS refresh, R = O - W), in float32; their tile is
+    fetched into Q's, dead after the last Q·Kᵀ, while the last P·V runs."""
     BLOCK_M: gl.constexpr = q_smem.shape[0]
     HEAD_D: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -158,11 +161,21 @@ def _compute(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
         m_i = m_new
     last = (n_iter - 1) % STAGES
+    if RESIDUAL != 0:  # every Q·Kᵀ has completed (waited above): Q's tile can take the residual
+        mbarrier.expect(r_bar, aux_desc.block_type.nbytes)
+        _tma_load(aux_desc, [aux_row, aux_col], r_bar, q_smem)
     mbarrier.wait(v_bar.index(last), ((n_iter - 1) // STAGES) & 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
     acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
+    if RESIDUAL != 0:
+        mbarrier.wait(r_bar, 0)
+        res = q_smem.load(o_layout).to(gl.float32)
+        if RESIDUAL == 1:
+            acc = acc + res
+        else:
+            acc = res - acc
     q_smem.store(acc.to(dtype))  # Q is dead after the last Q·Kᵀ: its tile stages the output
     fence_async_shared()
     _tma_store(o_desc, [o_row, o_col], q_smem)
@@ -178,30 +191,32 @@ def _copy_cached(o_desc, q_smem, q_bar, o_row, o_col):
 
 
 @gluon.jit
-def _half(o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-          n_a, lo_blk, n_iter, HALF: gl.constexpr, STAGES: gl.constexpr, BANDS: gl.constexpr,
-          HAS_SKIP: gl.constexpr):
+def _half(o_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, r_bar, qk_scale, q_row, q_col,
+          aux_row, aux_col, tile_r0, w, n_a, lo_blk, n_iter, HALF: gl.constexpr, STAGES: gl.constexpr,
+          BANDS: gl.constexpr, HAS_SKIP: gl.constexpr, RESIDUAL: gl.constexpr):
     HALF_M: gl.constexpr = q_smem.shape[1]
     if HAS_SKIP and n_iter == 0:
         _copy_cached(o_desc, q_smem.index(HALF), q_bar.index(HALF), q_row + HALF * HALF_M, q_col)
     else:
-        _compute(o_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar, qk_scale,
-                 q_row + HALF * HALF_M, q_col, tile_r0 + HALF * HALF_M, w, n_a, lo_blk, n_iter, STAGES, BANDS)
+        _compute(o_desc, aux_desc, q_smem.index(HALF), k_smem, v_smem, q_bar.index(HALF), k_bar, v_bar, empty_bar,
+                 r_bar.index(HALF), qk_scale, q_row + HALF * HALF_M, q_col, aux_row + HALF * HALF_M, aux_col,
+                 tile_r0 + HALF * HALF_M, w, n_a, lo_blk, n_iter, STAGES, BANDS, RESIDUAL)
 
 
 @gluon.jit
-def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr, order_ptr, qk_scale, seq_len,
-                 n_text, batch, heads, q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, c_rows_b,
-                 c_rows_h, c_cols_h, ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, HEAVY_FIRST: gl.constexpr,
-                 STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
+def headwise_fwd(q_desc, k_desc, v_desc, o_desc, aux_desc, modes_ptr, windows_ptr, order_ptr, qk_scale, seq_len,
+                 n_text, batch, heads, q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, aux_rows_b,
+                 aux_rows_h, aux_cols_h, ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                 RESIDUAL: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
 
     Program (m, b * heads + h) computes query rows 128 m ... 128 m + 127 of head h, whose mode is
     modes_ptr[h] (0 full, 1 window, 2 arrow, 3 skip) and half-width windows_ptr[h]; text tokens are the first
     n_text (a multiple of BLOCK_N). It reads rows q_rows_b * b + q_rows_h * h + 128 m ... at column
     q_cols_h * h of the 2-D views (likewise K/V; O shares Q's view), with q_desc's block 64 x D and
-    k_desc's BLOCK_N x D. A skip head's rows are copied from c_desc's view (rows c_rows_b * b + c_rows_h *
-    h + 128 m ..., column c_cols_h * h), read only when HAS_SKIP. ALL_FULL: every head full (modes and
+    k_desc's BLOCK_N x D. aux_desc's view (rows aux_rows_b * b + aux_rows_h * h + 128 m ..., column
+    aux_cols_h * h) holds the skip heads' cached output (HAS_SKIP) or the residual that RESIDUAL 1 adds to
+    the output and RESIDUAL 2 subtracts it from (not both in one launch). ALL_FULL: every head full (modes and
     windows are not read). HEAVY_FIRST: program (m, r * batch + b) runs head order_ptr[r] of batch b,
     order_ptr listing the heads by decreasing work, so that the GPU, which starts programs in grid
     order, meets the long ones first; otherwise (m, b * heads + h). seq_len is a multiple of 128 and of
@@ -222,8 +237,8 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr,
     q_col = h * q_cols_h
     kv_row = b * kv_rows_b + h * kv_rows_h
     kv_col = h * kv_cols_h
-    c_row = b * c_rows_b + h * c_rows_h + tile_r0
-    c_col = h * c_cols_h
+    aux_row = b * aux_rows_b + h * aux_rows_h + tile_r0
+    aux_col = h * aux_cols_h
     if ALL_FULL:
         mode = 0
         w = seq_len
@@ -239,18 +254,22 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, c_desc, modes_ptr, windows_ptr,
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    r_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # RESIDUAL only
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(r_bar.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
         mbarrier.init(empty_bar.index(i), count=2)  # one arrival per compute warpgroup
     fence_async_shared()
     gl.warp_specialize([
-        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-                 n_a, lo_blk, n_iter, 0, STAGES, not ALL_FULL, HAS_SKIP)),
-        (_half, (o_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, qk_scale, q_row, q_col, tile_r0, w,
-                 n_a, lo_blk, n_iter, 1, STAGES, not ALL_FULL, HAS_SKIP)),
-        (_loader, (q_desc, k_desc, v_desc, c_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
-                   q_row, q_col, c_row, c_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES, HAS_SKIP)),
+        (_half, (o_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, r_bar, qk_scale, q_row,
+                 q_col, aux_row, aux_col, tile_r0, w, n_a, lo_blk, n_iter, 0, STAGES, not ALL_FULL, HAS_SKIP,
+                 RESIDUAL)),
+        (_half, (o_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, r_bar, qk_scale, q_row,
+                 q_col, aux_row, aux_col, tile_r0, w, n_a, lo_blk, n_iter, 1, STAGES, not ALL_FULL, HAS_SKIP,
+                 RESIDUAL)),
+        (_loader, (q_desc, k_desc, v_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar,
+                   q_row, q_col, aux_row, aux_col, kv_row, kv_col, n_a, lo_blk, n_iter, STAGES, HAS_SKIP)),
     ], [4, 1], [240, LOADER_REGS])

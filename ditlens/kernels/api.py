@@ -175,14 +175,15 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
             correct, but measured 1.10x (DiT-512) and 1.18x (PixArt-1K) slower than the two
             launches on an H200 (BENCHMARKS.md §2, benchmarks/small_shapes.py).
         full: ``O`` when the caller has it already (e.g. from the model's own attention call),
-            ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (Triton: one
-            launch writing ``R = O - W``) and ``full`` is returned as given.
+            ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (Triton, or Gluon
+            asked for by name: one launch writing ``R = O - W``) and ``full`` is returned as given.
 
     Returns:
         ``(full_out, residual)``, both ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype:
         ``full_out = O`` (ordinary attention) and ``residual = O - W`` (``W`` in float32 before
-        the cast; the two-pass form subtracts from ``O`` as stored in ``q``'s dtype). The other
-        backends run full and windowed attention separately.
+        the cast; the two-pass form subtracts from ``O`` as stored in ``q``'s dtype). ``"gluon"``
+        runs the two-pass form on the Gluon kernel (session 35, not yet run on a GPU: ``"auto"``
+        stays on Triton here); the other backends run full and windowed attention separately.
     """
     _prepare(q, k, v, "full", 0, n_text, text_first, scale)
     _, H, L, _ = q.shape
@@ -198,6 +199,10 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
         if fused:
             return warsr_triton(q, k, v, plan, layout, scale_f)
         return warsr_two_pass_triton(q, k, v, plan, layout, scale_f)
+    if chosen == "gluon" and check_gluon_inputs(q, plan, layout) is None:  # asked for by name: R = O - W fused
+        if full is None:
+            full = headwise_gluon(q, k, v, HeadPlan(("full",) * H, (0,) * H), layout, scale_f)
+        return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
     if chosen == "reference" and full is None:
         return warsr_attention_reference(q, k, v, windows=plan.windows, n_text=n_text, text_first=text_first,
                                          pattern=plan.modes, scale=scale_f)
@@ -234,6 +239,8 @@ def windowed_plus_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     chosen = resolve_backend(q, backend)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, residual=residual)
+    if chosen == "gluon" and check_gluon_inputs(q, plan, layout) is None:  # asked for by name: W + R fused
+        return headwise_gluon(q, k, v, plan, layout, scale_f, residual=residual)
     if chosen == "reference":
         return windowed_plus_residual_reference(q, k, v, residual, windows=plan.windows, n_text=n_text,
                                                 text_first=text_first, pattern=plan.modes, scale=scale_f)

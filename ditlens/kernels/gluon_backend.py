@@ -129,12 +129,17 @@ def _descriptor(view: torch.Tensor, block: list[int]):
 
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                    scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   heavy_first: bool = False) -> torch.Tensor:
+                   heavy_first: bool = False, residual: torch.Tensor | None = None,
+                   subtract: bool = False) -> torch.Tensor:
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
     rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
     programs of the heads with the most work first (``launch_ranks``' order), as the Triton launch
-    does; off until timed on a GPU (written in session 35 after its device time ran out).
+    does; off until timed on a GPU (written in session 35 after its device time ran out). ``residual``
+    (q's shape, no skip heads; read in q's dtype): added to the attention in float32 in the epilogue
+    (WA-RS apply, W + R),
+    or with ``subtract`` the result is ``residual - attention`` (WA-RS refresh, R = O - W); written in
+    session 35 and not yet run on a GPU, so ``backend="auto"`` keeps these launches on Triton.
 
     Returns [B, H, L, 128] in q's dtype, in q's memory order (or ``out``, which must have that
     order): contiguous inputs and diffusers' [B, L, H, D]-stored views are read and written in
@@ -154,22 +159,28 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
                            f"memory order (strides {q.stride()}); got {out.dtype} {tuple(out.shape)} on {out.device} "
                            f"with strides {out.stride()}")
     (k_view, kv_rows_b, kv_rows_h, kv_cols_h), (v_view, *_) = _views(k, v)
-    if plan.has_skip:
+    if residual is not None:
+        if plan.has_skip or residual.shape != q.shape:
+            raise DitlensError(f"a residual launch takes a residual of q's shape {tuple(q.shape)} and no skip heads; "
+                               f"got {tuple(residual.shape)} and modes {sorted(set(plan.modes))}")
+        aux_view = _views(residual.to(q.dtype))[0]
+    elif plan.has_skip:
         if cached is None or cached.shape != q.shape:
             raise DitlensError(f"skip heads need cached=<tensor of q's shape {tuple(q.shape)}> holding their outputs")
-        c_view = _views(cached.to(q.dtype))[0]
+        aux_view = _views(cached.to(q.dtype))[0]
     else:
-        c_view = o_view  # never read
+        aux_view = o_view  # never read
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
     per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
-                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), _descriptor(c_view[0], half),
+                       _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), _descriptor(aux_view[0], half),
                        per_head.mode, per_head.window, per_head.order, scale * math.log2(math.e), L,
                        layout.n_text if layout.text_first else 0, B, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
-                       *c_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip,
-                       HEAVY_FIRST=heavy_first and not plan.all_full, STAGES=STAGES, LOADER_REGS=LOADER_REGS,
-                       num_warps=4)
+                       *aux_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip,
+                       HEAVY_FIRST=heavy_first and not plan.all_full,
+                       RESIDUAL=0 if residual is None else 2 if subtract else 1, STAGES=STAGES,
+                       LOADER_REGS=LOADER_REGS, num_warps=4)
     return out
