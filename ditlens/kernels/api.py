@@ -52,8 +52,10 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """The backend a call with ``q`` and ``backend`` runs on.
 
     ``"auto"``: Triton for float16/bfloat16 CUDA tensors (or CPU tensors when
-    ``TRITON_INTERPRET=1``), else FlexAttention on CUDA, else SDPA with a dense mask.
-    An explicit backend that cannot take the input raises :class:`DitlensError`.
+    ``TRITON_INTERPRET=1``), else FlexAttention on CUDA, else SDPA with a dense mask; of the
+    calls resolved to Triton, :func:`headwise_attention` gives those the Gluon kernel takes (head
+    dim 128 on Hopper, which depends on the plan too) to Gluon. An explicit backend that cannot take
+    the input raises :class:`DitlensError`.
     """
     if backend not in BACKENDS:
         raise DitlensError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
