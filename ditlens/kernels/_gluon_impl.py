@@ -254,10 +254,14 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, aux_desc, modes_ptr, windows_pt
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    r_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # RESIDUAL only
+    if RESIDUAL != 0:
+        r_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(r_bar.index(i), count=1)
+    else:
+        r_bar = q_bar  # never waited on: the compute partitions touch r_bar only when RESIDUAL != 0
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
-        mbarrier.init(r_bar.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)

@@ -133,15 +133,14 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if plan.has_skip and (cached is None or cached.shape != q.shape):
         raise DitlensError("skip heads need cached=<tensor of q's shape [B, H, L, D]> holding their outputs")
     chosen = resolve_backend(q, backend)
-    if chosen == "triton" and backend == "auto" and check_gluon_inputs(q, plan, layout) is None:
-        chosen = "gluon"  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX, the Triton launch 0.83-0.85x
+    if chosen == "gluon" or (chosen == "triton" and backend == "auto"):  # one plan check per call
+        reason = check_gluon_inputs(q, plan, layout)
+        if reason is None:  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX, the Triton launch 0.83-0.85x
+            return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached)
+        if chosen == "gluon":
+            raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
-    if chosen == "gluon":
-        reason = check_gluon_inputs(q, plan, layout)
-        if reason:
-            raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
-        return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "flex":
         return headwise_flex(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "sdpa":
@@ -203,7 +202,7 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
         return warsr_two_pass_triton(q, k, v, plan, layout, scale_f)
     if chosen == "gluon" and check_gluon_inputs(q, plan, layout) is None:  # asked for by name: R = O - W fused
         if full is None:
-            full = headwise_gluon(q, k, v, HeadPlan(("full",) * H, (0,) * H), layout, scale_f)
+            full = headwise_gluon(q, k, v, make_head_plan("full", 0, H, L), layout, scale_f)
         return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
     if chosen == "reference" and full is None:
         return warsr_attention_reference(q, k, v, windows=plan.windows, n_text=n_text, text_first=text_first,
