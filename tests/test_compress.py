@@ -250,6 +250,29 @@ def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position
     assert one_pass.count(True) == (0 if backend == "flex" else 1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                    reason="needs a Hopper GPU")
+@pytest.mark.parametrize("layout", ["batched_uncond_first", "separate_cond_first"])
+def test_runtime_wars_on_the_gluon_launch_matches_float64_reference(layout, monkeypatch):
+    """FLUX-shaped calls (head dim 128, 128 text tokens first, 256 tokens): under ``auto`` the runtime's
+    WA-RS refresh (R = O - W) and apply (W + R) launches run on the Gluon kernel, and match float64."""
+    from ditlens.kernels import api, gluon_available
+
+    if not gluon_available():
+        pytest.skip("needs Triton with Gluon")
+    epilogues = []  # "subtract" per Gluon launch with a residual
+    monkeypatch.setattr(api, "headwise_gluon", lambda *a, _f=api.headwise_gluon, **kw: (
+        kw.get("residual") is not None and epilogues.append(kw.get("subtract", False))) or _f(*a, **kw))
+    plan = make_plan("joint", 4, 128, WARS_LAYERS, layout, (1, 8, 16), n_text=128, text_position="first")
+    got, want, runtime, executed, _ = run_and_reference(plan, seed=13, backend="auto", device="cuda",
+                                                        dtype=torch.bfloat16, warsr_refresh="two-pass")
+    for s, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2, msg=f"{layout} step {s}")
+    assert runtime.flops.core == 4 * 128 * executed
+    assert True in epilogues and False in epilogues, epilogues  # both WA-RS launches ran on Gluon
+
+
 @pytest.mark.parametrize("text_position", ["first", "last"])
 def test_joint_layer_methods_match_reference(text_position):
     methods = [

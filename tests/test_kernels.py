@@ -990,7 +990,7 @@ def test_gluon_launch_replays_in_a_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_HOPPER and gluon_available()), reason="needs a Hopper GPU and Triton with Gluon")
 def test_gluon_wars_epilogues_match_reference():
-    # WA-RS on the Gluon kernel, asked for by name: refresh R = O - W with O computed or given (the
+    # WA-RS on the Gluon kernel: refresh R = O - W with O computed or given (the
     # residual subtracted in the epilogue) and apply W + R (added there), window and arrow heads
     B, H, L, D, n_text = 2, 3, 640, 128, 128
     dtype = torch.bfloat16
@@ -1006,3 +1006,6 @@ def test_gluon_wars_epilogues_match_reference():
         applied = windowed_plus_residual(q, k, v, res, backend="gluon", **kw)
         assert _rel_err(applied, ref_full) < 2 * _tol(dtype), name
         assert torch.equal(applied, windowed_plus_residual(q, k, v, res.float(), backend="gluon", **kw)), name
+        # "auto" hands both WA-RS launches to Gluon: the same bits as asking for it by name
+        assert torch.equal(windowed_plus_residual(q, k, v, res, **kw), applied), name
+        assert torch.equal(warsr_attention(q, k, v, full=full, **kw)[1], res), name

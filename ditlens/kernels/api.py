@@ -94,6 +94,18 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modes: Sequence[
     return plan, layout, (D ** -0.5 if scale is None else float(scale))
 
 
+def _takes_gluon(q: torch.Tensor, plan: HeadPlan, layout: TokenLayout, chosen: str, asked: str) -> bool:
+    """Whether a call resolved to ``chosen`` (asked for as ``asked``) runs on the Gluon kernel: asked for by
+    name (raising when the plan does not fit it), or ``"auto"`` resolved to Triton and the plan fits.
+    One plan check per call."""
+    if chosen != "gluon" and not (chosen == "triton" and asked == "auto"):
+        return False
+    reason = check_gluon_inputs(q, plan, layout)
+    if reason is not None and chosen == "gluon":
+        raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
+    return reason is None
+
+
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        modes: Sequence[str] | str, windows: Sequence[int] | int | None,
                        n_text: int = 0, text_first: bool = False, cached: torch.Tensor | None = None,
@@ -133,12 +145,8 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if plan.has_skip and (cached is None or cached.shape != q.shape):
         raise DitlensError("skip heads need cached=<tensor of q's shape [B, H, L, D]> holding their outputs")
     chosen = resolve_backend(q, backend)
-    if chosen == "gluon" or (chosen == "triton" and backend == "auto"):  # one plan check per call
-        reason = check_gluon_inputs(q, plan, layout)
-        if reason is None:  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX, the Triton launch 0.83-0.85x
-            return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached)
-        if chosen == "gluon":
-            raise DitlensError(f"backend='gluon' cannot run this plan: {reason}; use backend='auto'")
+    if _takes_gluon(q, plan, layout, chosen, backend):  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX
+        return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached, heavy_first=True)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "flex":
@@ -176,15 +184,16 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
             correct, but measured 1.10x (DiT-512) and 1.18x (PixArt-1K) slower than the two
             launches on an H200 (BENCHMARKS.md §2, benchmarks/small_shapes.py).
         full: ``O`` when the caller has it already (e.g. from the model's own attention call),
-            ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (Triton, or Gluon
-            asked for by name: one launch writing ``R = O - W``) and ``full`` is returned as given.
+            ``[batch, heads, seq_len, head_dim]``: then only the windowed pass runs (on Triton or Gluon:
+            one launch writing ``R = O - W``) and ``full`` is returned as given.
 
     Returns:
         ``(full_out, residual)``, both ``[batch, heads, seq_len, head_dim]`` in ``q``'s dtype:
         ``full_out = O`` (ordinary attention) and ``residual = O - W`` (``W`` in float32 before
-        the cast; the two-pass form subtracts from ``O`` as stored in ``q``'s dtype). ``"gluon"``
-        runs the two-pass form on the Gluon kernel (session 35, not yet run on a GPU: ``"auto"``
-        stays on Triton here); the other backends run full and windowed attention separately.
+        the cast; the two-pass form subtracts from ``O`` as stored in ``q``'s dtype). The Gluon
+        kernel runs the two-pass form (``"auto"`` gives it the calls it takes, as in
+        :func:`headwise_attention`; ``fused`` keeps ``"auto"`` on Triton); the other backends run full
+        and windowed attention separately.
     """
     _prepare(q, k, v, "full", 0, n_text, text_first, scale)
     _, H, L, _ = q.shape
@@ -194,16 +203,16 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     chosen = resolve_backend(q, backend)
     if full is not None and full.shape != q.shape:
         raise DitlensError(f"full must have q's shape {tuple(q.shape)}, got {tuple(full.shape)}")
+    if not (fused and backend == "auto") and _takes_gluon(q, plan, layout, chosen, backend):  # R = O - W fused
+        if full is None:
+            full = headwise_gluon(q, k, v, make_head_plan("full", 0, H, L), layout, scale_f)
+        return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
     if chosen == "triton":
         if full is not None:
             return full, headwise_triton(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
         if fused:
             return warsr_triton(q, k, v, plan, layout, scale_f)
         return warsr_two_pass_triton(q, k, v, plan, layout, scale_f)
-    if chosen == "gluon" and check_gluon_inputs(q, plan, layout) is None:  # asked for by name: R = O - W fused
-        if full is None:
-            full = headwise_gluon(q, k, v, make_head_plan("full", 0, H, L), layout, scale_f)
-        return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
     if chosen == "reference" and full is None:
         return warsr_attention_reference(q, k, v, windows=plan.windows, n_text=n_text, text_first=text_first,
                                          pattern=plan.modes, scale=scale_f)
@@ -238,10 +247,10 @@ def windowed_plus_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     layout = TokenLayout(L, int(n_text), bool(text_first))
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(q, backend)
+    if _takes_gluon(q, plan, layout, chosen, backend):  # W + R in the epilogue
+        return headwise_gluon(q, k, v, plan, layout, scale_f, residual=residual)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, residual=residual)
-    if chosen == "gluon" and check_gluon_inputs(q, plan, layout) is None:  # asked for by name: W + R fused
-        return headwise_gluon(q, k, v, plan, layout, scale_f, residual=residual)
     if chosen == "reference":
         return windowed_plus_residual_reference(q, k, v, residual, windows=plan.windows, n_text=n_text,
                                                 text_first=text_first, pattern=plan.modes, scale=scale_f)
