@@ -16,8 +16,9 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 [B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
-turn full, arrow at 75 %, skip), and ``gluon-mixed-ordered`` the same with the heavy heads' programs first
-(``heavy_first=True``, off by default until timed); ``triton-apply@S`` / ``gluon-apply@S``: the arrow launch
+turn full, arrow at 75 %, skip). The ``gluon`` launches start the tiles with the most key blocks first, as
+``headwise_attention`` runs them; ``gluon-grid@S`` and ``gluon-mixed-grid`` run the same plans in grid order
+(``heavy_first=False``: each head's tiles in turn, head after head); ``triton-apply@S`` / ``gluon-apply@S``: the arrow launch
 adding a WA-RS residual in its epilogue (``windowed_plus_residual``). Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
 timeout, not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
 
@@ -38,8 +39,9 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75", "triton-mixed",
-            "gluon-mixed", "gluon-mixed-ordered", "triton-apply@50", "gluon-apply@50")
+VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "gluon-grid@50", "triton@75", "gluon@75",
+            "gluon-grid@75", "gluon@90", "gluon-grid@90", "triton-mixed", "gluon-mixed", "gluon-mixed-grid",
+            "triton-apply@50", "gluon-apply@50")
 N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
 
@@ -78,10 +80,6 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
             cached = torch.randn_like(q)
             kw = dict(modes=modes, windows=windows, n_text=N_TEXT, text_first=True, cached=cached)
             ref = headwise_attention(q, k, v, backend="triton", **kw)
-            if name == "gluon-mixed-ordered":  # heavy heads' programs first (off by default until timed)
-                plan, lay = make_head_plan(modes, windows, H, L), TokenLayout(L, N_TEXT, True)
-                fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5, cached=cached,  # noqa: E731
-                                            heavy_first=True)
         elif pct:  # every head arrow, w keeping 1 - s of all pairs (text rows and columns included), FLUX layout
             w = arrow_window(q.shape[2], N_TEXT, int(pct) / 100)
             if w is None:  # the text pairs alone keep more than 1 - s
@@ -96,6 +94,11 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if name.endswith("-grid"):  # the same launch in grid order: each head's tiles in turn
+            H, L = q.shape[1], q.shape[2]
+            plan, lay = make_head_plan(kw["modes"], kw["windows"], H, L), TokenLayout(L, N_TEXT, True)
+            fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5,  # noqa: E731
+                                        cached=kw.get("cached"), heavy_first=False)
         if fn is None:
             fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()

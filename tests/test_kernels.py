@@ -824,6 +824,28 @@ def test_gluon_token_views_address_every_head_row():
     assert _views(misaligned, misaligned)[0][1:] == (24, 8, 0)
 
 
+def test_gluon_tile_order_is_longest_first_over_the_blocks_each_tile_attends():
+    # the host's count of a tile's key blocks is the number of 128-key blocks holding at least one pair of
+    # the dense mask in the tile's rows (the kernel visits exactly those); the order lists every (batch,
+    # head, tile) once, by decreasing count, ties in head, batch, tile order
+    from ditlens.kernels.gluon_backend import BLOCK_M, BLOCK_N, _tile_order, tile_key_blocks
+
+    L, n_text, B = 1280, 256, 2
+    modes, windows = ["full", "window", "arrow", "skip", "arrow", "window"], [0, 100, 300, 0, 10, 700]
+    layout = TokenLayout(L, n_text, True)
+    mask = attention_mask(modes, windows, L, n_text=n_text, text_first=True)
+    tiles = L // BLOCK_M
+    blocks = mask.view(len(modes), tiles, BLOCK_M, L // BLOCK_N, BLOCK_N).any(dim=(2, 4)).sum(-1)  # [H, tiles]
+    for h, (m, w) in enumerate(zip(modes, windows)):
+        assert [tile_key_blocks(m, w, t * BLOCK_M, layout) for t in range(tiles)] == blocks[h].tolist(), m
+    plan = make_head_plan(modes, windows, len(modes), L)
+    order = _tile_order(plan, layout, B, torch.device("cpu")).tolist()
+    bh, tile = [p // tiles for p in order], [p % tiles for p in order]
+    assert sorted(order) == list(range(B * len(modes) * tiles))
+    key = [(-blocks[x % len(modes), t].item(), x % len(modes), x // len(modes), t) for x, t in zip(bh, tile)]
+    assert key == sorted(key)
+
+
 def test_gluon_refusals_name_the_input_to_change():
     plan_full = make_head_plan("full", 0, 2, 256)
     plan_band = make_head_plan(["full", "window"], [8, 8], 2, 256)
@@ -863,8 +885,8 @@ def desc(rows):
     return f"tensordesc<bf16[{rows}, {GLUON_HEAD_DIM}],{layout!r}>"
 
 names = headwise_fwd.arg_names
-variants = ((True, False, False, 0), (False, False, False, 0), (False, True, True, 0), (False, False, False, 1),
-            (False, False, False, 2))
+variants = ((True, False, False, 0), (False, False, False, 0), (False, False, True, 0), (False, True, True, 0),
+            (False, False, False, 1), (False, False, False, 2))
 for all_full, has_skip, heavy_first, residual in variants:
     values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, HEAVY_FIRST=heavy_first, RESIDUAL=residual, STAGES=STAGES,
                   LOADER_REGS=LOADER_REGS)
@@ -882,7 +904,7 @@ for all_full, has_skip, heavy_first, residual in variants:
 @pytest.mark.skipif(not gluon_available(), reason="this triton has no Gluon")
 def test_gluon_kernel_compiles_for_hopper_with_this_triton():
     # no GPU needed: the kernel lowers to sm_90a PTX with wgmma and TMA for every launch variant (dense,
-    # banded, skip heads with heavy heads first, residual added and subtracted) and
+    # banded in grid order and longest tiles first, skip heads, residual added and subtracted) and
     # fits Hopper's shared memory. Guards Triton's Gluon API, which renames ops between releases (3.6's
     # async_copy_* became async_load / async_store). A subprocess: Gluon does not compile under the
     # interpreter mode this file may have set.
@@ -894,23 +916,23 @@ def test_gluon_kernel_compiles_for_hopper_with_this_triton():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = [int(line.split()[-1]) for line in done.stdout.splitlines()]
-    assert len(shared) == 5 and max(shared) <= 227 * 1024, shared
+    assert len(shared) == 6 and max(shared) <= 227 * 1024, shared
 
 
 def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
-    # backend="auto" resolves to Triton, then gives a call to Gluon exactly when check_gluon_inputs
-    # passes it (on this CPU it never does: faked here); backend="triton" keeps the Triton launch
+    # backend="auto" resolves to Triton, then gives a call to Gluon (longest tiles first) exactly when
+    # check_gluon_inputs passes it (on this CPU it never does: faked here); backend="triton" keeps Triton
     from ditlens.kernels import api
 
     calls = []
     monkeypatch.setattr(api, "check_gluon_inputs", lambda q, plan=None, layout=None: None)
-    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None: calls.append(
-        (plan.modes, layout.n_text, scale, cached)) or torch.zeros_like(q))
+    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None, heavy_first=False:
+                        calls.append((plan.modes, layout.n_text, scale, cached, heavy_first)) or torch.zeros_like(q))
     q, k, v = _qkv(1, 2, 64, 16, torch.float16, "cpu", seed=0)
     cached = torch.ones_like(q)
     out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                              cached=cached, scale=0.5)
-    assert calls == [(("arrow", "skip"), 16, 0.5, cached)] and not out.any()
+    assert calls == [(("arrow", "skip"), 16, 0.5, cached, True)] and not out.any()  # longest tiles first
     ref = headwise_attention_reference(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                                        cached=cached, scale=0.5, out_dtype=torch.float64)
     triton_out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,

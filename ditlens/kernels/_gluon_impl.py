@@ -205,7 +205,7 @@ def _half(o_desc, aux_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_b
 
 @gluon.jit
 def headwise_fwd(q_desc, k_desc, v_desc, o_desc, aux_desc, modes_ptr, windows_ptr, order_ptr, qk_scale, seq_len,
-                 n_text, batch, heads, q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, aux_rows_b,
+                 n_text, heads, q_rows_b, q_rows_h, q_cols_h, kv_rows_b, kv_rows_h, kv_cols_h, aux_rows_b,
                  aux_rows_h, aux_cols_h, ALL_FULL: gl.constexpr, HAS_SKIP: gl.constexpr, HEAVY_FIRST: gl.constexpr,
                  RESIDUAL: gl.constexpr, STAGES: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Grid (seq_len / 128, batch * heads), 4 warps (+ 4 + 1 in the partitions).
@@ -217,22 +217,25 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, aux_desc, modes_ptr, windows_pt
     k_desc's BLOCK_N x D. aux_desc's view (rows aux_rows_b * b + aux_rows_h * h + 128 m ..., column
     aux_cols_h * h) holds the skip heads' cached output (HAS_SKIP) or the residual that RESIDUAL 1 adds to
     the output and RESIDUAL 2 subtracts it from (not both in one launch). ALL_FULL: every head full (modes and
-    windows are not read). HEAVY_FIRST: program (m, r * batch + b) runs head order_ptr[r] of batch b,
-    order_ptr listing the heads by decreasing work, so that the GPU, which starts programs in grid
-    order, meets the long ones first; otherwise (m, b * heads + h). seq_len is a multiple of 128 and of
-    BLOCK_N."""
+    windows are not read). HEAVY_FIRST: program (m', r) runs the tile order_ptr[r * tiles + m'] (packed as
+    (b * heads + h) * tiles + m), order_ptr listing every tile by decreasing work, so that the GPU, which
+    starts programs in grid order, meets the long ones first and ends on short ones; otherwise program
+    (m, b * heads + h) runs its own tile. seq_len is a multiple of 128 and of BLOCK_N."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
-    bh = gl.program_id(1)
     if HEAVY_FIRST:
-        b = bh % batch
-        h = gl.load(order_ptr + bh // batch)
+        tiles = gl.num_programs(0)
+        packed = gl.load(order_ptr + gl.program_id(1) * tiles + gl.program_id(0))
+        tile = packed % tiles
+        bh = packed // tiles
     else:
-        b = bh // heads
-        h = bh % heads
-    tile_r0 = gl.program_id(0) * (2 * HALF_M)
+        tile = gl.program_id(0)
+        bh = gl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    tile_r0 = tile * (2 * HALF_M)
     q_row = b * q_rows_b + h * q_rows_h + tile_r0
     q_col = h * q_cols_h
     kv_row = b * kv_rows_b + h * kv_rows_h

@@ -127,6 +127,43 @@ def _descriptor(view: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(view, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
+def tile_key_blocks(mode: str, window: int, tile_r0: int, layout: TokenLayout) -> int:
+    """Key blocks the kernel's 128-row query tile at ``tile_r0`` visits for a head of ``mode`` and half-width
+    ``window`` (``_gluon_impl._key_blocks`` on the host): every block for full heads and arrow heads' text
+    tiles, the text blocks for window heads' text tiles, else the text blocks (arrow) and the band's blocks;
+    none for skip heads."""
+    n_blocks = layout.seq_len // BLOCK_N
+    n_text = layout.n_text if layout.text_first else 0
+    text_tile = tile_r0 < n_text
+    if mode == "skip":
+        return 0
+    if mode == "full" or (mode == "arrow" and text_tile):
+        return n_blocks
+    n_text_blocks = n_text // BLOCK_N if text_tile or mode == "arrow" else 0
+    if text_tile:
+        return n_text_blocks
+    lo = max(tile_r0 - window, n_text) // BLOCK_N
+    hi = min(tile_r0 + BLOCK_M - 1 + window, layout.seq_len - 1) // BLOCK_N
+    return n_text_blocks + hi + 1 - lo
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
+    """Every (batch, head, tile) of a launch, packed as (b * heads + h) * tiles + m, longest first (ties in
+    head, batch, tile order, so neighbouring programs share K/V in L2). Starting the long tiles first is
+    longest-processing-time scheduling: FLUX's arrow heads have 4 text tiles that walk all 132 key blocks
+    beside image tiles of about 33, and in grid order the last head's text tiles start near the end and run
+    on alone."""
+    tiles = layout.seq_len // BLOCK_M
+    work = []
+    for h, (mode, window) in enumerate(zip(plan.modes, plan.windows)):
+        per_tile = [tile_key_blocks(mode, window, m * BLOCK_M, layout) for m in range(tiles)]
+        work += [(-per_tile[m], h, b, m) for b in range(batch) for m in range(tiles)]
+    work.sort()
+    packed = [(b * plan.n_heads + h) * tiles + m for _, h, b, m in work]
+    return torch.tensor(packed, dtype=torch.int32, device=device)
+
+
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                    scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None,
                    heavy_first: bool = False, residual: torch.Tensor | None = None,
@@ -134,9 +171,7 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
     rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
-    programs of the heads with the most work first (``launch_ranks``' order), as the Triton launch
-    does (``headwise_attention`` turns it on: FLUX-2K's mixed plan 3 % faster, H100, session 36; heads of
-    equal work keep index order). ``residual`` (q's shape, no skip heads; read in q's dtype): added to the
+    tiles with the most key blocks first (:func:`_tile_order`; ``headwise_attention`` turns it on). ``residual`` (q's shape, no skip heads; read in q's dtype): added to the
     attention in float32 in the epilogue (WA-RS apply, W + R), or with ``subtract`` the result is
     ``residual - attention`` (WA-RS refresh, R = O - W); the apply launch costs what the windowed launch
     alone does (FLUX-2K at 50 %: 2.91 against 2.92 ms, session 36).
@@ -173,14 +208,16 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
     per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
+    ordered = heavy_first and not plan.all_full
+    order = graph_constant(_tile_order(plan, layout, B, q.device)) if ordered else per_head.order  # unread then
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
                        _descriptor(v_view, [BLOCK_N, D]), _descriptor(o_view[0], half), _descriptor(aux_view[0], half),
-                       per_head.mode, per_head.window, per_head.order, scale * math.log2(math.e), L,
-                       layout.n_text if layout.text_first else 0, B, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
+                       per_head.mode, per_head.window, order, scale * math.log2(math.e), L,
+                       layout.n_text if layout.text_first else 0, H, *q_view[1:], kv_rows_b, kv_rows_h, kv_cols_h,
                        *aux_view[1:], ALL_FULL=plan.all_full, HAS_SKIP=plan.has_skip,
-                       HEAVY_FIRST=heavy_first and not plan.all_full,
+                       HEAVY_FIRST=ordered,
                        RESIDUAL=0 if residual is None else 2 if subtract else 1, STAGES=STAGES,
                        LOADER_REGS=LOADER_REGS, num_warps=4)
     return out
