@@ -886,7 +886,7 @@ def desc(rows):
 
 names = headwise_fwd.arg_names
 variants = ((True, False, False, 0), (False, False, False, 0), (False, False, True, 0), (False, True, True, 0),
-            (False, False, False, 1), (False, False, False, 2))
+            (False, False, True, 1), (False, False, True, 2))
 for all_full, has_skip, heavy_first, residual in variants:
     values = dict(ALL_FULL=all_full, HAS_SKIP=has_skip, HEAVY_FIRST=heavy_first, RESIDUAL=residual, STAGES=STAGES,
                   LOADER_REGS=LOADER_REGS)
