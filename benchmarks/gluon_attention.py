@@ -16,9 +16,9 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 [B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
-turn full, arrow at 75 %, skip). The ``gluon`` launches start the tiles with the most key blocks first, as
-``headwise_attention`` runs them; ``gluon-grid@S`` and ``gluon-mixed-grid`` run the same plans in grid order
-(``heavy_first=False``: each head's tiles in turn, head after head); ``triton-apply@S`` / ``gluon-apply@S``: the arrow launch
+turn full, arrow at 75 %, skip). The ``gluon`` launches run in grid order (each head's tiles in turn, head
+after head), as ``headwise_attention`` runs them; ``gluon-longest@S`` and ``gluon-mixed-longest`` run the same
+plans with the tiles that have the most key blocks first (``heavy_first=True``); ``triton-apply@S`` / ``gluon-apply@S``: the arrow launch
 adding a WA-RS residual in its epilogue (``windowed_plus_residual``). Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its
 timeout, not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
 
@@ -39,8 +39,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "gluon-grid@50", "triton@75", "gluon@75",
-            "gluon-grid@75", "gluon@90", "gluon-grid@90", "triton-mixed", "gluon-mixed", "gluon-mixed-grid",
+VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "gluon-longest@50", "triton@75", "gluon@75",
+            "gluon-longest@75", "gluon@90", "gluon-longest@90", "triton-mixed", "gluon-mixed", "gluon-mixed-longest",
             "triton-apply@50", "gluon-apply@50")
 N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
@@ -94,11 +94,11 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        if name.endswith("-grid"):  # the same launch in grid order: each head's tiles in turn
+        if name.endswith("-longest"):  # the same launch, the tiles with the most key blocks first
             H, L = q.shape[1], q.shape[2]
             plan, lay = make_head_plan(kw["modes"], kw["windows"], H, L), TokenLayout(L, N_TEXT, True)
             fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5,  # noqa: E731
-                                        cached=kw.get("cached"), heavy_first=False)
+                                        cached=kw.get("cached"), heavy_first=True)
         if fn is None:
             fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()

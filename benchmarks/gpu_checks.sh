@@ -85,7 +85,7 @@ for name in "$@"; do
                   --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/1l,64x128/4w/2s/tma/1l,128x128/8w/2s/tma/1l,128x128/8w/3s/tma/1l,128x64/4w/3s/tma/1l
               done ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
-    gluon) part gluon 360 python3 benchmarks/gluon_attention.py --timeout 60 --out "$out/gluon" ;;  # the Gluon D = 128 kernel against SDPA and the Triton launch: dense, arrow 50 / 75 / 90 % and the mixed plan (longest tiles first and in grid order), WA-RS apply
+    gluon) part gluon 360 python3 benchmarks/gluon_attention.py --timeout 60 --out "$out/gluon" ;;  # the Gluon D = 128 kernel against SDPA and the Triton launch: dense, arrow 50 / 75 / 90 % and the mixed plan (in grid order and longest tiles first), WA-RS apply
     d128) part d128 300 python3 benchmarks/d128_schedules.py --out "$out/d128" ;;
     tiles-rows) for s in 0.5 0.75; do  # windowed launches at the 2K shapes: one loop per segment (/1l) against three
                   part "tiles-rows-flux-$s" 200 python3 benchmarks/small_shapes.py --out "$out/tiles_rows_flux_$s" \

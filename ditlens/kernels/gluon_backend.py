@@ -171,7 +171,8 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
     rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
-    tiles with the most key blocks first (:func:`_tile_order`; the public API turns it on). ``residual``
+    tiles with the most key blocks first (:func:`_tile_order`); compiled for sm_90a without spills but not yet
+    run on a GPU (session 36's device time ran out), so the public API keeps grid order. ``residual``
     (q's shape, no skip heads; read in q's dtype): added to the attention in float32 in the epilogue
     (WA-RS apply, W + R), or with ``subtract`` the result is ``residual - attention`` (WA-RS refresh,
     R = O - W); the apply launch costs what the windowed launch alone does (FLUX-2K at 50 %: 2.91 against
