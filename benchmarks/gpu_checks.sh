@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR PART...
 #
-# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-dit-eager-b | e2e-dit-eager-noasc | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly | cached-launch | launch-host | launch-profile | validate-graphs | gluon.
+# PART: tests | tests-runtime | tests-rest | graphs | e2e-graphs | e2e-graphs-sd3 | overhead | pairs | v1 | v2 | e2e-small | e2e-sd3 | e2e-profile | e2e-profile-sd3 | e2e-profile-dit | e2e-profile-dit-graphs | e2e-dit | e2e-dit-lowered | e2e-dit-null | e2e-dit-eager | e2e-dit-eager-b | e2e-dit-eager-noasc | e2e-2k-pixart | e2e-2k-flux | tiles-2k | tiles-flux | kernels | h100-128 | kernels-2k | kernels-1k | baselines | short-mixed | split-mixed | split-dense | split-branch | d64 | qo72 | rt128 | window2d | small-shapes | e2e-refresh | d128 | tiles-rows | poly | cached-launch | launch-host | launch-profile | validate-graphs | gluon | gluon-order.
 # Each part writes OUTDIR/PART.log
 # (and its result files) and is cut at its own time limit, so one slow part cannot eat a call.
 # Results files land in benchmarks/results/ as the scripts write them; copy them back from OUTDIR.
@@ -85,6 +85,10 @@ for name in "$@"; do
                   --configs 64x128/4w/1s/tma/r168/1l,64x128/4w/1s/tma/1l,64x128/4w/2s/tma/1l,128x128/8w/2s/tma/1l,128x128/8w/3s/tma/1l,128x64/4w/3s/tma/1l
               done ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
+    gluon-order) part gluon-order-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py -k gluon
+                 # the longest-first tile order (session 36, not yet run on a GPU) against grid order
+                 part gluon-order 240 python3 benchmarks/gluon_attention.py --timeout 40 --out "$out/gluon_order" \
+                   --variants gluon@50,gluon-longest@50,gluon@75,gluon-longest@75,gluon@90,gluon-longest@90,gluon-mixed,gluon-mixed-longest ;;
     gluon) part gluon 360 python3 benchmarks/gluon_attention.py --timeout 60 --out "$out/gluon" ;;  # the Gluon D = 128 kernel against SDPA and the Triton launch: dense, arrow 50 / 75 / 90 % and the mixed plan (in grid order and longest tiles first), WA-RS apply
     d128) part d128 300 python3 benchmarks/d128_schedules.py --out "$out/d128" ;;
     tiles-rows) for s in 0.5 0.75; do  # windowed launches at the 2K shapes: one loop per segment (/1l) against three
