@@ -8,8 +8,9 @@
 #   python -m pip install --no-deps --no-index DIR/*.whl && python -m pip uninstall -y peft
 #   export PYTHONPATH=$PWD
 # `python -m pip`: the machine's bare `pip` belongs to another interpreter. peft, if preinstalled, imports
-# transformers models that the trimmed wheel below leaves out. xformers' PyPI wheel is included so that
-# benchmarks/kernels.py can report whether its CUDA operators load against the machine's torch.
+# transformers models that the trimmed wheel below leaves out. WITH_XFORMERS=1 adds xformers' PyPI wheel (3 MB),
+# so that benchmarks/kernels.py can report whether its CUDA operators load against the machine's torch (0.0.35's
+# do not load against torch 2.11 + CUDA 13: session 36); without it the column reads nan.
 set -euo pipefail
 dir=${1:-.whl}
 py=3.12  # the GPU machine's Python
@@ -20,10 +21,11 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --pl
 get() { pip download -q --only-binary=:all: --python-version "$py" --implementation cp "${platforms[@]}" \
           --no-deps -d "$dir" "$@"; }
 
-get diffusers==0.42.1 transformers==5.25.0 xformers==0.0.35
+get diffusers==0.42.1 transformers==5.25.0
+if [ "${WITH_XFORMERS:-0}" = 1 ]; then get xformers==0.0.35; fi
 # what diffusers, transformers and huggingface_hub import, resolved against the wheels already here
 get huggingface_hub==2.4.0 safetensors==0.8.0 tokenizers==0.23.3 regex tqdm pyyaml filelock requests urllib3 idna \
-    certifi charset_normalizer importlib_metadata zipp pillow packaging typing_extensions fsspec hf_xet httpx httpcore \
+    certifi charset_normalizer importlib_metadata zipp pillow packaging typing_extensions fsspec httpx httpcore \
     anyio h11 sniffio shellingham typer click
 for _ in $(seq 1 15); do
   missing=$(pip install --dry-run -q --no-index --find-links "$dir" --python-version "$py" "${platforms[@]}" \
@@ -33,6 +35,10 @@ for _ in $(seq 1 15); do
   [ -z "$missing" ] && break
   get "$missing"
 done
+
+# huggingface_hub lists hf_xet (4 MB), which only its Xet downloads import: none on a machine without a network.
+# The carry limit is 64 MiB with the tracked files (30 MB in session 36).
+rm -f "$dir"/hf_xet-*.whl
 
 # transformers ships ~570 model folders (61 MB unpacked); the benchmarks need the text encoders (T5, CLIP) and
 # what diffusers' pipelines import at module level.
