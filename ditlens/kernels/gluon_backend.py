@@ -131,7 +131,9 @@ def tile_key_blocks(mode: str, window: int, tile_r0: int, layout: TokenLayout) -
     """Key blocks the kernel's 128-row query tile at ``tile_r0`` visits for a head of ``mode`` and half-width
     ``window`` (``_gluon_impl._key_blocks`` on the host): every block for full heads and arrow heads' text
     tiles, the text blocks for window heads' text tiles, else the text blocks (arrow) and the band's blocks;
-    none for skip heads."""
+    none for skip heads. Not :func:`ditlens.kernels.waves.query_block_work`: that counts the Triton launch's
+    walk, which starts at the band's first key, where this kernel starts at the block boundary below it (one
+    block more for an unaligned band)."""
     n_blocks = layout.seq_len // BLOCK_N
     n_text = layout.n_text if layout.text_first else 0
     text_tile = tile_r0 < n_text
