@@ -17,8 +17,8 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
 turn full, arrow at 75 %, skip). The ``gluon`` launches run in grid order (each head's tiles in turn, head
-after head), as ``headwise_attention`` runs them; ``gluon-longest@S`` and ``gluon-mixed-longest`` run the same
-plans with the tiles that have the most key blocks first (``heavy_first=True``); ``triton-apply@S`` /
+after head); ``gluon-longest@S`` and ``gluon-mixed-longest`` run the same plans with the tiles that have the
+most key blocks first (``heavy_first=True``), as ``headwise_attention`` runs them; ``triton-apply@S`` /
 ``gluon-apply@S``: the arrow launch adding a WA-RS residual in its epilogue (``windowed_plus_residual``).
 Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its timeout,
 not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::

@@ -257,7 +257,8 @@ def test_runtime_on_cuda_matches_float64_reference(backend, dtype, text_position
 def test_runtime_wars_on_the_gluon_launch_matches_float64_reference(layout, monkeypatch):
     """FLUX-shaped calls (head dim 128, 128 text tokens first, 256 tokens): under ``auto`` the runtime's
     WA-RS refresh (R = O - W) and apply (W + R) launches run on the Gluon kernel, and match float64."""
-    from ditlens.kernels import api, gluon_available
+    from ditlens.kernels import api
+    from ditlens.kernels.gluon_backend import gluon_available
 
     if not gluon_available():
         pytest.skip("needs Triton with Gluon")
