@@ -145,7 +145,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if plan.has_skip and (cached is None or cached.shape != q.shape):
         raise DitlensError("skip heads need cached=<tensor of q's shape [B, H, L, D]> holding their outputs")
     chosen = resolve_backend(q, backend)
-    if _takes_gluon(q, plan, layout, chosen, backend):  # FlashAttention-3's schedule: 0.97-0.99x cuDNN for FLUX
+    if _takes_gluon(q, plan, layout, chosen, backend):  # FlashAttention-3's schedule: 0.92-0.99x cuDNN for FLUX
         return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached, heavy_first=True)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
