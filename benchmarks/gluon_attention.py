@@ -16,9 +16,10 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 [B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
-turn full, arrow at 75 %, skip). The ``gluon`` launches run in grid order (each head's tiles in turn, head
-after head); ``gluon-longest@S`` and ``gluon-mixed-longest`` run the same plans with the tiles that have the
-most key blocks first (``heavy_first=True``), as ``headwise_attention`` runs them; ``triton-apply@S`` /
+turn full, arrow at 75 %, skip). ``gluon@S`` and ``gluon-mixed`` call ``headwise_gluon`` in grid order (each
+head's tiles in turn, head after head, as ``headwise_attention`` runs them), ``gluon-longest@S`` and
+``gluon-mixed-longest`` the same call with the tiles that have the most key blocks first (``heavy_first=True``),
+so that the two orders differ in nothing else; ``triton-apply@S`` /
 ``gluon-apply@S``: the arrow launch adding a WA-RS residual in its epilogue (``windowed_plus_residual``).
 Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its timeout,
 not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
@@ -95,11 +96,11 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        if name.endswith("-longest"):  # the same launch, the tiles with the most key blocks first
+        if backend == "gluon" and kw["windows"] is not None and fn is None:  # sparse plans: both tile orders
             H, L = q.shape[1], q.shape[2]
             plan, lay = make_head_plan(kw["modes"], kw["windows"], H, L), TokenLayout(L, N_TEXT, True)
             fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5,  # noqa: E731
-                                        cached=kw.get("cached"), heavy_first=True)
+                                        cached=kw.get("cached"), heavy_first=name.endswith("-longest"))
         if fn is None:
             fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()

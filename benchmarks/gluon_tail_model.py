@@ -7,10 +7,9 @@ launch order to the SM that frees first (:func:`ditlens.kernels.waves.makespan`)
 5.68 ms over 24 heads x 132 tiles x 132 blocks on 132 SMs is 1.77 µs a block, and a 3 µs fixed cost makes the
 model give the measured 1.68 ms for the 75 % arrow launch in grid order (BENCHMARKS.md §2, "Session 36"). Plans as
 in ``kernels.py``: every head arrow with 512 text tokens first at sparsity S, and the mixed plan (heads in turn
-full, arrow at 75 %, skip). What the H100 then measured (BENCHMARKS.md §2, "Session 37", same call): longest
-first gained at FLUX-1K 75 % (1.41x, modelled 1.25x) and on the FLUX-2K mixed plan (1.03x, modelled 1.06x), and
-nothing at FLUX-2K 50 / 75 / 90 % (modelled 1.01 / 1.08 / 1.23x): at 2K the hardware's program order already avoids
-most of the tail this model gives grid order. No GPU needed::
+full, arrow at 75 %, skip). What the H100 then measured, longest first against grid order from earlier sessions
+(BENCHMARKS.md §2, "Session 37"; no same-call comparison yet): FLUX-1K 75 % 1.19x (modelled 1.25x), FLUX-2K 75 %
+1.00x (modelled 1.08x), FLUX-2K 50 % 0.90x (modelled 1.01x). No GPU needed::
 
     python benchmarks/gluon_tail_model.py [--block-us 1.77] [--fixed-us 3] [--sms 132]
 """

@@ -932,7 +932,7 @@ def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
     cached = torch.ones_like(q)
     out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                              cached=cached, scale=0.5)
-    assert calls == [(("arrow", "skip"), 16, 0.5, cached, True)] and not out.any()  # longest tiles first
+    assert calls == [(("arrow", "skip"), 16, 0.5, cached, False)] and not out.any()  # grid order (GPU-timed)
     ref = headwise_attention_reference(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                                        cached=cached, scale=0.5, out_dtype=torch.float64)
     triton_out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,

@@ -146,7 +146,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise DitlensError("skip heads need cached=<tensor of q's shape [B, H, L, D]> holding their outputs")
     chosen = resolve_backend(q, backend)
     if _takes_gluon(q, plan, layout, chosen, backend):  # FlashAttention-3's schedule: 0.92-0.99x cuDNN for FLUX
-        return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached, heavy_first=True)
+        return headwise_gluon(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, cached=cached)
     if chosen == "flex":
@@ -206,8 +206,7 @@ def warsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     if not (fused and backend == "auto") and _takes_gluon(q, plan, layout, chosen, backend):  # R = O - W fused
         if full is None:
             full = headwise_gluon(q, k, v, make_head_plan("full", 0, H, L), layout, scale_f)
-        return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True,
-                                    heavy_first=True)
+        return full, headwise_gluon(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
     if chosen == "triton":
         if full is not None:
             return full, headwise_triton(q, k, v, plan, layout, scale_f, residual=full, subtract=True)
@@ -249,7 +248,7 @@ def windowed_plus_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     scale_f = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(q, backend)
     if _takes_gluon(q, plan, layout, chosen, backend):  # W + R in the epilogue
-        return headwise_gluon(q, k, v, plan, layout, scale_f, residual=residual, heavy_first=True)
+        return headwise_gluon(q, k, v, plan, layout, scale_f, residual=residual)
     if chosen == "triton":
         return headwise_triton(q, k, v, plan, layout, scale_f, residual=residual)
     if chosen == "reference":

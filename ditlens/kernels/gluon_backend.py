@@ -173,9 +173,9 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
     rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
-    tiles with the most key blocks first (:func:`_tile_order`), as the public API does: on the H100 FLUX-1K
-    arrow 75 % 0.154 against 0.217 ms in grid order, the FLUX-2K mixed plan 2.38 against 2.45, no change at
-    FLUX-2K 50 / 75 / 90 % (session 37, same call). ``residual``
+    tiles with the most key blocks first (:func:`_tile_order`; bit-identical to grid order, H100). The public
+    API keeps grid order: across sessions the order looks faster at FLUX-1K 75 % (0.154 against 0.184 ms) and
+    slower at FLUX-2K 50 % (3.26 against 2.92 ms), with no same-call comparison yet. ``residual``
     (q's shape, no skip heads; read in q's dtype): added to the attention in float32 in the epilogue
     (WA-RS apply, W + R), or with ``subtract`` the result is ``residual - attention`` (WA-RS refresh,
     R = O - W); the apply launch costs what the windowed launch alone does (FLUX-2K at 50 %: 2.91 against
