@@ -153,9 +153,9 @@ def tile_key_blocks(mode: str, window: int, tile_r0: int, layout: TokenLayout) -
 def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
     """Every (batch, head, tile) of a launch, packed as (b * heads + h) * tiles + m, longest first (ties in
     head, batch, tile order, so neighbouring programs share K/V in L2). Starting the long tiles first is
-    longest-processing-time scheduling: FLUX's arrow heads have 4 text tiles that walk all 132 key blocks
-    beside image tiles of about 33, and in grid order the last head's text tiles start near the end and run
-    on alone."""
+    longest-processing-time scheduling, aimed at FLUX's arrow heads, whose 4 text tiles walk all 132 key blocks
+    beside image tiles of about 33; a list-scheduling model puts them at the end of a grid-order launch, but on
+    the H100 FLUX-2K's 75 % launch took 1.640 ms in either order (BENCHMARKS.md §2, "Session 37")."""
     tiles = layout.seq_len // BLOCK_M
     work = []
     for h, (mode, window) in enumerate(zip(plan.modes, plan.windows)):
