@@ -18,7 +18,7 @@ with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py``
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
 turn full, arrow at 75 %, skip). ``gluon@S`` and ``gluon-mixed`` call ``headwise_gluon`` in grid order (each
 head's tiles in turn, head after head, as ``headwise_attention`` runs them), ``gluon-longest@S`` and
-``gluon-mixed-longest`` the same call with the tiles that have the most key blocks first (``heavy_first=True``),
+``gluon-mixed-longest`` the same call with the tiles that have the most key blocks first (``tile_order="longest"``),
 so that the two orders differ in nothing else; ``triton-apply@S`` /
 ``gluon-apply@S``: the arrow launch adding a WA-RS residual in its epilogue (``windowed_plus_residual``).
 Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its timeout,
@@ -100,7 +100,8 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
             H, L = q.shape[1], q.shape[2]
             plan, lay = make_head_plan(kw["modes"], kw["windows"], H, L), TokenLayout(L, N_TEXT, True)
             fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5,  # noqa: E731
-                                        cached=kw.get("cached"), heavy_first=name.endswith("-longest"))
+                                        cached=kw.get("cached"),
+                                        tile_order="longest" if name.endswith("-longest") else "grid")
         if fn is None:
             fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()

@@ -1,6 +1,7 @@
 """Head-wise attention kernels vs SDPA and FlexAttention at DiT shapes (one run, one device).
 
-Times (median of ``triton.testing.do_bench``, bf16, forward):
+Times (median of ``triton.testing.do_bench``, bf16, forward; each plan's SDPA, Flex, ditlens and Gluon
+times in ``--rounds`` interleaved rounds, each arm's median over them reported):
   * SDPA (default backend, and each explicit backend that accepts the shape),
   * FlexAttention (``torch.compile``d) with block masks built from ditlens' own pattern
     functions (the same masks the Triton kernel runs),
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -312,16 +314,29 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) -> tuple[list[Row], dict]:
+def interleaved_rounds(arms: dict, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` do_bench medians of every arm, the arms' order rotated from round to round: a drift of the
+    card's clock over the minutes a shape takes lands on every arm alike, not on the one timed last."""
+    names = list(arms)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(bench(arms[n]))
+    return times
+
+
+def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True,
+              rounds: int = 3) -> tuple[list[Row], dict]:
     """Every plan of ``shape`` by SDPA, FlexAttention and ditlens (``cfg``, or None: each launch's own
-    default, what a user gets: the all-full config for the dense plan, the windowed one otherwise)."""
+    default, what a user gets: the all-full config for the dense plan, the windowed one otherwise), and the
+    Gluon launch where it takes the plan; each plan's arms (SDPA included) in ``rounds`` interleaved rounds,
+    their medians reported."""
     q, k, v, cached = make_inputs(shape)
     lay = shape.layout()
     scale = shape.head_dim ** -0.5
     L = shape.seq_len
     info: dict = {"sdpa": sdpa_backends_times(q, k, v)}
     info["xformers_ms"] = xformers_time(q, k, v)
-    sdpa_ms = info["sdpa"]["default"]
     runner = FlexRunner(shape) if with_flex else None
     rows = []
     dense_pairs = shape.heads * L * L
@@ -331,28 +346,35 @@ def run_shape(shape: Shape, cfg: KernelConfig | None, with_flex: bool = True) ->
         pairs = sum(attended_pairs(plan.modes, plan.windows, L, n_text=shape.n_text, text_first=shape.text_first))
         density = pairs / dense_pairs
         ours = headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg)
+        arms = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "ditlens": lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg)}
+        err = float("nan")
         if runner is not None:
             block_mask = runner.set_plan(plan)
-            flex_out = runner.run(q, k, v, block_mask, skip_idx, cached)
-            err = rel_err(ours, flex_out)
-            flex_ms = bench(lambda: runner.run(q, k, v, block_mask, skip_idx, cached))
-        else:
-            err, flex_ms = float("nan"), float("nan")
-        ours_ms = bench(lambda: headwise_triton(q, k, v, hp, lay, scale, cached=cached, config=cfg))
-        row = Row(shape.name, plan.label, density, 1.0 / density, sdpa_ms, flex_ms, ours_ms, err)
+            err = rel_err(ours, runner.run(q, k, v, block_mask, skip_idx, cached))
+            arms["flex"] = lambda: runner.run(q, k, v, block_mask, skip_idx, cached)
+        extra: dict = {}
         if check_gluon_inputs(q, hp, lay) is None:  # the Gluon launch (Hopper, D = 128, L % 128 == 0)
             try:  # a failing launch is a result of this run, not the end of it
-                row.extra["gluon_err"] = rel_err(headwise_gluon(q, k, v, hp, lay, scale, cached=cached), ours)
-                row.extra["gluon_ms"] = bench(lambda: headwise_gluon(q, k, v, hp, lay, scale, cached=cached))
+                extra["gluon_err"] = rel_err(headwise_gluon(q, k, v, hp, lay, scale, cached=cached), ours)
+                arms["gluon"] = lambda: headwise_gluon(q, k, v, hp, lay, scale, cached=cached)
             except Exception as exc:  # noqa: BLE001
-                row.extra["gluon_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                print(f"  gluon launch failed: {row.extra['gluon_error']}", flush=True)
+                extra["gluon_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                print(f"  gluon launch failed: {extra['gluon_error']}", flush=True)
+        times = interleaved_rounds(arms, rounds)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        extra["rounds_ms"] = times
+        if "gluon" in med:
+            extra["gluon_ms"] = med["gluon"]
+        row = Row(shape.name, plan.label, density, 1.0 / density, med["sdpa"], med.get("flex", float("nan")),
+                  med["ditlens"], err, extra)
         if plan.sparsity:
             row.extra["window"] = plan.windows[0]
             row.extra["image_density"] = band_pairs(shape.n_image, plan.windows[0]) / shape.n_image ** 2
         rows.append(row)
-        print(f"  {shape.name:10s} {plan.label:34s} density {density:.3f}  sdpa {sdpa_ms:.3f}  flex {flex_ms:.3f}"
-              f"  ditlens {ours_ms:.3f} ms  x{sdpa_ms / ours_ms:.2f} (ideal x{1 / density:.2f})  err {err:.1e}",
+        print(f"  {shape.name:10s} {plan.label:34s} density {density:.3f}  sdpa {row.sdpa_ms:.3f}  flex {row.flex_ms:.3f}"
+              f"  ditlens {row.ditlens_ms:.3f} ms  x{row.sdpa_ms / row.ditlens_ms:.2f} (ideal x{1 / density:.2f})"
+              f"  err {err:.1e}",
               flush=True)
     # mixed plan: ideal = dense ditlens time scaled by the attended-pair fraction; and the
     # time of its parts (1/3 of the dense run + 1/3 of the 75 % run)
@@ -408,7 +430,9 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
         f"Device: {header['device']}; torch {header['torch']}, triton {header['triton']}, "
         f"CUDA {header['cuda']}; tensor descriptors {'available' if header.get('tensor_descriptors') else 'absent'}; "
         f"{header['date']}.  ",
-        "bf16 forward, median of `triton.testing.do_bench` (warmup 25 ms, rep 100 ms). "
+        f"bf16 forward, median of `triton.testing.do_bench` (warmup 25 ms, rep 100 ms); each plan's SDPA, Flex, "
+        f"ditlens and Gluon times in {header.get('rounds', 1)} interleaved rounds (the arms' order rotated), the "
+        "median of each arm's rounds shown (SDPA re-timed for every plan). "
         "Sparsity s: window (image-only) or arrow (joint) with w chosen so the attended pairs (text "
         "rows/columns included) are (1 - s) of all L^2 pairs; *density* = attended pairs / L^2 "
         "(all heads), *ideal x* = 1 / density. A sparsity that arrow cannot reach (its text "
@@ -613,6 +637,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="parallel compile workers (0 = no warm-up pool)")
     ap.add_argument("--no-tune", action="store_true", help="skip the tile sweep, use the built-in defaults")
     ap.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per plan (medians reported)")
     ap.add_argument("--check", action="store_true", help="second-run checks only (see run_check)")
     ap.add_argument("--wait-file", default="", help="before timing, wait (up to 240 s) until this file exists")
     ap.add_argument("--baselines", action="store_true",
@@ -630,6 +655,7 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "tensor_descriptors": hasattr(triton.language, "make_tensor_descriptor"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+        "rounds": args.rounds,
     }
     print(json.dumps(header), flush=True)
     t0 = time.time()
@@ -663,7 +689,8 @@ def main() -> None:
     for name in tqdm(args.shapes, desc="shapes"):
         shape = shapes_by_name[name]
         try:
-            r, info = run_shape(shape, None if args.no_tune else chosen.get(shape.head_dim, KernelConfig()))
+            r, info = run_shape(shape, None if args.no_tune else chosen.get(shape.head_dim, KernelConfig()),
+                                rounds=args.rounds)
             rows += r
             infos[name] = info
             torch.cuda.empty_cache()  # the shape's tensors are gone with run_shape's frame

@@ -824,7 +824,7 @@ def test_gluon_token_views_address_every_head_row():
     assert _views(misaligned, misaligned)[0][1:] == (24, 8, 0)
 
 
-def test_gluon_tile_order_is_longest_first_over_the_blocks_each_tile_attends():
+def test_gluon_tile_orders_over_the_blocks_each_tile_attends():
     # the host's count of a tile's key blocks is the number of 128-key blocks holding at least one pair of
     # the dense mask in the tile's rows (the kernel visits exactly those); the order lists every (batch,
     # head, tile) once, by decreasing count, ties in head, batch, tile order
@@ -844,6 +844,15 @@ def test_gluon_tile_order_is_longest_first_over_the_blocks_each_tile_attends():
     assert sorted(order) == list(range(B * len(modes) * tiles))
     key = [(-blocks[x % len(modes), t].item(), x % len(modes), x // len(modes), t) for x, t in zip(bh, tile)]
     assert key == sorted(key)
+    # full first: the tiles that visit every key block (full heads, arrow heads' text tiles), then the rest,
+    # each group in grid order (packed index increasing); a policy that does not exist is refused
+    first = _tile_order(plan, layout, B, torch.device("cpu"), "full-first").tolist()
+    walks_all = [blocks[(p // tiles) % len(modes), p % tiles].item() == L // BLOCK_N for p in range(B * len(modes) * tiles)]
+    assert first == [p for p in range(len(walks_all)) if walks_all[p]] + [p for p in range(len(walks_all))
+                                                                          if not walks_all[p]]
+    assert 0 < sum(walks_all) < len(walks_all)
+    with pytest.raises(DitlensError, match="tile order"):
+        _tile_order(plan, layout, B, torch.device("cpu"), "shortest")
 
 
 def test_gluon_refusals_name_the_input_to_change():
@@ -926,13 +935,13 @@ def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
 
     calls = []
     monkeypatch.setattr(api, "check_gluon_inputs", lambda q, plan=None, layout=None: None)
-    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None, heavy_first=False:
-                        calls.append((plan.modes, layout.n_text, scale, cached, heavy_first)) or torch.zeros_like(q))
+    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None, tile_order="grid":
+                        calls.append((plan.modes, layout.n_text, scale, cached, tile_order)) or torch.zeros_like(q))
     q, k, v = _qkv(1, 2, 64, 16, torch.float16, "cpu", seed=0)
     cached = torch.ones_like(q)
     out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                              cached=cached, scale=0.5)
-    assert calls == [(("arrow", "skip"), 16, 0.5, cached, False)] and not out.any()  # grid order (GPU-timed)
+    assert calls == [(("arrow", "skip"), 16, 0.5, cached, "grid")] and not out.any()  # grid order (GPU-timed)
     ref = headwise_attention_reference(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                                        cached=cached, scale=0.5, out_dtype=torch.float64)
     triton_out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
@@ -974,9 +983,10 @@ def test_gluon_headwise_matches_reference_in_every_layout(dtype):
             auto = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
                                       cached=cached)
             assert torch.equal(auto, out), (name, modes)  # what "auto" runs here
-            ordered = headwise_gluon(q, k, v, make_head_plan(modes, windows, H, L), TokenLayout(L, n_txt, True),
-                                     D ** -0.5, cached=cached, heavy_first=True)
-            assert torch.equal(ordered, out), (name, modes)  # programs in another order, the same results
+            for order in ("full-first", "longest"):  # programs in another order, the same results
+                ordered = headwise_gluon(q, k, v, make_head_plan(modes, windows, H, L), TokenLayout(L, n_txt, True),
+                                         D ** -0.5, cached=cached, tile_order=order)
+                assert torch.equal(ordered, out), (name, modes, order)
 
 
 @pytest.mark.gpu

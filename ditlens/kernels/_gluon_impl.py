@@ -218,8 +218,9 @@ def headwise_fwd(q_desc, k_desc, v_desc, o_desc, aux_desc, modes_ptr, windows_pt
     aux_cols_h * h) holds the skip heads' cached output (HAS_SKIP) or the residual that RESIDUAL 1 adds to
     the output and RESIDUAL 2 subtracts it from (not both in one launch). ALL_FULL: every head full (modes and
     windows are not read). HEAVY_FIRST: program (m', r) runs the tile order_ptr[r * tiles + m'] (packed as
-    (b * heads + h) * tiles + m), order_ptr listing every tile by decreasing work, so that the GPU, which
-    starts programs in grid order, meets the long ones first and ends on short ones; otherwise program
+    (b * heads + h) * tiles + m), order_ptr listing every tile in the order the host chose
+    (``gluon_backend._tile_order``: the long tiles first), which the GPU, starting programs in grid
+    order, follows; otherwise program
     (m, b * heads + h) runs its own tile. seq_len is a multiple of 128 and of BLOCK_N."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]

@@ -149,33 +149,49 @@ def tile_key_blocks(mode: str, window: int, tile_r0: int, layout: TokenLayout) -
     return n_text_blocks + hi + 1 - lo
 
 
+TILE_ORDERS = ("grid", "full-first", "longest")
+
+
 @functools.lru_cache(maxsize=256)
-def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
-    """Every (batch, head, tile) of a launch, packed as (b * heads + h) * tiles + m, longest first (ties in
-    head, batch, tile order, so neighbouring programs share K/V in L2). Starting the long tiles first is
-    longest-processing-time scheduling, aimed at FLUX's arrow heads, whose 4 text tiles walk all 132 key blocks
-    beside image tiles of about 33; a list-scheduling model puts them at the end of a grid-order launch, but on
-    the H100 FLUX-2K's 75 % launch took 1.640 ms in either order (BENCHMARKS.md §2, "Session 37")."""
+def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.device,
+                policy: str = "longest") -> torch.Tensor:
+    """Every (batch, head, tile) of a launch, packed as (b * heads + h) * tiles + m, in the order ``policy``
+    names. ``"longest"``: by decreasing key blocks (longest-processing-time scheduling), ties in head, batch,
+    tile order. ``"full-first"``: the tiles that walk every key block (full heads, arrow heads' text tiles)
+    first, then the rest, each group in grid order (batch, head, tile: one head's tiles after another, so
+    that the programs in flight share one head's K/V in L2). The long tiles end a grid-order launch late (FLUX's arrow heads: 4 text tiles of
+    132 key blocks beside image tiles of about 33, the last head's started near the end); exact
+    longest-first spreads the image tiles in flight over many heads instead (FLUX-2K 50 %: 14 in a
+    list-scheduling model against 2 in grid order), and on the H100 it was 5 % slower than grid order at
+    FLUX-2K 50 % while 5-16 % faster at 75 % (BENCHMARKS.md §2, "Session 38"); ``"full-first"`` keeps the
+    model's gain at 4 heads."""
+    if policy not in ("full-first", "longest"):
+        raise DitlensError(f"tile order must be one of {TILE_ORDERS[1:]} here, got {policy!r}")
     tiles = layout.seq_len // BLOCK_M
+    n_blocks = layout.seq_len // BLOCK_N
     work = []
     for h, (mode, window) in enumerate(zip(plan.modes, plan.windows)):
         per_tile = [tile_key_blocks(mode, window, m * BLOCK_M, layout) for m in range(tiles)]
-        work += [(-per_tile[m], h, b, m) for b in range(batch) for m in range(tiles)]
+        for b in range(batch):
+            for m in range(tiles):
+                packed = (b * plan.n_heads + h) * tiles + m
+                work.append((-int(per_tile[m] == n_blocks), packed) if policy == "full-first"
+                            else (-per_tile[m], h, b, m, packed))
     work.sort()
-    packed = [(b * plan.n_heads + h) * tiles + m for _, h, b, m in work]
+    packed = [key[-1] for key in work]
     return torch.tensor(packed, dtype=torch.int32, device=device)
 
 
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                    scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   heavy_first: bool = False, residual: torch.Tensor | None = None,
+                   tile_order: str = "grid", residual: torch.Tensor | None = None,
                    subtract: bool = False) -> torch.Tensor:
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
-    rows of ``cached`` (q's shape, needed when the plan has skip heads). ``heavy_first``: start the
-    tiles with the most key blocks first (:func:`_tile_order`; bit-identical to grid order, H100). The public
-    API keeps grid order: across sessions the order looks faster at FLUX-1K 75 % (0.154 against 0.184 ms) and
-    slower at FLUX-2K 50 % (3.26 against 2.92 ms), with no same-call comparison yet. ``residual``
+    rows of ``cached`` (q's shape, needed when the plan has skip heads). ``tile_order``: the order the
+    GPU starts the tiles in (``"grid"``, ``"full-first"``, ``"longest"``: :func:`_tile_order`; the results are
+    bit-identical in every order, H100). The public API keeps grid order until a same-call comparison favours
+    another at every timed sparsity. ``residual``
     (q's shape, no skip heads; read in q's dtype): added to the attention in float32 in the epilogue
     (WA-RS apply, W + R), or with ``subtract`` the result is ``residual - attention`` (WA-RS refresh,
     R = O - W); the apply launch costs what the windowed launch alone does (FLUX-2K at 50 %: 2.91 against
@@ -213,8 +229,10 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
     per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
-    ordered = heavy_first and not plan.all_full
-    order = graph_constant(_tile_order(plan, layout, B, q.device)) if ordered else per_head.order  # unread then
+    if tile_order not in TILE_ORDERS:
+        raise DitlensError(f"tile_order must be one of {TILE_ORDERS}, got {tile_order!r}")
+    ordered = tile_order != "grid" and not plan.all_full  # an all-full launch's tiles are all alike
+    order = graph_constant(_tile_order(plan, layout, B, q.device, tile_order)) if ordered else per_head.order
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)
     headwise_fwd[grid](_descriptor(q_view[0], half), _descriptor(k_view, [BLOCK_N, D]),
