@@ -16,10 +16,8 @@ all-full Triton launch), ``gluon`` (contiguous [B, H, L, D]), ``gluon-views`` (d
 [B, L, H, D] storage, read and written in place), and ``triton@S`` / ``gluon@S``: every head arrow
 with 512 text tokens first and w keeping 1 - S % of all pairs (as ``kernels.py`` picks it), the error
 measured against the Triton launch; ``triton-mixed`` / ``gluon-mixed``: kernels.py's mixed plan (heads in
-turn full, arrow at 75 %, skip). ``gluon@S`` and ``gluon-mixed`` call ``headwise_gluon`` in grid order (each
-head's tiles in turn, head after head, as ``headwise_attention`` runs them), ``gluon-longest@S`` and
-``gluon-mixed-longest`` the same call with the tiles that have the most key blocks first (``tile_order="longest"``),
-so that the two orders differ in nothing else; ``triton-apply@S`` /
+turn full, arrow at 75 %, skip). ``gluon@S`` and ``gluon-mixed`` call ``headwise_gluon`` directly, in its
+default tile order (``full-first``, the API's; ``benchmarks/tile_order_ab.py`` compares the orders); ``triton-apply@S`` /
 ``gluon-apply@S``: the arrow launch adding a WA-RS residual in its epilogue (``windowed_plus_residual``).
 Speedups are over dense SDPA, as issue 6 counts them. Each runs in a child process (a hang costs its timeout,
 not the run) with SDPA re-timed beside it, ``do_bench`` median, max error against SDPA::
@@ -41,9 +39,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "gluon-longest@50", "triton@75", "gluon@75",
-            "gluon-longest@75", "gluon@90", "gluon-longest@90", "triton-mixed", "gluon-mixed", "gluon-mixed-longest",
-            "triton-apply@50", "gluon-apply@50")
+VARIANTS = ("triton", "gluon", "gluon-views", "triton@50", "gluon@50", "triton@75", "gluon@75", "gluon@90",
+            "triton-mixed", "gluon-mixed", "triton-apply@50", "gluon-apply@50")
 N_TEXT = 512  # FLUX's text tokens, first in the sequence: the arrow variants' layout
 
 
@@ -96,12 +93,11 @@ def _time_variant(variant: str, shapes: list[str]) -> list[dict]:
         else:
             kw = dict(modes="full", windows=None)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        if backend == "gluon" and kw["windows"] is not None and fn is None:  # sparse plans: both tile orders
+        if backend == "gluon" and kw["windows"] is not None and fn is None:  # sparse plans: no API host work
             H, L = q.shape[1], q.shape[2]
             plan, lay = make_head_plan(kw["modes"], kw["windows"], H, L), TokenLayout(L, N_TEXT, True)
             fn = lambda: headwise_gluon(q, k, v, plan, lay, q.shape[-1] ** -0.5,  # noqa: E731
-                                        cached=kw.get("cached"),
-                                        tile_order="longest" if name.endswith("-longest") else "grid")
+                                        cached=kw.get("cached"))
         if fn is None:
             fn = lambda: headwise_attention(q, k, v, backend=backend, **kw)  # noqa: E731
         err = (fn().float() - ref.float()).abs().max().item()

@@ -1,4 +1,4 @@
-"""The Gluon launch's end-of-launch tail, modelled: grid order against the longest tiles first.
+"""The Gluon launch's end-of-launch tail, modelled: grid order, full-first and longest-first tile orders.
 
 One program per SM at a time (the launch's 229.7 KB of shared memory allows no second), programs handed out in
 launch order to the SM that frees first (:func:`ditlens.kernels.waves.makespan`); a tile takes its key blocks
@@ -7,9 +7,11 @@ launch order to the SM that frees first (:func:`ditlens.kernels.waves.makespan`)
 5.68 ms over 24 heads x 132 tiles x 132 blocks on 132 SMs is 1.77 µs a block, and a 3 µs fixed cost makes the
 model give the measured 1.68 ms for the 75 % arrow launch in grid order (BENCHMARKS.md §2, "Session 36"). Plans as
 in ``kernels.py``: every head arrow with 512 text tokens first at sparsity S, and the mixed plan (heads in turn
-full, arrow at 75 %, skip). What the H100 then measured, longest first against grid order from earlier sessions
-(BENCHMARKS.md §2, "Session 37"; no same-call comparison yet): FLUX-1K 75 % 1.19x (modelled 1.25x), FLUX-2K 75 %
-1.00x (modelled 1.08x), FLUX-2K 50 % 0.90x (modelled 1.01x). No GPU needed::
+full, arrow at 75 %, skip). Beside each order's makespan, the mean number of heads among the programs in
+flight (their K/V bands share L2 only within a head). Measured on the H100 against grid order
+(``benchmarks/tile_order_ab.py``, BENCHMARKS.md §2, "Session 38"): longest first FLUX-2K 50 % 0.92x (modelled
+1.01x, but 14 heads in flight against 2), 75 % 1.00x (modelled 1.08x); full-first 1.02x / 1.04x (modelled 1.00x /
+1.08x, 4 / 5 heads), FLUX-2K 90 % 1.11x and FLUX-1K 75 % 1.19x (modelled 1.23x / 1.25x). No GPU needed::
 
     python benchmarks/gluon_tail_model.py [--block-us 1.77] [--fixed-us 3] [--sms 132]
 """
@@ -17,6 +19,7 @@ full, arrow at 75 %, skip). What the H100 then measured, longest first against g
 from __future__ import annotations
 
 import argparse
+import heapq
 import sys
 from pathlib import Path
 
@@ -24,12 +27,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ditlens.kernels.gluon_backend import BLOCK_M, _tile_order, tile_key_blocks  # noqa: E402
+from ditlens.kernels.gluon_backend import BLOCK_M, TILE_ORDERS, _tile_order, tile_key_blocks  # noqa: E402
 from ditlens.kernels.patterns import TokenLayout, make_head_plan  # noqa: E402
-from ditlens.kernels.waves import makespan  # noqa: E402
+from ditlens.kernels.waves import makespan as schedule  # noqa: E402
 
 SHAPES = {"FLUX-2K": 16896, "FLUX-1K": 4608}  # 24 heads, 512 text tokens first
 HEADS, N_TEXT = 24, 512
+
+
+def heads_in_flight(times: list[float], heads: list[int], sms: int, samples: int = 400) -> float:
+    """Mean number of distinct heads among the running programs, programs started in list order on the
+    SM that frees first, sampled at ``samples`` even times over the launch."""
+    free = [(0.0, sm) for sm in range(sms)]
+    spans = []
+    for t, h in zip(times, heads):
+        start, sm = heapq.heappop(free)
+        heapq.heappush(free, (start + t, sm))
+        spans.append((start, start + t, h))
+    end = max(e for _, e, _ in spans)
+    points = [end * (i + 0.5) / samples for i in range(samples)]
+    return sum(len({h for s, e, h in spans if s <= x < e}) for x in points) / samples
 
 
 def model_rows(block_us: float, fixed_us: float, sms: int) -> list[dict]:
@@ -47,10 +64,13 @@ def model_rows(block_us: float, fixed_us: float, sms: int) -> list[dict]:
             plan = make_head_plan(modes, [w if m == "arrow" else 0 for m in modes], HEADS, L)
             time = [tile_key_blocks(plan.modes[p // tiles], plan.windows[p // tiles], (p % tiles) * BLOCK_M, layout)
                     * block_us + fixed_us for p in range(HEADS * tiles)]  # packed (b * heads + h) * tiles + m, b = 0
-            longest = _tile_order(plan, layout, 1, torch.device("cpu")).tolist()
-            rows.append({"shape": shape, "plan": plan_name, "w": w, "ideal_ms": sum(time) / sms / 1e3,
-                         "grid_ms": makespan(time, sms) / 1e3,
-                         "longest_ms": makespan([time[p] for p in longest], sms) / 1e3})
+            row = {"shape": shape, "plan": plan_name, "w": w, "ideal_ms": sum(time) / sms / 1e3}
+            for order in TILE_ORDERS:
+                seq = list(range(len(time))) if order == "grid" else \
+                    _tile_order(plan, layout, 1, torch.device("cpu"), order).tolist()
+                row[order] = (schedule([time[p] for p in seq], sms) / 1e3,
+                              heads_in_flight([time[p] for p in seq], [p // tiles for p in seq], sms))
+            rows.append(row)
     return rows
 
 
@@ -60,11 +80,14 @@ def main() -> None:
     ap.add_argument("--fixed-us", type=float, default=3.0, help="µs of fixed work per tile")
     ap.add_argument("--sms", type=int, default=132)
     args = ap.parse_args()
-    print("| shape | plan | w | work / SMs ms | grid order ms | longest first ms | gain |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| shape | plan | w | work / SMs ms | " + " | ".join(f"{o} ms (heads in flight)" for o in TILE_ORDERS)
+          + " | " + " | ".join(f"{o} gain" for o in TILE_ORDERS[1:]) + " |")
+    print("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in TILE_ORDERS) + " | "
+          + " | ".join("---:" for _ in TILE_ORDERS[1:]) + " |")
     for r in model_rows(args.block_us, args.fixed_us, args.sms):
-        print(f"| {r['shape']} | {r['plan']} | {r['w']} | {r['ideal_ms']:.3f} | {r['grid_ms']:.3f} | "
-              f"{r['longest_ms']:.3f} | {r['grid_ms'] / r['longest_ms']:.2f}x |")
+        print(f"| {r['shape']} | {r['plan']} | {r['w']} | {r['ideal_ms']:.3f} | "
+              + " | ".join(f"{r[o][0]:.3f} ({r[o][1]:.1f})" for o in TILE_ORDERS) + " | "
+              + " | ".join(f"{r['grid'][0] / r[o][0]:.2f}x" for o in TILE_ORDERS[1:]) + " |")
 
 
 if __name__ == "__main__":

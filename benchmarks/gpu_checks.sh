@@ -86,10 +86,9 @@ for name in "$@"; do
               done ;;
     kernels) part kernels 540 python3 benchmarks/kernels.py --out "$out/kernels" ;;
     gluon-order) part gluon-order-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compress.py -k gluon
-                 # the longest-first tile order against grid order (the API's), both through headwise_gluon
-                 part gluon-order 240 python3 benchmarks/gluon_attention.py --timeout 40 --out "$out/gluon_order" \
-                   --variants gluon@50,gluon-longest@50,gluon@75,gluon-longest@75,gluon@90,gluon-longest@90,gluon-mixed,gluon-mixed-longest ;;
-    gluon) part gluon 360 python3 benchmarks/gluon_attention.py --timeout 60 --out "$out/gluon" ;;  # the Gluon D = 128 kernel against SDPA and the Triton launch: dense, arrow 50 / 75 / 90 % and the mixed plan (in grid order and longest tiles first), WA-RS apply
+                 # the Gluon launch's tile orders (grid, full-first, longest) in interleaved rounds (~90 s)
+                 part gluon-order 240 python3 benchmarks/tile_order_ab.py --out "$out/tile_order" --rounds 7 ;;
+    gluon) part gluon 360 python3 benchmarks/gluon_attention.py --timeout 60 --out "$out/gluon" ;;  # the Gluon D = 128 kernel against SDPA and the Triton launch: dense, arrow 50 / 75 / 90 % and the mixed plan (the API's tile order), WA-RS apply
     d128) part d128 300 python3 benchmarks/d128_schedules.py --out "$out/d128" ;;
     tiles-rows) for s in 0.5 0.75; do  # windowed launches at the 2K shapes: one loop per segment (/1l) against three
                   part "tiles-rows-flux-$s" 200 python3 benchmarks/small_shapes.py --out "$out/tiles_rows_flux_$s" \

@@ -452,7 +452,7 @@ def write_report(out_dir: str, header: dict, chosen: dict[int, KernelConfig], tu
     gluon = [r for r in rows if "gluon_ms" in r.extra]
     if gluon:
         lines += ["", "The Gluon launch (`backend=\"gluon\"`: FlashAttention-3's two-warpgroup schedule; Hopper, "
-                  "head dim 128, lengths in multiples of 128; grid order, as `auto` runs it), same inputs; "
+                  "head dim 128, lengths in multiples of 128; its default tile order, full-first, as `auto` runs it), same inputs; "
                   "*err* = ||gluon - ditlens Triton|| / ||ditlens Triton||:",
                   "", "| shape | plan | SDPA ms | Gluon ms | x SDPA | ideal x | Triton ms | x Triton | err |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

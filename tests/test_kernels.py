@@ -913,7 +913,7 @@ for all_full, has_skip, heavy_first, residual in variants:
 @pytest.mark.skipif(not gluon_available(), reason="this triton has no Gluon")
 def test_gluon_kernel_compiles_for_hopper_with_this_triton():
     # no GPU needed: the kernel lowers to sm_90a PTX with wgmma and TMA for every launch variant (dense,
-    # banded in grid order and longest tiles first, skip heads, residual added and subtracted) and
+    # banded in every tile order, skip heads, residual added and subtracted) and
     # fits Hopper's shared memory. Guards Triton's Gluon API, which renames ops between releases (3.6's
     # async_copy_* became async_load / async_store). A subprocess: Gluon does not compile under the
     # interpreter mode this file may have set.
@@ -935,13 +935,13 @@ def test_auto_hands_gluon_the_calls_it_takes(monkeypatch):
 
     calls = []
     monkeypatch.setattr(api, "check_gluon_inputs", lambda q, plan=None, layout=None: None)
-    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None, tile_order="grid":
+    monkeypatch.setattr(api, "headwise_gluon", lambda q, k, v, plan, layout, scale, cached=None, tile_order="full-first":
                         calls.append((plan.modes, layout.n_text, scale, cached, tile_order)) or torch.zeros_like(q))
     q, k, v = _qkv(1, 2, 64, 16, torch.float16, "cpu", seed=0)
     cached = torch.ones_like(q)
     out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                              cached=cached, scale=0.5)
-    assert calls == [(("arrow", "skip"), 16, 0.5, cached, "grid")] and not out.any()  # grid order (GPU-timed)
+    assert calls == [(("arrow", "skip"), 16, 0.5, cached, "full-first")] and not out.any()
     ref = headwise_attention_reference(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
                                        cached=cached, scale=0.5, out_dtype=torch.float64)
     triton_out = headwise_attention(q, k, v, modes=["arrow", "skip"], windows=[8, 0], n_text=16, text_first=True,
@@ -983,7 +983,7 @@ def test_gluon_headwise_matches_reference_in_every_layout(dtype):
             auto = headwise_attention(q, k, v, modes=modes, windows=windows, n_text=n_txt, text_first=True,
                                       cached=cached)
             assert torch.equal(auto, out), (name, modes)  # what "auto" runs here
-            for order in ("full-first", "longest"):  # programs in another order, the same results
+            for order in ("grid", "longest"):  # programs in another order, the same results
                 ordered = headwise_gluon(q, k, v, make_head_plan(modes, windows, H, L), TokenLayout(L, n_txt, True),
                                          D ** -0.5, cached=cached, tile_order=order)
                 assert torch.equal(ordered, out), (name, modes, order)

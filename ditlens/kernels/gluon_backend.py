@@ -159,12 +159,15 @@ def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.d
     names. ``"longest"``: by decreasing key blocks (longest-processing-time scheduling), ties in head, batch,
     tile order. ``"full-first"``: the tiles that walk every key block (full heads, arrow heads' text tiles)
     first, then the rest, each group in grid order (batch, head, tile: one head's tiles after another, so
-    that the programs in flight share one head's K/V in L2). The long tiles end a grid-order launch late (FLUX's arrow heads: 4 text tiles of
-    132 key blocks beside image tiles of about 33, the last head's started near the end); exact
+    that the programs in flight share one head's K/V in L2). In grid order the long tiles end a launch late
+    (FLUX's arrow heads: 4 text tiles of 132 key blocks beside image tiles of about 33, the last head's
+    started near the end). Exact
     longest-first spreads the image tiles in flight over many heads instead (FLUX-2K 50 %: 14 in a
-    list-scheduling model against 2 in grid order), and on the H100 it was 5 % slower than grid order at
-    FLUX-2K 50 % while 5-16 % faster at 75 % (BENCHMARKS.md §2, "Session 38"); ``"full-first"`` keeps the
-    model's gain at 4 heads."""
+    list-scheduling model, ``benchmarks/gluon_tail_model.py``, against 2 in grid order), and their K/V bands
+    no longer fit in L2. On the H100 (``benchmarks/tile_order_ab.py``, 7 interleaved rounds; BENCHMARKS.md §2,
+    "Session 38") ``"longest"`` ran FLUX-2K 25 % and 50 % at 0.84x and 0.92x grid order's speed, and
+    ``"full-first"`` ran every FLUX plan at 1.01-1.19x (FLUX-2K 75 % 1.04x, 90 % 1.11x, FLUX-1K 75 % 1.19x) but
+    FLUX-1K 25 % (0.985x, rounds 0.95-1.01x): it is the API's order."""
     if policy not in ("full-first", "longest"):
         raise DitlensError(f"tile order must be one of {TILE_ORDERS[1:]} here, got {policy!r}")
     tiles = layout.seq_len // BLOCK_M
@@ -184,14 +187,13 @@ def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.d
 
 def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HeadPlan, layout: TokenLayout,
                    scale: float, cached: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   tile_order: str = "grid", residual: torch.Tensor | None = None,
+                   tile_order: str = "full-first", residual: torch.Tensor | None = None,
                    subtract: bool = False) -> torch.Tensor:
     """Head-wise attention of q, k, v [B, H, L, 128] on an sm_90 GPU, every head's mode (full, window,
     arrow, skip) in one launch (``check_gluon_inputs(q, plan, layout)`` passed); skip heads copy their
     rows of ``cached`` (q's shape, needed when the plan has skip heads). ``tile_order``: the order the
     GPU starts the tiles in (``"grid"``, ``"full-first"``, ``"longest"``: :func:`_tile_order`; the results are
-    bit-identical in every order, H100). The public API keeps grid order until a same-call comparison favours
-    another at every timed sparsity. ``residual``
+    bit-identical in every order, H100); the default, the API's, is ``"full-first"``. ``residual``
     (q's shape, no skip heads; read in q's dtype): added to the attention in float32 in the epilogue
     (WA-RS apply, W + R), or with ``subtract`` the result is ``residual - attention`` (WA-RS refresh,
     R = O - W); the apply launch costs what the windowed launch alone does (FLUX-2K at 50 %: 2.91 against
