@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditlens.kernels.gluon_backend import BLOCK_M, TILE_ORDERS, _tile_order, tile_key_blocks  # noqa: E402
 from ditlens.kernels.patterns import TokenLayout, make_head_plan  # noqa: E402
-from ditlens.kernels.waves import makespan as schedule  # noqa: E402
+from ditlens.kernels.waves import makespan  # noqa: E402
 
 SHAPES = {"FLUX-2K": 16896, "FLUX-1K": 4608}  # 24 heads, 512 text tokens first
 HEADS, N_TEXT = 24, 512
@@ -68,7 +68,7 @@ def model_rows(block_us: float, fixed_us: float, sms: int) -> list[dict]:
             for order in TILE_ORDERS:
                 seq = list(range(len(time))) if order == "grid" else \
                     _tile_order(plan, layout, 1, torch.device("cpu"), order).tolist()
-                row[order] = (schedule([time[p] for p in seq], sms) / 1e3,
+                row[order] = (makespan([time[p] for p in seq], sms) / 1e3,
                               heads_in_flight([time[p] for p in seq], [p // tiles for p in seq], sms))
             rows.append(row)
     return rows

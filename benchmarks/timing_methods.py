@@ -1,9 +1,11 @@
-"""One launch timed four ways: do_bench (L2 flushed before each call), back-to-back events, CUDA-graph replay.
+"""One launch timed three ways: do_bench (L2 flushed before each call), back-to-back events, CUDA-graph replay.
 
-    python benchmarks/timing_methods.py [--shapes PixArt-2K FLUX-2K] [--sparsities 0 0.25 0.5 0.75]
+    python benchmarks/timing_methods.py [--shapes PixArt-2K FLUX-2K] [--sparsities 0 0.25 0.5 0.75] [--out F]
 
 Why: session 38 measured PixArt-2K window 50 % at 4.01 ms with do_bench (kernels.py) against 3.41 ms under graph
 replay (session 25, small_shapes.py) with the same config and window; this separates the method from the kernel.
+On the H100 one call later the three methods gave 3.409 / 3.431 / 3.618 ms (BENCHMARKS.md §2, "Session 38"):
+not the method.
 """
 from __future__ import annotations
 

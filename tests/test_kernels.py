@@ -847,9 +847,9 @@ def test_gluon_tile_orders_over_the_blocks_each_tile_attends():
     # full first: the tiles that visit every key block (full heads, arrow heads' text tiles), then the rest,
     # each group in grid order (packed index increasing); a policy that does not exist is refused
     first = _tile_order(plan, layout, B, torch.device("cpu"), "full-first").tolist()
-    walks_all = [blocks[(p // tiles) % len(modes), p % tiles].item() == L // BLOCK_N for p in range(B * len(modes) * tiles)]
-    assert first == [p for p in range(len(walks_all)) if walks_all[p]] + [p for p in range(len(walks_all))
-                                                                          if not walks_all[p]]
+    walks_all = [blocks[(p // tiles) % len(modes), p % tiles].item() == L // BLOCK_N
+                 for p in range(B * len(modes) * tiles)]
+    assert first == [p for p, a in enumerate(walks_all) if a] + [p for p, a in enumerate(walks_all) if not a]
     assert 0 < sum(walks_all) < len(walks_all)
     with pytest.raises(DitlensError, match="tile order"):
         _tile_order(plan, layout, B, torch.device("cpu"), "shortest")

@@ -161,10 +161,9 @@ def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.d
     first, then the rest, each group in grid order (batch, head, tile: one head's tiles after another, so
     that the programs in flight share one head's K/V in L2). In grid order the long tiles end a launch late
     (FLUX's arrow heads: 4 text tiles of 132 key blocks beside image tiles of about 33, the last head's
-    started near the end). Exact
-    longest-first spreads the image tiles in flight over many heads instead (FLUX-2K 50 %: 14 in a
-    list-scheduling model, ``benchmarks/gluon_tail_model.py``, against 2 in grid order), and their K/V bands
-    no longer fit in L2. On the H100 (``benchmarks/tile_order_ab.py``, 7 interleaved rounds; BENCHMARKS.md §2,
+    started near the end). Exact longest-first spreads the image tiles in flight over many heads instead
+    (FLUX-2K 50 %: 14 in a list-scheduling model, ``benchmarks/gluon_tail_model.py``, against 2 in grid
+    order), and their K/V bands no longer fit in L2. On the H100 (``benchmarks/tile_order_ab.py``, 7 interleaved rounds; BENCHMARKS.md §2,
     "Session 38") ``"longest"`` ran FLUX-2K 25 % and 50 % at 0.84x and 0.92x grid order's speed, and
     ``"full-first"`` ran every FLUX plan at 1.01-1.19x (FLUX-2K 75 % 1.04x, 90 % 1.11x, FLUX-1K 75 % 1.19x) but
     FLUX-1K 25 % (0.985x, rounds 0.95-1.01x): it is the API's order."""
