@@ -19,7 +19,6 @@ flight (their K/V bands share L2 only within a head). Measured on the H100 again
 from __future__ import annotations
 
 import argparse
-import heapq
 import sys
 from pathlib import Path
 
@@ -29,21 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditlens.kernels.gluon_backend import BLOCK_M, TILE_ORDERS, _tile_order, tile_key_blocks  # noqa: E402
 from ditlens.kernels.patterns import TokenLayout, make_head_plan  # noqa: E402
-from ditlens.kernels.waves import makespan  # noqa: E402
+from ditlens.kernels.waves import makespan, program_starts  # noqa: E402
 
 SHAPES = {"FLUX-2K": 16896, "FLUX-1K": 4608}  # 24 heads, 512 text tokens first
 HEADS, N_TEXT = 24, 512
 
 
 def heads_in_flight(times: list[float], heads: list[int], sms: int, samples: int = 400) -> float:
-    """Mean number of distinct heads among the running programs, programs started in list order on the
-    SM that frees first, sampled at ``samples`` even times over the launch."""
-    free = [(0.0, sm) for sm in range(sms)]
-    spans = []
-    for t, h in zip(times, heads):
-        start, sm = heapq.heappop(free)
-        heapq.heappush(free, (start + t, sm))
-        spans.append((start, start + t, h))
+    """Mean number of distinct heads among the running programs (started as :func:`program_starts` has
+    them), sampled at ``samples`` even times over the launch."""
+    spans = [(s, s + t, h) for s, t, h in zip(program_starts(times, sms), times, heads)]
     end = max(e for _, e, _ in spans)
     points = [end * (i + 0.5) / samples for i in range(samples)]
     return sum(len({h for s, e, h in spans if s <= x < e}) for x in points) / samples
@@ -66,8 +60,7 @@ def model_rows(block_us: float, fixed_us: float, sms: int) -> list[dict]:
                     * block_us + fixed_us for p in range(HEADS * tiles)]  # packed (b * heads + h) * tiles + m, b = 0
             row = {"shape": shape, "plan": plan_name, "w": w, "ideal_ms": sum(time) / sms / 1e3}
             for order in TILE_ORDERS:
-                seq = list(range(len(time))) if order == "grid" else \
-                    _tile_order(plan, layout, 1, torch.device("cpu"), order).tolist()
+                seq = _tile_order(plan, layout, 1, torch.device("cpu"), order).tolist()
                 row[order] = (makespan([time[p] for p in seq], sms) / 1e3,
                               heads_in_flight([time[p] for p in seq], [p // tiles for p in seq], sms))
             rows.append(row)

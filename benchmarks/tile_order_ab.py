@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import SHAPES, bench, make_inputs, make_plans  # noqa: E402
+from kernels import SHAPES, interleaved_rounds, make_inputs, make_plans  # noqa: E402
 
 from ditlens.kernels.gluon_backend import TILE_ORDERS, check_gluon_inputs, headwise_gluon  # noqa: E402
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
@@ -40,11 +40,7 @@ def time_plan(shape, plan, rounds: int, q, k, v, cached) -> dict:
     arms = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
     for o in TILE_ORDERS:
         arms[o] = lambda o=o: headwise_gluon(q, k, v, hp, lay, scale, cached=cached, tile_order=o)
-    names = list(arms)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            times[n].append(bench(arms[n]))
+    times = interleaved_rounds(arms, rounds)
     row = {"shape": shape.name, "plan": plan.label, "identical": identical, "times_ms": times}
     for o in TILE_ORDERS:
         row[o] = {"ms": statistics.median(times[o]),

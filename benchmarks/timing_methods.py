@@ -5,7 +5,8 @@
 Why: session 38 measured PixArt-2K window 50 % at 4.01 ms with do_bench (kernels.py) against 3.41 ms under graph
 replay (session 25, small_shapes.py) with the same config and window; this separates the method from the kernel.
 On the H100 one call later the three methods gave 3.409 / 3.431 / 3.618 ms (BENCHMARKS.md §2, "Session 38"):
-not the method.
+not the method. (That graph figure came from a hand-built graph of 20 launches; the script now uses Triton's
+``do_bench_cudagraph``, as ``small_shapes.py`` does.)
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import torch
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import SHAPES, make_inputs, window_for_pair_sparsity  # noqa: E402
+from kernels import SHAPES, bench, make_inputs, window_for_pair_sparsity  # noqa: E402
 
 from ditlens.kernels.patterns import make_head_plan  # noqa: E402
 from ditlens.kernels.triton_backend import headwise_triton  # noqa: E402
 
 
 def events_ms(fn, n: int = 50) -> float:
+    """Mean of ``n`` back-to-back launches between two CUDA events (no cache flush between them)."""
     for _ in range(5):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -35,29 +37,6 @@ def events_ms(fn, n: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
-
-
-def graph_ms(fn, n: int = 20, reps: int = 5) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -83,9 +62,9 @@ def main() -> None:
             fn = lambda: headwise_triton(q, k, v, hp, lay, scale, out=out)  # noqa: E731
             row = {"shape": shape.name, "sparsity": s}
             for name, f in (("sdpa", sdpa), ("ditlens", fn)):
-                row[f"{name}_do_bench"] = triton.testing.do_bench(f, warmup=25, rep=100)
+                row[f"{name}_do_bench"] = bench(f)
                 row[f"{name}_events"] = events_ms(f)
-                row[f"{name}_graph"] = graph_ms(f)
+                row[f"{name}_graph"] = triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median")
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:

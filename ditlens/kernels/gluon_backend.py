@@ -156,31 +156,35 @@ TILE_ORDERS = ("grid", "full-first", "longest")
 def _tile_order(plan: HeadPlan, layout: TokenLayout, batch: int, device: torch.device,
                 policy: str = "longest") -> torch.Tensor:
     """Every (batch, head, tile) of a launch, packed as (b * heads + h) * tiles + m, in the order ``policy``
-    names. ``"longest"``: by decreasing key blocks (longest-processing-time scheduling), ties in head, batch,
-    tile order. ``"full-first"``: the tiles that walk every key block (full heads, arrow heads' text tiles)
-    first, then the rest, each group in grid order (batch, head, tile: one head's tiles after another, so
-    that the programs in flight share one head's K/V in L2). In grid order the long tiles end a launch late
-    (FLUX's arrow heads: 4 text tiles of 132 key blocks beside image tiles of about 33, the last head's
-    started near the end). Exact longest-first spreads the image tiles in flight over many heads instead
-    (FLUX-2K 50 %: 14 in a list-scheduling model, ``benchmarks/gluon_tail_model.py``, against 2 in grid
-    order), and their K/V bands no longer fit in L2. On the H100 (``benchmarks/tile_order_ab.py``, 7 interleaved rounds; BENCHMARKS.md §2,
-    "Session 38") ``"longest"`` ran FLUX-2K 25 % and 50 % at 0.84x and 0.92x grid order's speed, and
-    ``"full-first"`` ran every FLUX plan at 1.01-1.19x (FLUX-2K 75 % 1.04x, 90 % 1.11x, FLUX-1K 75 % 1.19x) but
-    FLUX-1K 25 % (0.985x, rounds 0.95-1.01x): it is the API's order."""
-    if policy not in ("full-first", "longest"):
-        raise DitlensError(f"tile order must be one of {TILE_ORDERS[1:]} here, got {policy!r}")
+    names. ``"grid"``: the packed index itself, the order of the launch grid. ``"longest"``: by decreasing
+    key blocks (longest-processing-time scheduling), ties in head, batch, tile order. ``"full-first"``: the
+    tiles that walk every key block (full heads, arrow heads' text tiles) first, then the rest, each group in
+    grid order (batch, head, tile: one head's tiles after another, so that the programs in flight share one
+    head's K/V in L2). In grid order the long tiles end a launch late (FLUX's arrow heads: 4 text tiles of
+    132 key blocks beside image tiles of about 33, the last head's started near the end). Exact longest-first
+    spreads the image tiles in flight over many heads instead (FLUX-2K 50 %: 14 in a list-scheduling model,
+    ``benchmarks/gluon_tail_model.py``, against 2 in grid order), and their K/V bands no longer fit in L2.
+    On the H100 (``benchmarks/tile_order_ab.py``, 7 interleaved rounds; BENCHMARKS.md §2, "Session 38")
+    ``"longest"`` ran FLUX-2K 25 % and 50 % at 0.84x and 0.92x grid order's speed, and ``"full-first"`` ran
+    every FLUX plan at 1.01-1.19x (FLUX-2K 75 % 1.04x, 90 % 1.11x, FLUX-1K 75 % 1.19x) but FLUX-1K 25 %
+    (0.985x, rounds 0.95-1.01x): it is the API's order."""
+    if policy not in TILE_ORDERS:
+        raise DitlensError(f"tile order must be one of {TILE_ORDERS}, got {policy!r}")
     tiles = layout.seq_len // BLOCK_M
     n_blocks = layout.seq_len // BLOCK_N
-    work = []
-    for h, (mode, window) in enumerate(zip(plan.modes, plan.windows)):
-        per_tile = [tile_key_blocks(mode, window, m * BLOCK_M, layout) for m in range(tiles)]
-        for b in range(batch):
-            for m in range(tiles):
-                packed = (b * plan.n_heads + h) * tiles + m
-                work.append((-int(per_tile[m] == n_blocks), packed) if policy == "full-first"
-                            else (-per_tile[m], h, b, m, packed))
-    work.sort()
-    packed = [key[-1] for key in work]
+    blocks = [[tile_key_blocks(mode, window, m * BLOCK_M, layout) for m in range(tiles)]
+              for mode, window in zip(plan.modes, plan.windows)]
+
+    def key(packed: int) -> tuple:
+        bh, m = divmod(packed, tiles)
+        b, h = divmod(bh, plan.n_heads)
+        if policy == "full-first":
+            return -int(blocks[h][m] == n_blocks), packed
+        if policy == "longest":
+            return -blocks[h][m], h, b, m
+        return (packed,)
+
+    packed = sorted(range(batch * plan.n_heads * tiles), key=key)
     return torch.tensor(packed, dtype=torch.int32, device=device)
 
 
@@ -230,9 +234,11 @@ def headwise_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Head
     from ditlens.kernels._gluon_impl import headwise_fwd  # Gluon is imported only where a launch follows
 
     per_head = graph_constant(_plan_tensors(plan, layout, q.device))  # cached; kept alive by a graph capture
-    if tile_order not in TILE_ORDERS:
+    if tile_order not in TILE_ORDERS:  # checked here too: grid order and all-full launches build no order
         raise DitlensError(f"tile_order must be one of {TILE_ORDERS}, got {tile_order!r}")
-    ordered = tile_order != "grid" and not plan.all_full  # an all-full launch's tiles are all alike
+    # grid order needs no table (the kernel maps its own program ids), nor does an all-full launch: its
+    # tiles are all alike
+    ordered = tile_order != "grid" and not plan.all_full
     order = graph_constant(_tile_order(plan, layout, B, q.device, tile_order)) if ordered else per_head.order
     half = [BLOCK_M // 2, D]
     grid = (L // BLOCK_M, B * H)

@@ -100,15 +100,23 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int, *, regi
     return max(0, min(by_registers, by_shared, warps_per_sm // num_warps, programs_per_sm))
 
 
+def program_starts(work: Sequence[float], slots: int) -> list[float]:
+    """When each of ``work`` (programs, in launch order) starts, each on the slot that frees up first."""
+    free = [0.0] * max(1, min(slots, len(work)))
+    starts = []
+    for w in work:
+        start = heapq.heappop(free)
+        starts.append(start)
+        heapq.heappush(free, start + w)
+    return starts
+
+
 def makespan(work: Sequence[float], slots: int) -> float:
     """When the last of ``work`` (programs, in launch order) ends, each program starting on the slot that
-    frees up first. Programs run at the same speed whatever else their SM holds: an SM whose other slots
-    have emptied speeds its last program up in reality, which the model leaves out (so it overstates a
-    tail's cost a little)."""
-    free = [0.0] * max(1, min(slots, len(work)))
-    for w in work:
-        heapq.heappush(free, heapq.heappop(free) + w)
-    return max(free)
+    frees up first (:func:`program_starts`). Programs run at the same speed whatever else their SM holds: an
+    SM whose other slots have emptied speeds its last program up in reality, which the model leaves out (so
+    it overstates a tail's cost a little)."""
+    return max((s + w for s, w in zip(program_starts(work, slots), work)), default=0.0)
 
 
 def makespan_shared(work: Sequence[float], sms: int, per_sm: int) -> float:
